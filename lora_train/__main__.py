@@ -1,0 +1,3 @@
+from lora_train.cli import main
+
+raise SystemExit(main())

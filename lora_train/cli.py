@@ -1,0 +1,216 @@
+"""`python -m lora_train ...`: the headless front end."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+from lora_train.errors import UserError
+
+
+def _train_listener(loss_csv: Path | None):
+    from tqdm import tqdm
+
+    from lora_train.train import events as ev
+
+    state: dict = {}
+    csv = None
+    if loss_csv is not None:
+        loss_csv.parent.mkdir(parents=True, exist_ok=True)
+        csv = loss_csv.open("w", encoding="utf-8")
+        csv.write("step,epoch,loss,lr_unet,lr_textencoder\n")
+
+    def listen(e):
+        if isinstance(e, ev.Started):
+            for note in e.notes:
+                print(f"note: {note}", file=sys.stderr)
+            print(f"training: {e.num_images} images, {e.epochs} epochs x {e.steps_per_epoch} steps = {e.total_steps} steps", file=sys.stderr)
+            state["bar"] = tqdm(total=e.total_steps, unit="step", dynamic_ncols=True, file=sys.stderr)
+        elif isinstance(e, ev.Step):
+            bar = state["bar"]
+            bar.update(1)
+            bar.set_postfix(epoch=e.epoch, loss=f"{e.loss:.4f}", refresh=False)
+            if csv:
+                csv.write(f"{e.step},{e.epoch},{e.loss:.6f},{e.lr.get('unet', '')},{e.lr.get('textencoder', '')}\n")
+        elif isinstance(e, ev.CheckpointSaved):
+            tqdm.write(f"saved {e.path}", file=sys.stderr)
+        elif isinstance(e, (ev.Finished, ev.Cancelled, ev.Failed)):
+            if "bar" in state:
+                state["bar"].close()
+            if csv:
+                csv.close()
+            if isinstance(e, ev.Cancelled):
+                print(f"cancelled at step {e.step}" + (f"; saved {e.path}" if e.path else ""), file=sys.stderr)
+
+    return listen
+
+
+def _run_training(config, loss_csv: Path | None) -> Path | None:
+    from lora_train import job
+    from lora_train.host.standalone import load_adapter
+
+    adapter = load_adapter(config.model.pretrained_model_name_or_path, config.model.clip_skip)
+    trainer = job.build_trainer(config, adapter)
+    for problem in trainer.data.problems:
+        print(f"warning: skipped {problem}", file=sys.stderr)
+    config.save_toml(Path(config.saving.output_dir) / f"{config.saving.output_name}.toml")
+    cancel = threading.Event()
+    previous = signal.getsignal(signal.SIGINT)
+
+    def on_sigint(signum, frame):  # first Ctrl-C stops cleanly and saves; a second one aborts
+        cancel.set()
+        signal.signal(signal.SIGINT, previous)
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, on_sigint)
+    try:
+        return trainer.run(_train_listener(loss_csv), cancel)
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, previous)
+
+
+def cmd_train(args) -> int:
+    from lora_train.train.config import TrainConfig, parse_set_value
+
+    config = TrainConfig.from_toml(args.config) if args.config else TrainConfig()
+    for item in args.set or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UserError(f"--set '{item}': expected key=value")
+        config.update({key.strip(): parse_set_value(value.strip())}, source="--set")
+    out = Path(config.saving.output_dir)
+    path = _run_training(config, out / f"{config.saving.output_name}-loss.csv")
+    if path:
+        print(f"LoRA: {path}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from lora_train.demo import make_dataset
+    from lora_train.train.config import TrainConfig
+
+    out = Path(args.output)
+    data = make_dataset(out / "dataset", trigger="zkz", count=8, repeats=2, size=64)
+    config = TrainConfig()
+    config.update(
+        {
+            "pretrained_model_name_or_path": "builtin:tiny",
+            "train_data_dir": str(data),
+            "output_dir": str(out),
+            "output_name": "demo-zkz",
+            "resolution": "64",
+            "network_dim": 8,
+            "network_alpha": 8,
+            "learning_rate": 1e-3,
+            "max_train_epochs": args.epochs,
+            "train_batch_size": 2,
+            "save_every_n_epochs": max(1, args.epochs // 2),
+            "seed": 42,
+        },
+        source="demo",
+    )
+    started = time.time()
+    path = _run_training(config, out / "loss.csv")
+    losses = [float(line.split(",")[2]) for line in (out / "loss.csv").read_text().splitlines()[1:]]
+    k = max(1, len(losses) // 4)
+    print(f"dataset:   {data}")
+    print(f"config:    {out / 'demo-zkz.toml'}")
+    print(f"loss log:  {out / 'loss.csv'}  (mean of first {k} steps {sum(losses[:k]) / k:.4f}, last {k} steps {sum(losses[-k:]) / k:.4f})")
+    print(f"LoRA:      {path}")
+    print(f"inspect:   python -m lora_train info {path}")
+    print(f"done in {time.time() - started:.0f} s")
+    return 0
+
+
+def cmd_info(args) -> int:
+    from lora_train.network.inspect import inspect_lora
+
+    report = inspect_lora(args.file)
+    if args.json:
+        print(json.dumps(report, indent=1, ensure_ascii=False))
+        return 0 if report["valid"] else 1
+    print(f"file:          {report['file']}")
+    print(f"network:       {report['network']} ({report['modules']} modules, ranks {report['ranks']}, {report['conv_modules']} conv 3x3)")
+    print(f"architecture:  {report['architecture']}")
+    for prefix, count in report["modules_per_prefix"].items():
+        print(f"  {prefix:<11} {count}")
+    for key, value in report["summary"].items():
+        print(f"{key}: {value}")
+    if report["tag_frequency"]:
+        for folder, tags in report["tag_frequency"].items():
+            top = sorted(tags.items(), key=lambda kv: -kv[1])[:10]
+            print(f"tags in {folder}: " + ", ".join(f"{t} ({n})" for t, n in top))
+    if report["hash_ok"] is False:
+        print("warning: sshs_model_hash does not match the tensor data")
+    if report["valid"]:
+        print("valid: every key is a kohya LoRA name with its lora_down / lora_up / alpha")
+        return 0
+    print(f"INVALID: {len(report['problems'])} problems")
+    for p in report["problems"][:50]:
+        print(f"  {p}")
+    return 1
+
+
+def cmd_targets(args) -> int:
+    from lora_train.network.reference import describe, reference_targets
+
+    targets = reference_targets(args.arch, conv=args.conv)
+    rows = [describe(t, args.dim, args.conv_dim) for t in targets]
+    if args.json:
+        print(json.dumps(rows, indent=1))
+    else:
+        for r in rows:
+            print(r["name"])
+        counts: dict[str, int] = {}
+        for r in rows:
+            prefix = "lora_unet" if r["name"].startswith("lora_unet_") else r["name"].split("_text_model")[0]
+            counts[prefix] = counts.get(prefix, 0) + 1
+        print(f"# {len(rows)} modules: " + ", ".join(f"{k} {v}" for k, v in counts.items()), file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m lora_train", description="LoRA Train: kohya-compatible LoRA training.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a LoRA from a config (sd-scripts key names)")
+    t.add_argument("--config", help="TOML config file (sd-scripts / kohya_ss / lora-scripts keys)")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one config key (repeatable)")
+    t.set_defaults(func=cmd_train)
+
+    d = sub.add_parser("demo", help="train on a built-in tiny model and a generated dataset")
+    d.add_argument("--output", default="demo-output", help="folder for the dataset, LoRA and loss log")
+    d.add_argument("--epochs", type=int, default=10)
+    d.set_defaults(func=cmd_demo)
+
+    i = sub.add_parser("info", help="metadata and key check of a LoRA file")
+    i.add_argument("file")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(func=cmd_info)
+
+    g = sub.add_parser("targets", help="the kohya module names a LoRA trains on an architecture")
+    g.add_argument("--arch", required=True, choices=["sd15", "sd21"])
+    g.add_argument("--conv", action="store_true", help="LoCon: include resnet and down/upsampler convs")
+    g.add_argument("--dim", type=int, default=4, help="rank for the shapes shown (default 4, as sd-scripts)")
+    g.add_argument("--conv-dim", type=int, default=4)
+    g.add_argument("--json", action="store_true")
+    g.set_defaults(func=cmd_targets)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

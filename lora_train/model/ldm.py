@@ -1,0 +1,94 @@
+"""ModelAdapter over an ldm `LatentDiffusion` (SD1.x / SD2.x), as the host or our loader built it."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lora_train.model.adapter import ModelAdapter, ModelInfo
+from lora_train.network.naming import PREFIX_TE
+from lora_train.network.targets import Target, hf_clip_targets, ldm_unet_targets
+
+
+class LdmAdapter(ModelAdapter):
+    def __init__(self, model, name: str | None = None, clip_skip: int = 1):
+        self.model = model
+        # The host wraps the text encoder (prompt emphasis, TI); the ldm embedder sits at `.wrapped`.
+        self.embedder = getattr(model.cond_stage_model, "wrapped", model.cond_stage_model)
+        self.is_openclip = hasattr(self.embedder, "model") and not hasattr(self.embedder, "transformer")
+        self.clip_skip = max(1, int(clip_skip or 1))
+        prediction = "v" if getattr(model, "parameterization", "eps") == "v" else "epsilon"
+        family = "sd2" if self.is_openclip else "sd1"
+        path = getattr(model, "checkpoint_path", None)
+        self.info = ModelInfo(
+            family=family,
+            prediction_type=prediction,
+            resolution=768 if prediction == "v" else 512,
+            name=name or (path and path.replace("\\", "/").rsplit("/", 1)[-1]),
+            path=path,
+        )
+        if self.is_openclip:
+            self.info.notes.append(
+                "SD2's text encoder (OpenCLIP, fused attention) is not trainable yet: this run trains the UNet only"
+            )
+
+    @property
+    def unet(self) -> nn.Module:
+        return self.model.model.diffusion_model
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def alphas_cumprod(self) -> torch.Tensor:
+        # The host may override alphas_cumprod (fp16 emulation, zero-terminal-SNR); train on the original.
+        ac = getattr(self.model, "alphas_cumprod_original", None)
+        if ac is None:
+            ac = self.model.alphas_cumprod
+        return ac.detach().to(torch.float32)
+
+    def modules(self) -> list[nn.Module]:
+        return [self.model]
+
+    def can_train_text_encoder(self) -> bool:
+        return not self.is_openclip
+
+    # -- encoding ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """`pixels` in [-1, 1], NCHW. Samples the VAE posterior with `generator` (not the global RNG)."""
+        vae = self.model.first_stage_model
+        dtype = next(vae.parameters()).dtype
+        posterior = self.model.encode_first_stage(pixels.to(self.device, dtype))
+        noise = torch.randn(posterior.mean.shape, generator=generator, dtype=torch.float32).to(posterior.mean.device)
+        z = posterior.mean.float() + posterior.std.float() * noise
+        return self.model.get_first_stage_encoding(z).float()
+
+    def tokenize(self, captions: list[str]) -> torch.Tensor:
+        if self.is_openclip:
+            import open_clip
+
+            return open_clip.tokenize(captions)
+        tok = self.embedder.tokenizer
+        return tok(captions, truncation=True, max_length=tok.model_max_length, padding="max_length", return_tensors="pt")["input_ids"]
+
+    def encode_captions(self, captions: list[str]) -> torch.Tensor:
+        tokens = self.tokenize(captions).to(self.device)
+        if self.is_openclip:
+            return self.embedder.encode_with_transformer(tokens)
+        text = self.embedder.transformer
+        if self.clip_skip == 1:
+            return text(input_ids=tokens).last_hidden_state
+        out = text(input_ids=tokens, output_hidden_states=True)
+        return text.text_model.final_layer_norm(out.hidden_states[-self.clip_skip])
+
+    def predict(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        return self.model.apply_model(noisy_latents, timesteps, cond)
+
+    # -- LoRA ---------------------------------------------------------------------------------
+    def lora_targets(self, conv: bool = False) -> list[Target]:
+        targets = []
+        if not self.is_openclip:
+            targets += hf_clip_targets(self.embedder.transformer, PREFIX_TE)
+        return targets + ldm_unet_targets(self.unet, conv)

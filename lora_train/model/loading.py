@@ -1,0 +1,230 @@
+"""Build and load SD1/SD2 models with the host's own `ldm` classes, offline.
+
+A checkpoint is a `.safetensors` (or `.ckpt`) file with a same-named `.yaml` beside it, the way the
+WebUI finds configs; without one we use the stock v1 inference config. Text-encoder weights come
+from the checkpoint, so `from_pretrained` is only asked for a config and a tokenizer (no hub).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import warnings
+from pathlib import Path
+
+import torch
+
+from lora_train.errors import UserError
+from lora_train.model import clip_files
+
+V1_INFERENCE_CONFIG = {
+    "target": "ldm.models.diffusion.ddpm.LatentDiffusion",
+    "params": {
+        "linear_start": 0.00085,
+        "linear_end": 0.0120,
+        "num_timesteps_cond": 1,
+        "log_every_t": 200,
+        "timesteps": 1000,
+        "first_stage_key": "jpg",
+        "cond_stage_key": "txt",
+        "image_size": 64,
+        "channels": 4,
+        "cond_stage_trainable": False,
+        "conditioning_key": "crossattn",
+        "monitor": "val/loss_simple_ema",
+        "scale_factor": 0.18215,
+        "use_ema": False,
+        "unet_config": {
+            "target": "ldm.modules.diffusionmodules.openaimodel.UNetModel",
+            "params": {
+                "image_size": 32,
+                "in_channels": 4,
+                "out_channels": 4,
+                "model_channels": 320,
+                "attention_resolutions": [4, 2, 1],
+                "num_res_blocks": 2,
+                "channel_mult": [1, 2, 4, 4],
+                "num_heads": 8,
+                "use_spatial_transformer": True,
+                "transformer_depth": 1,
+                "context_dim": 768,
+                "use_checkpoint": False,
+                "legacy": False,
+            },
+        },
+        "first_stage_config": {
+            "target": "ldm.models.autoencoder.AutoencoderKL",
+            "params": {
+                "embed_dim": 4,
+                "monitor": "val/rec_loss",
+                "ddconfig": {
+                    "double_z": True,
+                    "z_channels": 4,
+                    "resolution": 256,
+                    "in_channels": 3,
+                    "out_ch": 3,
+                    "ch": 128,
+                    "ch_mult": [1, 2, 4, 4],
+                    "num_res_blocks": 2,
+                    "attn_resolutions": [],
+                    "dropout": 0.0,
+                },
+                "lossconfig": {"target": "torch.nn.Identity"},
+            },
+        },
+        "cond_stage_config": {"target": "ldm.modules.encoders.modules.FrozenCLIPEmbedder"},
+    },
+}
+
+
+@contextlib.contextmanager
+def quiet():
+    """ldm prints its progress on stdout and pytorch_lightning warns about its own deprecations."""
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        # imports inside may add their own "always" filters; muting the display holds regardless
+        warnings.showwarning = lambda *args, **kwargs: None
+        yield
+
+
+def import_ldm():
+    """Import ldm quietly; say what to install when it is missing."""
+    try:
+        with quiet():
+            import ldm.models.diffusion.ddpm  # noqa: F401
+            import ldm.util
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise UserError(
+            f"cannot import the 'ldm' package ({e}). Inside the WebUI it comes with the host; "
+            "headless, install it with: pip install --no-deps stable-diffusion-sdkit==2.1.5"
+        ) from e
+    return ldm
+
+
+def _resolve_clip_version(version: str | None, base_dir: Path | None) -> str:
+    if version in (None, clip_files.HUB_CLIP_L):
+        return str(clip_files.clip_l_folder())
+    p = Path(version)
+    if p.is_dir():
+        return str(p)
+    if base_dir is not None and (base_dir / p.name).is_dir():  # checkpoint folder moved with its yaml
+        return str(base_dir / p.name)
+    raise UserError(f"text encoder folder '{version}' named in the model config does not exist")
+
+
+@contextlib.contextmanager
+def _text_model_from_config_only():
+    """Make `CLIPTextModel.from_pretrained(dir)` build from config.json alone; weights come later
+    from the checkpoint (the host does the same during its own loading)."""
+    import ldm.modules.encoders.modules as enc
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    original = enc.CLIPTextModel.__dict__.get("from_pretrained")
+
+    def from_config(name_or_path, *args, **kwargs):
+        model = CLIPTextModel(CLIPTextConfig.from_pretrained(name_or_path))
+        model.name_or_path = str(name_or_path)
+        return model
+
+    enc.CLIPTextModel.from_pretrained = from_config
+    try:
+        yield
+    finally:
+        if original is None:
+            del enc.CLIPTextModel.from_pretrained
+        else:
+            enc.CLIPTextModel.from_pretrained = original
+
+
+def instantiate(model_config: dict, base_dir: Path | None = None):
+    """Instantiate `model_config` (the `model:` node of an ldm yaml) on CPU, offline."""
+    import_ldm()
+    from ldm.util import instantiate_from_config
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.create(model_config)
+    cond = cfg.params.get("cond_stage_config")
+    if cond is not None and str(cond.get("target", "")).endswith("FrozenCLIPEmbedder"):
+        params = cond.get("params") or {}
+        params["version"] = _resolve_clip_version(params.get("version"), base_dir)
+        params["device"] = "cpu"
+        cond["params"] = params
+    if cond is not None and str(cond.get("target", "")).endswith("FrozenOpenCLIPEmbedder"):
+        params = cond.get("params") or {}
+        params["device"] = "cpu"
+        cond["params"] = params
+        _no_openclip_download()
+    with _text_model_from_config_only(), quiet():
+        model = instantiate_from_config(cfg)
+    return model.eval()
+
+
+def _no_openclip_download():
+    # FrozenOpenCLIPEmbedder asks open_clip for pretrained="laion2b_s32b_b79k"; weights come from the
+    # checkpoint instead, so the architecture alone is enough.
+    import ldm.modules.encoders.modules as enc
+
+    create = enc.open_clip.create_model_and_transforms
+    if getattr(create, "_lora_train_offline", False):
+        return
+
+    def offline(*args, pretrained=None, **kwargs):
+        return create(*args, pretrained=None, **kwargs)
+
+    offline._lora_train_offline = True
+    enc.open_clip.create_model_and_transforms = offline
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        import safetensors.torch
+
+        try:
+            return safetensors.torch.load_file(str(path), device="cpu")
+        except Exception as e:
+            raise UserError(f"{path}: not a readable .safetensors file ({e})") from e
+    try:
+        data = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"{path}: cannot read checkpoint ({e})") from e
+    return data.get("state_dict", data)
+
+
+def load_checkpoint(path: str | os.PathLike):
+    """Load `path` with its same-named `.yaml` (or the stock v1 config) into an ldm model."""
+    from omegaconf import OmegaConf
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"model file '{path}' does not exist")
+    yaml_path = path.with_suffix(".yaml")
+    if yaml_path.is_file():
+        try:
+            model_config = OmegaConf.to_container(OmegaConf.load(yaml_path).model, resolve=True)
+        except Exception as e:
+            raise UserError(f"{yaml_path}: not a model config with a 'model:' section ({e})") from e
+    else:
+        model_config = V1_INFERENCE_CONFIG
+    model = instantiate(model_config, base_dir=path.parent)
+    state = read_state_dict(path)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    # The stock configs carry a few buffers that older checkpoints lack (e.g. position_ids,
+    # the noise schedule); real weights missing means the config does not fit the file.
+    weights_missing = [k for k in missing if not _is_optional_buffer(k)]
+    if weights_missing:
+        raise UserError(
+            f"{path}: {len(weights_missing)} weights the config expects are not in the file "
+            f"(first: {weights_missing[0]}); is '{yaml_path.name}' the right config for it?"
+        )
+    model.checkpoint_path = str(path)
+    return model
+
+
+def _is_optional_buffer(key: str) -> bool:
+    return key.endswith("position_ids") or key.split(".")[0] in {
+        "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
+        "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
+        "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
+        "logvar", "model_ema",
+    }

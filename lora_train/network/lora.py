@@ -1,0 +1,68 @@
+"""One LoRA / LoCon module: a low-rank delta added to the output of a Linear or Conv2d.
+
+It never replaces the host module: `attach` registers a forward hook and `detach` removes it, so
+module names, weights and the host's own LoRA patching are untouched.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+class LoRAModule(nn.Module):
+    def __init__(self, name: str, org: nn.Module, dim: int, alpha: float | None, generator: torch.Generator | None = None):
+        super().__init__()
+        self.lora_name = name
+        self.lora_dim = int(dim)
+        if isinstance(org, nn.Conv2d):
+            self.lora_down = nn.Conv2d(org.in_channels, dim, org.kernel_size, org.stride, org.padding, bias=False)
+            self.lora_up = nn.Conv2d(dim, org.out_channels, (1, 1), (1, 1), bias=False)
+        elif isinstance(org, nn.Linear):
+            self.lora_down = nn.Linear(org.in_features, dim, bias=False)
+            self.lora_up = nn.Linear(dim, org.out_features, bias=False)
+        else:
+            raise TypeError(f"{name}: LoRA needs a Linear or Conv2d, not {type(org).__name__}")
+        if alpha is None or alpha == 0:
+            alpha = dim  # sd-scripts: no alpha means scale 1
+        self.register_buffer("alpha", torch.tensor(float(alpha)))
+        self.multiplier = 1.0
+        self.reset_parameters(generator)
+        self._handle = None
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        # sd-scripts: down = kaiming_uniform(a=sqrt(5)), up = zeros, so a new LoRA changes nothing.
+        # kaiming_uniform(a=sqrt(5)) is U(-1/sqrt(fan_in), 1/sqrt(fan_in)); drawn from our own
+        # generator so the host's global RNG is never consumed.
+        w = self.lora_down.weight
+        bound = 1.0 / math.sqrt(w[0].numel())
+        w.uniform_(-bound, bound, generator=generator)
+        self.lora_up.weight.zero_()
+
+    @property
+    def scale(self) -> float:
+        return float(self.alpha) / self.lora_dim
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = self.lora_down.weight.dtype
+        return self.lora_up(self.lora_down(x.to(dtype))) * (self.multiplier * self.scale)
+
+    def _hook(self, module, args, output):
+        return output + self.delta(args[0]).to(output.dtype)
+
+    def attach(self, org: nn.Module) -> None:
+        if self._handle is not None:
+            raise RuntimeError(f"{self.lora_name} is already attached")
+        self._handle = org.register_forward_hook(self._hook)
+
+    def detach(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    @property
+    def attached(self) -> bool:
+        return self._handle is not None

@@ -1,0 +1,146 @@
+"""A LoRA / LoCon network over a model's target modules, in kohya's key names."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from lora_train.network.lora import LoRAModule
+from lora_train.network.targets import Target
+
+KEY_RE = re.compile(r"^(lora_(?:unet|te|te1|te2)_[A-Za-z0-9_]+)\.(lora_down\.weight|lora_up\.weight|alpha)$")
+
+
+class LoRANetwork(nn.Module):
+    """LoRA on Linear and 1x1 conv (`dim`/`alpha`), LoCon on larger convs (`conv_dim`/`conv_alpha`).
+
+    Modules are registered under their kohya names, so `state_dict()` is the file's key set.
+    """
+
+    def __init__(
+        self,
+        targets: Iterable[Target],
+        dim: int = 4,
+        alpha: float | None = 1.0,
+        conv_dim: int | None = None,
+        conv_alpha: float | None = None,
+        seed: int = 0,
+    ):
+        super().__init__()
+        if dim < 1:
+            raise ValueError("network_dim must be at least 1")
+        self.dim, self.alpha = dim, alpha
+        self.conv_dim, self.conv_alpha = conv_dim, conv_alpha
+        generator = torch.Generator().manual_seed(seed)
+        self._targets: dict[str, nn.Module] = {}
+        for t in targets:
+            if t.is_conv3x3:
+                if not conv_dim:
+                    continue
+                module = LoRAModule(t.name, t.module, conv_dim, conv_alpha, generator)
+            else:
+                module = LoRAModule(t.name, t.module, dim, alpha, generator)
+            self.add_module(t.name, module)
+            self._targets[t.name] = t.module
+
+    @property
+    def lora_modules(self) -> dict[str, LoRAModule]:
+        return dict(self.named_children())
+
+    @property
+    def is_locon(self) -> bool:
+        return any(isinstance(m.lora_down, nn.Conv2d) and m.lora_down.kernel_size != (1, 1) for m in self.children())
+
+    # -- hooking -----------------------------------------------------------------------------
+    def apply(self, targets: dict[str, nn.Module] | None = None) -> None:
+        """Hook every LoRA module onto its target (the modules it was built for by default)."""
+        targets = self._targets if targets is None else targets
+        missing = [name for name in self.lora_modules if name not in targets]
+        if missing:
+            raise KeyError(f"{len(missing)} LoRA modules have no target in this model (first: {missing[0]})")
+        attached = []
+        try:
+            for name, module in self.lora_modules.items():
+                module.attach(targets[name])
+                attached.append(module)
+        except BaseException:
+            for module in attached:
+                module.detach()
+            raise
+
+    def remove(self) -> None:
+        """Unhook everything; the model is then exactly as before `apply`."""
+        for module in self.children():
+            module.detach()
+
+    @contextlib.contextmanager
+    def applied(self, targets: dict[str, nn.Module] | None = None):
+        self.apply(targets)
+        try:
+            yield self
+        finally:
+            self.remove()
+
+    def set_multiplier(self, multiplier: float) -> None:
+        for module in self.children():
+            module.multiplier = multiplier
+
+    # -- training ----------------------------------------------------------------------------
+    def param_groups(self, unet_lr: float, te_lr: float | None, train_unet: bool = True, train_te: bool = True) -> list[dict]:
+        groups = []
+        unet = [p for n, m in self.lora_modules.items() if n.startswith("lora_unet_") for p in m.parameters()]
+        te = [p for n, m in self.lora_modules.items() if not n.startswith("lora_unet_") for p in m.parameters()]
+        if train_unet and unet:
+            groups.append({"params": unet, "lr": unet_lr, "name": "unet"})
+        if train_te and te and te_lr:
+            groups.append({"params": te, "lr": te_lr, "name": "textencoder"})
+        return groups
+
+    # -- file format ---------------------------------------------------------------------------
+    def kohya_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        state = {k: v.detach().cpu() for k, v in self.state_dict().items()}
+        if dtype is not None:
+            state = {k: v.to(dtype) for k, v in state.items()}
+        return state
+
+    def load_kohya_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        own = self.state_dict()
+        unknown = sorted(set(state) - set(own))
+        missing = sorted(set(own) - set(state))
+        if unknown or missing:
+            raise KeyError(f"LoRA keys do not match this network: {len(missing)} missing (e.g. {missing[:1]}), {len(unknown)} unknown (e.g. {unknown[:1]})")
+        with torch.no_grad():
+            for k, v in state.items():
+                own[k].copy_(v.to(own[k].dtype))
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, torch.Tensor], targets: Iterable[Target]) -> "LoRANetwork":
+        """Rebuild a network from a kohya state dict: dims and alphas per module come from the file."""
+        by_name = {t.name: t for t in targets}
+        modules = {}
+        for key in state:
+            m = KEY_RE.match(key)
+            if m:
+                modules.setdefault(m.group(1), {})[m.group(2)] = state[key]
+        unmatched = [n for n in modules if n not in by_name]
+        if unmatched:
+            raise KeyError(f"{len(unmatched)} modules in the file have no target in this model (first: {unmatched[0]})")
+        net = cls([], dim=1)
+        for name, parts in modules.items():
+            down = parts.get("lora_down.weight")
+            if down is None or "lora_up.weight" not in parts:
+                raise KeyError(f"{name}: lora_down/lora_up pair incomplete")
+            alpha = parts.get("alpha")
+            module = LoRAModule(name, by_name[name].module, down.shape[0], float(alpha) if alpha is not None else None)
+            net.add_module(name, module)
+            net._targets[name] = by_name[name].module
+        net.load_kohya_state_dict({k: v for k, v in state.items() if KEY_RE.match(k)} | _missing_alphas(net, state))
+        return net
+
+
+def _missing_alphas(net: LoRANetwork, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {f"{n}.alpha": m.alpha.clone() for n, m in net.lora_modules.items() if f"{n}.alpha" not in state}

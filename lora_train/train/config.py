@@ -1,0 +1,241 @@
+"""The training config: one typed dataclass tree whose leaf names are sd-scripts' argument names.
+
+TOML in: sd-scripts flattens one level of tables and ignores their names, so a flat kohya /
+lora-scripts file and our sectioned file both load. TOML out: sectioned by our tree, which
+sd-scripts reads back the same way. Unknown keys are an error that names the closest known key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from lora_train.errors import UserError, close_match_hint
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10 hosts
+    import tomli as tomllib
+
+
+@dataclass
+class ModelConfig:
+    pretrained_model_name_or_path: str = "builtin:tiny"
+    clip_skip: Optional[int] = None
+
+
+@dataclass
+class NetworkConfig:
+    network_module: str = "networks.lora"
+    network_dim: Optional[int] = None  # sd-scripts: None means 4
+    network_alpha: float = 1.0
+    # In sd-scripts these travel in network_args ("conv_dim=8"); kohya_ss also writes them as keys.
+    conv_dim: Optional[int] = None
+    conv_alpha: Optional[float] = None
+    network_train_unet_only: bool = False
+    network_train_text_encoder_only: bool = False
+
+
+@dataclass
+class OptimizerConfig:
+    optimizer_type: str = "AdamW"
+    learning_rate: float = 2e-6  # sd-scripts' default; its LoRA guide recommends 1e-4
+    unet_lr: Optional[float] = None
+    text_encoder_lr: Optional[float] = None
+    max_grad_norm: float = 1.0
+    lr_scheduler: str = "constant"
+
+
+@dataclass
+class TrainingConfig:
+    max_train_steps: int = 1600
+    max_train_epochs: Optional[int] = None
+    train_batch_size: int = 1
+    seed: Optional[int] = None
+    mixed_precision: str = "no"
+
+
+@dataclass
+class DatasetConfig:
+    train_data_dir: Optional[str] = None
+    resolution: Optional[str] = None  # "512" or "512,768" (width,height); None = the model's own
+    # None = ".txt", else ".caption" (sd-scripts' default is ".caption", lora-scripts' ".txt")
+    caption_extension: Optional[str] = None
+
+
+@dataclass
+class SavingConfig:
+    output_dir: str = "output"
+    output_name: str = "last"
+    save_model_as: str = "safetensors"
+    save_precision: Optional[str] = None
+    save_every_n_epochs: Optional[int] = None
+    training_comment: Optional[str] = None
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    saving: SavingConfig = field(default_factory=SavingConfig)
+
+    # -- keys ------------------------------------------------------------------------------------
+    @staticmethod
+    def sections() -> dict[str, type]:
+        return _SECTION_TYPES
+
+    @staticmethod
+    def key_index() -> dict[str, tuple[str, dataclasses.Field, Any]]:
+        """sd-scripts key -> (section name, field, type hint)."""
+        return _key_index()
+
+    def get(self, key: str) -> Any:
+        section, f, _ = self.key_index()[key]
+        return getattr(getattr(self, section), f.name)
+
+    def set(self, key: str, value: Any, source: str = "config") -> None:
+        index = self.key_index()
+        if key not in index:
+            raise UserError(f"{source}: unknown key '{key}'{close_match_hint(key, index)}")
+        section, f, hint = index[key]
+        setattr(getattr(self, section), f.name, _coerce(value, hint, key, source))
+
+    # -- dict / TOML -----------------------------------------------------------------------------
+    def update(self, flat: dict[str, Any], source: str = "config") -> "TrainConfig":
+        flat = dict(flat)
+        args = flat.pop("network_args", None)
+        unknown = [k for k in flat if k not in self.key_index()]
+        if args is not None:
+            flat.update(_parse_network_args(args, source))
+        if unknown:
+            lines = [f"  {k}{close_match_hint(k, self.key_index())}" for k in unknown]
+            raise UserError(f"{source}: unknown key{'s' if len(unknown) > 1 else ''}:\n" + "\n".join(lines))
+        for k, v in flat.items():
+            self.set(k, v, source)
+        return self
+
+    def to_flat(self) -> dict[str, Any]:
+        return {k: self.get(k) for k in self.key_index()}
+
+    def to_toml_dict(self) -> dict[str, dict[str, Any]]:
+        out: dict[str, dict[str, Any]] = {}
+        for section in self.sections():
+            values = {k: v for k, v in dataclasses.asdict(getattr(self, section)).items() if v is not None}
+            if section == "network":
+                extra = [f"{k}={values.pop(k)}" for k in ("conv_dim", "conv_alpha") if k in values]
+                if extra:
+                    values["network_args"] = extra
+            out[section] = values
+        return out
+
+    def save_toml(self, path: str | os.PathLike) -> Path:
+        import tomli_w
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(tomli_w.dumps(self.to_toml_dict()), encoding="utf-8")
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def from_toml(cls, path: str | os.PathLike) -> "TrainConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"config file '{path}' does not exist")
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8-sig"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f"{path}: not valid TOML ({e})") from e
+        return cls().update(flatten_one_level(data), source=str(path))
+
+
+_SECTION_TYPES = {
+    "model": ModelConfig,
+    "network": NetworkConfig,
+    "optimizer": OptimizerConfig,
+    "training": TrainingConfig,
+    "dataset": DatasetConfig,
+    "saving": SavingConfig,
+}
+
+
+@functools.lru_cache(maxsize=1)
+def _key_index() -> dict[str, tuple[str, dataclasses.Field, Any]]:
+    index = {}
+    for section, section_type in _SECTION_TYPES.items():
+        hints = typing.get_type_hints(section_type)
+        for f in dataclasses.fields(section_type):
+            index[f.name] = (section, f, hints[f.name])
+    return index
+
+
+def flatten_one_level(data: dict[str, Any]) -> dict[str, Any]:
+    """sd-scripts' rule: a table's keys are read as top-level keys and the table name is ignored."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(value)
+        else:
+            flat[key] = value
+    return flat
+
+
+def parse_set_value(text: str) -> Any:
+    """`--set key=value`: the value is read as a TOML value when it is one, else as a string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _parse_network_args(args: Any, source: str) -> dict[str, Any]:
+    if isinstance(args, str):
+        args = args.split()
+    known = {"conv_dim", "conv_alpha"}
+    out = {}
+    for item in args:
+        key, sep, value = str(item).partition("=")
+        key = key.strip()
+        if not sep or key not in known:
+            raise UserError(f"{source}: network_args entry '{item}' is not supported yet (known: {', '.join(sorted(known))})")
+        out[key] = parse_set_value(value.strip())
+    return out
+
+
+def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin is typing.Union:
+        inner = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("", "none")):
+            return None
+        return _coerce(value, inner[0], key, source)
+    try:
+        if hint is bool:
+            if isinstance(value, str):
+                if value.lower() in ("true", "1", "yes"):
+                    return True
+                if value.lower() in ("false", "0", "no"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if hint is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if hint is float:
+            return float(value)
+        if hint is str:
+            return str(value)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{source}: '{key}' must be {hint.__name__}, got {value!r}") from e
+    return value

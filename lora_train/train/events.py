@@ -1,0 +1,58 @@
+"""What a training run tells its front end. The trainer knows nothing about tqdm, gradio or the host."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+
+@dataclass
+class Started:
+    total_steps: int
+    steps_per_epoch: int
+    epochs: int
+    num_images: int
+    notes: list[str]
+
+
+@dataclass
+class Step:
+    step: int  # 1-based, counted over the whole run
+    epoch: int  # 1-based
+    loss: float
+    lr: dict[str, float]  # "unet" / "textencoder"
+
+
+@dataclass
+class EpochEnd:
+    epoch: int
+    mean_loss: float
+
+
+@dataclass
+class CheckpointSaved:
+    path: str
+    epoch: int
+    step: int
+
+
+@dataclass
+class Finished:
+    path: str
+    steps: int
+
+
+@dataclass
+class Cancelled:
+    step: int
+    path: Optional[str]  # the -interrupted save, if anything was trained
+
+
+@dataclass
+class Failed:
+    error: BaseException
+    step: int
+
+
+Event = Started | Step | EpochEnd | CheckpointSaved | Finished | Cancelled | Failed
+Listener = Callable[[Event], None]

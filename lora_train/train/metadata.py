@@ -1,0 +1,169 @@
+"""kohya `ss_*` and `modelspec.*` metadata for a saved LoRA. Every value is a string, as sd-scripts
+writes them; unset values are the string "None", also as sd-scripts does."""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import time
+
+from lora_train import __version__
+from lora_train.model.adapter import ModelInfo
+from lora_train.network.network import LoRANetwork
+from lora_train.train.config import TrainConfig
+
+
+def _s(value) -> str:
+    return str(value)
+
+
+def model_hashes(path: str | None) -> tuple[str, str]:
+    """(old 8-hex A1111 model hash, full sha256) of the base checkpoint file, as sd-scripts records."""
+    if not path or not os.path.isfile(path):
+        return "None", "None"
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        f.seek(0x100000)
+        legacy = hashlib.sha256(f.read(0x10000)).hexdigest()[:8]
+        f.seek(0)
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            sha.update(chunk)
+    return legacy, sha.hexdigest()
+
+
+def training_metadata(
+    config: TrainConfig,
+    info: ModelInfo,
+    network: LoRANetwork,
+    *,
+    session_id: int,
+    started_at: float,
+    num_images: int,
+    steps_per_epoch: int,
+    epochs: int,
+    total_steps: int,
+    resolution: tuple[int, int],
+    tag_frequency: dict,
+    dataset_dirs: dict,
+    seed: int,
+    train_unet: bool,
+    train_te: bool,
+) -> dict[str, str]:
+    c = config
+    lr = c.optimizer.learning_rate
+    network_args = {}
+    if c.network.conv_dim:
+        network_args["conv_dim"] = _s(c.network.conv_dim)
+        network_args["conv_alpha"] = _s(c.network.conv_alpha if c.network.conv_alpha is not None else 1)
+    model_hash, new_model_hash = model_hashes(info.path)
+    md = {
+        "ss_session_id": _s(session_id),
+        "ss_training_started_at": _s(started_at),
+        "ss_output_name": c.saving.output_name,
+        "ss_learning_rate": _s(lr),
+        "ss_text_encoder_lr": _s(c.optimizer.text_encoder_lr),
+        "ss_unet_lr": _s(c.optimizer.unet_lr),
+        "ss_num_train_images": _s(num_images),
+        "ss_num_reg_images": "0",
+        "ss_num_batches_per_epoch": _s(steps_per_epoch),
+        "ss_num_epochs": _s(epochs),
+        "ss_gradient_checkpointing": "False",
+        "ss_gradient_accumulation_steps": "1",
+        "ss_max_train_steps": _s(total_steps),
+        "ss_lr_warmup_steps": "0",
+        "ss_lr_scheduler": c.optimizer.lr_scheduler,
+        "ss_network_module": c.network.network_module,
+        "ss_network_dim": _s(network.dim),
+        "ss_network_alpha": _s(network.alpha if network.alpha else network.dim),
+        "ss_network_dropout": "None",
+        "ss_network_args": json.dumps(network_args) if network_args else "None",
+        "ss_mixed_precision": c.training.mixed_precision,
+        "ss_full_fp16": "False",
+        "ss_v2": _s(info.family == "sd2"),
+        "ss_base_model_version": info.base_model_version,
+        "ss_clip_skip": _s(c.model.clip_skip),
+        "ss_max_token_length": "None",
+        "ss_cache_latents": "False",
+        "ss_seed": _s(seed),
+        "ss_lowram": "False",
+        "ss_noise_offset": "None",
+        "ss_multires_noise_iterations": "None",
+        "ss_multires_noise_discount": "None",
+        "ss_adaptive_noise_scale": "None",
+        "ss_zero_terminal_snr": "False",
+        "ss_training_comment": _s(c.saving.training_comment),
+        "ss_sd_scripts_commit_hash": f"lora-train-{__version__}",
+        "ss_optimizer": f"torch.optim.adamw.AdamW",
+        "ss_max_grad_norm": _s(c.optimizer.max_grad_norm),
+        "ss_caption_dropout_rate": "0.0",
+        "ss_caption_dropout_every_n_epochs": "0",
+        "ss_caption_tag_dropout_rate": "0.0",
+        "ss_face_crop_aug_range": "None",
+        "ss_prior_loss_weight": "1.0",
+        "ss_min_snr_gamma": "None",
+        "ss_scale_weight_norms": "None",
+        "ss_ip_noise_gamma": "None",
+        "ss_debiased_estimation": "False",
+        "ss_noise_offset_random_strength": "False",
+        "ss_ip_noise_gamma_random_strength": "False",
+        "ss_loss_type": "l2",
+        "ss_huber_schedule": "snr",
+        "ss_huber_c": "0.1",
+        "ss_fp8_base": "False",
+        "ss_fp8_base_unet": "False",
+        # no --dataset_config: the flat dataset keys
+        "ss_batch_size_per_device": _s(c.training.train_batch_size),
+        "ss_total_batch_size": _s(c.training.train_batch_size),
+        "ss_resolution": _s(tuple(resolution)),
+        "ss_color_aug": "False",
+        "ss_flip_aug": "False",
+        "ss_random_crop": "False",
+        "ss_shuffle_caption": "False",
+        "ss_enable_bucket": "False",
+        "ss_bucket_no_upscale": "False",
+        "ss_min_bucket_reso": "None",
+        "ss_max_bucket_reso": "None",
+        "ss_keep_tokens": "0",
+        "ss_dataset_dirs": json.dumps(dataset_dirs, ensure_ascii=False),
+        "ss_reg_dataset_dirs": json.dumps({}),
+        "ss_tag_frequency": json.dumps(tag_frequency, ensure_ascii=False),
+        "ss_bucket_info": json.dumps({"buckets": {"0": {"resolution": list(resolution), "count": num_images}}, "mean_img_ar_error": 0.0}),
+        "ss_sd_model_name": _s(info.name),
+        "ss_sd_model_hash": model_hash,
+        "ss_new_sd_model_hash": new_model_hash,
+        "ss_vae_name": "None",
+        "ss_vae_hash": "None",
+        "ss_new_vae_hash": "None",
+    }
+    if not train_te:
+        md["ss_text_encoder_lr"] = "0"  # how kohya marks a UNet-only run
+    if not train_unet:
+        md["ss_unet_lr"] = "0"
+    date = datetime.datetime.fromtimestamp(started_at).isoformat(timespec="seconds")
+    md.update(
+        {
+            "modelspec.sai_model_spec": "1.0.0",
+            "modelspec.architecture": info.modelspec_architecture,
+            "modelspec.implementation": "https://github.com/Stability-AI/generative-models" if info.family == "sdxl" else "diffusers",
+            "modelspec.title": c.saving.output_name,
+            "modelspec.resolution": f"{resolution[0]}x{resolution[1]}",
+            "modelspec.date": date,
+            "modelspec.implementation_version": f"lora-train/{__version__}",
+            "modelspec.prediction_type": info.prediction_type,
+        }
+    )
+    if c.model.clip_skip:
+        md["modelspec.encoder_layer"] = _s(c.model.clip_skip)
+    return md
+
+
+def save_time_metadata(metadata: dict[str, str], epoch: int, step: int, output_name: str) -> dict[str, str]:
+    out = dict(metadata)
+    out["ss_training_finished_at"] = _s(time.time())
+    out["ss_steps"] = _s(step)
+    out["ss_epoch"] = _s(epoch)
+    out["ss_output_name"] = output_name
+    out["modelspec.title"] = output_name
+    return out

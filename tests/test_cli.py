@@ -1,0 +1,115 @@
+"""The CLI as a user runs it: demo, train, info, and clear errors on bad input."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import make_dataset
+from lora_train.cli import main
+
+
+def run_cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "lora_train", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def test_demo_then_info(tmp_path, capsys):
+    assert main(["demo", "--output", str(tmp_path), "--epochs", "2"]) == 0
+    out = capsys.readouterr().out
+    lora = tmp_path / "demo-zkz.safetensors"
+    assert f"LoRA:      {lora}" in out
+    assert (tmp_path / "loss.csv").read_text().startswith("step,epoch,loss")
+    assert (tmp_path / "demo-zkz-000001.safetensors").is_file()
+    r = run_cli("info", str(lora), "--json")
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["valid"] and report["hash_ok"] and report["network"] == "LoRA"
+    assert report["modules_per_prefix"] == {"lora_te": 12, "lora_unet": 192}
+    assert report["summary"]["ss_output_name"] == "demo-zkz"
+    assert report["tag_frequency"]["2_zkz"]["zkz"] == 8
+    text = run_cli("info", str(lora)).stdout
+    assert "valid: every key is a kohya LoRA name" in text
+
+
+def test_train_from_toml_with_set(tmp_path, capsys):
+    data = make_dataset(tmp_path / "data", count=2, repeats=1)
+    cfg = tmp_path / "cfg.toml"
+    cfg.write_text(
+        f'pretrained_model_name_or_path = "builtin:tiny"\ntrain_data_dir = "{data.as_posix()}"\n'
+        f'output_dir = "{(tmp_path / "out").as_posix()}"\nresolution = "64"\nmax_train_steps = 2\nseed = 1\n',
+        encoding="utf-8",
+    )
+    assert main(["train", "--config", str(cfg), "--set", "output_name=mine", "--set", "network_dim=2"]) == 0
+    assert (tmp_path / "out" / "mine.safetensors").is_file()
+    written = (tmp_path / "out" / "mine.toml").read_text()
+    assert "network_dim = 2" in written and 'output_name = "mine"' in written
+    assert (tmp_path / "out" / "mine-loss.csv").is_file()
+
+
+def _assert_clean_error(result, *needles):
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    for needle in needles:
+        assert needle in result.stderr, result.stderr
+
+
+def _cfg(tmp_path, data_dir, extra=""):
+    p = tmp_path / "c.toml"
+    p.write_text(f'train_data_dir = "{Path(data_dir).as_posix()}"\noutput_dir = "{(tmp_path / "o").as_posix()}"\nresolution = "64"\nmax_train_steps = 1\n{extra}', encoding="utf-8")
+    return str(p)
+
+
+def test_missing_folder(tmp_path):
+    _assert_clean_error(run_cli("train", "--config", _cfg(tmp_path, tmp_path / "nope")), "error:", "nope", "does not exist")
+
+
+def test_folder_without_repeats_prefix(tmp_path):
+    data = tmp_path / "data"
+    make_dataset(data, count=2)
+    (data / "1_zkz").rename(data / "zkz")
+    _assert_clean_error(run_cli("train", "--config", _cfg(tmp_path, data)), "no training images", "zkz", "repeats prefix like '10_name'")
+
+
+def test_images_directly_in_train_data_dir(tmp_path):
+    data = tmp_path / "flat"
+    make_dataset(tmp_path / "tmp", count=2)
+    data.mkdir()
+    for f in (tmp_path / "tmp" / "1_zkz").iterdir():
+        f.rename(data / f.name)
+    _assert_clean_error(run_cli("train", "--config", _cfg(tmp_path, data)), "put them in a subfolder named '<repeats>_<name>'")
+
+
+def test_undecodable_image_is_named_and_skipped(tmp_path):
+    data = make_dataset(tmp_path / "data", count=2)
+    (data / "1_zkz" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nthis is not a png")
+    r = run_cli("train", "--config", _cfg(tmp_path, data, 'pretrained_model_name_or_path = "builtin:tiny"\n'))
+    assert r.returncode == 0, r.stderr
+    assert "Traceback" not in r.stderr
+    assert "broken.png: cannot decode image" in r.stderr
+
+
+def test_only_undecodable_images(tmp_path):
+    folder = tmp_path / "data" / "5_x"
+    folder.mkdir(parents=True)
+    (folder / "a.jpg").write_bytes(b"")
+    _assert_clean_error(run_cli("train", "--config", _cfg(tmp_path, tmp_path / "data")), "a.jpg: cannot decode image")
+
+
+def test_unknown_config_key_with_suggestion(tmp_path):
+    cfg = _cfg(tmp_path, tmp_path, "netwrok_dim = 4\n")
+    _assert_clean_error(run_cli("train", "--config", cfg), "netwrok_dim (did you mean 'network_dim'?)")
+    _assert_clean_error(run_cli("train", "--set", "leraning_rate=1e-4"), "leraning_rate", "did you mean 'learning_rate'?")
+
+
+def test_bad_resolution_and_model(tmp_path):
+    data = make_dataset(tmp_path / "data", count=1)
+    _assert_clean_error(run_cli("train", "--config", _cfg(tmp_path, data), "--set", "resolution=100"), "multiple of 64")
+    _assert_clean_error(run_cli("train", "--config", _cfg(tmp_path, data), "--set", f"pretrained_model_name_or_path={tmp_path / 'x.safetensors'}"), "x.safetensors", "does not exist")
+
+
+def test_info_on_a_non_lora_file(tmp_path):
+    p = tmp_path / "x.safetensors"
+    p.write_text("hello")
+    _assert_clean_error(run_cli("info", str(p)), "x.safetensors", "cannot be read as safetensors")

@@ -1,0 +1,174 @@
+"""The training loop on the tiny model: it learns, and it leaves the host model exactly as it was."""
+
+import threading
+
+import pytest
+import torch
+
+from conftest import assert_same_as, make_dataset, snapshot
+from lora_train import job
+from lora_train.network.files import load_lora
+from lora_train.train import events as ev
+from lora_train.train.config import TrainConfig
+
+
+def config_for(tmp_path, **overrides):
+    data = make_dataset(tmp_path / "data", count=4, repeats=2)
+    values = {
+        "train_data_dir": str(data),
+        "output_dir": str(tmp_path / "out"),
+        "output_name": "t",
+        "resolution": "64",
+        "network_dim": 8,
+        "network_alpha": 8,
+        "learning_rate": 1e-3,
+        "max_train_steps": 10,
+        "train_batch_size": 2,
+        "seed": 7,
+    }
+    values.update(overrides)
+    return TrainConfig().update(values)
+
+
+class Recorder:
+    def __init__(self):
+        self.events = []
+
+    def __call__(self, e):
+        self.events.append(e)
+
+    def of(self, kind):
+        return [e for e in self.events if isinstance(e, kind)]
+
+
+def test_loss_goes_down(tiny_adapter, tmp_path):
+    """Fixed seed; one image per caption so the LoRA can fit it: late mean loss < early mean loss."""
+    cfg = config_for(tmp_path, max_train_steps=120, learning_rate=3e-3, train_batch_size=4)
+    rec = Recorder()
+    job.build_trainer(cfg, tiny_adapter).run(rec)
+    losses = [e.loss for e in rec.of(ev.Step)]
+    assert len(losses) == 120
+    early, late = sum(losses[:30]) / 30, sum(losses[-30:]) / 30
+    assert late < 0.9 * early, (early, late)
+
+
+def test_same_seed_same_lora(tiny_adapter, tmp_path):
+    a = job.build_trainer(config_for(tmp_path / "a", max_train_steps=4), tiny_adapter).run()
+    b = job.build_trainer(config_for(tmp_path / "b", max_train_steps=4), tiny_adapter).run()
+    ta, tb = load_lora(a)[0], load_lora(b)[0]
+    assert all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def test_run_restores_host_model_and_writes_a_valid_file(tiny_adapter, tiny_model, tmp_path):
+    before = snapshot(tiny_model)
+    rec = Recorder()
+    path = job.build_trainer(config_for(tmp_path, conv_dim=4, conv_alpha=1), tiny_adapter).run(rec)
+    assert_same_as(tiny_model, before)
+    assert rec.of(ev.Finished)[0].path == str(path)
+    tensors, md = load_lora(path)
+    assert any(k.endswith("resnets_0_conv1.lora_down.weight") for k in tensors)  # LoCon modules were trained
+    assert md["ss_network_args"] == '{"conv_dim": "4", "conv_alpha": "1.0"}'
+    assert md["ss_base_model_version"] == "sd_v1" and md["ss_steps"] == "10"
+    ups = [v for k, v in tensors.items() if k.endswith("lora_up.weight")]
+    assert any(v.abs().sum() > 0 for v in ups)
+
+
+def test_text_encoder_lora_gets_trained_and_unet_only_skips_it(tiny_adapter, tmp_path):
+    path = job.build_trainer(config_for(tmp_path / "te", max_train_steps=3), tiny_adapter).run()
+    tensors = load_lora(path)[0]
+    te_ups = [v for k, v in tensors.items() if k.startswith("lora_te_") and k.endswith("lora_up.weight")]
+    assert te_ups and all(v.abs().sum() > 0 for v in te_ups)
+    path = job.build_trainer(config_for(tmp_path / "u", max_train_steps=3, network_train_unet_only=True), tiny_adapter).run()
+    tensors, md = load_lora(path)
+    assert not any(k.startswith("lora_te_") for k in tensors)
+    assert md["ss_text_encoder_lr"] == "0"
+
+
+def test_cancel_restores_model_and_saves_interrupted(tiny_adapter, tiny_model, tmp_path):
+    before = snapshot(tiny_model)
+    cancel = threading.Event()
+    rec = Recorder()
+
+    def listener(e):
+        rec(e)
+        if isinstance(e, ev.Step) and e.step == 3:
+            cancel.set()
+
+    path = job.build_trainer(config_for(tmp_path), tiny_adapter).run(listener, cancel)
+    assert_same_as(tiny_model, before)
+    assert path.name == "t-interrupted.safetensors"
+    assert rec.of(ev.Cancelled)[0].step == 3
+    assert load_lora(path)[1]["ss_steps"] == "3"
+
+
+def test_exception_restores_model(tiny_adapter, tiny_model, tmp_path, monkeypatch):
+    before = snapshot(tiny_model)
+    trainer = job.build_trainer(config_for(tmp_path), tiny_adapter)
+    calls = {"n": 0}
+    real = tiny_adapter.predict
+
+    def failing(*args):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("injected failure")
+        return real(*args)
+
+    monkeypatch.setattr(tiny_adapter, "predict", failing)
+    rec = Recorder()
+    with pytest.raises(RuntimeError, match="injected failure"):
+        trainer.run(rec)
+    assert rec.of(ev.Failed)[0].step == 2
+    assert_same_as(tiny_model, before)
+
+
+def test_epochs_and_periodic_saves(tiny_adapter, tmp_path):
+    cfg = config_for(tmp_path, max_train_epochs=4, save_every_n_epochs=2)
+    rec = Recorder()
+    trainer = job.build_trainer(cfg, tiny_adapter)
+    assert (trainer.plan.steps_per_epoch, trainer.plan.total_steps) == (4, 16)  # 4 images x 2 repeats / batch 2
+    trainer.run(rec)
+    saved = [e.path for e in rec.of(ev.CheckpointSaved)]
+    assert [p.rsplit("/", 1)[-1] for p in saved] == ["t-000002.safetensors"]
+    assert (tmp_path / "out" / "t.safetensors").is_file()
+    assert load_lora(saved[0])[1]["ss_epoch"] == "2"
+    assert [e.epoch for e in rec.of(ev.EpochEnd)] == [1, 2, 3, 4]
+
+
+def test_v_prediction_target(tiny_adapter, tiny_model, tmp_path, monkeypatch):
+    """With a v model the trainer regresses v = sqrt(a) * noise - sqrt(1 - a) * x0."""
+    seen = {}
+    real = tiny_adapter.predict
+
+    def spy(noisy, t, cond):
+        seen["noisy"], seen["t"] = noisy, t
+        return real(noisy, t, cond)
+
+    monkeypatch.setattr(tiny_model, "parameterization", "v")
+    from lora_train.model.ldm import LdmAdapter
+
+    adapter = LdmAdapter(tiny_model)
+    monkeypatch.setattr(adapter, "predict", spy)
+    captured = {}
+    real_mse = torch.nn.functional.mse_loss
+
+    def mse(pred, target):
+        captured["target"] = target
+        return real_mse(pred, target)
+
+    monkeypatch.setattr(torch.nn.functional, "mse_loss", mse)
+    trainer = job.build_trainer(config_for(tmp_path, max_train_steps=1, train_batch_size=1), adapter)
+    assert adapter.info.base_model_version == "sd_v1_v"
+    gen_state = {}
+    real_encode = adapter.encode_images
+
+    def encode(pixels, gen):
+        out = real_encode(pixels, gen)
+        gen_state["latents"] = out
+        return out
+
+    monkeypatch.setattr(adapter, "encode_images", encode)
+    trainer.run()
+    a = adapter.alphas_cumprod[seen["t"]].view(-1, 1, 1, 1)
+    x0 = gen_state["latents"]
+    noise = (seen["noisy"] - a.sqrt() * x0) / (1 - a).sqrt()
+    assert torch.allclose(captured["target"], a.sqrt() * noise - (1 - a).sqrt() * x0, atol=1e-5)
