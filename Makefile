@@ -23,6 +23,7 @@ demo: setup
 	$(PY) -m lora_train demo --output demo-output
 
 test: setup
+	$(VENV)/bin/ruff check --select F,E9 lora_train tests benchmarks install.py
 	$(PY) -m pytest -q tests
 
 clean:

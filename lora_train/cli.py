@@ -56,8 +56,13 @@ def _run_training(config, loss_csv: Path | None) -> Path | None:
 
     adapter = load_adapter(config.model.pretrained_model_name_or_path, config.model.clip_skip)
     trainer = job.build_trainer(config, adapter)
-    for problem in trainer.data.problems:
+    plan = trainer.plan
+    for problem in plan.scan.problems + plan.problems:
         print(f"warning: skipped {problem}", file=sys.stderr)
+    for note in plan.scan.notes:
+        print(f"note: {note}", file=sys.stderr)
+    for warning in plan.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     config.save_toml(Path(config.saving.output_dir) / f"{config.saving.output_name}.toml")
     cancel = threading.Event()
     previous = signal.getsignal(signal.SIGINT)
@@ -175,6 +180,30 @@ def cmd_targets(args) -> int:
     return 0
 
 
+def cmd_dataset_check(args) -> int:
+    from lora_train.dataset.check import CheckOptions, check_dataset, format_report
+
+    options = CheckOptions(
+        resolution=args.resolution, batch_size=args.batch_size, epochs=args.epochs, enable_bucket=not args.no_bucket,
+        min_bucket_reso=args.min_bucket_reso, max_bucket_reso=args.max_bucket_reso, bucket_reso_steps=args.bucket_reso_steps,
+        bucket_no_upscale=args.bucket_no_upscale, caption_extension=args.caption_extension, reg_data_dir=args.reg_data_dir,
+        duplicates=not args.no_duplicates, verify=args.verify, tokens=args.tokens,
+    )
+    _, report = check_dataset(args.dir, options)
+    print(json.dumps(report, indent=1, ensure_ascii=False) if args.json else format_report(report))
+    return 0
+
+
+def cmd_dataset_prepare(args) -> int:
+    from lora_train.dataset.prepare import parse_size, prepare
+
+    report = prepare(args.src, args.dst, parse_size(args.size), crop=args.crop, flip=args.flip)
+    for path, reason in report.skipped:
+        print(f"skipped {path}: {reason}", file=sys.stderr)
+    print(f"wrote {len(report.written)} images to {args.dst} ({report.upscaled} upscaled from smaller sources)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m lora_train", description="LoRA Train: kohya-compatible LoRA training.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -193,6 +222,32 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("file")
     i.add_argument("--json", action="store_true")
     i.set_defaults(func=cmd_info)
+
+    ds = sub.add_parser("dataset", help="check or prepare a dataset folder").add_subparsers(dest="dataset_command", required=True)
+    c = ds.add_parser("check", help="scan report, problems, buckets and step plan of a kohya folder or dataset TOML")
+    c.add_argument("dir", help="train_data_dir (with <repeats>_<name> folders) or an sd-scripts dataset .toml")
+    c.add_argument("--resolution", help="training resolution, 512 or 512,768 (default 512)")
+    c.add_argument("--batch-size", type=int, default=1)
+    c.add_argument("--epochs", type=int)
+    c.add_argument("--min-bucket-reso", type=int, default=256)
+    c.add_argument("--max-bucket-reso", type=int, default=1024)
+    c.add_argument("--bucket-reso-steps", type=int, default=64)
+    c.add_argument("--bucket-no-upscale", action="store_true")
+    c.add_argument("--no-bucket", action="store_true", help="one fixed resolution (sd-scripts without --enable_bucket)")
+    c.add_argument("--caption-extension")
+    c.add_argument("--reg-data-dir")
+    c.add_argument("--no-duplicates", action="store_true", help="skip the duplicate search")
+    c.add_argument("--verify", action="store_true", help="decode every image fully instead of reading headers")
+    c.add_argument("--tokens", action="store_true", help="count CLIP tokens per caption against the 75/150/225 limits")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=cmd_dataset_check)
+    pr = ds.add_parser("prepare", help="crop and resize a folder into a new folder (never writes into SRC)")
+    pr.add_argument("src")
+    pr.add_argument("dst")
+    pr.add_argument("--size", required=True, help="WxH (multiples of 64) or a preset such as sd15-512x768")
+    pr.add_argument("--crop", choices=["center", "focus"], default="center")
+    pr.add_argument("--flip", action="store_true", help="also write horizontally flipped copies")
+    pr.set_defaults(func=cmd_dataset_prepare)
 
     g = sub.add_parser("targets", help="the kohya module names a LoRA trains on an architecture")
     g.add_argument("--arch", required=True, choices=["sd15", "sd21"])
@@ -214,3 +269,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into `head`
+        sys.stderr.close()
+        return 0

@@ -3,9 +3,9 @@
 import open_clip
 import pytest
 import torch
+from conftest import assert_same_as, snapshot
 from transformers import CLIPTokenizer
 
-from conftest import assert_same_as, snapshot
 from lora_train.errors import UserError
 from lora_train.model import clip_files
 from lora_train.model.loading import load_checkpoint, quiet

@@ -4,11 +4,12 @@ import threading
 
 import pytest
 import torch
-
 from conftest import assert_same_as, make_dataset, snapshot
+
 from lora_train import job
 from lora_train.network.files import load_lora
 from lora_train.train import events as ev
+from lora_train.train import loss as loss_fn
 from lora_train.train.config import TrainConfig
 
 
@@ -134,41 +135,31 @@ def test_epochs_and_periodic_saves(tiny_adapter, tmp_path):
     assert [e.epoch for e in rec.of(ev.EpochEnd)] == [1, 2, 3, 4]
 
 
-def test_v_prediction_target(tiny_adapter, tiny_model, tmp_path, monkeypatch):
-    """With a v model the trainer regresses v = sqrt(a) * noise - sqrt(1 - a) * x0."""
-    seen = {}
-    real = tiny_adapter.predict
+def test_noise_and_targets_follow_their_definitions():
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
+    a = torch.tensor([0.99, 0.5, 0.01])
+    noisy = loss_fn.add_noise(x0, noise, a)
+    for k in range(3):
+        assert torch.allclose(noisy[k], a[k].sqrt() * x0[k] + (1 - a[k]).sqrt() * noise[k])
+        v = loss_fn.target(x0, noise, a, "v")[k]
+        assert torch.allclose(v, a[k].sqrt() * noise[k] - (1 - a[k]).sqrt() * x0[k])
+        # v and eps describe the same x_t: x0 = sqrt(a) x_t - sqrt(1-a) v
+        assert torch.allclose(a[k].sqrt() * noisy[k] - (1 - a[k]).sqrt() * v, x0[k], atol=1e-5)
+    assert loss_fn.target(x0, noise, a, "epsilon") is noise
+    with pytest.raises(ValueError):
+        loss_fn.target(x0, noise, a, "x0")
 
-    def spy(noisy, t, cond):
-        seen["noisy"], seen["t"] = noisy, t
-        return real(noisy, t, cond)
 
-    monkeypatch.setattr(tiny_model, "parameterization", "v")
+def test_trainer_uses_the_models_prediction_type(tiny_model, tmp_path, monkeypatch):
     from lora_train.model.ldm import LdmAdapter
 
+    seen = []
+    real = loss_fn.target
+    monkeypatch.setattr(loss_fn, "target", lambda *a: seen.append(a[3]) or real(*a))
+    monkeypatch.setattr(tiny_model, "parameterization", "v")
     adapter = LdmAdapter(tiny_model)
-    monkeypatch.setattr(adapter, "predict", spy)
-    captured = {}
-    real_mse = torch.nn.functional.mse_loss
-
-    def mse(pred, target):
-        captured["target"] = target
-        return real_mse(pred, target)
-
-    monkeypatch.setattr(torch.nn.functional, "mse_loss", mse)
-    trainer = job.build_trainer(config_for(tmp_path, max_train_steps=1, train_batch_size=1), adapter)
     assert adapter.info.base_model_version == "sd_v1_v"
-    gen_state = {}
-    real_encode = adapter.encode_images
-
-    def encode(pixels, gen):
-        out = real_encode(pixels, gen)
-        gen_state["latents"] = out
-        return out
-
-    monkeypatch.setattr(adapter, "encode_images", encode)
-    trainer.run()
-    a = adapter.alphas_cumprod[seen["t"]].view(-1, 1, 1, 1)
-    x0 = gen_state["latents"]
-    noise = (seen["noisy"] - a.sqrt() * x0) / (1 - a).sqrt()
-    assert torch.allclose(captured["target"], a.sqrt() * noise - (1 - a).sqrt() * x0, atol=1e-5)
+    path = job.build_trainer(config_for(tmp_path, max_train_steps=2), adapter).run()
+    assert seen == ["v", "v"]
+    assert load_lora(path)[1]["modelspec.prediction_type"] == "v"

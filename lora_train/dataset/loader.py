@@ -1,82 +1,121 @@
-"""Training data at one fixed resolution: images decoded once, batches drawn per epoch.
-
-sd-scripts' order: every image is repeated `repeats` times, the list is shuffled each epoch and cut
-into batches, the last one possibly short.
-"""
+"""Batches for the trainer, drawn per bucket in sd-scripts' order, with captions processed and
+images augmented per sample; pixels, or cached VAE posteriors when latents are cached."""
 
 from __future__ import annotations
 
-import math
 import random
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
+from PIL import Image
 
-from lora_train.dataset.images import ImageError, load_rgb, resize_center_crop
-from lora_train.dataset.scan import Item, Problem, Scan
+from lora_train.dataset import captions as cap
+from lora_train.dataset.buckets import Assignment, crop_box
+from lora_train.dataset.cache import CacheKey, LatentCache
+from lora_train.dataset.images import load_rgb
+from lora_train.dataset.plan import DatasetPlan
+from lora_train.dataset.scan import Item
+from lora_train.dataset.spec import SubsetSpec
 from lora_train.errors import UserError
+
+# sd-scripts' color_aug shifts hue only, by up to 8 (OpenCV's 0-179 hue scale: about 16 degrees)
+HUE_SHIFT_DEGREES = 16
 
 
 @dataclass
 class Batch:
-    pixels: torch.Tensor  # N,3,H,W in [-1, 1]
-    captions: list[str]
     items: list[Item]
+    captions: list[str]
+    is_reg: torch.Tensor  # bool, N
+    pixels: torch.Tensor | None = None  # N,3,H,W in [-1, 1]
+    posterior: tuple[torch.Tensor, torch.Tensor] | None = None  # cached (mean, std), N,C,h,w
 
 
-class FixedSizeData:
-    def __init__(self, scan: Scan, width: int, height: int):
-        self.scan = scan
-        self.width, self.height = width, height
-        self.problems: list[Problem] = list(scan.problems)
-        self.items: list[Item] = []
-        self._pixels: list[torch.Tensor] = []
-        for item in scan.items:
-            try:
-                im = resize_center_crop(load_rgb(item.path), width, height)
-            except ImageError as e:
-                self.problems.append(Problem(item.path, str(e)))
-                continue
-            self.items.append(item)
-            self._pixels.append(torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()))
-        if not self.items:
-            details = "".join(f"\n  {p}" for p in self.problems)
-            raise UserError(f"no usable training images in '{scan.root}':{details}")
+def caption_options(subset: SubsetSpec) -> cap.CaptionOptions:
+    return cap.CaptionOptions(**{k: getattr(subset, k) for k in cap.CaptionOptions.__dataclass_fields__})
+
+
+def _resize_crop(im: Image.Image, a: Assignment, box: tuple[int, int, int, int]) -> Image.Image:
+    if im.size != a.resized:
+        down = a.resized[0] < im.width
+        im = im.resize(a.resized, Image.LANCZOS if down else Image.BICUBIC)
+    return im.crop(box)
+
+
+def _shift_hue(im: Image.Image, degrees: float) -> Image.Image:
+    h, s, v = im.convert("HSV").split()
+    shift = int(round(degrees / 360 * 256))
+    h = h.point(lambda x: (x + shift) % 256)
+    return Image.merge("HSV", (h, s, v)).convert("RGB")
+
+
+def _to_tensor(im: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(im, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
+
+
+class TrainingData:
+    def __init__(self, plan: DatasetPlan, seed: int, cache: LatentCache | None = None):
+        self.plan = plan
+        self.seed = seed
+        self.cache = cache
+        self._options = {id(s): caption_options(s) for b in plan.blocks for s in b.block.subsets}
+        if cache is not None:
+            bad = sorted({i.folder for i in plan.items if i.subset.random_crop or i.subset.color_aug})
+            if bad:
+                raise UserError(f"cache_latents cannot be used with random_crop or color_aug (set in: {', '.join(bad)}): "
+                                "their pixels change every step")
+        if any(i.subset.alpha_mask for i in plan.items):
+            raise UserError("alpha_mask (masked loss) is not supported yet")
 
     @property
-    def num_images(self) -> int:
-        return len(self.items)
+    def steps_per_epoch(self) -> int:
+        return self.plan.steps_per_epoch
 
-    def expanded(self) -> list[int]:
-        return [i for i, item in enumerate(self.items) for _ in range(item.repeats)]
+    def epoch_batches(self, epoch: int) -> list[list[Item]]:
+        """All batches of an epoch, each from one bucket of one dataset, in a seeded random order."""
+        rng = random.Random(self.seed * 1_000_003 + epoch)
+        batches = [batch for b in self.plan.blocks if len(b.buckets) for batch in b.buckets.batches(b.batch_size, rng)]
+        rng.shuffle(batches)
+        return batches
 
-    def steps_per_epoch(self, batch_size: int) -> int:
-        return math.ceil(len(self.expanded()) / batch_size)
+    def _pixels(self, item: Item, flip: bool, rng: random.Random) -> torch.Tensor:
+        a = self.plan.assignment(item)
+        im = load_rgb(item.path)
+        im = _resize_crop(im, a, crop_box(a, item.subset.random_crop, rng))
+        if flip:
+            im = im.transpose(Image.FLIP_LEFT_RIGHT)
+        if item.subset.color_aug:
+            im = _shift_hue(im, rng.uniform(-HUE_SHIFT_DEGREES, HUE_SHIFT_DEGREES))
+        return _to_tensor(im)
 
-    def epoch_batches(self, epoch: int, batch_size: int, seed: int) -> list[list[int]]:
-        order = self.expanded()
-        random.Random(seed * 1_000_003 + epoch).shuffle(order)
-        return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    def load(self, items: list[Item], epoch: int, rng: random.Random, encode: Callable[[torch.Tensor], tuple] | None = None) -> Batch:
+        """Captions and images for `items`. With a cache, `encode(pixels)` gives a posterior to store."""
+        captions = [cap.process_caption(i.caption, self._options[id(i.subset)], epoch, rng) for i in items]
+        flips = [bool(i.subset.flip_aug and rng.random() < 0.5) for i in items]
+        is_reg = torch.tensor([i.is_reg for i in items], dtype=torch.bool)
+        if self.cache is None:
+            pixels = torch.stack([self._pixels(i, f, rng) for i, f in zip(items, flips)])
+            return Batch(items, captions, is_reg, pixels=pixels)
+        means, stds = [], []
+        for item, flip in zip(items, flips):
+            a = self.plan.assignment(item)
+            key = CacheKey(item.path, a.bucket, a.resized, crop_box(a), flip)
+            mean, std = self.cache.get(key, lambda: tuple(t[0] for t in encode(self._pixels(item, flip, rng)[None])))
+            means.append(mean)
+            stds.append(std)
+        return Batch(items, captions, is_reg, posterior=(torch.stack(means), torch.stack(stds)))
 
-    def batch(self, indices: list[int]) -> Batch:
-        pixels = torch.stack([self._pixels[i] for i in indices]).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-        items = [self.items[i] for i in indices]
-        return Batch(pixels, [it.caption for it in items], items)
-
-
-def parse_resolution(text: str | None, default: int) -> tuple[int, int]:
-    """sd-scripts' `--resolution`: "512" or "width,height"; multiples of 64 (the UNet halves 3 times
-    after the VAE's x8)."""
-    if text is None:
-        return default, default
-    parts = [p.strip() for p in str(text).replace("x", ",").split(",") if p.strip()]
-    try:
-        size = [int(p) for p in parts]
-    except ValueError:
-        raise UserError(f"resolution '{text}' is not a number or 'width,height'") from None
-    if len(size) == 1:
-        size = size * 2
-    if len(size) != 2 or min(size) < 64 or any(s % 64 for s in size):
-        raise UserError(f"resolution '{text}' must be a multiple of 64 (e.g. 512 or 512,768)")
-    return size[0], size[1]
+    def warm_cache(self, encode: Callable[[torch.Tensor], tuple], progress: Callable[[int, int], None] | None = None) -> None:
+        """Encode every image (and its flip, with flip_aug) once before training, like sd-scripts."""
+        if self.cache is None:
+            return
+        rng = random.Random(0)  # unused by cached items: no random crop or colour
+        todo = [(i, f) for i in self.plan.items for f in ((False, True) if i.subset.flip_aug else (False,))]
+        for n, (item, flip) in enumerate(todo, 1):
+            a = self.plan.assignment(item)
+            self.cache.get(CacheKey(item.path, a.bucket, a.resized, crop_box(a), flip),
+                           lambda: tuple(t[0] for t in encode(self._pixels(item, flip, rng)[None])))
+            if progress:
+                progress(n, len(todo))

@@ -1,29 +1,45 @@
-"""Scanning a kohya-style dataset folder: `train_data_dir/<repeats>_<name>/` with images and captions.
+"""Scanning the dataset: which images train, with which captions and repeats, and what is wrong.
 
-A scan never stops at one bad file: it returns the usable items and a list of problems
-(file, reason) for the user to see.
+A scan reads image headers, not pixels, and never stops at one bad file: it returns the usable
+items and a list of problems (file, reason) for the user to see.
 """
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from lora_train.dataset import captions as cap
-from lora_train.dataset.images import IMAGE_EXTENSIONS
+from lora_train.dataset.images import IMAGE_EXTENSIONS, ImageError, probe
+from lora_train.dataset.spec import DatasetSpec, SubsetSpec
 from lora_train.errors import UserError
+from lora_train.tomlfile import read_toml
 
-REPEATS_DIR = re.compile(r"^(\d+)_(.*)$")
+# Per-image repeats (online trainers let users set them): a `repeats.toml` in the image folder,
+# `"image.png" = 20`, overrides the folder's count for those images.
+REPEATS_FILE = "repeats.toml"
 
 
 @dataclass
 class Item:
     path: Path
+    size: tuple[int, int]  # after EXIF orientation
     caption: str
     repeats: int
-    subset: str  # folder name, e.g. "10_zkz"
+    subset: SubsetSpec
+    caption_file: Path | None = None
+    caption_encoding: str | None = None
+    has_alpha: bool = False
+    frames: int = 1
+
+    @property
+    def is_reg(self) -> bool:
+        return self.subset.is_reg
+
+    @property
+    def folder(self) -> str:
+        return Path(self.subset.image_dir).name
 
 
 @dataclass
@@ -36,69 +52,116 @@ class Problem:
 
 
 @dataclass
-class Subset:
-    folder: Path
-    repeats: int
-    class_tokens: str
-    items: list[Item] = field(default_factory=list)
-
-
-@dataclass
 class Scan:
-    root: Path
-    subsets: list[Subset]
-    problems: list[Problem]
+    subsets: list[SubsetSpec]
+    items: list[Item]
+    problems: list[Problem] = field(default_factory=list)
+    notes: list[Problem] = field(default_factory=list)  # usable but worth knowing (encodings, animations)
 
     @property
-    def items(self) -> list[Item]:
-        return [i for s in self.subsets for i in s.items]
+    def train_items(self) -> list[Item]:
+        return [i for i in self.items if not i.is_reg]
+
+    @property
+    def reg_items(self) -> list[Item]:
+        return [i for i in self.items if i.is_reg]
 
     def tag_frequency(self) -> dict[str, dict[str, int]]:
         """kohya's `ss_tag_frequency`: per folder, how many captions hold each tag."""
-        return {s.folder.name: dict(Counter(t for i in s.items for t in set(cap.tags(i.caption)))) for s in self.subsets}
+        freq: dict[str, Counter] = {}
+        for i in self.train_items:
+            freq.setdefault(i.folder, Counter()).update(set(cap.tags(i.caption)))
+        return {k: dict(v) for k, v in freq.items()}
 
-    def dataset_dirs(self) -> dict[str, dict[str, int]]:
-        return {s.folder.name: {"n_repeats": s.repeats, "img_count": len(s.items)} for s in self.subsets}
+    def dataset_dirs(self, reg: bool = False) -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = {}
+        for s in self.subsets:
+            if s.is_reg == reg:
+                count = sum(1 for i in self.items if i.subset is s)
+                out[Path(s.image_dir).name] = {"n_repeats": s.num_repeats, "img_count": count}
+        return out
 
 
-def scan_kohya_folder(root: str | Path, caption_extension: str | None = None) -> Scan:
-    root = Path(root)
-    if not root.exists():
-        raise UserError(f"train_data_dir '{root}' does not exist")
-    if not root.is_dir():
-        raise UserError(f"train_data_dir '{root}' is not a folder")
-    problems: list[Problem] = []
-    subsets: list[Subset] = []
-    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
-        m = REPEATS_DIR.match(folder.name)
-        if not m:
-            problems.append(Problem(folder, "folder name has no repeats prefix like '10_name'; its images are not used"))
+def _image_files(folder: Path) -> list[Path]:
+    """Images in `folder` and its subfolders (nested folders train with their parent's repeats)."""
+    found = []
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder)
+        if any(part.startswith(".") for part in rel.parts):
+            continue  # hidden folders: our caches, editors' backups
+        if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS:
+            found.append(path)
+    return found
+
+
+def _per_image_repeats(folder: Path, problems: list[Problem]) -> dict[str, int]:
+    path = folder / REPEATS_FILE
+    if not path.is_file():
+        return {}
+    try:
+        data = read_toml(path)
+    except UserError as e:
+        problems.append(Problem(path, f"{e}; folder repeats used"))
+        return {}
+    out = {}
+    for name, value in data.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            problems.append(Problem(path, f"'{name}': repeats must be a whole number >= 0"))
+        elif not (folder / name).is_file():
+            problems.append(Problem(path, f"'{name}': no such image in {folder}"))
+        else:
+            out[name.replace("\\", "/")] = value
+    return out
+
+
+def scan_subset(subset: SubsetSpec, problems: list[Problem], notes: list[Problem]) -> list[Item]:
+    folder = Path(subset.image_dir)
+    if not folder.is_dir():
+        problems.append(Problem(folder, "image folder does not exist"))
+        return []
+    overrides = _per_image_repeats(folder, problems)
+    items = []
+    for path in _image_files(folder):
+        try:
+            info = probe(path)
+        except ImageError as e:
+            problems.append(Problem(path, str(e)))
             continue
-        subset = Subset(folder, int(m.group(1)), m.group(2).strip())
-        if subset.repeats < 1:
-            problems.append(Problem(folder, "repeats must be at least 1; its images are not used"))
+        if info.frames > 1:
+            notes.append(Problem(path, f"animated ({info.frames} frames): the first frame is used"))
+        caption, caption_file, encoding = subset.class_tokens or "", cap.caption_path(path, subset.caption_extension), None
+        if caption_file is not None:
+            try:
+                text = cap.read_caption_text(caption_file)
+                encoding = text.encoding
+                caption = cap.caption_from_text(text.text, wildcard=subset.enable_wildcard) or caption
+                if encoding not in ("utf-8", "ascii"):
+                    notes.append(Problem(caption_file, f"caption encoding {encoding}"))
+            except cap.CaptionError as e:
+                problems.append(Problem(caption_file, f"{e}; the folder's class token is used instead"))
+        repeats = overrides.get(path.relative_to(folder).as_posix(), subset.num_repeats)
+        if repeats == 0:
             continue
-        for path in sorted(folder.iterdir()):
-            if not path.is_file() or path.suffix.lower() not in IMAGE_EXTENSIONS:
-                continue
-            caption_file = cap.caption_path(path, caption_extension)
-            caption = subset.class_tokens
-            if caption_file is not None:
-                try:
-                    caption = cap.read_caption(caption_file) or subset.class_tokens
-                except UnicodeDecodeError:
-                    problems.append(Problem(caption_file, "caption is not UTF-8/UTF-16 text; the folder name is used instead"))
-            subset.items.append(Item(path, caption, subset.repeats, folder.name))
-        if not subset.items:
-            problems.append(Problem(folder, "no images (png/jpg/jpeg/webp/bmp) in this folder"))
-        subsets.append(subset)
-    if not any(s.items for s in subsets):
-        loose = [p for p in root.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS]
-        hint = (
-            f" The images are directly in '{root}': put them in a subfolder named '<repeats>_<name>', e.g. '{root / '10_mychar'}'."
-            if loose
-            else " Expected subfolders named '<repeats>_<name>', e.g. '10_mychar', holding the images."
-        )
+        items.append(Item(path, info.size, caption, repeats, subset, caption_file, encoding, info.has_alpha, info.frames))
+    if not items and not any(p.path == folder for p in problems):
+        problems.append(Problem(folder, "no images (png/jpg/jpeg/webp/bmp/gif) in this folder"))
+    return items
+
+
+def scan(spec: DatasetSpec, folder_problems: list[tuple[Path, str]] = ()) -> Scan:
+    problems = [Problem(Path(p), r) for p, r in folder_problems]
+    notes: list[Problem] = []
+    items = [item for subset in spec.subsets for item in scan_subset(subset, problems, notes)]
+    if not any(not i.is_reg for i in items):
+        roots = sorted({str(Path(s.image_dir).parent) for s in spec.subsets if not s.is_reg} | {str(p.path.parent) for p in problems})
         details = "".join(f"\n  {p}" for p in problems)
-        raise UserError(f"no training images found in '{root}'.{hint}{details}")
-    return Scan(root, [s for s in subsets if s.items], problems)
+        raise UserError(f"no training images found in {', '.join(repr(r) for r in roots) or 'the dataset'}.{details}")
+    return Scan(spec.subsets, items, problems, notes)
+
+
+def require_training_folder(root: Path) -> str:
+    """Hint for a train_data_dir that holds images directly instead of `<repeats>_<name>` folders."""
+    loose = [p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS] if root.is_dir() else []
+    if loose:
+        return f" The images are directly in '{root}': put them in a subfolder named '<repeats>_<name>', e.g. '{root / '10_mychar'}'."
+    return " Expected subfolders named '<repeats>_<name>', e.g. '10_mychar', holding the images."

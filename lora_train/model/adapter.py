@@ -58,8 +58,19 @@ class ModelAdapter:
         """Top-level modules the trainer must freeze and restore."""
         raise NotImplementedError
 
-    def encode_images(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    @property
+    def vae(self) -> nn.Module:
         raise NotImplementedError
+
+    def encode_posterior(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def sample_latents(self, mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def encode_images(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Pixels in [-1, 1] to UNet latents: encode, then one posterior draw from `generator`."""
+        return self.sample_latents(*self.encode_posterior(pixels), generator)
 
     def encode_captions(self, captions: list[str]):
         raise NotImplementedError

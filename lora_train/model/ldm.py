@@ -55,14 +55,21 @@ class LdmAdapter(ModelAdapter):
         return not self.is_openclip
 
     # -- encoding ---------------------------------------------------------------------------
+    @property
+    def vae(self) -> nn.Module:
+        return self.model.first_stage_model
+
     @torch.no_grad()
-    def encode_images(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """`pixels` in [-1, 1], NCHW. Samples the VAE posterior with `generator` (not the global RNG)."""
-        vae = self.model.first_stage_model
-        dtype = next(vae.parameters()).dtype
+    def encode_posterior(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`pixels` in [-1, 1], NCHW -> the VAE posterior's (mean, std), unscaled."""
+        dtype = next(self.vae.parameters()).dtype
         posterior = self.model.encode_first_stage(pixels.to(self.device, dtype))
-        noise = torch.randn(posterior.mean.shape, generator=generator, dtype=torch.float32).to(posterior.mean.device)
-        z = posterior.mean.float() + posterior.std.float() * noise
+        return posterior.mean.float(), posterior.std.float()
+
+    def sample_latents(self, mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """One draw from the posterior with `generator` (never the global RNG), scaled for the UNet."""
+        noise = torch.randn(mean.shape, generator=generator, dtype=torch.float32)
+        z = mean.float().to(self.device) + std.float().to(self.device) * noise.to(self.device)
         return self.model.get_first_stage_encoding(z).float()
 
     def tokenize(self, captions: list[str]) -> torch.Tensor:

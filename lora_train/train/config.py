@@ -10,18 +10,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from lora_train.dataset.spec import BucketOptions, SubsetOptions
 from lora_train.errors import UserError, close_match_hint
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10 hosts
-    import tomli as tomllib
+from lora_train.tomlfile import parse_toml_value, read_toml, write_toml
 
 
 @dataclass
@@ -59,14 +55,21 @@ class TrainingConfig:
     train_batch_size: int = 1
     seed: Optional[int] = None
     mixed_precision: str = "no"
+    prior_loss_weight: float = 1.0
 
 
 @dataclass
-class DatasetConfig:
+class DatasetConfig(SubsetOptions, BucketOptions):
+    """Where the images are, and (inherited) the caption and augmentation keys for all subsets.
+    caption_extension None means ".txt", else ".caption" (sd-scripts' default is ".caption",
+    lora-scripts' ".txt")."""
+
     train_data_dir: Optional[str] = None
+    reg_data_dir: Optional[str] = None
+    dataset_config: Optional[str] = None  # sd-scripts dataset TOML; replaces the two folders above
     resolution: Optional[str] = None  # "512" or "512,768" (width,height); None = the model's own
-    # None = ".txt", else ".caption" (sd-scripts' default is ".caption", lora-scripts' ".txt")
-    caption_extension: Optional[str] = None
+    cache_latents: bool = False
+    cache_latents_to_disk: bool = False
 
 
 @dataclass
@@ -138,25 +141,11 @@ class TrainConfig:
         return out
 
     def save_toml(self, path: str | os.PathLike) -> Path:
-        import tomli_w
-
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(tomli_w.dumps(self.to_toml_dict()), encoding="utf-8")
-        os.replace(tmp, path)
-        return path
+        return write_toml(path, self.to_toml_dict())
 
     @classmethod
     def from_toml(cls, path: str | os.PathLike) -> "TrainConfig":
-        path = Path(path)
-        if not path.is_file():
-            raise UserError(f"config file '{path}' does not exist")
-        try:
-            data = tomllib.loads(path.read_text(encoding="utf-8-sig"))
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-            raise UserError(f"{path}: not valid TOML ({e})") from e
-        return cls().update(flatten_one_level(data), source=str(path))
+        return cls().update(flatten_one_level(read_toml(path, "config file")), source=str(path))
 
 
 _SECTION_TYPES = {
@@ -192,10 +181,7 @@ def flatten_one_level(data: dict[str, Any]) -> dict[str, Any]:
 
 def parse_set_value(text: str) -> Any:
     """`--set key=value`: the value is read as a TOML value when it is one, else as a string."""
-    try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        return text
+    return parse_toml_value(text)
 
 
 def _parse_network_args(args: Any, source: str) -> dict[str, Any]:

@@ -6,53 +6,34 @@ model, and on every exit path (done, cancelled, raised) unhooks and restores it 
 
 from __future__ import annotations
 
-import math
 import random
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from lora_train.dataset.loader import FixedSizeData
+from lora_train.dataset.loader import TrainingData
 from lora_train.errors import UserError
 from lora_train.model.adapter import ModelAdapter
 from lora_train.network.files import save_lora
 from lora_train.network.network import LoRANetwork
 from lora_train.train import events as ev
+from lora_train.train import loss as loss_fn
 from lora_train.train.config import TrainConfig
 from lora_train.train.metadata import save_time_metadata, training_metadata
 
 SAVE_DTYPES = {None: None, "float": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-@dataclass
-class Plan:
-    steps_per_epoch: int
-    epochs: int
-    total_steps: int
-
-
-def make_plan(config: TrainConfig, data: FixedSizeData) -> Plan:
-    per_epoch = data.steps_per_epoch(config.training.train_batch_size)
-    if config.training.max_train_epochs:
-        epochs = config.training.max_train_epochs
-        total = epochs * per_epoch
-    else:
-        total = config.training.max_train_steps
-        epochs = math.ceil(total / per_epoch)
-    return Plan(per_epoch, epochs, total)
-
-
 class Trainer:
-    def __init__(self, config: TrainConfig, adapter: ModelAdapter, network: LoRANetwork, data: FixedSizeData):
+    def __init__(self, config: TrainConfig, adapter: ModelAdapter, network: LoRANetwork, data: TrainingData):
         self.config = config
         self.adapter = adapter
         self.network = network
         self.data = data
-        self.plan = make_plan(config, data)
-        self.seed = config.training.seed if config.training.seed is not None else random.randint(0, 2**31 - 1)
+        self.plan = data.plan
+        self.seed = data.seed
         self.train_unet = not config.network.network_train_text_encoder_only
         self.train_te = not config.network.network_train_unet_only and adapter.can_train_text_encoder()
         self.output_dir = Path(config.saving.output_dir)
@@ -69,21 +50,16 @@ class Trainer:
             self.config,
             self.adapter.info,
             self.network,
+            self.plan,
+            self.plan.scan,
             session_id=random.randint(0, 2**31 - 1),
             started_at=started_at,
-            num_images=sum(i.repeats for i in self.data.items),
-            steps_per_epoch=self.plan.steps_per_epoch,
-            epochs=self.plan.epochs,
-            total_steps=self.plan.total_steps,
-            resolution=(self.data.width, self.data.height),
-            tag_frequency=self.data.scan.tag_frequency(),
-            dataset_dirs=self.data.scan.dataset_dirs(),
             seed=self.seed,
             train_unet=self.train_unet,
             train_te=self.train_te,
         )
         notes = list(self.adapter.info.notes)
-        emit(ev.Started(self.plan.total_steps, self.plan.steps_per_epoch, self.plan.epochs, self.data.num_images, notes))
+        emit(ev.Started(self.plan.total_steps, self.plan.steps_per_epoch, self.plan.epochs, self.plan.train_images, notes))
         device = self.adapter.device
         self.network.to(device=device, dtype=torch.float32)
         self.network.train()
@@ -123,8 +99,6 @@ class Trainer:
             raise UserError(f"save_model_as '{c.saving.save_model_as}' is not supported: LoRA Train writes safetensors")
         if c.network.network_module not in ("networks.lora", "lora"):
             raise UserError(f"network_module '{c.network.network_module}' is not supported yet (use networks.lora)")
-        if c.training.train_batch_size < 1:
-            raise UserError("train_batch_size must be at least 1")
         if not self.train_unet and not self.train_te:
             raise UserError("nothing to train: the text encoder cannot be trained on this model and network_train_text_encoder_only is set")
 
@@ -144,26 +118,30 @@ class Trainer:
         params = [p for g in optimizer.param_groups for p in g["params"]]
         alphas = self.adapter.alphas_cumprod.to(self.adapter.device)
         num_timesteps = alphas.shape[0]
-        v_pred = self.adapter.prediction_type == "v"
+        caption_rng = random.Random(self.seed)
+        self.data.warm_cache(self.adapter.encode_posterior)
         for epoch in range(1, plan.epochs + 1):
             self.epoch = epoch
             losses = []
-            for indices in self.data.epoch_batches(epoch, cfg.training.train_batch_size, self.seed):
+            for items in self.data.epoch_batches(epoch):
                 if self.step >= plan.total_steps:
                     break
                 if cancel.is_set():
                     return True
-                batch = self.data.batch(indices)
-                latents = self.adapter.encode_images(batch.pixels, gen)
+                batch = self.data.load(items, epoch, caption_rng, self.adapter.encode_posterior)
+                if batch.posterior is not None:
+                    latents = self.adapter.sample_latents(*batch.posterior, gen)
+                else:
+                    latents = self.adapter.encode_images(batch.pixels, gen)
                 with torch.set_grad_enabled(self.train_te):
                     cond = self.adapter.encode_captions(batch.captions)
                 noise = torch.randn(latents.shape, generator=gen).to(latents.device)
                 t = torch.randint(0, num_timesteps, (latents.shape[0],), generator=gen).to(latents.device)
-                a = alphas[t].view(-1, 1, 1, 1)
-                noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
-                target = a.sqrt() * noise - (1 - a).sqrt() * latents if v_pred else noise
+                noisy = loss_fn.add_noise(latents, noise, alphas[t])
                 pred = self.adapter.predict(noisy, t, cond)
-                loss = torch.nn.functional.mse_loss(pred.float(), target.float())
+                per_sample = loss_fn.per_sample_mse(pred, loss_fn.target(latents, noise, alphas[t], self.adapter.prediction_type))
+                weights = torch.where(batch.is_reg, cfg.training.prior_loss_weight, 1.0).to(per_sample.device)
+                loss = (per_sample * weights).mean()
                 loss.backward()
                 if cfg.optimizer.max_grad_norm:
                     torch.nn.utils.clip_grad_norm_(params, cfg.optimizer.max_grad_norm)

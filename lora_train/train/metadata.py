@@ -10,6 +10,8 @@ import os
 import time
 
 from lora_train import __version__
+from lora_train.dataset.plan import DatasetPlan
+from lora_train.dataset.scan import Scan
 from lora_train.model.adapter import ModelInfo
 from lora_train.network.network import LoRANetwork
 from lora_train.train.config import TrainConfig
@@ -37,22 +39,25 @@ def training_metadata(
     config: TrainConfig,
     info: ModelInfo,
     network: LoRANetwork,
+    plan: DatasetPlan,
+    scan: Scan,
     *,
     session_id: int,
     started_at: float,
-    num_images: int,
-    steps_per_epoch: int,
-    epochs: int,
-    total_steps: int,
-    resolution: tuple[int, int],
-    tag_frequency: dict,
-    dataset_dirs: dict,
     seed: int,
     train_unet: bool,
     train_te: bool,
 ) -> dict[str, str]:
     c = config
+    d = c.dataset
     lr = c.optimizer.learning_rate
+    block = plan.blocks[0].block
+    resolution = block.resolution or (512, 512)
+    bucket_info = {
+        "buckets": {str(i): {"resolution": list(row["resolution"]), "count": row["images_x_repeats"]}
+                    for i, row in enumerate(r for b in plan.blocks for r in b.report()["buckets"])},
+        "mean_img_ar_error": sum(b.report()["mean_ar_error"] * len(b.buckets) for b in plan.blocks) / max(1, len(plan.items)),
+    }
     network_args = {}
     if c.network.conv_dim:
         network_args["conv_dim"] = _s(c.network.conv_dim)
@@ -65,13 +70,13 @@ def training_metadata(
         "ss_learning_rate": _s(lr),
         "ss_text_encoder_lr": _s(c.optimizer.text_encoder_lr),
         "ss_unet_lr": _s(c.optimizer.unet_lr),
-        "ss_num_train_images": _s(num_images),
-        "ss_num_reg_images": "0",
-        "ss_num_batches_per_epoch": _s(steps_per_epoch),
-        "ss_num_epochs": _s(epochs),
+        "ss_num_train_images": _s(plan.train_samples),
+        "ss_num_reg_images": _s(plan.reg_samples),
+        "ss_num_batches_per_epoch": _s(plan.steps_per_epoch),
+        "ss_num_epochs": _s(plan.epochs),
         "ss_gradient_checkpointing": "False",
         "ss_gradient_accumulation_steps": "1",
-        "ss_max_train_steps": _s(total_steps),
+        "ss_max_train_steps": _s(plan.total_steps),
         "ss_lr_warmup_steps": "0",
         "ss_lr_scheduler": c.optimizer.lr_scheduler,
         "ss_network_module": c.network.network_module,
@@ -85,7 +90,7 @@ def training_metadata(
         "ss_base_model_version": info.base_model_version,
         "ss_clip_skip": _s(c.model.clip_skip),
         "ss_max_token_length": "None",
-        "ss_cache_latents": "False",
+        "ss_cache_latents": _s(d.cache_latents or d.cache_latents_to_disk),
         "ss_seed": _s(seed),
         "ss_lowram": "False",
         "ss_noise_offset": "None",
@@ -95,13 +100,13 @@ def training_metadata(
         "ss_zero_terminal_snr": "False",
         "ss_training_comment": _s(c.saving.training_comment),
         "ss_sd_scripts_commit_hash": f"lora-train-{__version__}",
-        "ss_optimizer": f"torch.optim.adamw.AdamW",
+        "ss_optimizer": "torch.optim.adamw.AdamW",
         "ss_max_grad_norm": _s(c.optimizer.max_grad_norm),
-        "ss_caption_dropout_rate": "0.0",
-        "ss_caption_dropout_every_n_epochs": "0",
-        "ss_caption_tag_dropout_rate": "0.0",
+        "ss_caption_dropout_rate": _s(d.caption_dropout_rate),
+        "ss_caption_dropout_every_n_epochs": _s(d.caption_dropout_every_n_epochs),
+        "ss_caption_tag_dropout_rate": _s(d.caption_tag_dropout_rate),
         "ss_face_crop_aug_range": "None",
-        "ss_prior_loss_weight": "1.0",
+        "ss_prior_loss_weight": _s(c.training.prior_loss_weight),
         "ss_min_snr_gamma": "None",
         "ss_scale_weight_norms": "None",
         "ss_ip_noise_gamma": "None",
@@ -117,19 +122,19 @@ def training_metadata(
         "ss_batch_size_per_device": _s(c.training.train_batch_size),
         "ss_total_batch_size": _s(c.training.train_batch_size),
         "ss_resolution": _s(tuple(resolution)),
-        "ss_color_aug": "False",
-        "ss_flip_aug": "False",
-        "ss_random_crop": "False",
-        "ss_shuffle_caption": "False",
-        "ss_enable_bucket": "False",
-        "ss_bucket_no_upscale": "False",
-        "ss_min_bucket_reso": "None",
-        "ss_max_bucket_reso": "None",
-        "ss_keep_tokens": "0",
-        "ss_dataset_dirs": json.dumps(dataset_dirs, ensure_ascii=False),
-        "ss_reg_dataset_dirs": json.dumps({}),
-        "ss_tag_frequency": json.dumps(tag_frequency, ensure_ascii=False),
-        "ss_bucket_info": json.dumps({"buckets": {"0": {"resolution": list(resolution), "count": num_images}}, "mean_img_ar_error": 0.0}),
+        "ss_color_aug": _s(d.color_aug),
+        "ss_flip_aug": _s(d.flip_aug),
+        "ss_random_crop": _s(d.random_crop),
+        "ss_shuffle_caption": _s(d.shuffle_caption),
+        "ss_enable_bucket": _s(block.enable_bucket),
+        "ss_bucket_no_upscale": _s(block.bucket_no_upscale),
+        "ss_min_bucket_reso": _s(block.min_bucket_reso if block.enable_bucket else None),
+        "ss_max_bucket_reso": _s(block.max_bucket_reso if block.enable_bucket else None),
+        "ss_keep_tokens": _s(d.keep_tokens),
+        "ss_dataset_dirs": json.dumps(scan.dataset_dirs(), ensure_ascii=False),
+        "ss_reg_dataset_dirs": json.dumps(scan.dataset_dirs(reg=True), ensure_ascii=False),
+        "ss_tag_frequency": json.dumps(scan.tag_frequency(), ensure_ascii=False),
+        "ss_bucket_info": json.dumps(bucket_info),
         "ss_sd_model_name": _s(info.name),
         "ss_sd_model_hash": model_hash,
         "ss_new_sd_model_hash": new_model_hash,

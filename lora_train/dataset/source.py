@@ -1,0 +1,46 @@
+"""From the training config to a dataset spec: a dataset TOML, or the kohya folders."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from lora_train.dataset.scan import require_training_folder
+from lora_train.dataset.spec import (
+    ASCENDABLE,
+    BucketOptions,
+    DatasetBlock,
+    DatasetSpec,
+    SubsetSpec,
+    load_dataset_toml,
+    parse_resolution,
+    subsets_from_folders,
+)
+from lora_train.errors import UserError
+from lora_train.train.config import DatasetConfig
+
+BLOCK_FROM_ARGS = [f.name for f in dataclasses.fields(BucketOptions)]
+
+
+def spec_from_config(d: DatasetConfig, batch_size: int, default_resolution: int) -> tuple[DatasetSpec, list[tuple[Path, str]]]:
+    """(spec, folder problems). Command-line style keys fill what a dataset TOML leaves unset."""
+    resolution = parse_resolution(d.resolution, default_resolution)
+    if d.dataset_config:
+        spec = load_dataset_toml(d.dataset_config)
+        for block in spec.datasets:
+            block.resolution = block.resolution or resolution
+            block.batch_size = block.batch_size or batch_size
+        return spec, []
+    if not d.train_data_dir:
+        raise UserError("train_data_dir is not set: point it at a folder holding '<repeats>_<name>' subfolders")
+    template = SubsetSpec(**{k: getattr(d, k) for k in ASCENDABLE})
+    subsets, problems = subsets_from_folders(d.train_data_dir, False, template)
+    if not subsets:
+        details = "".join(f"\n  {p}: {r}" for p, r in problems)
+        raise UserError(f"no training images found in '{d.train_data_dir}'.{require_training_folder(Path(d.train_data_dir))}{details}")
+    if d.reg_data_dir:
+        reg, reg_problems = subsets_from_folders(d.reg_data_dir, True, template)
+        subsets += reg
+        problems += reg_problems
+    block = DatasetBlock(resolution=resolution, batch_size=batch_size, subsets=subsets, **{k: getattr(d, k) for k in BLOCK_FROM_ARGS})
+    return DatasetSpec([block]), problems

@@ -1,0 +1,212 @@
+"""What to train on: sd-scripts' dataset config (`[general]`, `[[datasets]]`, `[[datasets.subsets]]`).
+
+A kohya folder (`train_data_dir/10_name/`, `reg_data_dir/...`) becomes the same structure, one subset
+per `<repeats>_<name>` folder, the way sd-scripts' `generate_dreambooth_subsets_config_by_subdirs` does.
+Keys a subset does not set come from its dataset, then from `[general]` ("ascendable" keys).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from lora_train.errors import UserError, close_match_hint
+from lora_train.tomlfile import read_toml, write_toml
+
+REPEATS_DIR = re.compile(r"^(\d+)_(.*)$")
+
+
+@dataclass
+class SubsetOptions:
+    """Keys a subset, its dataset or [general] may set: sd-scripts' "ascendable" subset keys."""
+
+    caption_extension: Optional[str] = None
+    # caption processing
+    shuffle_caption: bool = False
+    keep_tokens: int = 0
+    keep_tokens_separator: str = ""
+    secondary_separator: Optional[str] = None
+    caption_separator: str = ","
+    caption_prefix: Optional[str] = None
+    caption_suffix: Optional[str] = None
+    caption_dropout_rate: float = 0.0
+    caption_dropout_every_n_epochs: int = 0
+    caption_tag_dropout_rate: float = 0.0
+    enable_wildcard: bool = False
+    # augmentation
+    flip_aug: bool = False
+    random_crop: bool = False
+    color_aug: bool = False
+    alpha_mask: bool = False
+
+
+@dataclass
+class SubsetSpec(SubsetOptions):
+    image_dir: str = ""
+    num_repeats: int = 1
+    is_reg: bool = False
+    class_tokens: Optional[str] = None
+
+
+@dataclass
+class BucketOptions:
+    enable_bucket: bool = False
+    min_bucket_reso: int = 256
+    max_bucket_reso: int = 1024
+    bucket_reso_steps: int = 64
+    bucket_no_upscale: bool = False
+
+
+@dataclass
+class DatasetBlock(BucketOptions):
+    resolution: Optional[tuple[int, int]] = None
+    batch_size: Optional[int] = None
+    subsets: list[SubsetSpec] = field(default_factory=list)
+
+
+@dataclass
+class DatasetSpec:
+    datasets: list[DatasetBlock] = field(default_factory=list)
+
+    @property
+    def subsets(self) -> list[SubsetSpec]:
+        return [s for d in self.datasets for s in d.subsets]
+
+
+SUBSET_KEYS = {f.name for f in dataclasses.fields(SubsetSpec)}
+DATASET_KEYS = {f.name for f in dataclasses.fields(DatasetBlock)} - {"subsets"}
+ASCENDABLE = {f.name for f in dataclasses.fields(SubsetOptions)}
+
+
+def _apply(obj: Any, values: dict[str, Any], where: str) -> None:
+    hints = {f.name: f for f in dataclasses.fields(obj)}
+    for key, value in values.items():
+        if key == "resolution" and value is not None:
+            value = _resolution(value, where)
+        elif key in hints and value is not None:
+            default = getattr(type(obj)(), key) if key != "subsets" else None
+            expected = type(default) if default is not None else None
+            if expected in (int, float) and isinstance(value, bool):
+                raise UserError(f"{where}: '{key}' must be a number, got {value!r}")
+            if expected is float and isinstance(value, int):
+                value = float(value)
+            if expected is not None and not isinstance(value, expected):
+                raise UserError(f"{where}: '{key}' must be {expected.__name__}, got {value!r}")
+        setattr(obj, key, value)
+
+
+def _resolution(value: Any, where: str) -> tuple[int, int]:
+    if isinstance(value, int):
+        return value, value
+    if isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, int) for v in value):
+        return int(value[0]), int(value[1])
+    if isinstance(value, str):
+        parts = [p.strip() for p in value.replace("x", ",").split(",") if p.strip()]
+        if all(p.isdigit() for p in parts) and len(parts) in (1, 2):
+            return int(parts[0]), int(parts[-1])
+    raise UserError(f"{where}: resolution must be a number or [width, height], got {value!r}")
+
+
+def parse_resolution(text: str | None, default: int) -> tuple[int, int]:
+    """sd-scripts' `--resolution`: "512" or "width,height" (multiples of 64: the VAE's x8 and the
+    UNet's three halvings)."""
+    if text is None:
+        return default, default
+    parts = [p.strip() for p in str(text).replace("x", ",").split(",") if p.strip()]
+    try:
+        size = [int(p) for p in parts]
+    except ValueError:
+        raise UserError(f"resolution '{text}' is not a number or 'width,height'") from None
+    if len(size) == 1:
+        size = size * 2
+    if len(size) != 2 or min(size) < 64 or any(s % 64 for s in size):
+        raise UserError(f"resolution '{text}' must be a multiple of 64 (e.g. 512 or 512,768)")
+    return size[0], size[1]
+
+
+def _check_keys(table: dict, allowed: set[str], where: str) -> None:
+    unknown = [k for k in table if k not in allowed]
+    if unknown:
+        raise UserError(f"{where}: unknown key{'s' if len(unknown) > 1 else ''} " + ", ".join(f"'{k}'{close_match_hint(k, allowed)}" for k in unknown))
+
+
+def load_dataset_toml(path: str | os.PathLike) -> DatasetSpec:
+    """Read an sd-scripts dataset config. Relative image_dir paths are relative to the file."""
+    path = Path(path)
+    data = read_toml(path, "dataset config")
+    _check_keys(data, {"general", "datasets"}, str(path))
+    general = data.get("general", {})
+    _check_keys(general, ASCENDABLE | DATASET_KEYS, f"{path} [general]")
+    datasets = data.get("datasets")
+    if not isinstance(datasets, list) or not datasets:
+        raise UserError(f"{path}: needs at least one [[datasets]] with [[datasets.subsets]]")
+    spec = DatasetSpec()
+    for i, d in enumerate(datasets):
+        where = f"{path} [[datasets]] #{i + 1}"
+        _check_keys(d, DATASET_KEYS | ASCENDABLE | {"subsets"}, where)
+        block = DatasetBlock()
+        _apply(block, {k: v for k, v in general.items() if k in DATASET_KEYS}, f"{path} [general]")
+        _apply(block, {k: v for k, v in d.items() if k in DATASET_KEYS}, where)
+        for j, s in enumerate(d.get("subsets") or []):
+            swhere = f"{where} subset #{j + 1}"
+            _check_keys(s, SUBSET_KEYS, swhere)
+            if "image_dir" not in s:
+                raise UserError(f"{swhere}: image_dir is required")
+            subset = SubsetSpec()
+            _apply(subset, {k: v for k, v in general.items() if k in ASCENDABLE}, f"{path} [general]")
+            _apply(subset, {k: v for k, v in d.items() if k in ASCENDABLE}, where)
+            _apply(subset, s, swhere)
+            image_dir = Path(subset.image_dir)
+            subset.image_dir = str(image_dir if image_dir.is_absolute() else (path.parent / image_dir))
+            block.subsets.append(subset)
+        if not block.subsets:
+            raise UserError(f"{where}: has no [[datasets.subsets]]")
+        spec.datasets.append(block)
+    return spec
+
+
+def dataset_toml_dict(spec: DatasetSpec) -> dict:
+    """The spec as sd-scripts' dataset TOML: per-dataset and per-subset keys that differ from defaults."""
+    default_block, default_subset = DatasetBlock(), SubsetSpec()
+    out = []
+    for block in spec.datasets:
+        d = {k: list(v) if k == "resolution" else v for k in DATASET_KEYS if (v := getattr(block, k)) != getattr(default_block, k) and v is not None}
+        d["subsets"] = [
+            {k: v for k, v in dataclasses.asdict(s).items() if k == "image_dir" or (v != getattr(default_subset, k) and v is not None)}
+            for s in block.subsets
+        ]
+        out.append(d)
+    return {"datasets": out}
+
+
+def save_dataset_toml(spec: DatasetSpec, path: str | os.PathLike) -> Path:
+    return write_toml(path, dataset_toml_dict(spec))
+
+
+def subsets_from_folders(root: str | os.PathLike, is_reg: bool, template: SubsetSpec) -> tuple[list[SubsetSpec], list[tuple[Path, str]]]:
+    """`<root>/<repeats>_<name>/` folders as subsets (sd-scripts' kohya convention).
+
+    Returns (subsets, problems); folders without the prefix are reported, not silently skipped.
+    """
+    root = Path(root)
+    what = "reg_data_dir" if is_reg else "train_data_dir"
+    if not root.exists():
+        raise UserError(f"{what} '{root}' does not exist")
+    if not root.is_dir():
+        raise UserError(f"{what} '{root}' is not a folder")
+    subsets, problems = [], []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        m = REPEATS_DIR.match(folder.name)
+        if not m:
+            problems.append((folder, "folder name has no repeats prefix like '10_name'; its images are not used"))
+            continue
+        repeats = int(m.group(1))
+        if repeats < 1:
+            problems.append((folder, "repeats must be at least 1; its images are not used"))
+            continue
+        subsets.append(dataclasses.replace(template, image_dir=str(folder), num_repeats=repeats, is_reg=is_reg, class_tokens=m.group(2).strip() or None))
+    return subsets, problems
