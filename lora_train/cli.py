@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import threading
@@ -13,17 +14,12 @@ from pathlib import Path
 from lora_train.errors import UserError
 
 
-def _train_listener(loss_csv: Path | None):
+def _progress_listener():
     from tqdm import tqdm
 
     from lora_train.train import events as ev
 
     state: dict = {}
-    csv = None
-    if loss_csv is not None:
-        loss_csv.parent.mkdir(parents=True, exist_ok=True)
-        csv = loss_csv.open("w", encoding="utf-8")
-        csv.write("step,epoch,loss,lr_unet,lr_textencoder\n")
 
     def listen(e):
         if isinstance(e, ev.Started):
@@ -35,27 +31,37 @@ def _train_listener(loss_csv: Path | None):
             bar = state["bar"]
             bar.update(1)
             bar.set_postfix(epoch=e.epoch, loss=f"{e.loss:.4f}", refresh=False)
-            if csv:
-                csv.write(f"{e.step},{e.epoch},{e.loss:.6f},{e.lr.get('unet', '')},{e.lr.get('textencoder', '')}\n")
         elif isinstance(e, ev.CheckpointSaved):
             tqdm.write(f"saved {e.path}", file=sys.stderr)
+        elif isinstance(e, ev.Samples):
+            tqdm.write(f"samples: {', '.join(e.paths)}", file=sys.stderr)
         elif isinstance(e, (ev.Finished, ev.Cancelled, ev.Failed)):
             if "bar" in state:
                 state["bar"].close()
-            if csv:
-                csv.close()
             if isinstance(e, ev.Cancelled):
                 print(f"cancelled at step {e.step}" + (f"; saved {e.path}" if e.path else ""), file=sys.stderr)
 
     return listen
 
 
-def _run_training(config, loss_csv: Path | None) -> Path | None:
+def _is_main_process() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _run_training(config, loss_csv: Path) -> Path | None:
     from lora_train import job
     from lora_train.host.standalone import load_adapter
+    from lora_train.sample.previews import preview_fn
+    from lora_train.train.observers import LossCsv, tensorboard_or_note
 
     adapter = load_adapter(config.model.pretrained_model_name_or_path, config.model.clip_skip)
-    trainer = job.build_trainer(config, adapter)
+    trainer = job.build_trainer(config, adapter, sample_fn=preview_fn(config, adapter))
+    if not _is_main_process():  # under accelerate launch, rank 0 reports and writes
+        return trainer.run(None, threading.Event())
+    listeners = [_progress_listener(), LossCsv(loss_csv)]
+    board = tensorboard_or_note(config.logging.logging_dir, config.logging.log_prefix, trainer.notes)
+    if board:
+        listeners.append(board)
     plan = trainer.plan
     for problem in plan.scan.problems + plan.problems:
         print(f"warning: skipped {problem}", file=sys.stderr)
@@ -74,7 +80,7 @@ def _run_training(config, loss_csv: Path | None) -> Path | None:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, on_sigint)
     try:
-        return trainer.run(_train_listener(loss_csv), cancel)
+        return trainer.run(lambda e: [listen(e) for listen in listeners], cancel)
     finally:
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, previous)
@@ -91,7 +97,7 @@ def cmd_train(args) -> int:
         config.update({key.strip(): parse_set_value(value.strip())}, source="--set")
     out = Path(config.saving.output_dir)
     path = _run_training(config, out / f"{config.saving.output_name}-loss.csv")
-    if path:
+    if path and _is_main_process():
         print(f"LoRA: {path}")
     return 0
 
@@ -180,6 +186,43 @@ def cmd_targets(args) -> int:
     return 0
 
 
+def cmd_sample(args) -> int:
+    from lora_train.sample.render import parse_lora_arg, sample_command
+
+    paths = sample_command(args.model, [parse_lora_arg(x) for x in args.lora or []], args.prompt, n=args.n, seed=args.seed,
+                           output_dir=args.output, steps=args.steps, width=args.width, height=args.height, scale=args.scale,
+                           sampler=args.sampler, negative=args.negative)
+    for p in paths:
+        print(p)
+    return 0
+
+
+def cmd_config_from_lora(args) -> int:
+    from lora_train.network.files import load_lora
+    from lora_train.train.from_metadata import config_from_metadata
+
+    _, metadata = load_lora(args.file)
+    if not any(k.startswith("ss_") for k in metadata):
+        raise UserError(f"{args.file}: has no ss_* training metadata to rebuild a config from")
+    config, notes = config_from_metadata(metadata)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    if args.output:
+        print(f"wrote {config.save_toml(args.output)}")
+    else:
+        import tomli_w
+
+        print(tomli_w.dumps(config.to_toml_dict()))
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from lora_train.bench import format_bench, run_bench
+
+    print(format_bench(run_bench(args.arch, args.resolution, args.dim, batch=args.batch, steps=args.steps)))
+    return 0
+
+
 def cmd_dataset_check(args) -> int:
     from lora_train.dataset.check import CheckOptions, check_dataset, format_report
 
@@ -248,6 +291,34 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--crop", choices=["center", "focus"], default="center")
     pr.add_argument("--flip", action="store_true", help="also write horizontally flipped copies")
     pr.set_defaults(func=cmd_dataset_prepare)
+
+    sp = sub.add_parser("sample", help="render images with a model and LoRAs (Euler a / DDIM)")
+    sp.add_argument("--model", required=True, help="checkpoint path or builtin:tiny")
+    sp.add_argument("--lora", action="append", metavar="FILE[:WEIGHT]")
+    sp.add_argument("--prompt", required=True)
+    sp.add_argument("--negative", default="")
+    sp.add_argument("--n", type=int, default=1)
+    sp.add_argument("--seed", type=int)
+    sp.add_argument("--steps", type=int, default=30)
+    sp.add_argument("--width", type=int, default=512)
+    sp.add_argument("--height", type=int, default=512)
+    sp.add_argument("--scale", type=float, default=7.5)
+    sp.add_argument("--sampler", default="euler_a")
+    sp.add_argument("--output", required=True)
+    sp.set_defaults(func=cmd_sample)
+
+    cf = sub.add_parser("config-from-lora", help="rebuild a training config (TOML) from a LoRA's ss_* metadata")
+    cf.add_argument("file")
+    cf.add_argument("--output", help="write the TOML here instead of printing it")
+    cf.set_defaults(func=cmd_config_from_lora)
+
+    bn = sub.add_parser("bench", help="median LoRA training step vs the bare UNet forward+backward")
+    bn.add_argument("--arch", choices=["sd15", "tiny"], default="tiny")
+    bn.add_argument("--resolution", type=int, default=256)
+    bn.add_argument("--dim", type=int, default=32)
+    bn.add_argument("--batch", type=int, default=1)
+    bn.add_argument("--steps", type=int, default=5)
+    bn.set_defaults(func=cmd_bench)
 
     g = sub.add_parser("targets", help="the kohya module names a LoRA trains on an architecture")
     g.add_argument("--arch", required=True, choices=["sd15", "sd21"])

@@ -5,6 +5,7 @@ Shared by the CLI and (later) the UI; the host decides where the model comes fro
 
 from __future__ import annotations
 
+import os
 import random
 import sys
 
@@ -14,6 +15,9 @@ from lora_train.dataset.plan import DatasetPlan, make_plan
 from lora_train.dataset.scan import scan
 from lora_train.dataset.source import spec_from_config
 from lora_train.model.adapter import ModelAdapter
+from lora_train.errors import UserError
+from lora_train.network.blocks import LrWeights
+from lora_train.network.files import load_lora
 from lora_train.network.network import LoRANetwork
 from lora_train.train.config import TrainConfig
 from lora_train.train.loop import Trainer
@@ -21,24 +25,51 @@ from lora_train.train.loop import Trainer
 
 def plan_dataset(config: TrainConfig, default_resolution: int = 512, steps_multiple: int = 64) -> DatasetPlan:
     t = config.training
-    spec, folder_problems = spec_from_config(config.dataset, t.train_batch_size, default_resolution)
-    return make_plan(scan(spec, folder_problems), spec, batch_size=t.train_batch_size, max_train_epochs=t.max_train_epochs,
-                     max_train_steps=t.max_train_steps, steps_multiple=steps_multiple)
+    # under `accelerate launch` each of N processes trains train_batch_size samples of one global batch
+    batch = t.train_batch_size * max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    spec, folder_problems = spec_from_config(config.dataset, batch, default_resolution)
+    return make_plan(scan(spec, folder_problems), spec, batch_size=batch, max_train_epochs=t.max_train_epochs,
+                     max_train_steps=t.max_train_steps, gradient_accumulation_steps=t.gradient_accumulation_steps,
+                     steps_multiple=steps_multiple)
 
 
-def build_trainer(config: TrainConfig, adapter: ModelAdapter, warn=lambda msg: print(msg, file=sys.stderr)) -> Trainer:
+def build_trainer(config: TrainConfig, adapter: ModelAdapter, warn=lambda msg: print(msg, file=sys.stderr), sample_fn=None) -> Trainer:
     plan = plan_dataset(config, adapter.info.resolution)
     seed = config.training.seed if config.training.seed is not None else random.randint(0, 2**31 - 1)
     d = config.dataset
     cache = LatentCache(module_fingerprint(adapter.vae), to_disk=d.cache_latents_to_disk, warn=warn) if (d.cache_latents or d.cache_latents_to_disk) else None
     data = TrainingData(plan, seed, cache)
+    return Trainer(config, adapter, build_network(config, adapter, seed), data, sample_fn=sample_fn)
+
+
+def build_network(config: TrainConfig, adapter: ModelAdapter, seed: int) -> LoRANetwork:
     n = config.network
-    conv_alpha = n.conv_alpha if n.conv_alpha is not None else 1.0
-    targets = adapter.lora_targets(conv=bool(n.conv_dim))
+    targets = adapter.lora_targets(conv=bool(n.conv_dim or n.conv_block_dims))
     if n.network_train_unet_only or not adapter.can_train_text_encoder():
         # sd-scripts leaves the text-encoder modules out of a UNet-only file
         targets = [t for t in targets if t.name.startswith("lora_unet_")]
     elif n.network_train_text_encoder_only:
         targets = [t for t in targets if not t.name.startswith("lora_unet_")]
-    network = LoRANetwork(targets, n.network_dim or 4, n.network_alpha, n.conv_dim, conv_alpha, seed=seed)
-    return Trainer(config, adapter, network, data)
+    weights = None
+    if n.network_weights:
+        weights, _ = load_lora(n.network_weights)
+    if weights is not None and n.dim_from_weights:
+        # sd-scripts' dim_from_weights: every module's rank and alpha come from the file
+        network = LoRANetwork.from_state_dict(weights, targets)
+    else:
+        lr_weights = LrWeights(n.down_lr_weight, n.mid_lr_weight, n.up_lr_weight, n.block_lr_zero_threshold)
+        network = LoRANetwork(
+            targets, n.network_dim or 4, n.network_alpha, n.conv_dim, n.conv_alpha if n.conv_alpha is not None else 1.0, seed=seed,
+            block_dims=n.block_dims, block_alphas=n.block_alphas, conv_block_dims=n.conv_block_dims,
+            conv_block_alphas=n.conv_block_alphas, dropout=n.network_dropout, rank_dropout=n.rank_dropout,
+            module_dropout=n.module_dropout, lr_weights=lr_weights if lr_weights.active else None,
+        )
+        if weights is not None:
+            try:
+                network.load_kohya_state_dict(weights, strict=False)
+            except KeyError as e:
+                raise UserError(f"network_weights '{n.network_weights}': {e}") from e
+    for m in network.lora_modules.values():
+        m.dropout, m.rank_dropout, m.module_dropout = n.network_dropout, n.rank_dropout, n.module_dropout
+        m.dropout_generator = network.dropout_generator
+    return network

@@ -2,6 +2,8 @@ import os
 import warnings
 from pathlib import Path
 
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts its thread pool
+
 import pytest
 import torch
 

@@ -85,6 +85,11 @@ class ModelAdapter:
         return True
 
     @contextlib.contextmanager
+    def training(self, gradient_checkpointing: bool = False, generator: torch.Generator | None = None):
+        """Whatever the model needs switched for LoRA training (checkpoint flags), restored after."""
+        yield self
+
+    @contextlib.contextmanager
     def frozen(self):
         """Freeze every host parameter for the duration; restore flags and modes afterwards."""
         saved = []

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
 from lora_train.model.adapter import ModelAdapter, ModelInfo
+from lora_train.model.checkpointing import checkpointed, own_checkpoint_flags_off
 from lora_train.network.naming import PREFIX_TE
 from lora_train.network.targets import Target, hf_clip_targets, ldm_unet_targets
 
@@ -92,6 +95,13 @@ class LdmAdapter(ModelAdapter):
 
     def predict(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         return self.model.apply_model(noisy_latents, timesteps, cond)
+
+    @contextlib.contextmanager
+    def training(self, gradient_checkpointing: bool = False, generator: torch.Generator | None = None):
+        unet = self.unet
+        blocks = [*unet.input_blocks, unet.middle_block, *unet.output_blocks] if gradient_checkpointing else []
+        with own_checkpoint_flags_off(self.model), checkpointed(blocks, generator):
+            yield self
 
     # -- LoRA ---------------------------------------------------------------------------------
     def lora_targets(self, conv: bool = False) -> list[Target]:

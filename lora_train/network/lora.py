@@ -28,7 +28,14 @@ class LoRAModule(nn.Module):
         if alpha is None or alpha == 0:
             alpha = dim  # sd-scripts: no alpha means scale 1
         self.register_buffer("alpha", torch.tensor(float(alpha)))
+        self.alpha_value = float(alpha)  # a Python copy: reading the buffer each step would sync a GPU
         self.multiplier = 1.0
+        # sd-scripts' dropouts, active only in training mode; masks come from `dropout_generator`
+        # (set by the network) so the host's global RNG is never consumed
+        self.dropout: float | None = None
+        self.rank_dropout: float | None = None
+        self.module_dropout: float | None = None
+        self.dropout_generator: torch.Generator | None = None
         self.reset_parameters(generator)
         self._handle = None
 
@@ -44,14 +51,39 @@ class LoRAModule(nn.Module):
 
     @property
     def scale(self) -> float:
-        return float(self.alpha) / self.lora_dim
+        return self.alpha_value / self.lora_dim
 
-    def delta(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = self.lora_down.weight.dtype
-        return self.lora_up(self.lora_down(x.to(dtype))) * (self.multiplier * self.scale)
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.alpha_value = float(self.alpha)
+
+    def _rand(self, shape, device) -> torch.Tensor:
+        return torch.rand(shape, generator=self.dropout_generator).to(device)
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The LoRA's contribution to the output, or None when module dropout skips it this time."""
+        if self.training and self.module_dropout and float(self._rand((1,), "cpu")) < self.module_dropout:
+            return None
+        lx = self.lora_down(x.to(self.lora_down.weight.dtype))
+        # The scale goes on the rank-r tensor, not the full-size output: same result, less work.
+        scale = self.multiplier * self.scale
+        if self.training and self.dropout:
+            keep = self._rand(lx.shape, lx.device) >= self.dropout
+            lx = lx * keep / (1.0 - self.dropout)
+        if self.training and self.rank_dropout:
+            # drop whole ranks per sample, and rescale as if the rank were smaller
+            mask = self._rand((lx.shape[0], self.lora_dim), lx.device) > self.rank_dropout
+            if lx.dim() == 3:  # (batch, tokens, rank)
+                mask = mask[:, None, :]
+            elif lx.dim() == 4:  # (batch, rank, h, w)
+                mask = mask[:, :, None, None]
+            lx = lx * mask
+            scale = scale / (1.0 - self.rank_dropout)
+        return self.lora_up(lx if scale == 1.0 else lx * scale)
 
     def _hook(self, module, args, output):
-        return output + self.delta(args[0]).to(output.dtype)
+        delta = self.delta(args[0])
+        return output if delta is None else output + delta.to(output.dtype)
 
     def attach(self, org: nn.Module) -> None:
         if self._handle is not None:

@@ -9,6 +9,8 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from lora_train.network import blocks
+from lora_train.network.blocks import LrWeights
 from lora_train.network.lora import LoRAModule
 from lora_train.network.targets import Target
 
@@ -29,21 +31,41 @@ class LoRANetwork(nn.Module):
         conv_dim: int | None = None,
         conv_alpha: float | None = None,
         seed: int = 0,
+        *,
+        block_dims: str | None = None,
+        block_alphas: str | None = None,
+        conv_block_dims: str | None = None,
+        conv_block_alphas: str | None = None,
+        dropout: float | None = None,
+        rank_dropout: float | None = None,
+        module_dropout: float | None = None,
+        lr_weights: LrWeights | None = None,
     ):
         super().__init__()
         if dim < 1:
             raise ValueError("network_dim must be at least 1")
         self.dim, self.alpha = dim, alpha
         self.conv_dim, self.conv_alpha = conv_dim, conv_alpha
+        self.lr_weights = lr_weights
         generator = torch.Generator().manual_seed(seed)
+        self.dropout_generator = torch.Generator().manual_seed(seed + 1)
+        dims, alphas, conv_dims, conv_alphas = blocks.dims_and_alphas(
+            block_dims, block_alphas, alpha, conv_block_dims, conv_block_alphas, conv_dim, conv_alpha
+        )
         self._targets: dict[str, nn.Module] = {}
         for t in targets:
+            idx = blocks.block_index(t.name) if t.name.startswith("lora_unet_") else -1
             if t.is_conv3x3:
-                if not conv_dim:
-                    continue
-                module = LoRAModule(t.name, t.module, conv_dim, conv_alpha, generator)
+                rank, a = (conv_dims[idx], conv_alphas[idx]) if (idx >= 0 and conv_dims) else (conv_dim, conv_alpha)
+            elif idx >= 0 and dims is not None:
+                rank, a = dims[idx], alphas[idx]
             else:
-                module = LoRAModule(t.name, t.module, dim, alpha, generator)
+                rank, a = dim, alpha
+            if not rank:
+                continue  # no conv_dim, or a block given rank 0
+            module = LoRAModule(t.name, t.module, rank, a, generator)
+            module.dropout, module.rank_dropout, module.module_dropout = dropout, rank_dropout, module_dropout
+            module.dropout_generator = self.dropout_generator
             self.add_module(t.name, module)
             self._targets[t.name] = t.module
 
@@ -91,13 +113,21 @@ class LoRANetwork(nn.Module):
 
     # -- training ----------------------------------------------------------------------------
     def param_groups(self, unet_lr: float, te_lr: float | None, train_unet: bool = True, train_te: bool = True) -> list[dict]:
+        """One group for the text encoder, and for the UNet one per learning-rate weight (block-wise
+        LR); groups whose LR is 0 are left out, so their modules stay as initialised."""
         groups = []
-        unet = [p for n, m in self.lora_modules.items() if n.startswith("lora_unet_") for p in m.parameters()]
         te = [p for n, m in self.lora_modules.items() if not n.startswith("lora_unet_") for p in m.parameters()]
-        if train_unet and unet:
-            groups.append({"params": unet, "lr": unet_lr, "name": "unet"})
         if train_te and te and te_lr:
             groups.append({"params": te, "lr": te_lr, "name": "textencoder"})
+        if train_unet:
+            by_weight: dict[float, list] = {}
+            for n, m in self.lora_modules.items():
+                if n.startswith("lora_unet_"):
+                    w = self.lr_weights.weight(n) if self.lr_weights else 1.0
+                    by_weight.setdefault(w, []).extend(m.parameters())
+            for w, params in by_weight.items():
+                if unet_lr * w:
+                    groups.append({"params": params, "lr": unet_lr * w, "name": "unet" if w == 1.0 else f"unet_x{w:g}"})
         return groups
 
     # -- file format ---------------------------------------------------------------------------
@@ -107,15 +137,24 @@ class LoRANetwork(nn.Module):
             state = {k: v.to(dtype) for k, v in state.items()}
         return state
 
-    def load_kohya_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+    def load_kohya_state_dict(self, state: dict[str, torch.Tensor], strict: bool = True) -> None:
+        """Copy weights in. Not strict (sd-scripts' network_weights): keys on one side only are
+        skipped, but a key on both sides must have the same shape."""
         own = self.state_dict()
         unknown = sorted(set(state) - set(own))
         missing = sorted(set(own) - set(state))
-        if unknown or missing:
+        if strict and (unknown or missing):
             raise KeyError(f"LoRA keys do not match this network: {len(missing)} missing (e.g. {missing[:1]}), {len(unknown)} unknown (e.g. {unknown[:1]})")
+        wrong = [k for k in state if k in own and own[k].shape != state[k].shape]
+        if wrong:
+            raise KeyError(f"{len(wrong)} LoRA weights have another shape here (first: {wrong[0]} {tuple(state[wrong[0]].shape)} vs {tuple(own[wrong[0]].shape)}); "
+                           "set network_dim/conv_dim to the file's ranks or use dim_from_weights")
         with torch.no_grad():
             for k, v in state.items():
-                own[k].copy_(v.to(own[k].dtype))
+                if k in own:
+                    own[k].copy_(v.to(own[k].dtype))
+        for m in self.children():
+            m.alpha_value = float(m.alpha)
 
     @classmethod
     def from_state_dict(cls, state: dict[str, torch.Tensor], targets: Iterable[Target]) -> "LoRANetwork":

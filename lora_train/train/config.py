@@ -18,6 +18,8 @@ from typing import Any, Optional
 from lora_train.dataset.spec import BucketOptions, SubsetOptions
 from lora_train.errors import UserError, close_match_hint
 from lora_train.tomlfile import parse_toml_value, read_toml, write_toml
+from lora_train.train.loss import LossOptions
+from lora_train.train.noise import NoiseOptions
 
 
 @dataclass
@@ -31,31 +33,62 @@ class NetworkConfig:
     network_module: str = "networks.lora"
     network_dim: Optional[int] = None  # sd-scripts: None means 4
     network_alpha: float = 1.0
+    network_dropout: Optional[float] = None  # neuron dropout on the LoRA's down projection
+    network_weights: Optional[str] = None  # start from this LoRA file
+    dim_from_weights: bool = False
+    network_train_unet_only: bool = False
+    network_train_text_encoder_only: bool = False
     # In sd-scripts these travel in network_args ("conv_dim=8"); kohya_ss also writes them as keys.
     conv_dim: Optional[int] = None
     conv_alpha: Optional[float] = None
-    network_train_unet_only: bool = False
-    network_train_text_encoder_only: bool = False
+    rank_dropout: Optional[float] = None
+    module_dropout: Optional[float] = None
+    block_dims: Optional[str] = None  # 25 comma-separated values for SD1/SD2 (IN00-IN11, MID, OUT00-OUT11)
+    block_alphas: Optional[str] = None
+    conv_block_dims: Optional[str] = None
+    conv_block_alphas: Optional[str] = None
+    down_lr_weight: Optional[str] = None  # 12 values or a preset: sine, cosine, linear, reverse_linear, zeros (+offset)
+    mid_lr_weight: Optional[float] = None
+    up_lr_weight: Optional[str] = None
+    block_lr_zero_threshold: float = 0.0
+
+
+NETWORK_ARGS = (
+    "conv_dim", "conv_alpha", "rank_dropout", "module_dropout", "block_dims", "block_alphas", "conv_block_dims",
+    "conv_block_alphas", "down_lr_weight", "mid_lr_weight", "up_lr_weight", "block_lr_zero_threshold",
+)
 
 
 @dataclass
 class OptimizerConfig:
     optimizer_type: str = "AdamW"
+    optimizer_args: list = field(default_factory=list)  # ["weight_decay=0.01", "betas=(0.9,0.99)"]
     learning_rate: float = 2e-6  # sd-scripts' default; its LoRA guide recommends 1e-4
     unet_lr: Optional[float] = None
     text_encoder_lr: Optional[float] = None
     max_grad_norm: float = 1.0
     lr_scheduler: str = "constant"
+    lr_warmup_steps: float = 0  # steps, or a fraction (< 1) of the total steps
+    lr_scheduler_num_cycles: int = 1
+    lr_scheduler_power: float = 1.0
+    lr_scheduler_min_lr_ratio: Optional[float] = None
 
 
 @dataclass
-class TrainingConfig:
+class TrainingConfig(NoiseOptions, LossOptions):
+    """Steps, batch, precision, and (inherited) the noise, timestep and loss options."""
+
     max_train_steps: int = 1600
     max_train_epochs: Optional[int] = None
     train_batch_size: int = 1
+    gradient_accumulation_steps: int = 1
+    gradient_checkpointing: bool = False
     seed: Optional[int] = None
-    mixed_precision: str = "no"
+    mixed_precision: str = "no"  # no | fp16 | bf16
     prior_loss_weight: float = 1.0
+    cache_text_encoder_outputs: bool = False
+    # how often the loss is read back from the device (a sync); NaN/inf is noticed then
+    loss_readback_steps: int = 1
 
 
 @dataclass
@@ -79,7 +112,29 @@ class SavingConfig:
     save_model_as: str = "safetensors"
     save_precision: Optional[str] = None
     save_every_n_epochs: Optional[int] = None
+    save_every_n_steps: Optional[int] = None
+    save_last_n_epochs: Optional[int] = None
+    save_last_n_steps: Optional[int] = None
+    save_state: bool = False  # also write optimizer/scheduler/RNG state with each save, for resume
+    save_state_on_train_end: bool = False
+    resume: Optional[str] = None  # a state folder written by save_state
     training_comment: Optional[str] = None
+
+
+@dataclass
+class LoggingConfig:
+    logging_dir: Optional[str] = None  # TensorBoard event files go here
+    log_with: Optional[str] = None  # tensorboard (default when logging_dir is set)
+    log_prefix: Optional[str] = None
+
+
+@dataclass
+class SamplingConfig:
+    sample_prompts: Optional[str] = None  # .txt/.toml/.json in sd-scripts' format
+    sample_every_n_epochs: Optional[int] = None
+    sample_every_n_steps: Optional[int] = None
+    sample_sampler: str = "euler_a"  # sd-scripts defaults to ddim, which is poor for SDXL
+    sample_at_first: bool = False
 
 
 @dataclass
@@ -90,6 +145,8 @@ class TrainConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     saving: SavingConfig = field(default_factory=SavingConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
     # -- keys ------------------------------------------------------------------------------------
     @staticmethod
@@ -134,7 +191,9 @@ class TrainConfig:
         for section in self.sections():
             values = {k: v for k, v in dataclasses.asdict(getattr(self, section)).items() if v is not None}
             if section == "network":
-                extra = [f"{k}={values.pop(k)}" for k in ("conv_dim", "conv_alpha") if k in values]
+                extra = [f"{k}={values.pop(k)}" for k in NETWORK_ARGS if k in values and values[k] != getattr(NetworkConfig(), k)]
+                for k in NETWORK_ARGS:
+                    values.pop(k, None)
                 if extra:
                     values["network_args"] = extra
             out[section] = values
@@ -155,6 +214,8 @@ _SECTION_TYPES = {
     "training": TrainingConfig,
     "dataset": DatasetConfig,
     "saving": SavingConfig,
+    "logging": LoggingConfig,
+    "sampling": SamplingConfig,
 }
 
 
@@ -187,7 +248,7 @@ def parse_set_value(text: str) -> Any:
 def _parse_network_args(args: Any, source: str) -> dict[str, Any]:
     if isinstance(args, str):
         args = args.split()
-    known = {"conv_dim", "conv_alpha"}
+    known = set(NETWORK_ARGS)
     out = {}
     for item in args:
         key, sep, value = str(item).partition("=")
@@ -221,7 +282,9 @@ def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
         if hint is float:
             return float(value)
         if hint is str:
-            return str(value)
+            return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+        if hint is list:
+            return [str(v) for v in value] if isinstance(value, (list, tuple)) else str(value).split()
     except (TypeError, ValueError) as e:
         raise UserError(f"{source}: '{key}' must be {hint.__name__}, got {value!r}") from e
     return value

@@ -37,6 +37,13 @@ class CheckpointSaved:
 
 
 @dataclass
+class Samples:
+    paths: list[str]
+    epoch: int
+    step: int
+
+
+@dataclass
 class Finished:
     path: str
     steps: int
@@ -54,5 +61,5 @@ class Failed:
     step: int
 
 
-Event = Started | Step | EpochEnd | CheckpointSaved | Finished | Cancelled | Failed
+Event = Started | Step | EpochEnd | CheckpointSaved | Samples | Finished | Cancelled | Failed
 Listener = Callable[[Event], None]

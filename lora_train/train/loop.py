@@ -1,11 +1,15 @@
-"""The training loop: DDPM noising from the model's own schedule, eps or v target, MSE, AdamW.
+"""The training loop.
 
-The trainer owns nothing of the host: it hooks the network on at the start, freezes the host
-model, and on every exit path (done, cancelled, raised) unhooks and restores it exactly.
+The trainer owns nothing of the host: it hooks the network on at the start, freezes the host model,
+and on every exit path (done, cancelled, Ctrl-C, raised) unhooks and restores it exactly. Work is
+never lost: a cancelled or failed run writes `<name>-interrupted` (and its state), and a loss that
+turns NaN stops the run with the last good save left untouched.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import random
 import threading
 import time
@@ -20,140 +24,376 @@ from lora_train.network.files import save_lora
 from lora_train.network.network import LoRANetwork
 from lora_train.train import events as ev
 from lora_train.train import loss as loss_fn
+from lora_train.train import noise as noise_fn
 from lora_train.train.config import TrainConfig
+from lora_train.train.distributed import Distributed
 from lora_train.train.metadata import save_time_metadata, training_metadata
+from lora_train.train.optimizers import build_optimizer, optimizer_eval_mode, optimizer_name, optimizer_train_mode
+from lora_train.train.schedulers import build_scheduler, scheduler_label
+from lora_train.train.state import load_state, save_state
 
 SAVE_DTYPES = {None: None, "float": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+class TrainingDiverged(UserError):
+    """The loss became NaN or infinite."""
+
+
 class Trainer:
-    def __init__(self, config: TrainConfig, adapter: ModelAdapter, network: LoRANetwork, data: TrainingData):
+    def __init__(self, config: TrainConfig, adapter: ModelAdapter, network: LoRANetwork, data: TrainingData, sample_fn=None):
         self.config = config
         self.adapter = adapter
         self.network = network
         self.data = data
         self.plan = data.plan
         self.seed = data.seed
+        self.sample_fn = sample_fn  # (epoch, step) -> list of image paths, rendered with the LoRA applied
         self.train_unet = not config.network.network_train_text_encoder_only
         self.train_te = not config.network.network_train_unet_only and adapter.can_train_text_encoder()
         self.output_dir = Path(config.saving.output_dir)
         self.step = 0
-        self.epoch = 0
+        self.epoch = 1
+        self.batches_done = 0  # micro-batches consumed in the current epoch
+        self.last_save: Path | None = None
+        self.notes: list[str] = list(adapter.info.notes)
+        self._epoch_losses: list[float] = []
+        t = config.training
+        self.noise_options = noise_fn.NoiseOptions(**{f.name: getattr(t, f.name) for f in dataclasses.fields(noise_fn.NoiseOptions)})
+        self.loss_options = loss_fn.LossOptions(**{f.name: getattr(t, f.name) for f in dataclasses.fields(loss_fn.LossOptions)})
 
     # -- public ----------------------------------------------------------------------------------
     def run(self, listener: ev.Listener | None = None, cancel: threading.Event | None = None) -> Path | None:
-        emit = listener or (lambda e: None)
         cancel = cancel or threading.Event()
         self._check_config()
-        started_at = time.time()
-        self.metadata = training_metadata(
-            self.config,
-            self.adapter.info,
-            self.network,
-            self.plan,
-            self.plan.scan,
-            session_id=random.randint(0, 2**31 - 1),
-            started_at=started_at,
-            seed=self.seed,
-            train_unet=self.train_unet,
-            train_te=self.train_te,
-        )
-        notes = list(self.adapter.info.notes)
-        emit(ev.Started(self.plan.total_steps, self.plan.steps_per_epoch, self.plan.epochs, self.plan.train_images, notes))
         device = self.adapter.device
-        self.network.to(device=device, dtype=torch.float32)
-        self.network.train()
-        targets = {t.name: t.module for t in self.adapter.lora_targets(conv=bool(self.config.network.conv_dim))}
+        self.dist = Distributed.from_env(device)
+        emit = (listener or (lambda e: None)) if self.dist.is_main else (lambda e: None)
+        self.network.to(device=device, dtype=torch.float32)  # LoRA weights train in fp32 whatever the host runs
+        self.gen = torch.Generator().manual_seed(self.seed)
+        self.caption_rng = random.Random(self.seed)
+        self.optimizer, self.scheduler = self._optimizer_and_scheduler()
+        self.scaler = self._grad_scaler(device)
+        if self.config.saving.resume:
+            self._resume(self.config.saving.resume)
+        self.metadata = training_metadata(
+            self.config, self.adapter.info, self.network, self.plan, self.plan.scan,
+            session_id=random.randint(0, 2**31 - 1), started_at=time.time(), seed=self.seed,
+            train_unet=self.train_unet, train_te=self.train_te,
+            optimizer=optimizer_name(self.optimizer), lr_scheduler=scheduler_label(self.config.optimizer.lr_scheduler, self.optimizer),
+        )
+        emit(ev.Started(self.plan.total_steps, self.plan.steps_per_epoch, self.plan.epochs, self.plan.train_images, self.notes))
+        targets = {t.name: t.module for t in self.adapter.lora_targets(conv=True)}
+        t = self.config.training
         try:
-            with self.adapter.frozen(), self.network.applied(targets):
+            with self.adapter.frozen(), self.adapter.training(t.gradient_checkpointing, self.network.dropout_generator), \
+                    self.network.applied({n: targets[n] for n in self.network.lora_modules}):
                 cancelled = self._loop(emit, cancel)
-        except BaseException as e:
+        except TrainingDiverged as e:
             emit(ev.Failed(e, self.step))
             raise
+        except BaseException as e:  # an error, or Ctrl-C: keep what was trained
+            path = self._save_interrupted()
+            emit(ev.Failed(e, self.step) if not isinstance(e, KeyboardInterrupt) else ev.Cancelled(self.step, path and str(path)))
+            raise
         if cancelled:
-            path = self.save(f"{self.config.saving.output_name}-interrupted") if self.step > 0 else None
+            path = self._save_interrupted()
             emit(ev.Cancelled(self.step, str(path) if path else None))
             return path
-        path = self.save(self.config.saving.output_name)
+        s = self.config.saving
+        path = self.save(s.output_name, with_state=s.save_state or s.save_state_on_train_end)
         emit(ev.Finished(str(path), self.step))
         return path
 
-    def save(self, name: str) -> Path:
-        dtype = SAVE_DTYPES[self.config.saving.save_precision]
+    def save(self, name: str, with_state: bool = False) -> Path:
         path = self.output_dir / f"{name}.safetensors"
+        if not getattr(self, "dist", Distributed()).is_main:
+            return path  # rank 0 writes; every rank holds the same weights
+        dtype = SAVE_DTYPES[self.config.saving.save_precision]
         metadata = save_time_metadata(self.metadata, self.epoch, self.step, name)
-        return save_lora(path, self.network.kohya_state_dict(dtype), metadata)
+        path = save_lora(path, self.network.kohya_state_dict(dtype), metadata)
+        if with_state:
+            save_state(self.output_dir / f"{name}-state", self._state(), {"step": self.step, "epoch": self.epoch,
+                       "batches_done": self.batches_done, "lora": path.name, "seed": self.seed})
+        self.last_save = path
+        return path
 
-    # -- internals ---------------------------------------------------------------------------------
+    # -- setup -----------------------------------------------------------------------------------
     def _check_config(self) -> None:
         c = self.config
-        if c.optimizer.optimizer_type.lower() != "adamw":
-            raise UserError(f"optimizer_type '{c.optimizer.optimizer_type}' is not supported yet (use AdamW)")
-        if c.optimizer.lr_scheduler != "constant":
-            raise UserError(f"lr_scheduler '{c.optimizer.lr_scheduler}' is not supported yet (use constant)")
-        if c.training.mixed_precision not in ("no", "fp32"):
-            raise UserError(f"mixed_precision '{c.training.mixed_precision}' is not supported yet (use no)")
+        if c.training.mixed_precision not in ("no", "fp32", "fp16", "bf16"):
+            raise UserError(f"mixed_precision '{c.training.mixed_precision}' must be no, fp16 or bf16")
+        if c.training.mixed_precision == "fp16" and self.adapter.device.type != "cuda":
+            raise UserError("mixed_precision fp16 needs a CUDA GPU (its gradients need a GradScaler on the GPU); "
+                            "on this device use bf16 or no")
         if c.saving.save_precision not in SAVE_DTYPES:
             raise UserError(f"save_precision '{c.saving.save_precision}' must be one of float, fp16, bf16")
         if c.saving.save_model_as != "safetensors":
             raise UserError(f"save_model_as '{c.saving.save_model_as}' is not supported: LoRA Train writes safetensors")
         if c.network.network_module not in ("networks.lora", "lora"):
             raise UserError(f"network_module '{c.network.network_module}' is not supported yet (use networks.lora)")
+        if c.training.gradient_accumulation_steps < 1:
+            raise UserError("gradient_accumulation_steps must be at least 1")
         if not self.train_unet and not self.train_te:
             raise UserError("nothing to train: the text encoder cannot be trained on this model and network_train_text_encoder_only is set")
+        if c.training.cache_text_encoder_outputs:
+            if self.train_te:
+                raise UserError("cache_text_encoder_outputs needs network_train_unet_only: a trained text encoder changes its outputs")
+            dynamic = sorted({i.folder for i in self.plan.items if _captions_change(i.subset)})
+            if dynamic:
+                raise UserError("cache_text_encoder_outputs needs captions that do not change between steps; "
+                                f"shuffle, dropout or wildcards are set for: {', '.join(dynamic)}")
+        self.notes += loss_fn.validate_options(self.loss_options, self.noise_options, self.adapter.prediction_type,
+                                               self.adapter.alphas_cumprod.shape[0])
 
-    def _optimizer(self) -> torch.optim.Optimizer:
+    def _optimizer_and_scheduler(self):
         o = self.config.optimizer
         unet_lr = o.unet_lr if o.unet_lr is not None else o.learning_rate
         te_lr = o.text_encoder_lr if o.text_encoder_lr is not None else o.learning_rate
         groups = self.network.param_groups(unet_lr, te_lr, self.train_unet, self.train_te)
         if not groups:
             raise UserError("no parameters to train (check network_train_*_only and the learning rates)")
-        return torch.optim.AdamW(groups, lr=o.learning_rate)
+        optimizer = build_optimizer(o.optimizer_type, groups, o.learning_rate, o.optimizer_args, notes=self.notes)
+        scheduler = build_scheduler(o.lr_scheduler, optimizer, self.plan.total_steps, warmup_steps=o.lr_warmup_steps,
+                                    num_cycles=o.lr_scheduler_num_cycles, power=o.lr_scheduler_power,
+                                    min_lr_ratio=o.lr_scheduler_min_lr_ratio, notes=self.notes)
+        return optimizer, scheduler
 
+    def _grad_scaler(self, device: torch.device):
+        if self.config.training.mixed_precision == "fp16" and device.type == "cuda":
+            return torch.cuda.amp.GradScaler()
+        return None
+
+    def _autocast(self):
+        mp = self.config.training.mixed_precision
+        if mp in ("fp16", "bf16"):
+            return torch.autocast(self.adapter.device.type, dtype=torch.float16 if mp == "fp16" else torch.bfloat16)
+        return contextlib.nullcontext()
+
+    # -- state -----------------------------------------------------------------------------------
+    def _state(self) -> dict:
+        return {
+            "version": 1,
+            "step": self.step,
+            "epoch": self.epoch,
+            "batches_done": self.batches_done,
+            "seed": self.seed,
+            "network": self.network.kohya_state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler else None,
+            "generator": self.gen.get_state(),
+            "dropout_generator": self.network.dropout_generator.get_state(),
+            "caption_rng": _encode_random_state(self.caption_rng.getstate()),
+        }
+
+    def _resume(self, folder: str) -> None:
+        state = load_state(folder)
+        if state.get("seed") != self.seed:
+            self.notes.append(f"resume: the state was trained with seed {state.get('seed')}; continuing with it")
+            self.seed = state["seed"]
+            self.data.seed = self.seed
+        try:
+            self.network.load_kohya_state_dict(state["network"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (KeyError, ValueError) as e:
+            raise UserError(f"resume: the state in '{folder}' does not fit this network or optimizer ({e})") from e
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.gen.set_state(state["generator"])
+        self.network.dropout_generator.set_state(state["dropout_generator"])
+        self.caption_rng.setstate(_decode_random_state(state["caption_rng"]))
+        self.step, self.epoch, self.batches_done = state["step"], state["epoch"], state["batches_done"]
+        self.notes.append(f"resumed from '{folder}' at step {self.step} (epoch {self.epoch})")
+
+    def _save_interrupted(self) -> Path | None:
+        if self.step == 0:
+            return None
+        return self.save(f"{self.config.saving.output_name}-interrupted", with_state=True)
+
+    # -- the loop --------------------------------------------------------------------------------
     def _loop(self, emit: ev.Listener, cancel: threading.Event) -> bool:
         plan, cfg = self.plan, self.config
-        gen = torch.Generator().manual_seed(self.seed)
-        optimizer = self._optimizer()
-        params = [p for g in optimizer.param_groups for p in g["params"]]
-        alphas = self.adapter.alphas_cumprod.to(self.adapter.device)
-        num_timesteps = alphas.shape[0]
-        caption_rng = random.Random(self.seed)
+        accum = cfg.training.gradient_accumulation_steps
+        self.snr_alphas = self.adapter.alphas_cumprod.to(self.adapter.device)
+        alphas = self.snr_alphas
+        if cfg.training.zero_terminal_snr:
+            # sd-scripts weights losses by the SNR of the schedule before this fix
+            alphas = noise_fn.zero_terminal_snr_alphas_cumprod(alphas)
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        te_cache: dict[str, torch.Tensor] | None = {} if cfg.training.cache_text_encoder_outputs else None
         self.data.warm_cache(self.adapter.encode_posterior)
-        for epoch in range(1, plan.epochs + 1):
-            self.epoch = epoch
-            losses = []
-            for items in self.data.epoch_batches(epoch):
-                if self.step >= plan.total_steps:
-                    break
+        self.network.train()
+        optimizer_train_mode(self.optimizer)
+        pending: list[tuple[int, int, torch.Tensor, dict]] = []
+        if cfg.sampling.sample_at_first and self.step == 0:
+            self._sample(emit)
+        while self.step < plan.total_steps:
+            epoch = self.epoch
+            batches = self.data.epoch_batches(epoch)
+            stepped = False
+            while self.batches_done < len(batches) and self.step < plan.total_steps:
                 if cancel.is_set():
+                    self._flush(pending, emit)
                     return True
-                batch = self.data.load(items, epoch, caption_rng, self.adapter.encode_posterior)
-                if batch.posterior is not None:
-                    latents = self.adapter.sample_latents(*batch.posterior, gen)
-                else:
-                    latents = self.adapter.encode_images(batch.pixels, gen)
-                with torch.set_grad_enabled(self.train_te):
-                    cond = self.adapter.encode_captions(batch.captions)
-                noise = torch.randn(latents.shape, generator=gen).to(latents.device)
-                t = torch.randint(0, num_timesteps, (latents.shape[0],), generator=gen).to(latents.device)
-                noisy = loss_fn.add_noise(latents, noise, alphas[t])
-                pred = self.adapter.predict(noisy, t, cond)
-                per_sample = loss_fn.per_sample_mse(pred, loss_fn.target(latents, noise, alphas[t], self.adapter.prediction_type))
-                weights = torch.where(batch.is_reg, cfg.training.prior_loss_weight, 1.0).to(per_sample.device)
-                loss = (per_sample * weights).mean()
-                loss.backward()
-                if cfg.optimizer.max_grad_norm:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.optimizer.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                group = batches[self.batches_done : self.batches_done + accum]
+                step_loss = sum(self._backward(items, epoch, alphas, te_cache, accum) for items in group)
+                self.dist.sum_([step_loss.view(1)])
+                self._optimizer_step(params)
+                self.batches_done += len(group)
                 self.step += 1
-                value = float(loss.detach())
-                losses.append(value)
-                emit(ev.Step(self.step, epoch, value, {g["name"]: g["lr"] for g in optimizer.param_groups}))
-            emit(ev.EpochEnd(epoch, sum(losses) / max(1, len(losses))))
-            every = cfg.saving.save_every_n_epochs
-            if every and epoch % every == 0 and epoch < plan.epochs:
-                path = self.save(f"{cfg.saving.output_name}-{epoch:06d}")
-                emit(ev.CheckpointSaved(str(path), epoch, self.step))
+                stepped = True
+                lrs = {g.get("name", f"group{i}"): lr for i, (g, lr) in enumerate(zip(self.optimizer.param_groups, self.scheduler.get_last_lr()))}
+                pending.append((self.step, epoch, step_loss, lrs))
+                if len(pending) >= cfg.training.loss_readback_steps:
+                    self._flush(pending, emit)
+                self._after_step(emit, pending)
+            self._flush(pending, emit)
+            if stepped:  # a resumed run does not repeat the end of an epoch it resumed after
+                emit(ev.EpochEnd(epoch, sum(self._epoch_losses) / max(1, len(self._epoch_losses))))
+                self._epoch_losses = []
+            if self.batches_done < len(batches):
+                break  # the step budget ended inside this epoch
+            if stepped:
+                self._after_epoch(emit, pending)
+            if epoch >= plan.epochs:
+                break
+            self.epoch += 1
+            self.batches_done = 0
+        self._flush(pending, emit)
+        optimizer_eval_mode(self.optimizer)
         return False
+
+    def _backward(self, items, epoch: int, alphas: torch.Tensor, te_cache, accum: int) -> torch.Tensor:
+        # Every rank draws the randomness of the whole global batch, then trains on its slice.
+        batch = self.data.load(items, epoch, self.caption_rng, self.adapter.encode_posterior)
+        if batch.posterior is not None:
+            latents = self.adapter.sample_latents(*batch.posterior, self.gen)
+        else:
+            latents = self.adapter.encode_images(batch.pixels, self.gen)
+        n = latents.shape[0]
+        noise = noise_fn.make_noise(latents, self.noise_options, self.gen)
+        t = noise_fn.sample_timesteps(n, self.noise_options, alphas.shape[0], self.gen).to(latents.device)
+        noisy = loss_fn.add_noise(latents, noise_fn.perturb_noise_for_input(noise, self.noise_options, self.gen), alphas[t])
+        mine = self.dist.local_slice(n)
+        if mine.start == mine.stop:
+            return torch.zeros((), device=latents.device)
+        latents, noise, noisy, t = latents[mine], noise[mine], noisy[mine], t[mine]
+        with self._autocast():
+            cond = self._conditioning(batch.captions[mine], te_cache)
+            pred = self.adapter.predict(noisy, t, cond)
+        tgt = loss_fn.target(latents, noise, alphas[t], self.adapter.prediction_type)
+        per_sample = loss_fn.per_sample_loss(pred.float(), tgt.float(), t, alphas, self.adapter.prediction_type, self.loss_options,
+                                             snr_alphas_cumprod=self.snr_alphas)
+        weights = torch.where(batch.is_reg[mine], self.config.training.prior_loss_weight, 1.0).to(per_sample.device)
+        loss = (per_sample * weights).sum() / (n * accum)  # this slice's share of the global batch mean
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+        return loss.detach()
+
+    def _conditioning(self, captions: list[str], te_cache):
+        if te_cache is None:
+            with torch.set_grad_enabled(self.train_te):
+                return self.adapter.encode_captions(captions)
+        missing = [c for c in dict.fromkeys(captions) if c not in te_cache]
+        if missing:
+            with torch.no_grad():
+                for c, cond in zip(missing, self.adapter.encode_captions(missing)):
+                    te_cache[c] = cond.detach()
+        return torch.stack([te_cache[c] for c in captions])
+
+    def _optimizer_step(self, params) -> None:
+        max_norm = self.config.optimizer.max_grad_norm
+        self.dist.sum_grads(params)
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        if max_norm:
+            torch.nn.utils.clip_grad_norm_(params, max_norm)
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def _flush(self, pending: list, emit: ev.Listener) -> None:
+        """Read losses back from the device (one sync) and check them."""
+        if not pending:
+            return
+        values = torch.stack([p[2] for p in pending]).float().cpu().tolist()
+        for (step, epoch, _, lrs), value in zip(pending, values):
+            if value != value or value in (float("inf"), float("-inf")):
+                pending.clear()
+                raise TrainingDiverged(self._diverged_message(step, value))
+            self._epoch_losses.append(value)
+            emit(ev.Step(step, epoch, value, lrs))
+        pending.clear()
+
+    def _diverged_message(self, step: int, value: float) -> str:
+        o, t = self.config.optimizer, self.config.training
+        kept = f"the last good save is {self.last_save}" if self.last_save else "nothing was saved before it"
+        return (f"the loss became {value} at step {step}; training stopped and {kept}. Likely causes: a learning rate "
+                f"too high for this optimizer (learning_rate {o.learning_rate}, unet_lr {o.unet_lr}, text_encoder_lr "
+                f"{o.text_encoder_lr}), fp16 overflow (mixed_precision {t.mixed_precision}: try bf16 or no), a broken "
+                f"image, or a model whose VAE produces NaN latents.")
+
+    def _after_step(self, emit: ev.Listener, pending: list) -> None:
+        s, sm = self.config.saving, self.config.sampling
+        if s.save_every_n_steps and self.step % s.save_every_n_steps == 0 and self.step < self.plan.total_steps:
+            self._flush(pending, emit)  # never save weights that might already be NaN
+            path = self.save(f"{s.output_name}-step{self.step:08d}", with_state=s.save_state)
+            emit(ev.CheckpointSaved(str(path), self.epoch, self.step))
+            if s.save_last_n_steps:
+                old = self.step - s.save_last_n_steps - 1
+                old -= old % s.save_every_n_steps
+                if old > 0:
+                    self._remove(f"{s.output_name}-step{old:08d}")
+        if sm.sample_every_n_steps and self.step % sm.sample_every_n_steps == 0:
+            self._flush(pending, emit)
+            self._sample(emit)
+
+    def _after_epoch(self, emit: ev.Listener, pending: list) -> None:
+        s, sm = self.config.saving, self.config.sampling
+        epoch = self.epoch
+        if s.save_every_n_epochs and epoch % s.save_every_n_epochs == 0 and epoch < self.plan.epochs:
+            path = self.save(f"{s.output_name}-{epoch:06d}", with_state=s.save_state)
+            emit(ev.CheckpointSaved(str(path), epoch, self.step))
+            if s.save_last_n_epochs:
+                old = epoch - s.save_every_n_epochs * s.save_last_n_epochs
+                if old > 0:
+                    self._remove(f"{s.output_name}-{old:06d}")
+        if sm.sample_every_n_epochs and epoch % sm.sample_every_n_epochs == 0:
+            self._sample(emit)
+
+    def _remove(self, name: str) -> None:
+        import shutil
+
+        (self.output_dir / f"{name}.safetensors").unlink(missing_ok=True)
+        shutil.rmtree(self.output_dir / f"{name}-state", ignore_errors=True)
+
+    def _sample(self, emit: ev.Listener) -> None:
+        if self.sample_fn is None or not self.dist.is_main:
+            return
+        self.network.eval()  # no dropout in previews
+        optimizer_eval_mode(self.optimizer)
+        try:
+            paths = self.sample_fn(self.epoch, self.step)
+        finally:
+            self.network.train()
+            optimizer_train_mode(self.optimizer)
+        emit(ev.Samples([str(p) for p in paths], self.epoch, self.step))
+
+
+def _captions_change(subset) -> bool:
+    return bool(subset.shuffle_caption or subset.caption_dropout_rate or subset.caption_dropout_every_n_epochs
+                or subset.caption_tag_dropout_rate or subset.enable_wildcard)
+
+
+def _encode_random_state(state) -> list:
+    version, internal, gauss = state
+    return [version, list(internal), gauss]
+
+
+def _decode_random_state(data) -> tuple:
+    version, internal, gauss = data
+    return version, tuple(internal), gauss

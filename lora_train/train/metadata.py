@@ -14,7 +14,7 @@ from lora_train.dataset.plan import DatasetPlan
 from lora_train.dataset.scan import Scan
 from lora_train.model.adapter import ModelInfo
 from lora_train.network.network import LoRANetwork
-from lora_train.train.config import TrainConfig
+from lora_train.train.config import NETWORK_ARGS, NetworkConfig, TrainConfig
 
 
 def _s(value) -> str:
@@ -47,9 +47,11 @@ def training_metadata(
     seed: int,
     train_unet: bool,
     train_te: bool,
+    optimizer: str = "torch.optim.adamw.AdamW",
+    lr_scheduler: str | None = None,
 ) -> dict[str, str]:
     c = config
-    d = c.dataset
+    d, t = c.dataset, c.training
     lr = c.optimizer.learning_rate
     block = plan.blocks[0].block
     resolution = block.resolution or (512, 512)
@@ -58,9 +60,10 @@ def training_metadata(
                     for i, row in enumerate(r for b in plan.blocks for r in b.report()["buckets"])},
         "mean_img_ar_error": sum(b.report()["mean_ar_error"] * len(b.buckets) for b in plan.blocks) / max(1, len(plan.items)),
     }
-    network_args = {}
+    defaults = NetworkConfig()
+    network_args = {k: _s(getattr(c.network, k)) for k in NETWORK_ARGS
+                    if getattr(c.network, k) is not None and getattr(c.network, k) != getattr(defaults, k)}
     if c.network.conv_dim:
-        network_args["conv_dim"] = _s(c.network.conv_dim)
         network_args["conv_alpha"] = _s(c.network.conv_alpha if c.network.conv_alpha is not None else 1)
     model_hash, new_model_hash = model_hashes(info.path)
     md = {
@@ -74,17 +77,19 @@ def training_metadata(
         "ss_num_reg_images": _s(plan.reg_samples),
         "ss_num_batches_per_epoch": _s(plan.steps_per_epoch),
         "ss_num_epochs": _s(plan.epochs),
-        "ss_gradient_checkpointing": "False",
-        "ss_gradient_accumulation_steps": "1",
+        "ss_gradient_checkpointing": _s(c.training.gradient_checkpointing),
+        "ss_gradient_accumulation_steps": _s(c.training.gradient_accumulation_steps),
         "ss_max_train_steps": _s(plan.total_steps),
-        "ss_lr_warmup_steps": "0",
-        "ss_lr_scheduler": c.optimizer.lr_scheduler,
+        "ss_lr_warmup_steps": _s(c.optimizer.lr_warmup_steps),
+        "ss_lr_scheduler": lr_scheduler or c.optimizer.lr_scheduler,
         "ss_network_module": c.network.network_module,
         "ss_network_dim": _s(network.dim),
         "ss_network_alpha": _s(network.alpha if network.alpha else network.dim),
-        "ss_network_dropout": "None",
+        "ss_network_dropout": _s(c.network.network_dropout),
         "ss_network_args": json.dumps(network_args) if network_args else "None",
         "ss_mixed_precision": c.training.mixed_precision,
+        "ss_min_timestep": _s(t.min_timestep),
+        "ss_max_timestep": _s(t.max_timestep),
         "ss_full_fp16": "False",
         "ss_v2": _s(info.family == "sd2"),
         "ss_base_model_version": info.base_model_version,
@@ -93,29 +98,30 @@ def training_metadata(
         "ss_cache_latents": _s(d.cache_latents or d.cache_latents_to_disk),
         "ss_seed": _s(seed),
         "ss_lowram": "False",
-        "ss_noise_offset": "None",
-        "ss_multires_noise_iterations": "None",
-        "ss_multires_noise_discount": "None",
-        "ss_adaptive_noise_scale": "None",
-        "ss_zero_terminal_snr": "False",
+        "ss_noise_offset": _s(t.noise_offset),
+        "ss_multires_noise_iterations": _s(t.multires_noise_iterations),
+        "ss_multires_noise_discount": _s(t.multires_noise_discount),
+        "ss_adaptive_noise_scale": _s(t.adaptive_noise_scale),
+        "ss_zero_terminal_snr": _s(t.zero_terminal_snr),
         "ss_training_comment": _s(c.saving.training_comment),
         "ss_sd_scripts_commit_hash": f"lora-train-{__version__}",
-        "ss_optimizer": "torch.optim.adamw.AdamW",
+        "ss_optimizer": optimizer,
         "ss_max_grad_norm": _s(c.optimizer.max_grad_norm),
         "ss_caption_dropout_rate": _s(d.caption_dropout_rate),
         "ss_caption_dropout_every_n_epochs": _s(d.caption_dropout_every_n_epochs),
         "ss_caption_tag_dropout_rate": _s(d.caption_tag_dropout_rate),
         "ss_face_crop_aug_range": "None",
         "ss_prior_loss_weight": _s(c.training.prior_loss_weight),
-        "ss_min_snr_gamma": "None",
+        "ss_min_snr_gamma": _s(t.min_snr_gamma),
         "ss_scale_weight_norms": "None",
-        "ss_ip_noise_gamma": "None",
-        "ss_debiased_estimation": "False",
-        "ss_noise_offset_random_strength": "False",
-        "ss_ip_noise_gamma_random_strength": "False",
-        "ss_loss_type": "l2",
-        "ss_huber_schedule": "snr",
-        "ss_huber_c": "0.1",
+        "ss_ip_noise_gamma": _s(t.ip_noise_gamma),
+        "ss_debiased_estimation": _s(t.debiased_estimation_loss),
+        "ss_noise_offset_random_strength": _s(t.noise_offset_random_strength),
+        "ss_ip_noise_gamma_random_strength": _s(t.ip_noise_gamma_random_strength),
+        "ss_loss_type": t.loss_type,
+        "ss_huber_schedule": t.huber_schedule,
+        "ss_huber_scale": _s(t.huber_scale),
+        "ss_huber_c": _s(t.huber_c),
         "ss_fp8_base": "False",
         "ss_fp8_base_unet": "False",
         # no --dataset_config: the flat dataset keys
