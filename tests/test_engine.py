@@ -65,6 +65,7 @@ def test_resume_mid_epoch_after_cancel(tiny_adapter, tmp_path):
     path = job.build_trainer(cfg(tmp_path / "b", data, max_train_epochs=2, gradient_accumulation_steps=2), tiny_adapter).run(
         lambda e: cancel.set() if isinstance(e, ev.Step) and e.step == 1 else None, cancel)
     assert path.name == "run-interrupted.safetensors"
+    assert not no_temp_files(path.parent)
     state = path.with_name("run-interrupted-state")
     resumed = job.build_trainer(cfg(tmp_path / "b", data, max_train_epochs=2, gradient_accumulation_steps=2, resume=str(state),
                                     output_name="resumed"), tiny_adapter).run()
@@ -90,6 +91,9 @@ def test_exception_keeps_interrupted_lora_and_state(tiny_adapter, tiny_model, tm
     assert load_lora(out / "run-interrupted.safetensors")[1]["ss_steps"] == "3"
     assert load_state(out / "run-interrupted-state")["step"] == 3
     assert not no_temp_files(out)
+    monkeypatch.setattr(tiny_adapter, "predict", real)
+    done = job.build_trainer(cfg(tmp_path, max_train_steps=6, resume=str(out / "run-interrupted-state")), tiny_adapter).run()
+    assert load_lora(done)[1]["ss_steps"] == "6"
 
 
 def test_nan_stops_and_keeps_the_last_good_save(tiny_adapter, tmp_path, monkeypatch):
@@ -132,9 +136,15 @@ def test_cli_sigint_saves_interrupted_and_state(tmp_path):
     assert proc.returncode == 0, err
     assert "cancelled at step" in err and "Traceback" not in err
     md = load_lora(out / "sig-interrupted.safetensors")[1]
-    assert int(md["ss_steps"]) >= 3
-    assert load_state(out / "sig-interrupted-state")["step"] == int(md["ss_steps"])
+    steps = int(md["ss_steps"])
+    assert steps >= 3
+    assert load_state(out / "sig-interrupted-state")["step"] == steps
     assert not no_temp_files(out)
+    r = subprocess.run([sys.executable, "-m", "lora_train", "train", "--set", f"train_data_dir={data}", "--set", f"output_dir={out}",
+                        "--set", "resolution=64", "--set", f"max_train_steps={steps + 2}", "--set", "output_name=sig", "--set", "seed=1",
+                        "--set", f"resume={out / 'sig-interrupted-state'}"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert load_lora(out / "sig.safetensors")[1]["ss_steps"] == str(steps + 2)
 
 
 @pytest.mark.parametrize("name,args", [
