@@ -149,6 +149,7 @@ def test_cli_sigint_saves_interrupted_and_state(tmp_path):
 
 @pytest.mark.parametrize("name,args", [
     ("AdamW", []), ("Lion", []), ("SGDNesterov", ["momentum=0.9"]), ("Adafactor", ["relative_step=False", "scale_parameter=False"]),
+    ("Adafactor", []),  # sd-scripts' default: relative_step, with its own schedule
     ("Prodigy", []), ("DAdaptAdam", []), ("AdamWScheduleFree", []), ("RAdam", []),
 ])
 def test_optimizers_train_on_the_tiny_model(tiny_adapter, tmp_path, name, args):
@@ -164,12 +165,16 @@ def test_8bit_optimizer_says_what_to_use_on_cpu(tiny_adapter, tmp_path):
         job.build_trainer(cfg(tmp_path, max_train_steps=1, optimizer_type="AdamW8bit"), tiny_adapter).run()
 
 
-@pytest.mark.parametrize("scheduler", ["linear", "cosine", "cosine_with_restarts", "polynomial", "constant_with_warmup"])
+@pytest.mark.parametrize("scheduler", ["linear", "cosine", "cosine_with_restarts", "polynomial", "constant_with_warmup",
+                                       "cosine_with_min_lr"])
 def test_schedulers_drive_the_lr(tiny_adapter, tmp_path, scheduler):
     lrs = []
-    job.build_trainer(cfg(tmp_path, max_train_steps=4, lr_scheduler=scheduler, lr_warmup_steps=0.5 if "warmup" in scheduler else 0),
-                      tiny_adapter).run(lambda e: lrs.append(e.lr["unet"]) if isinstance(e, ev.Step) else None)
+    extra = {"lr_scheduler_min_lr_ratio": 0.1} if scheduler == "cosine_with_min_lr" else {}
+    job.build_trainer(cfg(tmp_path, max_train_steps=4, lr_scheduler=scheduler, lr_warmup_steps=0.5 if "warmup" in scheduler else 0,
+                          **extra), tiny_adapter).run(lambda e: lrs.append(e.lr["unet"]) if isinstance(e, ev.Step) else None)
     assert len(set(lrs)) > 1, lrs
+    if scheduler == "cosine_with_min_lr":
+        assert min(lrs) >= 0.1 * 1e-3 - 1e-12
 
 
 def test_fp16_on_cpu_is_a_clear_error_and_bf16_runs(tiny_adapter, tmp_path):
