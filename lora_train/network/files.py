@@ -7,7 +7,6 @@ truncated file where a good one was.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import struct
 import tempfile
@@ -96,10 +95,3 @@ def load_lora(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[st
     except Exception as e:
         raise UserError(f"'{path}' cannot be read as safetensors ({e})") from e
     return tensors, metadata
-
-
-def read_json_metadata(metadata: dict[str, str], key: str):
-    try:
-        return json.loads(metadata[key])
-    except (KeyError, ValueError):
-        return None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import random
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -366,8 +367,6 @@ class Trainer:
             self._sample(emit)
 
     def _remove(self, name: str) -> None:
-        import shutil
-
         (self.output_dir / f"{name}.safetensors").unlink(missing_ok=True)
         shutil.rmtree(self.output_dir / f"{name}-state", ignore_errors=True)
 
