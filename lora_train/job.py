@@ -26,8 +26,9 @@ from lora_train.train.loop import Trainer
 def plan_dataset(config: TrainConfig, default_resolution: int = 512, steps_multiple: int = 64) -> DatasetPlan:
     t = config.training
     # under `accelerate launch` each of N processes trains train_batch_size samples of one global batch
-    batch = t.train_batch_size * max(1, int(os.environ.get("WORLD_SIZE", "1")))
-    spec, folder_problems = spec_from_config(config.dataset, batch, default_resolution)
+    processes = max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    batch = t.train_batch_size * processes
+    spec, folder_problems = spec_from_config(config.dataset, batch, default_resolution, processes)
     return make_plan(scan(spec, folder_problems), spec, batch_size=batch, max_train_epochs=t.max_train_epochs,
                      max_train_steps=t.max_train_steps, gradient_accumulation_steps=t.gradient_accumulation_steps,
                      steps_multiple=steps_multiple)

@@ -300,3 +300,12 @@ def test_dataset_prepare_cli(tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr
     r = run_cli("dataset", "prepare", str(src), str(tmp_path / "d2"), "--size", "500x500")
     assert r.returncode == 2 and "64" in r.stderr
+
+
+def test_dataset_toml_batch_size_is_per_process(tmp_path):
+    save(tmp_path / "imgs" / "a.png", png_bytes(64, 64))
+    toml = tmp_path / "ds.toml"
+    toml.write_text('[[datasets]]\nbatch_size = 3\n[[datasets.subsets]]\nimage_dir = "imgs"\n\n'
+                    '[[datasets]]\n[[datasets.subsets]]\nimage_dir = "imgs"\n', encoding="utf-8")
+    spec, _ = spec_from_config(DatasetConfig(dataset_config=str(toml)), 4, 64, processes=2)
+    assert [b.batch_size for b in spec.datasets] == [6, 4]  # 3 per process x 2; the global default as given

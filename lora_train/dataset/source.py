@@ -22,14 +22,16 @@ from lora_train.train.config import DatasetConfig
 BLOCK_FROM_ARGS = [f.name for f in dataclasses.fields(BucketOptions)]
 
 
-def spec_from_config(d: DatasetConfig, batch_size: int, default_resolution: int) -> tuple[DatasetSpec, list[tuple[Path, str]]]:
-    """(spec, folder problems). Command-line style keys fill what a dataset TOML leaves unset."""
+def spec_from_config(d: DatasetConfig, batch_size: int, default_resolution: int, processes: int = 1) -> tuple[DatasetSpec, list[tuple[Path, str]]]:
+    """(spec, folder problems). Command-line style keys fill what a dataset TOML leaves unset.
+
+    `batch_size` is the global batch; a TOML's per-dataset batch_size is per process, as in sd-scripts."""
     resolution = parse_resolution(d.resolution, default_resolution)
     if d.dataset_config:
         spec = load_dataset_toml(d.dataset_config)
         for block in spec.datasets:
             block.resolution = block.resolution or resolution
-            block.batch_size = block.batch_size or batch_size
+            block.batch_size = block.batch_size * processes if block.batch_size else batch_size
         return spec, []
     if not d.train_data_dir:
         raise UserError("train_data_dir is not set: point it at a folder holding '<repeats>_<name>' subfolders")

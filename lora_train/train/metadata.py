@@ -126,7 +126,7 @@ def training_metadata(
         "ss_fp8_base_unet": "False",
         # no --dataset_config: the flat dataset keys
         "ss_batch_size_per_device": _s(c.training.train_batch_size),
-        "ss_total_batch_size": _s(c.training.train_batch_size),
+        "ss_total_batch_size": _s(c.training.train_batch_size * max(1, int(os.environ.get("WORLD_SIZE", "1")))),
         "ss_resolution": _s(tuple(resolution)),
         "ss_color_aug": _s(d.color_aug),
         "ss_flip_aug": _s(d.flip_aug),
