@@ -70,7 +70,5 @@ def build_network(config: TrainConfig, adapter: ModelAdapter, seed: int) -> LoRA
                 network.load_kohya_state_dict(weights, strict=False)
             except KeyError as e:
                 raise UserError(f"network_weights '{n.network_weights}': {e}") from e
-    for m in network.lora_modules.values():
-        m.dropout, m.rank_dropout, m.module_dropout = n.network_dropout, n.rank_dropout, n.module_dropout
-        m.dropout_generator = network.dropout_generator
+    network.set_dropout(n.network_dropout, n.rank_dropout, n.module_dropout)  # also for a network rebuilt from a file
     return network

@@ -98,24 +98,21 @@ class TrainingData:
         if self.cache is None:
             pixels = torch.stack([self._pixels(i, f, rng) for i, f in zip(items, flips)])
             return Batch(items, captions, is_reg, pixels=pixels)
-        means, stds = [], []
-        for item, flip in zip(items, flips):
-            a = self.plan.assignment(item)
-            key = CacheKey(item.path, a.bucket, a.resized, crop_box(a), flip)
-            mean, std = self.cache.get(key, lambda: tuple(t[0] for t in encode(self._pixels(item, flip, rng)[None])))
-            means.append(mean)
-            stds.append(std)
+        means, stds = zip(*(self._cached_posterior(item, flip, encode) for item, flip in zip(items, flips)))
         return Batch(items, captions, is_reg, posterior=(torch.stack(means), torch.stack(stds)))
+
+    def _cached_posterior(self, item: Item, flip: bool, encode: Callable[[torch.Tensor], tuple]) -> tuple[torch.Tensor, torch.Tensor]:
+        a = self.plan.assignment(item)
+        # cached items have no random crop or colour (checked above), so no rng is drawn from here
+        compute = lambda: tuple(t[0] for t in encode(self._pixels(item, flip, random.Random(0))[None]))  # noqa: E731
+        return self.cache.get(CacheKey(item.path, a.bucket, a.resized, crop_box(a), flip), compute)
 
     def warm_cache(self, encode: Callable[[torch.Tensor], tuple], progress: Callable[[int, int], None] | None = None) -> None:
         """Encode every image (and its flip, with flip_aug) once before training, like sd-scripts."""
         if self.cache is None:
             return
-        rng = random.Random(0)  # unused by cached items: no random crop or colour
         todo = [(i, f) for i in self.plan.items for f in ((False, True) if i.subset.flip_aug else (False,))]
         for n, (item, flip) in enumerate(todo, 1):
-            a = self.plan.assignment(item)
-            self.cache.get(CacheKey(item.path, a.bucket, a.resized, crop_box(a), flip),
-                           lambda: tuple(t[0] for t in encode(self._pixels(item, flip, rng)[None])))
+            self._cached_posterior(item, flip, encode)
             if progress:
                 progress(n, len(todo))

@@ -63,11 +63,9 @@ class LoRANetwork(nn.Module):
                 rank, a = dim, alpha
             if not rank:
                 continue  # no conv_dim, or a block given rank 0
-            module = LoRAModule(t.name, t.module, rank, a, generator)
-            module.dropout, module.rank_dropout, module.module_dropout = dropout, rank_dropout, module_dropout
-            module.dropout_generator = self.dropout_generator
-            self.add_module(t.name, module)
+            self.add_module(t.name, LoRAModule(t.name, t.module, rank, a, generator))
             self._targets[t.name] = t.module
+        self.set_dropout(dropout, rank_dropout, module_dropout)
 
     @property
     def lora_modules(self) -> dict[str, LoRAModule]:
@@ -106,6 +104,12 @@ class LoRANetwork(nn.Module):
             yield self
         finally:
             self.remove()
+
+    def set_dropout(self, dropout: float | None, rank_dropout: float | None, module_dropout: float | None) -> None:
+        """sd-scripts' three dropouts, drawn from this network's own generator."""
+        for module in self.children():
+            module.dropout, module.rank_dropout, module.module_dropout = dropout, rank_dropout, module_dropout
+            module.dropout_generator = self.dropout_generator
 
     def set_multiplier(self, multiplier: float) -> None:
         for module in self.children():

@@ -9,7 +9,6 @@ turns NaN stops the run with the last good save left untouched.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import random
 import shutil
 import threading
@@ -58,9 +57,8 @@ class Trainer:
         self.last_save: Path | None = None
         self.notes: list[str] = list(adapter.info.notes)
         self._epoch_losses: list[float] = []
-        t = config.training
-        self.noise_options = noise_fn.NoiseOptions(**{f.name: getattr(t, f.name) for f in dataclasses.fields(noise_fn.NoiseOptions)})
-        self.loss_options = loss_fn.LossOptions(**{f.name: getattr(t, f.name) for f in dataclasses.fields(loss_fn.LossOptions)})
+        # TrainingConfig is a NoiseOptions and a LossOptions (it inherits their fields)
+        self.noise_options = self.loss_options = config.training
 
     # -- public ----------------------------------------------------------------------------------
     def run(self, listener: ev.Listener | None = None, cancel: threading.Event | None = None) -> Path | None:
@@ -256,7 +254,7 @@ class Trainer:
             if self.batches_done < len(batches):
                 break  # the step budget ended inside this epoch
             if stepped:
-                self._after_epoch(emit, pending)
+                self._after_epoch(emit)
             if epoch >= plan.epochs:
                 break
             self.epoch += 1
@@ -353,7 +351,7 @@ class Trainer:
             self._flush(pending, emit)
             self._sample(emit)
 
-    def _after_epoch(self, emit: ev.Listener, pending: list) -> None:
+    def _after_epoch(self, emit: ev.Listener) -> None:
         s, sm = self.config.saving, self.config.sampling
         epoch = self.epoch
         if s.save_every_n_epochs and epoch % s.save_every_n_epochs == 0 and epoch < self.plan.epochs:
