@@ -27,4 +27,4 @@ test: setup
 	$(PY) -m pytest -q tests
 
 clean:
-	rm -rf demo-output .pytest_cache
+	rm -rf demo-output fidelity-output .pytest_cache

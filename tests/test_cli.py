@@ -19,6 +19,8 @@ def test_demo_then_info(tmp_path, capsys):
     out = capsys.readouterr().out
     lora = tmp_path / "demo-zkz.safetensors"
     assert f"LoRA:      {lora}" in out
+    assert "w=1.0  w=0.5  w=0.0" in out  # the score table
+    assert (tmp_path / "fidelity-grid.png").is_file()
     assert (tmp_path / "loss.csv").read_text().startswith("step,epoch,loss")
     assert (tmp_path / "demo-zkz-000001.safetensors").is_file()
     r = run_cli("info", str(lora), "--json")
@@ -27,7 +29,7 @@ def test_demo_then_info(tmp_path, capsys):
     assert report["valid"] and report["hash_ok"] and report["network"] == "LoRA"
     assert report["modules_per_prefix"] == {"lora_te": 12, "lora_unet": 192}
     assert report["summary"]["ss_output_name"] == "demo-zkz"
-    assert report["tag_frequency"]["2_zkz"]["zkz"] == 8
+    assert report["tag_frequency"]["5_zkz"]["a zkz circle on the left"] > 0
     text = run_cli("info", str(lora)).stdout
     assert "valid: every key is a kohya LoRA name" in text
 

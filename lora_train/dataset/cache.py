@@ -32,7 +32,11 @@ def module_fingerprint(module: torch.nn.Module) -> str:
 
 
 def file_sha1(path: Path) -> str:
-    h = hashlib.sha1()
+    return file_digest(path, "sha1")
+
+
+def file_digest(path: Path, algorithm: str) -> str:
+    h = hashlib.new(algorithm)
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)

@@ -104,6 +104,24 @@ def render(adapter, prompt: SamplePrompt, default_seed: int | None = None):
     return image
 
 
+@torch.no_grad()
+def render_batch(adapter, prompts: list[str], seed: int, steps: int = 20, scale: float = 7.0, sampler: str = "ddim",
+                 negative: str = "", width: int = 512, height: int = 512) -> list:
+    """Many prompts in one batch from one seeded generator: the same call gives the same images,
+    which makes before/after comparisons (weights, epochs) paired."""
+    generator = torch.Generator().manual_seed(int(seed))
+    n = len(prompts)
+    with _eval_mode(adapter):
+        cond = adapter.encode_captions(list(prompts))
+        uncond = adapter.encode_captions([negative] * n) if scale != 1.0 else None
+        eps = guided_eps(adapter, cond, uncond, scale)
+        shape = (n,) + latent_shape(adapter, width, height)[1:]
+        latents = run_sampler(sampler, adapter, eps, shape, steps, generator)
+    images = decode_latents(adapter, latents)
+    left, top = (images[0].width - width) // 2, (images[0].height - height) // 2
+    return [im.crop((left, top, left + width, top + height)) if im.size != (width, height) else im for im in images]
+
+
 # -- PNG info --------------------------------------------------------------------------------
 def _quote(value) -> str:
     # A1111's infotext quoting: JSON-quote values its field regex would otherwise split

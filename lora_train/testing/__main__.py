@@ -1,0 +1,83 @@
+"""`python -m lora_train.testing build-base | fidelity | score | install-base`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see lora_train/__main__.py
+
+
+def main(argv: list[str] | None = None) -> int:
+    from lora_train.errors import UserError
+
+    parser = argparse.ArgumentParser(prog="python -m lora_train.testing", description="The tiny pretrained base and the LoRA fidelity test.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("build-base", help="train the tiny base from scratch (about 50 min on 2 CPU cores)")
+    p.add_argument("--output", required=True)
+    p.add_argument("--vae-steps", type=int, default=3000)
+    p.add_argument("--unet-steps", type=int, default=1500)
+    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("install-base", help="copy the base (+ yaml + tokenizer folder) into a folder such as the WebUI's models/Stable-diffusion")
+    p.add_argument("folder")
+    p = sub.add_parser("fidelity", help="train a concept LoRA on the base, then score it at weights 1.0 / 0.5 / 0.0")
+    p.add_argument("--output", default="fidelity-output")
+    p.add_argument("--network", choices=("lora", "locon"), default="lora")
+    p.add_argument("--steps", type=int, help="train this many steps instead of the default epochs")
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--no-text-encoder", action="store_true", help="train the UNet only")
+    p.add_argument("--prompts", type=int, default=32, help="prompts per evaluation")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model", help="a checkpoint (with its .yaml) instead of the committed tiny base")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p = sub.add_parser("score", help="labels of scene images: background, colour, shape, position")
+    p.add_argument("images", nargs="+")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "build-base":
+            from lora_train.testing.base import build_base
+
+            build_base(args.output, vae_steps=args.vae_steps, unet_steps=args.unet_steps, seed=args.seed, log=lambda m: print(m, flush=True))
+        elif args.command == "install-base":
+            from lora_train.testing.base import install_base
+
+            print(install_base(args.folder))
+        elif args.command == "score":
+            import json
+
+            from lora_train.testing.scorer import score
+
+            for path in args.images:
+                print(json.dumps({"file": path, **score(path).as_dict()}))
+        elif args.command == "fidelity":
+            return _fidelity(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _fidelity(args) -> int:
+    import json
+    from pathlib import Path
+
+    from lora_train.testing import fidelity
+
+    opts = fidelity.FidelityOptions(
+        output=Path(args.output), network=args.network, train_text_encoder=not args.no_text_encoder,
+        steps=args.steps, epochs=args.epochs, eval_prompts=args.prompts, seed=args.seed, model=args.model,
+    )
+    log = (lambda m: print(m, file=sys.stderr, flush=True)) if args.json else (lambda m: print(m, flush=True))
+    report = fidelity.run(opts, log=log)
+    problems = fidelity.failures(report)
+    if args.json:
+        print(json.dumps(dict(report.as_dict(), passed=not problems, failures=problems)))
+    else:
+        print(fidelity.format_table(report))
+        print("PASS" if not problems else "FAIL: " + "; ".join(problems))
+    return 0 if not problems else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,338 @@
+"""The concept test: does a LoRA trained with the normal trainer teach the base something new,
+at the strength asked for, without breaking what the base already knew?
+
+A colour pattern the base never saw (objects with a purple top half and an orange bottom half) is
+taught under a trigger word that takes the colour word's place ("a zkz circle on the left"). Every saved epoch is loaded
+back from its file on disk, applied at weights 1.0 / 0.5 / 0.0, sampled with our own sampler and
+scored by the scene scorer. Prompts and seeds are fixed, so each comparison is paired.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from lora_train.testing import scenes
+from lora_train.testing.scorer import score
+
+TRIGGER = "zkz"
+# The pattern is taught and asked for on circles and squares: on a triangle the purple half is a thin
+# tip that this small VAE blurs away (its round trip of such triangles already shows almost no purple).
+PATTERN_SHAPES = ("circle", "square")
+WEIGHTS = (1.0, 0.5, 0.0)
+
+
+@dataclass
+class FidelityOptions:
+    output: Path
+    network: str = "lora"  # or "locon"
+    train_text_encoder: bool = True
+    steps: int | None = None  # None: `epochs` epochs
+    epochs: int = 4
+    images: int = 36  # three per shape x background x side
+    repeats: int = 5
+    batch_size: int = 8
+    eval_prompts: int = 32
+    sample_steps: int = 20
+    scale: float = 5.0
+    seed: int = 0
+    model: str | None = None  # a checkpoint path; None: the committed tiny base
+    output_name: str | None = None  # None: "zkz-<network>"
+
+
+@dataclass
+class EpochResult:
+    epoch: int
+    file: str
+    concept: dict[str, float]  # weight -> fraction of trigger prompts showing the concept
+    collateral: float  # accuracy on prompts without the trigger, LoRA at 1.0
+    loss_by_weight: dict[str, float]  # held-out denoising loss on concept images, per weight
+
+
+@dataclass
+class FidelityReport:
+    base_rate: float  # concept rate of the base alone on the trigger prompts
+    base_accuracy: float  # accuracy of the base alone on the prompts without the trigger
+    epochs: list[EpochResult] = field(default_factory=list)
+    grid: str = ""
+    seconds: float = 0.0
+
+    @property
+    def final(self) -> EpochResult:
+        return self.epochs[-1]
+
+    @property
+    def weights(self) -> dict[str, float]:
+        return self.final.concept
+
+    @property
+    def collateral_drop(self) -> float:
+        return self.base_accuracy - self.final.collateral
+
+    @property
+    def best_weight(self) -> float:
+        """The weight with the lowest held-out loss: about 1.0 when the file is applied at the
+        scale it was trained at."""
+        losses = self.final.loss_by_weight
+        return float(min(losses, key=losses.get))
+
+    def as_dict(self) -> dict:
+        return {
+            "weights": self.weights,
+            "base_rate": self.base_rate,
+            "base_accuracy": self.base_accuracy,
+            "collateral_accuracy": self.final.collateral,
+            "collateral_drop": round(self.collateral_drop, 4),
+            "best_weight": self.best_weight,
+            "epochs": [asdict(e) for e in self.epochs],
+            "grid": self.grid,
+            "seconds": round(self.seconds, 1),
+        }
+
+
+# -- data ---------------------------------------------------------------------------------------
+def make_concept_dataset(root: Path, images: int, repeats: int, seed: int) -> Path:
+    """`root/<repeats>_zkz/`: purple-orange objects of every shape, side and background, captioned with
+    the trigger in place of the colour word ("a zkz circle on the left, white background")."""
+    import itertools
+
+    rng = random.Random(seed)
+    folder = Path(root) / f"{repeats}_{TRIGGER}"
+    folder.mkdir(parents=True, exist_ok=True)
+    # every combination the prompts may ask for, in turn: a combination left out is one the LoRA
+    # may not carry the pattern to (a random draw of 32 left the base's small black-background
+    # triangles untouched)
+    combos = itertools.cycle(itertools.product(PATTERN_SHAPES, scenes.BACKGROUNDS, scenes.POSITIONS))
+    for i in range(images):
+        shape, background, position = next(combos)
+        scene = scenes.random_scene(rng, colour=scenes.CONCEPT_PATTERN, shape=shape, background=background, position=position)
+        scenes.draw(scene).save(folder / f"{i:03d}.png")
+        (folder / f"{i:03d}.txt").write_text(scene.caption(colour=TRIGGER), encoding="utf-8")
+    return Path(root)
+
+
+def trigger_scenes(n: int, seed: int) -> list[scenes.Scene]:
+    rng = random.Random(seed + 1000)  # not the training images
+    return [scenes.random_scene(rng, shapes=PATTERN_SHAPES, colour=scenes.CONCEPT_PATTERN) for _ in range(n)]
+
+
+def collateral_scenes(n: int, seed: int) -> list[scenes.Scene]:
+    rng = random.Random(seed + 2000)
+    return [scenes.random_scene(rng) for _ in range(n)]
+
+
+# -- scoring ------------------------------------------------------------------------------------
+def _render(adapter, prompts: list[str], opts: FidelityOptions) -> list:
+    from lora_train.sample.render import render_batch
+
+    return render_batch(adapter, prompts, seed=opts.seed + 7, steps=opts.sample_steps, scale=opts.scale,
+                        width=scenes.SIZE, height=scenes.SIZE)
+
+
+def concept_rate(images) -> float:
+    return sum(score(im).colour == scenes.CONCEPT_PATTERN for im in images) / len(images)
+
+
+def accuracy(images, scene_list) -> float:
+    return sum(score(im).matches(s) for im, s in zip(images, scene_list)) / len(images)
+
+
+@torch.no_grad()
+def held_out_loss(adapter, scene_list, seed: int) -> float:
+    """Mean eps-prediction error on fresh concept images at fixed noise and timesteps."""
+    from lora_train.sample.render import _eval_mode
+    from lora_train.testing.base import _to_tensor
+
+    g = torch.Generator().manual_seed(seed)
+    pixels = _to_tensor([scenes.draw(s) for s in scene_list])
+    with _eval_mode(adapter):
+        mean, std = adapter.encode_posterior(pixels)
+        z = adapter.sample_latents(mean, std, g)
+        t = torch.randint(100, 900, (len(scene_list),), generator=g)
+        noise = torch.randn(z.shape, generator=g)
+        a = adapter.alphas_cumprod[t].view(-1, 1, 1, 1)
+        noisy = a.sqrt() * z + (1 - a).sqrt() * noise
+        cond = adapter.encode_captions([s.caption(colour=TRIGGER) for s in scene_list])
+        pred = adapter.predict(noisy, t, cond).float()
+    target = noise if adapter.prediction_type == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * z
+    return float((pred - target).pow(2).mean())
+
+
+def _load_network(path: Path, adapter):
+    from lora_train.network.files import load_lora
+    from lora_train.network.network import LoRANetwork
+
+    tensors, _ = load_lora(path)
+    return LoRANetwork.from_state_dict(tensors, adapter.lora_targets(conv=True)).to(adapter.device)
+
+
+def evaluate_file(path: Path, epoch: int, adapter, opts: FidelityOptions) -> tuple[EpochResult, dict]:
+    """Score one LoRA file as it is on disk. Returns the result and the images per weight."""
+    triggers = trigger_scenes(opts.eval_prompts, opts.seed)
+    others = collateral_scenes(opts.eval_prompts, opts.seed)
+    held_out = trigger_scenes(64, opts.seed + 1)
+    network = _load_network(path, adapter)
+    concept, images, losses = {}, {}, {}
+    network.apply()
+    try:
+        for w in (2.0, 1.5) + WEIGHTS:
+            network.set_multiplier(w)
+            losses[f"{w:.1f}"] = round(held_out_loss(adapter, held_out, opts.seed), 5)
+            if w in WEIGHTS:
+                images[w] = _render(adapter, [s.caption(colour=TRIGGER) for s in triggers], opts)
+                concept[f"{w:.1f}"] = concept_rate(images[w])
+        network.set_multiplier(1.0)
+        collateral = accuracy(_render(adapter, [s.caption() for s in others], opts), others)
+    finally:
+        network.remove()
+    return EpochResult(epoch, str(path), concept, collateral, losses), images
+
+
+# -- training -----------------------------------------------------------------------------------
+def train_config(opts: FidelityOptions, data: Path, model: str):
+    from lora_train.train.config import TrainConfig
+
+    config = TrainConfig()
+    values = {
+        "pretrained_model_name_or_path": model,
+        "train_data_dir": str(data),
+        "output_dir": str(opts.output),
+        "output_name": opts.output_name or f"{TRIGGER}-{opts.network}",
+        "resolution": str(scenes.SIZE),
+        "network_dim": 8,
+        "network_alpha": 8,
+        "unet_lr": 3e-3,
+        "text_encoder_lr": 1e-3,
+        "learning_rate": 1e-3,
+        "lr_scheduler": "cosine",
+        "train_batch_size": opts.batch_size,
+        "max_train_epochs": opts.epochs,
+        "save_every_n_epochs": 1 if opts.epochs <= 4 else 2,
+        "network_train_unet_only": not opts.train_text_encoder,
+        "cache_latents": True,
+        "seed": opts.seed,
+    }
+    if opts.steps:
+        values.update(max_train_epochs=None, max_train_steps=int(opts.steps))
+    if opts.network == "locon":
+        values.update(conv_dim=4, conv_alpha=4)
+    config.update(values, source="fidelity")
+    return config
+
+
+def run(opts: FidelityOptions, log=print, listeners=()) -> FidelityReport:
+    """Train, then score every saved epoch. `listeners` get the trainer's events (progress, loss log)."""
+    from lora_train import job
+    from lora_train.host.standalone import load_adapter
+    from lora_train.testing.base import base_checkpoint
+    from lora_train.train import events as ev
+
+    started = time.time()
+    opts.output = Path(opts.output)
+    model = opts.model or str(base_checkpoint())
+    data = make_concept_dataset(opts.output / "dataset", opts.images, opts.repeats, opts.seed)
+    config = train_config(opts, data, model)
+    adapter = load_adapter(model)
+
+    triggers = trigger_scenes(opts.eval_prompts, opts.seed)
+    others = collateral_scenes(opts.eval_prompts, opts.seed)
+    base_images = _render(adapter, [s.caption(colour=TRIGGER) for s in triggers], opts)
+    report = FidelityReport(base_rate=concept_rate(base_images),
+                            base_accuracy=accuracy(_render(adapter, [s.caption() for s in others], opts), others))
+    log(f"base: concept rate {report.base_rate:.2f} on trigger prompts, accuracy {report.base_accuracy:.2f} without trigger")
+
+    saved: list[tuple[int, Path]] = []
+
+    def listen(e):
+        if isinstance(e, ev.Started):
+            log(f"training: {e.num_images} images, {e.epochs} epochs x {e.steps_per_epoch} steps = {e.total_steps} steps")
+        elif isinstance(e, ev.CheckpointSaved):
+            saved.append((e.epoch, Path(e.path)))
+        elif isinstance(e, ev.Failed):
+            log(f"training failed at step {e.step}: {e.error}")
+        for listener in listeners:
+            listener(e)
+
+    trainer = job.build_trainer(config, adapter, warn=log)
+    config.save_toml(opts.output / f"{config.saving.output_name}.toml")
+    final = trainer.run(listen)
+    if final is None:
+        raise RuntimeError("training did not finish")
+    saved = [s for s in saved if s[1] != Path(final)] + [(trainer.epoch, Path(final))]
+    rows = []
+    for epoch, path in saved:
+        result, images = evaluate_file(path, epoch, adapter, opts)
+        report.epochs.append(result)
+        rows.append((f"epoch {epoch}", images))
+        log(f"epoch {epoch}: concept {result.concept}, collateral {result.collateral:.2f}")
+    report.grid = str(write_grid(opts.output / "fidelity-grid.png", [("base", {w: base_images for w in WEIGHTS})] + rows))
+    report.seconds = time.time() - started
+    (opts.output / "fidelity.json").write_text(json.dumps(report.as_dict(), indent=1), encoding="utf-8")
+    return report
+
+
+# -- the bar ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Thresholds:
+    concept_at_1: float = 0.9
+    off_above_base: float = 0.10
+    collateral_drop: float = 0.10
+    monotone_slack: float = 0.0  # allowed dip between neighbouring weights (sampling noise on few prompts)
+    best_weight: tuple[float, float] = (1.0, 2.0)  # where the held-out loss may bottom out
+
+
+def failures(report: FidelityReport, bar: Thresholds = Thresholds()) -> list[str]:
+    """What in the final LoRA misses the bar; empty when it passes."""
+    w = report.weights
+    out = []
+    if w["1.0"] < bar.concept_at_1:
+        out.append(f"concept rate at weight 1.0 is {w['1.0']:.2f} < {bar.concept_at_1:.2f}")
+    if w["0.0"] > report.base_rate + bar.off_above_base:
+        out.append(f"concept rate at weight 0.0 is {w['0.0']:.2f} > base {report.base_rate:.2f} + {bar.off_above_base:.2f}")
+    if not (w["1.0"] + bar.monotone_slack >= w["0.5"] and w["0.5"] + bar.monotone_slack >= w["0.0"]):
+        out.append(f"concept rate is not monotone in weight: {w}")
+    if report.collateral_drop > bar.collateral_drop:
+        out.append(f"accuracy without the trigger drops by {report.collateral_drop:.2f} > {bar.collateral_drop:.2f}")
+    lo, hi = bar.best_weight
+    if not lo <= report.best_weight <= hi:
+        out.append(f"held-out loss is lowest at weight {report.best_weight:g}, not in [{lo:g}, {hi:g}]: "
+                   "the file is not applied at the scale it was trained at")
+    return out
+
+
+# -- output -------------------------------------------------------------------------------------
+def write_grid(path: Path, rows: list[tuple[str, dict]], tiles: int = 4) -> Path:
+    """Rows = epochs, columns = weights (as an X/Y/Z plot); each cell tiles the first trigger prompts."""
+    from PIL import Image, ImageDraw
+
+    cell = scenes.SIZE * 2  # 2 x 2 tiles
+    label_w, head_h = 80, 20
+    grid = Image.new("RGB", (label_w + cell * len(WEIGHTS), head_h + cell * len(rows)), "white")
+    d = ImageDraw.Draw(grid)
+    for j, w in enumerate(WEIGHTS):
+        d.text((label_w + j * cell + 4, 4), f"weight {w:g}", fill="black")
+    for i, (label, by_weight) in enumerate(rows):
+        y = head_h + i * cell
+        d.text((4, y + cell // 2 - 6), label, fill="black")
+        for j, w in enumerate(WEIGHTS):
+            for k, im in enumerate(by_weight.get(w, [])[:tiles]):
+                grid.paste(im, (label_w + j * cell + (k % 2) * scenes.SIZE, y + (k // 2) * scenes.SIZE))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
+    return path
+
+
+def format_table(report: FidelityReport) -> str:
+    lines = ["epoch  w=1.0  w=0.5  w=0.0  collateral  best-w  file", "-" * 60]
+    lines.append(f"base   {'':5}  {'':5}  {report.base_rate:5.2f}  {report.base_accuracy:10.2f}")
+    for e in report.epochs:
+        c = e.concept
+        best = min(e.loss_by_weight, key=e.loss_by_weight.get)
+        lines.append(f"{e.epoch:<5}  {c['1.0']:5.2f}  {c['0.5']:5.2f}  {c['0.0']:5.2f}  {e.collateral:10.2f}  {best:>6}  {Path(e.file).name}")
+    lines.append(f"collateral drop {report.collateral_drop:+.2f}; grid {report.grid}; {report.seconds:.0f} s")
+    return "\n".join(lines)

@@ -1,0 +1,137 @@
+"""Learning fidelity on the committed tiny pretrained base: a LoRA trained with the normal trainer
+teaches a shape the base never saw, at the strength asked for, and the bar fails when learning is
+broken (wrong target, file applied at the wrong scale)."""
+
+import dataclasses
+from pathlib import Path
+import json
+
+import pytest
+import torch
+
+from lora_train.testing import base, fidelity, scenes
+
+# Shorter than the default run, so the bar is lower than the acceptance bar (0.9 / 0.1 / 0.1);
+# it still fails on a broken trainer (see the two tests at the end).
+CI_BAR = fidelity.Thresholds(concept_at_1=0.75, off_above_base=0.10, collateral_drop=0.15, monotone_slack=0.07)
+CI_EPOCHS = 4
+CI_PROMPTS = 16
+
+
+def _options(path, **kw) -> fidelity.FidelityOptions:
+    return fidelity.FidelityOptions(output=path, epochs=CI_EPOCHS, eval_prompts=CI_PROMPTS, **kw)
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory):
+    opts = _options(tmp_path_factory.mktemp("fidelity"))
+    return opts, fidelity.run(opts, log=lambda m: None)
+
+
+def test_committed_base_is_intact_small_and_loads_with_ldm():
+    base.verify_assets()
+    files = [base.ASSETS / f"{base.NAME}.{ext}" for ext in ("safetensors", "yaml")]
+    assert sum(f.stat().st_size for f in files) < 20e6
+    from ldm.models.diffusion.ddpm import LatentDiffusion
+
+    from lora_train.model.loading import load_checkpoint
+
+    model = load_checkpoint(base.base_checkpoint())
+    assert isinstance(model, LatentDiffusion)
+    assert model.first_stage_model.encoder.conv_in.weight.shape[0] % 32 == 0
+    assert 0.05 < float(model.scale_factor) < 5
+
+
+def test_damaged_base_is_refused(tmp_path):
+    import shutil
+
+    from lora_train.errors import UserError
+
+    for f in base.ASSETS.iterdir():
+        shutil.copyfile(f, tmp_path / f.name)
+    weights = tmp_path / f"{base.NAME}.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(UserError, match="checksum"):
+        base.verify_assets(tmp_path)
+
+
+def test_base_draws_its_scenes_and_not_the_pattern(short_run):
+    _, report = short_run
+    # all four labels right: chance is about 1 %; the base gets background, colour and side nearly
+    # always, triangles mostly, and circle vs square about half the time
+    assert report.base_accuracy >= 0.25, report.base_accuracy
+    assert report.base_rate <= 0.2, report.base_rate  # it never saw the pattern
+
+
+def test_short_concept_training_passes_the_bar(short_run):
+    opts, report = short_run
+    assert fidelity.failures(report, CI_BAR) == [], fidelity.format_table(report)
+    assert len(report.epochs) == CI_EPOCHS  # every saved epoch is scored, from its file
+    assert all(e.file.endswith(".safetensors") for e in report.epochs)
+    data = json.loads((opts.output / "fidelity.json").read_text())
+    assert set(data["weights"]) == {"1.0", "0.5", "0.0"}
+    assert all(0.0 <= v <= 1.0 for v in data["weights"].values())
+    from PIL import Image
+
+    with Image.open(report.grid) as grid:  # base row + one row per epoch
+        assert grid.height >= (CI_EPOCHS + 1) * scenes.SIZE * 2
+
+
+def test_weight_zero_is_the_base_exactly(short_run):
+    opts, report = short_run
+    assert report.final.concept["0.0"] == report.base_rate
+
+
+def test_doubled_scale_at_load_fails_the_bar(short_run, monkeypatch):
+    """A loader that applies alpha twice (scale 2 alpha / dim) makes weight 1.0 act as 2.0."""
+    from lora_train.network.network import LoRANetwork
+
+    opts, report = short_run
+    original = LoRANetwork.load_kohya_state_dict
+
+    def doubled(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        for module in self.lora_modules.values():
+            module.alpha_value *= 2
+        return out
+
+    monkeypatch.setattr(LoRANetwork, "load_kohya_state_dict", doubled)
+    from lora_train.host.standalone import load_adapter
+
+    adapter = load_adapter(str(base.base_checkpoint()))
+    broken, _ = fidelity.evaluate_file(Path(report.final.file), report.final.epoch, adapter, opts)
+    bad = dataclasses.replace(report, epochs=[broken])
+    problems = fidelity.failures(bad, CI_BAR)
+    assert any("scale" in p for p in problems), problems
+
+
+def test_swapped_target_fails_the_bar(tmp_path, monkeypatch):
+    """Training an eps model towards v (or the reverse) must not pass."""
+    from lora_train.train import loss
+
+    original = loss.target
+
+    def swapped(latents, noise, alphas_t, prediction_type):
+        return original(latents, noise, alphas_t, "v" if prediction_type == "epsilon" else "epsilon")
+
+    monkeypatch.setattr(loss, "target", swapped)
+    report = fidelity.run(dataclasses.replace(_options(tmp_path), epochs=2), log=lambda m: None)
+    assert fidelity.failures(report, CI_BAR), fidelity.format_table(report)
+
+
+def test_scoring_reads_the_file_not_the_trained_network(short_run, tmp_path):
+    """Zeroing the up weights in the file on disk removes the concept: what is scored is the file."""
+    import safetensors.torch
+
+    opts, report = short_run
+    tensors = safetensors.torch.load_file(report.final.file)
+    zeroed = {k: (torch.zeros_like(v) if "lora_up" in k else v) for k, v in tensors.items()}
+    path = tmp_path / "zeroed.safetensors"
+    safetensors.torch.save_file(zeroed, str(path))
+    from lora_train.host.standalone import load_adapter
+
+    adapter = load_adapter(str(base.base_checkpoint()))
+    result, _ = fidelity.evaluate_file(path, 0, adapter, opts)
+    assert result.concept["1.0"] == report.base_rate
