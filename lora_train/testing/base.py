@@ -362,7 +362,3 @@ def base_checkpoint() -> Path:
         install_base(cache)
         shutil.copyfile(ASSETS / stamp.name, stamp)
     return target
-
-
-def describe() -> str:
-    return json.dumps({"text": TEXT_CONFIG, "model": base_config()}, indent=1)

@@ -159,6 +159,8 @@ def held_out_loss(adapter, scene_list, seed: int) -> float:
         noisy = a.sqrt() * z + (1 - a).sqrt() * noise
         cond = adapter.encode_captions([s.caption(colour=TRIGGER) for s in scene_list])
         pred = adapter.predict(noisy, t, cond).float()
+    # Written out here, not taken from train.loss.target: the measure must stay right when the
+    # trainer's target is wrong (that is one of the bugs it exists to catch).
     target = noise if adapter.prediction_type == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * z
     return float((pred - target).pow(2).mean())
 
