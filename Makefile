@@ -5,7 +5,14 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.setup-done
 
-.PHONY: setup demo test clean
+# tests/test_browser.py drives the Train tab in Debian's chromium (playwright is only the Python
+# client from requirements-dev.txt; it never downloads a browser).
+CHROMIUM := /usr/bin/chromium
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+# fonts-wqy-zenhei: the zh_CN screenshots show Chinese, not boxes
+APT_INSTALL := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium fonts-wqy-zenhei
+
+.PHONY: setup demo test clean browser
 
 setup: $(STAMP)
 
@@ -16,13 +23,16 @@ $(STAMP): requirements-host.txt requirements-dev.txt Makefile
 	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
 	$(PIP) install -q -r requirements-host.txt -r requirements-dev.txt
 	$(PIP) install -q --no-deps stable-diffusion-sdkit==2.1.5
-	$(PY) -c "import torch, torchvision, ldm.models.diffusion.ddpm, open_clip, transformers, gradio" 2>/dev/null
+	$(PY) -c "import torch, torchvision, ldm.models.diffusion.ddpm, open_clip, transformers, gradio, playwright.sync_api" 2>/dev/null
 	touch $(STAMP)
 
 demo: setup
 	$(PY) -m lora_train demo --output demo-output
 
-test: setup
+browser:
+	@(test -x $(CHROMIUM) && test -d /usr/share/fonts/truetype/wqy) || $(APT_INSTALL) || ($(SUDO) apt-get update -q && $(APT_INSTALL))
+
+test: setup browser
 	$(VENV)/bin/ruff check --select F,E9 lora_train tests benchmarks install.py
 	$(PY) -m pytest -q tests
 

@@ -1,15 +1,15 @@
-"""A1111's install hook: runs in a subprocess at every WebUI start (unless --skip-install, under
-which the host's `launch.run_pip` does nothing).
+"""A1111's install hook: the WebUI runs this file in a subprocess at every start (not at all under
+--skip-install), with the WebUI root on PYTHONPATH so `import launch` works.
 
 It installs only what LoRA Train needs and the host lacks, pinned and with --no-deps: each of these
-needs nothing beyond what the WebUI already has (torch, typing-extensions), so pip can never
-upgrade or downgrade the host's own packages (torch, transformers, gradio, protobuf ...).
+needs nothing beyond what the WebUI already has (torch, numpy, typing-extensions), so pip can never
+upgrade or downgrade the host's own packages (torch, transformers, gradio, protobuf ...). A second
+start finds everything installed and does nothing.
 """
 
 import importlib.metadata
+import re
 import sys
-
-import launch  # provided by the WebUI (PYTHONPATH is set to its root)
 
 # (distribution name, pip requirement)
 PACKAGES = [
@@ -22,6 +22,24 @@ PACKAGES = [
 if sys.version_info < (3, 11):
     PACKAGES.append(("tomli", "tomli==2.0.1"))  # tomllib is 3.11+
 
+# Only where torch sees a CUDA GPU: AdamW8bit, Lion8bit, PagedAdamW8bit ... (0.43 ships Linux and
+# Windows CUDA wheels that work with the WebUI's torch 2.1; without CUDA it is useless).
+CUDA_PACKAGES = [
+    ("bitsandbytes", "bitsandbytes==0.43.3"),
+]
+
+# The WebUI owns these; installing any of them from an extension breaks it (wrong CUDA build,
+# gradio/protobuf version fights), so no requirement may ever name one.
+HOST_OWNED = {"torch", "torchvision", "torchaudio", "xformers", "transformers", "gradio", "gradio-client", "protobuf"}
+
+
+def canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def requirement_name(requirement: str) -> str:
+    return canonical(re.split(r"[\s<>=!~;\[@(]", requirement.strip(), maxsplit=1)[0])
+
 
 def missing(dist: str) -> bool:
     try:
@@ -31,10 +49,47 @@ def missing(dist: str) -> bool:
         return True
 
 
-def main() -> None:
-    for dist, requirement in PACKAGES:
-        if missing(dist):
+def cuda_available() -> bool:
+    """torch's own answer, imported only when asked (a torch that does not import means no CUDA)."""
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except Exception:
+        return False
+
+
+def skip_install(launch) -> bool:
+    # The WebUI skips install.py under --skip-install, and its run_pip does nothing then; this is for
+    # running the file by hand. COMMANDLINE_ARGS reaches sys.argv and launch.args on `import launch`.
+    return "--skip-install" in sys.argv or bool(getattr(getattr(launch, "args", None), "skip_install", False))
+
+
+def to_install() -> list[str]:
+    wanted = [requirement for dist, requirement in PACKAGES if missing(dist)]
+    # torch is imported (slow) only when there is something to decide
+    if any(missing(dist) for dist, _ in CUDA_PACKAGES) and cuda_available():
+        wanted += [requirement for dist, requirement in CUDA_PACKAGES if missing(dist)]
+    return [r for r in wanted if requirement_name(r) not in HOST_OWNED]
+
+
+def main() -> list[str]:
+    import launch  # provided by the WebUI
+
+    if skip_install(launch):
+        return []
+    done, failed = [], []
+    for requirement in to_install():
+        try:
             launch.run_pip(f'install --no-deps "{requirement}"', f"LoRA Train requirement: {requirement}")
+            done.append(requirement)
+        except RuntimeError as e:  # one that cannot install (no wheel, offline) must not stop the others
+            print(e, file=sys.stderr)
+            failed.append(requirement)
+    if failed:  # the WebUI reports a failed install.py and starts anyway; the optimizers affected say so when chosen
+        raise RuntimeError(f"LoRA Train: could not install {', '.join(failed)}")
+    return done
 
 
-main()
+if __name__ == "__main__":
+    main()

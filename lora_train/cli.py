@@ -122,6 +122,13 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_ui(args) -> int:
+    from lora_train.ui.app import serve
+
+    serve(args.model, args.port, args.listen, args.lang, Path(args.lora_dir).resolve(), Path(args.work_dir).resolve())
+    return 0
+
+
 def cmd_info(args) -> int:
     from lora_train.network.inspect import inspect_lora
 
@@ -302,6 +309,15 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--batch", type=int, default=1)
     bn.add_argument("--steps", type=int, default=5)
     bn.set_defaults(func=cmd_bench)
+
+    u = sub.add_parser("ui", help="serve the Train tab without the WebUI (standalone host)")
+    u.add_argument("--model", default="builtin:tiny", help="builtin:tiny, builtin:tinybase or a checkpoint file")
+    u.add_argument("--port", type=int, default=7861)
+    u.add_argument("--listen", action="store_true", help="serve on all interfaces, not only 127.0.0.1")
+    u.add_argument("--lang", default=None, help="UI language, e.g. zh_CN (localizations/*.json)")
+    u.add_argument("--lora-dir", default="lora-train-output/Lora", help="where LoRA files are published")
+    u.add_argument("--work-dir", default="lora-train-output/runs", help="run state, samples, loss logs")
+    u.set_defaults(func=cmd_ui)
 
     g = sub.add_parser("targets", help="the kohya module names a LoRA trains on an architecture")
     g.add_argument("--arch", required=True, choices=["sd15", "sd21"])

@@ -68,3 +68,12 @@ def make_dataset(root: Path, count: int = 4, repeats: int = 1, size: int = 64) -
     from lora_train.demo import make_dataset as demo_dataset
 
     return demo_dataset(root, count=count, repeats=repeats, size=size)
+
+
+def small_run_config(data: Path, name: str, epochs: int = 2, **extra):
+    """A run the tiny model trains in seconds: 64 px, rank 4, batch 2, a save every epoch."""
+    from lora_train.train.config import TrainConfig
+
+    return TrainConfig().update({"train_data_dir": str(data), "output_name": name, "max_train_epochs": epochs,
+                                 "train_batch_size": 2, "resolution": "64", "network_dim": 4, "network_alpha": 4.0,
+                                 "learning_rate": 1e-3, "seed": 3, "save_every_n_epochs": 1, **extra}, source="test")

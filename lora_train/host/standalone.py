@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from pathlib import Path
+
 from lora_train.errors import UserError
+from lora_train.host.base import Host
 from lora_train.model.ldm import LdmAdapter
 
 BUILTIN_TINY = "builtin:tiny"  # random weights: shapes and plumbing
@@ -28,3 +33,87 @@ def load_model(spec: str):
 def load_adapter(spec: str, clip_skip: int | None = None) -> LdmAdapter:
     model = load_model(spec)
     return LdmAdapter(model, name="tiny" if spec == BUILTIN_TINY else None, clip_skip=clip_skip or 1)
+
+
+def resolution_of(spec: str) -> int:
+    # the built-in models are 64 px models; a file's own size is only known once it is loaded
+    return 64 if spec in (BUILTIN_TINY, BUILTIN_TINYBASE) else 512
+
+
+class StandaloneHost(Host):
+    """Loads one model once and keeps it, like the WebUI keeps its checkpoint loaded; runs train on it
+    one at a time. Previews come from our own sampler."""
+
+    name = "standalone"
+
+    def __init__(self, model: str, lora_dir: Path, work_dir: Path):
+        self.model_spec = model
+        self._lora_dir = Path(lora_dir)
+        self._work_dir = Path(work_dir)
+        self._lock = threading.Lock()  # the standalone "queue lock"
+        self._model = None
+        self.adapter: LdmAdapter | None = None
+
+    def model_label(self) -> str:
+        return self.model_spec
+
+    def model_resolution(self) -> int:
+        return resolution_of(self.model_spec)
+
+    def lora_dir(self) -> Path:
+        return self._lora_dir
+
+    def work_dir(self) -> Path:
+        return self._work_dir
+
+    @contextlib.contextmanager
+    def session(self, config, run_id):
+        with self._lock:
+            if self._model is None:
+                self._model = load_model(self.model_spec)
+            self.adapter = LdmAdapter(self._model, name="tiny" if self.model_spec == BUILTIN_TINY else None,
+                                      clip_skip=config.model.clip_skip or 1)
+            yield self.adapter
+
+    def sample_fn(self, config, adapter, prompts, folder):
+        from lora_train.sample.prompts import parse_prompt_line
+        from lora_train.sample.render import render, save_sample
+
+        size = self.model_resolution()
+        parsed = []
+        for line in prompts:
+            p = parse_prompt_line(line, default_sampler=config.sampling.sample_sampler)
+            if " --w " not in f" {line} ":
+                p.width = size
+            if " --h " not in f" {line} ":
+                p.height = size
+            if " --s " not in f" {line} ":
+                p.steps = 20
+            parsed.append(p)
+        name = config.saving.output_name
+
+        def sample(epoch: int, step: int) -> list[Path]:
+            paths = []
+            for i, prompt in enumerate(parsed):
+                image = render(adapter, prompt, default_seed=config.training.seed or 1)
+                path = Path(folder) / f"{name}_e{epoch:06d}_s{step:06d}_{i:02d}.png"
+                paths.append(save_sample(image, path, prompt, {"Lora": name, "Epoch": epoch, "Step": step}))
+            return paths
+
+        return sample
+
+    def after_publish(self, path: Path) -> list[str]:
+        from lora_train.network.selftest import self_test_message, unmatched_modules
+
+        if self.adapter is None:
+            return []
+        return [self_test_message(path, unmatched_modules(path, self.adapter))]
+
+    def xyz_grid(self, files, weights, prompt, seed, out):
+        from lora_train.ui.grid import render_grid
+
+        with self._lock:
+            if self._model is None:
+                self._model = load_model(self.model_spec)
+            adapter = LdmAdapter(self._model)
+            return render_grid(adapter, files, weights, prompt, seed, out, size=self.model_resolution())

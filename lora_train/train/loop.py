@@ -57,6 +57,7 @@ class Trainer:
         self.last_save: Path | None = None
         self.notes: list[str] = list(adapter.info.notes)
         self._epoch_losses: list[float] = []
+        self._save_requested = threading.Event()  # "Save now" from a front end, taken after the current step
         # TrainingConfig is a NoiseOptions and a LossOptions (it inherits their fields)
         self.noise_options = self.loss_options = config.training
 
@@ -102,6 +103,10 @@ class Trainer:
         path = self.save(s.output_name, with_state=s.save_state or s.save_state_on_train_end)
         emit(ev.Finished(str(path), self.step))
         return path
+
+    def request_save(self) -> None:
+        """Save `<name>-step<N>` (with state) after the step in progress; safe from any thread."""
+        self._save_requested.set()
 
     def save(self, name: str, with_state: bool = False) -> Path:
         path = self.output_dir / f"{name}.safetensors"
@@ -338,6 +343,11 @@ class Trainer:
 
     def _after_step(self, emit: ev.Listener, pending: list) -> None:
         s, sm = self.config.saving, self.config.sampling
+        if self._save_requested.is_set():
+            self._save_requested.clear()
+            self._flush(pending, emit)
+            path = self.save(f"{s.output_name}-step{self.step:08d}", with_state=True)
+            emit(ev.CheckpointSaved(str(path), self.epoch, self.step))
         if s.save_every_n_steps and self.step % s.save_every_n_steps == 0 and self.step < self.plan.total_steps:
             self._flush(pending, emit)  # never save weights that might already be NaN
             path = self.save(f"{s.output_name}-step{self.step:08d}", with_state=s.save_state)

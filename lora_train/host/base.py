@@ -1,0 +1,63 @@
+"""What the Train tab needs from wherever it runs: the WebUI (`a1111.py`) or nothing (`standalone.py`).
+
+The run manager (`lora_train/ui/runs.py`) talks to a Host only through this class, so the same tab
+and the same tests serve both. A host never sees gradio; the tab never sees the host's modules.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+from lora_train.model.adapter import ModelAdapter
+from lora_train.train.config import TrainConfig
+
+SampleFn = Callable[[int, int], list]  # (epoch, step) -> image paths, rendered with the LoRA applied
+
+
+class Host:
+    name = "host"
+
+    def model_label(self) -> str:
+        """The model the run would train on, as the tab shows it."""
+        raise NotImplementedError
+
+    def model_resolution(self) -> int:
+        return 512
+
+    def lora_dir(self) -> Path:
+        """Where finished LoRA files are published (the host's `models/Lora`)."""
+        raise NotImplementedError
+
+    def work_dir(self) -> Path:
+        """Where runs keep their state, samples, loss logs and configs (never the LoRA folder: the
+        WebUI lists every .pt there as a network)."""
+        raise NotImplementedError
+
+    def preflight(self, config: TrainConfig) -> list[str]:
+        """Reasons this run cannot start on this host now; empty when it can."""
+        return []
+
+    @contextlib.contextmanager
+    def session(self, config: TrainConfig, run_id: str) -> Iterator[ModelAdapter]:
+        """Hold the host for one run: lock out other users of the model, prepare it, yield an
+        adapter over it, and on every exit leave it exactly as it was."""
+        raise NotImplementedError
+        yield  # pragma: no cover
+
+    def sample_fn(self, config: TrainConfig, adapter: ModelAdapter, prompts: list[str], folder: Path) -> Optional[SampleFn]:
+        """Preview renderer for the run, or None."""
+        return None
+
+    def on_event(self, event) -> None:
+        """Every training event, for the host's own progress display."""
+
+    def after_publish(self, path: Path) -> list[str]:
+        """A LoRA was just published into `lora_dir()`: refresh the host's list and check the file
+        loads there. Returns messages for the user (unmatched keys, ...)."""
+        return []
+
+    def xyz_grid(self, files: list[Path], weights: list[float], prompt: str, seed: int, out: Path) -> Optional[Path]:
+        """Render an epochs x weights comparison grid; None when the host cannot."""
+        return None

@@ -1,0 +1,23 @@
+"""Does a saved LoRA load onto this model? The modules in the file that the model does not have are
+exactly what the WebUI would log as "didn't match keys" and then ignore."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lora_train.network.files import load_lora
+
+
+def unmatched_modules(path: str | Path, adapter) -> list[str]:
+    tensors, _ = load_lora(path)
+    known = {t.name for t in adapter.lora_targets(conv=True)}
+    in_file = {key.split(".", 1)[0] for key in tensors}
+    return sorted(in_file - known)
+
+
+def self_test_message(path: str | Path, unmatched: list[str]) -> str:
+    name = Path(path).name
+    if not unmatched:
+        return f"self-test: {name} loads onto the model with every module matched"
+    shown = ", ".join(unmatched[:5]) + (" ..." if len(unmatched) > 5 else "")
+    return f"self-test FAILED: {name} has {len(unmatched)} module(s) the model does not have: {shown}"

@@ -1,0 +1,146 @@
+"""Status, plan and loss chart as small HTML fragments (inline SVG: no plotting library, no
+JavaScript, renders the same in the WebUI and the standalone page)."""
+
+from __future__ import annotations
+
+import html
+import math
+from pathlib import Path
+from typing import Optional
+
+
+def _fmt_time(seconds: Optional[float]) -> str:
+    if seconds is None or math.isinf(seconds) or math.isnan(seconds):
+        return "-"
+    s = int(round(seconds))
+    h, m = divmod(s // 60, 60)
+    return f"{h}:{m:02d}:{s % 60:02d}" if h else f"{m}:{s % 60:02d}"
+
+
+def ema(values: list[float], weight: float = 0.9) -> list[float]:
+    out, acc = [], None
+    for v in values:
+        acc = v if acc is None else weight * acc + (1 - weight) * v
+        out.append(acc)
+    return out
+
+
+def loss_chart(losses: list[tuple[int, float]], t, width: int = 480, height: int = 180) -> str:
+    """Raw loss per step (light) and its moving average (bold), steps on x."""
+    n = len(losses)
+    if n == 0:
+        return f'<div id="lora_train_chart_svg" data-points="0" class="lora-train-chart-empty">{html.escape(t("No loss yet"))}</div>'
+    steps = [s for s, _ in losses]
+    values = [v if math.isfinite(v) else 0.0 for _, v in losses]
+    smooth = ema(values)
+    lo, hi = min(values), max(values)
+    if hi - lo < 1e-12:
+        lo, hi = lo - 0.5, hi + 0.5
+    pad_l, pad_b, pad_t, pad_r = 48, 20, 8, 8
+    x0, x1 = steps[0], max(steps[-1], steps[0] + 1)
+
+    def xy(step, value):
+        x = pad_l + (step - x0) / (x1 - x0) * (width - pad_l - pad_r)
+        y = pad_t + (hi - value) / (hi - lo) * (height - pad_t - pad_b)
+        return f"{x:.1f},{y:.1f}"
+
+    raw = " ".join(xy(s, v) for s, v in zip(steps, values))
+    avg = " ".join(xy(s, v) for s, v in zip(steps, smooth))
+    label = html.escape(t("loss"))
+    return (
+        f'<svg id="lora_train_chart_svg" data-points="{n}" data-last-step="{steps[-1]}" viewBox="0 0 {width} {height}" '
+        f'width="100%" role="img" aria-label="{label}" xmlns="http://www.w3.org/2000/svg">'
+        f'<rect x="{pad_l}" y="{pad_t}" width="{width - pad_l - pad_r}" height="{height - pad_t - pad_b}" fill="none" stroke="#8884"/>'
+        f'<text x="4" y="{pad_t + 10}" font-size="10" fill="currentColor">{hi:.3g}</text>'
+        f'<text x="4" y="{height - pad_b}" font-size="10" fill="currentColor">{lo:.3g}</text>'
+        f'<text x="{pad_l}" y="{height - 4}" font-size="10" fill="currentColor">{x0}</text>'
+        f'<text x="{width - pad_r}" y="{height - 4}" font-size="10" text-anchor="end" fill="currentColor">{steps[-1]}</text>'
+        f'<polyline points="{raw}" fill="none" stroke="#f97316" stroke-opacity="0.35" stroke-width="1"/>'
+        f'<polyline points="{avg}" fill="none" stroke="#f97316" stroke-width="2"/>'
+        f"</svg>"
+    )
+
+
+# Spelled out: bare words like "training" are keys other extensions' zh_CN files translate otherwise.
+PHASE_LABELS = {
+    "queued": "Waiting in queue", "preparing": "Preparing the model", "training": "Training in progress",
+    "finished": "Training finished", "cancelled": "Stopped by user", "failed": "Training failed", "refused": "Cannot start",
+}
+
+
+def status_html(status, t, queued: list[str] | None = None, paused: bool = False) -> str:
+    if status is None:
+        return f'<div id="lora_train_state" data-phase="idle">{html.escape(t("Idle: set a dataset folder and press Start."))}</div>'
+    phase = status.phase
+    rows = [
+        (t("Run name"), status.name),
+        (t("State"), t(PHASE_LABELS.get(phase, phase))),
+        (t("Step"), f"{status.step} / {status.total_steps or '?'}"),
+        (t("Epoch"), f"{status.epoch} / {status.epochs or '?'}"),
+        (t("Speed"), f"{status.steps_per_second:.2f} it/s" if status.steps_per_second else "-"),
+        (t("ETA"), _fmt_time(status.eta_seconds)),
+        (t("Loss"), f"{status.last_loss:.4f}" if status.last_loss is not None else "-"),
+    ]
+    if queued:
+        rows.append((t("Queued"), ", ".join(queued) + (f" ({t('queue paused')})" if paused else "")))
+    pct = 100.0 * status.step / status.total_steps if status.total_steps else 0.0
+    body = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows)
+    parts = [
+        f'<div id="lora_train_state" data-phase="{html.escape(phase)}" data-step="{status.step}" data-total="{status.total_steps}">',
+        f'<div class="lora-train-bar"><div style="width:{pct:.1f}%"></div></div>',
+        f'<table class="lora-train-table">{body}</table>',
+    ]
+    if status.error:
+        parts.append(f'<pre class="lora-train-error">{html.escape(status.error)}</pre>')
+    if status.messages:
+        items = "".join(f"<li>{html.escape(m.splitlines()[0] if m else m)}</li>" for m in status.messages[-6:])
+        parts.append(f'<ul class="lora-train-messages">{items}</ul>')
+    parts.append("</div>")
+    return "".join(parts)
+
+
+def files_html(status, t) -> str:
+    if status is None or not status.published:
+        return f'<div id="lora_train_published" data-count="0">{html.escape(t("No LoRA saved yet"))}</div>'
+    folder = str(Path(status.published[-1]).parent)
+    items = []
+    for p in status.published:
+        check = status.checks.get(p, "")
+        mark = "✖" if "FAILED" in check or "didn't match" in check else ("✔" if check else "")
+        items.append(f'<li title="{html.escape(check)}">{mark} <code>{html.escape(Path(p).name)}</code></li>')
+    return (f'<div id="lora_train_published" data-count="{len(status.published)}">'
+            f'<div class="lora-train-folder">{html.escape(t("LoRA folder"))}: <code>{html.escape(folder)}</code></div>'
+            f'<ul>{"".join(items)}</ul></div>')
+
+
+def plan_html(plan, t) -> str:
+    guideline = f"{plan.guideline_total}"
+    rows = [
+        (t("Training images"), plan.train_images),
+        (t("Regularization images"), plan.reg_images),
+        (t("Images x repeats"), plan.train_samples),
+        (t("Steps per epoch"), plan.steps_per_epoch),
+        (t("Epochs"), plan.epochs),
+        (t("Total steps"), plan.total_steps),
+        (t("Guideline (images x repeats x 4, usually 1000-2000)"), guideline),
+    ]
+    buckets = [f"{w}x{h}: {n}" for b in plan.blocks for (w, h), n in _bucket_rows(b)]
+    body = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows)
+    parts = [f'<div id="lora_train_plan_info" data-total-steps="{plan.total_steps}" data-steps-per-epoch="{plan.steps_per_epoch}">',
+             f'<table class="lora-train-table">{body}</table>']
+    if buckets:
+        parts.append(f"<p>{html.escape(t('Buckets'))}: {html.escape(', '.join(buckets))}</p>")
+    notes = [f"⚠ {w}" for w in plan.warnings] + [f"✖ {p}" for p in plan.scan.problems + plan.problems]
+    if notes:
+        parts.append('<ul class="lora-train-warnings">' + "".join(f"<li>{html.escape(str(n))}</li>" for n in notes[:20]) + "</ul>")
+    parts.append("</div>")
+    return "".join(parts)
+
+
+def _bucket_rows(block):
+    for row in block.report()["buckets"]:
+        yield tuple(row["resolution"]), row["images_x_repeats"]
+
+
+def error_html(message: str) -> str:
+    return f'<div class="lora-train-error" id="lora_train_plan_error"><pre>{html.escape(message)}</pre></div>'

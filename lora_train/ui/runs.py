@@ -1,0 +1,355 @@
+"""The run manager behind the Train tab: a queue of runs trained one at a time in a background thread.
+
+It knows the host only through `lora_train.host.base.Host` and the front end only through
+`snapshot()`, so the WebUI tab, the standalone server and the tests drive the same code.
+
+Stop saves `<name>-interrupted` (with optimizer state) and pauses the queue; Resume continues the
+last stopped or failed run from that state under the same name; Save now writes `<name>-step<N>`.
+Every save is published into the host's LoRA folder with its card (see `network/card.py`).
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from lora_train.errors import UserError
+from lora_train.host.base import Host
+from lora_train.network.card import SD_VERSION, Card, free_stem, publish, set_preview, unique_name
+from lora_train.train import events as ev
+from lora_train.train.config import TrainConfig
+
+ACTIVE = ("preparing", "training")
+ENDED = ("finished", "cancelled", "failed", "refused")
+
+
+@dataclass
+class RunRequest:
+    config: TrainConfig
+    trigger: str = ""  # activation text on the card; also the default preview prompt
+    preview_prompts: list[str] = field(default_factory=list)
+    preferred_weight: float = 1.0
+    notes: str = ""
+    previews: bool = True  # preview images each epoch (from the prompts, else the trigger word)
+
+
+@dataclass
+class RunStatus:
+    id: str
+    name: str
+    phase: str = "queued"  # queued | preparing | training | finished | cancelled | failed | refused
+    step: int = 0
+    total_steps: int = 0
+    epoch: int = 0
+    epochs: int = 0
+    steps_per_epoch: int = 0
+    images: int = 0
+    losses: list[tuple[int, float]] = field(default_factory=list)
+    epoch_losses: list[tuple[int, float]] = field(default_factory=list)
+    steps_per_second: float = 0.0
+    eta_seconds: Optional[float] = None
+    published: list[str] = field(default_factory=list)
+    checks: dict[str, str] = field(default_factory=dict)  # published path -> the host's load check
+    previews: list[str] = field(default_factory=list)
+    messages: list[str] = field(default_factory=list)
+    error: str = ""
+    work_dir: str = ""
+    resume_state: Optional[str] = None  # the state folder Resume continues from
+    queued_at: float = field(default_factory=time.time)
+    started_at: Optional[float] = None
+    ended_at: Optional[float] = None
+
+    @property
+    def last_loss(self) -> Optional[float]:
+        return self.losses[-1][1] if self.losses else None
+
+
+class RunManager:
+    def __init__(self, host: Host):
+        self.host = host
+        self._lock = threading.RLock()
+        self._queue: list[tuple[RunStatus, RunRequest]] = []
+        self._runs: list[RunStatus] = []  # every run of this session, oldest first
+        self._requests: dict[str, RunRequest] = {}
+        self._current: Optional[RunStatus] = None
+        self._cancel = threading.Event()
+        self._trainer = None
+        self._paused = False
+        self._thread: Optional[threading.Thread] = None
+        self._ids = itertools.count(1)
+        self._idle = threading.Condition(self._lock)
+
+    # -- commands --------------------------------------------------------------------------------
+    def submit(self, request: RunRequest, start: bool = True) -> RunStatus:
+        """Queue a run; with `start`, also un-pause the queue. Its name is made unique now."""
+        with self._lock:
+            taken = {r.name for r in self._runs if r.phase not in ENDED}
+            name = unique_name(self.host.lora_dir(), request.config.saving.output_name or "lora", taken)
+            config = copy.deepcopy(request.config)
+            config.saving.output_name = name
+            config.saving.output_dir = str(self.host.work_dir() / name)
+            config.saving.resume = None
+            status = RunStatus(id=self._new_id(), name=name, work_dir=config.saving.output_dir)
+            self._enqueue(status, RunRequest(config, request.trigger, list(request.preview_prompts), request.preferred_weight, request.notes, request.previews), start)
+            return status
+
+    def resume(self, run_id: Optional[str] = None) -> RunStatus:
+        """Continue a stopped or failed run from its last interrupted state, under the same name."""
+        with self._lock:
+            candidates = [r for r in self._runs if r.resume_state and (run_id is None or r.id == run_id)]
+            if not candidates:
+                raise UserError("nothing to resume: no stopped or failed run has a saved state"
+                                + (f" (run {run_id})" if run_id else ""))
+            old = candidates[-1]
+            if any(r.name == old.name and r.phase not in ENDED for r in self._runs):
+                raise UserError(f"'{old.name}' is already queued or running")
+            request = copy.deepcopy(self._requests[old.id])
+            request.config.saving.resume = old.resume_state
+            status = RunStatus(id=self._new_id(), name=old.name, work_dir=old.work_dir)
+            status.messages.append(f"resuming from {old.resume_state}")
+            # one history for the whole training: what the stopped run trained and saved stays in view
+            status.losses, status.epoch_losses = list(old.losses), list(old.epoch_losses)
+            status.published, status.checks, status.previews = list(old.published), dict(old.checks), list(old.previews)
+            old.resume_state = None  # resumed once; the new run saves its own state when stopped
+            self._enqueue(status, request, True, front=True)  # it continues what was running
+            return status
+
+    def stop(self) -> bool:
+        """Stop the current run (it saves and publishes `-interrupted`) and pause the queue."""
+        with self._lock:
+            self._paused = True
+            if self._current is None:
+                return False
+            self._cancel.set()
+            self._current.messages.append("stopping after the current step ...")
+            return True
+
+    def save_now(self) -> bool:
+        with self._lock:
+            if self._trainer is None:
+                return False
+            self._trainer.request_save()
+            return True
+
+    def start_queue(self) -> None:
+        with self._lock:
+            self._paused = False
+            self._ensure_worker()
+
+    def clear_queue(self) -> int:
+        with self._lock:
+            n = len(self._queue)
+            for status, _ in self._queue:
+                status.phase, status.error = "cancelled", "removed from the queue"
+            self._queue.clear()
+            return n
+
+    def shutdown(self, timeout: float = 60.0) -> None:
+        """Stop everything and wait (the host is reloading its UI or exiting)."""
+        self.clear_queue()
+        self.stop()
+        thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+
+    def wait(self, timeout: float = 600.0) -> bool:
+        """Block until nothing runs and nothing un-paused is queued (tests, CLI)."""
+        deadline = time.time() + timeout
+        with self._idle:
+            while self._busy():
+                left = deadline - time.time()
+                if left <= 0:
+                    return False
+                self._idle.wait(min(left, 0.5))
+        return True
+
+    # -- reading ---------------------------------------------------------------------------------
+    def snapshot(self) -> dict:
+        with self._lock:
+            return {
+                "current": copy.deepcopy(self._current),
+                "queue": [copy.deepcopy(s) for s, _ in self._queue],
+                "runs": [copy.deepcopy(r) for r in self._runs],
+                "paused": self._paused,
+                "can_resume": any(r.resume_state for r in self._runs),
+            }
+
+    def latest(self) -> Optional[RunStatus]:
+        with self._lock:
+            return copy.deepcopy(self._current or (self._runs[-1] if self._runs else None))
+
+    def run(self, run_id: str) -> RunStatus:
+        with self._lock:
+            for r in self._runs:
+                if r.id == run_id:
+                    return copy.deepcopy(r)
+        raise KeyError(run_id)
+
+    # -- worker ----------------------------------------------------------------------------------
+    def _new_id(self) -> str:
+        return f"run-{next(self._ids)}"
+
+    def _enqueue(self, status: RunStatus, request: RunRequest, start: bool, front: bool = False) -> None:
+        self._runs.append(status)
+        self._requests[status.id] = request
+        self._queue.insert(0 if front else len(self._queue), (status, request))
+        if start:
+            self._paused = False
+        self._ensure_worker()
+
+    def _busy(self) -> bool:
+        return self._current is not None or (bool(self._queue) and not self._paused)
+
+    def _ensure_worker(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            if self._queue and not self._paused:
+                self._thread = threading.Thread(target=self._work, name="lora-train-runs", daemon=True)
+                self._thread.start()
+
+    def _work(self) -> None:
+        while True:
+            with self._lock:
+                if not self._queue or self._paused:
+                    self._thread = None
+                    self._idle.notify_all()
+                    return
+                status, request = self._queue.pop(0)
+                self._current = status
+                self._cancel = threading.Event()
+            try:
+                self._run_one(status, request)
+            finally:
+                with self._lock:
+                    self._current = None
+                    self._trainer = None
+                    status.ended_at = time.time()
+                    self._idle.notify_all()
+
+    def _run_one(self, status: RunStatus, request: RunRequest) -> None:
+        from lora_train import job
+
+        config = request.config
+        status.phase = "preparing"
+        status.started_at = time.time()
+        refusals = self.host.preflight(config)
+        if refusals:
+            status.phase = "refused"
+            status.error = "\n".join(refusals)
+            return
+        publisher = _Publisher(self, status, request)
+        trainer = None
+        try:
+            with self.host.session(config, status.id) as adapter:
+                folder = Path(config.saving.output_dir)
+                folder.mkdir(parents=True, exist_ok=True)
+                prompts = (request.preview_prompts or ([request.trigger] if request.trigger else [])) if request.previews else []
+                if prompts and not (config.sampling.sample_every_n_epochs or config.sampling.sample_every_n_steps):
+                    config.sampling.sample_every_n_epochs = 1
+                sample_fn = self.host.sample_fn(config, adapter, prompts, folder / "sample") if prompts else None
+                trainer = job.build_trainer(config, adapter, warn=status.messages.append, sample_fn=sample_fn)
+                publisher.card.sd_version = SD_VERSION.get(adapter.info.family, "SD1")
+                plan = trainer.plan
+                status.messages += [f"skipped {p}" for p in plan.scan.problems + plan.problems]
+                status.messages += list(plan.warnings)
+                config.save_toml(folder / f"{status.name}.toml")
+                with self._lock:
+                    self._trainer = trainer
+                    if self._cancel.is_set():  # Stop pressed while preparing
+                        status.phase = "cancelled"
+                        return
+                status.phase = "training"
+                from lora_train.train.observers import LossCsv
+
+                csv = LossCsv(folder / f"{status.name}-loss.csv")
+                listeners = [lambda e: self._observe(status, e), csv, self.host.on_event, publisher]
+                trainer.run(lambda e: [listen(e) for listen in listeners], self._cancel)
+        except UserError as e:
+            status.phase = "failed"
+            status.error = str(e)
+        except BaseException as e:  # keep the tab alive; the trainer already saved what it had
+            status.phase = "failed"
+            status.error = f"{type(e).__name__}: {e}"
+            status.messages.append(traceback.format_exc(limit=8))
+        finally:
+            if trainer is not None and trainer.last_save is not None and status.phase in ("failed", "cancelled"):
+                publisher.publish(trainer.last_save)
+                state = trainer.last_save.with_name(trainer.last_save.stem + "-state")
+                if state.is_dir():
+                    status.resume_state = str(state)
+
+    def _observe(self, status: RunStatus, e) -> None:
+        with self._lock:
+            if isinstance(e, ev.Started):
+                status.total_steps, status.steps_per_epoch, status.epochs, status.images = e.total_steps, e.steps_per_epoch, e.epochs, e.num_images
+                status.messages += list(e.notes)
+                self._t0, self._step0 = time.time(), None
+            elif isinstance(e, ev.Step):
+                if self._step0 is None:  # time from the first step: preparing and caching are not speed
+                    self._t0, self._step0 = time.time(), e.step
+                status.step, status.epoch = e.step, e.epoch
+                if status.losses and status.losses[-1][0] >= e.step:  # resumed: drop the steps trained again
+                    status.losses = [x for x in status.losses if x[0] < e.step]
+                status.losses.append((e.step, e.loss))
+                done = e.step - self._step0
+                elapsed = time.time() - self._t0
+                if done > 0 and elapsed > 0:
+                    status.steps_per_second = done / elapsed
+                    status.eta_seconds = (status.total_steps - e.step) / status.steps_per_second
+            elif isinstance(e, ev.EpochEnd):
+                status.epoch_losses.append((e.epoch, e.mean_loss))
+            elif isinstance(e, ev.Samples):
+                status.previews += e.paths
+            elif isinstance(e, ev.Finished):
+                status.phase, status.eta_seconds = "finished", 0.0
+            elif isinstance(e, ev.Cancelled):
+                status.phase = "cancelled"
+            elif isinstance(e, ev.Failed):
+                status.phase = "failed"
+
+
+class _Publisher:
+    """Copies every save into the host's LoRA folder with its card and, once rendered, its preview."""
+
+    def __init__(self, manager: RunManager, status: RunStatus, request: RunRequest):
+        self.manager = manager
+        self.status = status
+        self.card = Card(activation_text=request.trigger, preferred_weight=request.preferred_weight, notes=request.notes)
+        self.done: dict[str, Path] = {}  # saved path -> published path
+        self.without_preview: list[Path] = []
+        self.last_samples: tuple[int, list[str]] | None = None
+
+    def __call__(self, e) -> None:
+        if isinstance(e, ev.CheckpointSaved):
+            self.publish(Path(e.path), e.step)
+        elif isinstance(e, ev.Finished):
+            self.publish(Path(e.path), e.steps)
+        elif isinstance(e, ev.Cancelled) and e.path:
+            self.publish(Path(e.path), e.step)
+        elif isinstance(e, ev.Samples) and e.paths:
+            self.last_samples = (e.step, e.paths)
+            for path in self.without_preview:
+                set_preview(path, Path(e.paths[0]))
+            self.without_preview = []
+
+    def publish(self, saved: Path, step: Optional[int] = None) -> None:
+        if str(saved) in self.done or not saved.is_file():
+            return
+        folder = self.manager.host.lora_dir()
+        stem = free_stem(folder, saved.stem)
+        path = publish(saved, folder, stem, self.card)
+        self.done[str(saved)] = path
+        if self.last_samples and (step is None or self.last_samples[0] == step):
+            set_preview(path, Path(self.last_samples[1][0]))
+        else:
+            self.without_preview.append(path)
+        messages = self.manager.host.after_publish(path)
+        with self.manager._lock:
+            self.status.published.append(str(path))
+            self.status.checks[str(path)] = "; ".join(messages)
+            self.status.messages += [m for m in messages if "FAILED" in m or "didn't match" in m]

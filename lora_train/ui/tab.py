@@ -1,0 +1,261 @@
+"""The Train tab (gradio 3.41 Blocks). Plain gradio only: the WebUI and the standalone server both
+render it; everything it does goes through a RunManager and a Host."""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+from typing import Optional
+
+import gradio as gr
+
+from lora_train.errors import UserError
+from lora_train.host.base import Host
+from lora_train.ui import chart, form, presets
+from lora_train.ui.i18n import Translator
+from lora_train.ui.runs import RunManager, RunRequest
+
+NETWORK_TYPES = ("LoRA", "LoCon")
+DEFAULT_WEIGHTS = "1, 0.75, 0.5, 0.25, 0"
+
+
+def _message(text: str, error: bool = False) -> str:
+    cls = "lora-train-error" if error else "lora-train-note"
+    return f'<div class="{cls}" data-error="{int(error)}">{html.escape(text)}</div>'
+
+
+def _model_html(host: Host, t) -> str:
+    # read again on every refresh: the WebUI may load or switch its checkpoint after the tab is built
+    return f'<div id="lora_train_model">{html.escape(t("Model"))}: <b>{html.escape(host.model_label())}</b></div>'
+
+
+def _preview_caption(path: str, t) -> str:
+    # sample files are <name>_e<epoch>_s<step>_<n>.png: the epoch and step are what tell them apart
+    import re
+
+    m = re.search(r"_e(\d+)_s(\d+)_(\d+)", Path(path).stem)
+    return f"{t('Epoch')} {int(m.group(1))} · {t('Step')} {int(m.group(2))}" if m else Path(path).stem
+
+
+def initial_config(host: Host):
+    from lora_train.train.config import TrainConfig
+
+    config = TrainConfig()
+    # sd-scripts' bare defaults train 1600 steps at lr 2e-6: useless for a LoRA. Start from the
+    # concept preset, which is what the tab shows before anyone touches it.
+    config.update({k: v for k, v in presets.preset("concept", "SD1.5").items()}, source="preset")
+    size = host.model_resolution()
+    config.set("resolution", str(size))
+    # the built-in 64 px models: buckets must fit around the model's own size
+    config.set("min_bucket_reso", min(config.dataset.min_bucket_reso, size))
+    config.set("max_bucket_reso", max(config.dataset.max_bucket_reso, size))
+    config.set("output_name", "my_lora")
+    return config
+
+
+def create_train_tab(manager: RunManager, host: Host, t: Optional[Translator] = None) -> gr.Blocks:
+    t = t or Translator()
+    flds = form.fields()
+    config0 = initial_config(host)
+    comps: dict[str, gr.components.Component] = {}
+
+    def make(f: form.Field):
+        label = f.key
+        info = t(form.HELP[f.key]) if f.key in form.HELP else None
+        value = form.ui_value(f, config0.get(f.key))
+        eid = f"lora_train_{f.key}"
+        if f.kind == "checkbox":
+            c = gr.Checkbox(label=label, value=value, info=info, elem_id=eid)
+        elif f.kind == "dropdown":
+            c = gr.Dropdown(label=label, choices=f.choices, value=value, info=info, elem_id=eid)
+        elif f.kind == "number":
+            c = gr.Number(label=label, value=value, info=info, elem_id=eid)
+        else:
+            c = gr.Textbox(label=label, value=value, info=info, elem_id=eid, lines=1, max_lines=1)
+        comps[f.key] = c
+        return c
+
+    with gr.Blocks(analytics_enabled=False) as tab:
+        with gr.Row(elem_id="lora_train_main"):
+            with gr.Column(scale=3, elem_id="lora_train_settings"):
+                model_label = gr.HTML(_model_html(host, t))
+                with gr.Row():
+                    subject = gr.Dropdown(label=t("Preset: subject"), choices=list(presets.SUBJECTS), value="concept", elem_id="lora_train_preset_subject")
+                    base = gr.Dropdown(label=t("Preset: base"), choices=list(presets.BASES), value="SD1.5", elem_id="lora_train_preset_base")
+                    apply_preset = gr.Button(t("Apply preset"), elem_id="lora_train_apply_preset")
+                mode = gr.Radio(label=t("Mode"), choices=[t("Basic"), t("Expert")], value=t("Basic"), elem_id="lora_train_mode")
+                with gr.Group():
+                    for f in flds:
+                        if f.key == "train_data_dir":
+                            make(f)
+                            trigger = gr.Textbox(label=t("Trigger word"), info=t("Written as the card's activation text; the default preview prompt"),
+                                                 elem_id="lora_train_trigger", max_lines=1)
+                        elif f.basic:
+                            make(f)
+                    network_type = gr.Radio(label=t("Network type"), choices=list(NETWORK_TYPES), value="LoRA", elem_id="lora_train_network_type",
+                                            info=t("LoCon also trains 3x3 convolutions (conv_dim / conv_alpha, default 8 / 4)"))
+                    preview_prompts = gr.Textbox(label=t("Preview prompts"), lines=2, elem_id="lora_train_preview_prompts",
+                                                 info=t("One per line, sd-scripts options allowed (--n negative --w 512 --h 512 --d seed --s steps --l cfg); empty = the trigger word"))
+                    preview_every_epoch = gr.Checkbox(label=t("Preview every epoch"), value=True, elem_id="lora_train_preview_every_epoch")
+                    preferred_weight = gr.Number(label=t("Preferred weight"), value=1.0, elem_id="lora_train_preferred_weight")
+                with gr.Column(visible=False, elem_id="lora_train_expert") as expert:
+                    for section, title in form.SECTION_TITLES.items():
+                        rest = [f for f in flds if f.section == section and not f.basic]
+                        if rest:
+                            with gr.Accordion(t(title), open=False):
+                                for f in rest:
+                                    make(f)
+                    with gr.Accordion(t("Config file (sd-scripts TOML)"), open=False):
+                        config_path = gr.Textbox(label=t("Path"), elem_id="lora_train_config_path", max_lines=1)
+                        with gr.Row():
+                            load_config = gr.Button(t("Load"), elem_id="lora_train_load_config")
+                            save_config = gr.Button(t("Save"), elem_id="lora_train_save_config")
+
+            with gr.Column(scale=2, elem_id="lora_train_run"):
+                with gr.Row():
+                    start = gr.Button(t("Start"), variant="primary", elem_id="lora_train_start")
+                    enqueue = gr.Button(t("Add to queue"), elem_id="lora_train_enqueue")
+                    stop = gr.Button(t("Stop"), variant="stop", elem_id="lora_train_stop")
+                with gr.Row():
+                    save_now = gr.Button(t("Save now"), elem_id="lora_train_save_now")
+                    resume = gr.Button(t("Resume"), elem_id="lora_train_resume")
+                    refresh = gr.Button(t("Refresh"), elem_id="lora_train_refresh")
+                message = gr.HTML("", elem_id="lora_train_message")
+                with gr.Accordion(t("Dataset plan"), open=True):
+                    plan = gr.HTML(_message(t("Set a dataset folder to see the plan.")), elem_id="lora_train_plan")
+                    check = gr.Button(t("Check dataset"), elem_id="lora_train_check")
+                status = gr.HTML(chart.status_html(None, t), elem_id="lora_train_status")
+                loss = gr.HTML(chart.loss_chart([], t), elem_id="lora_train_loss")
+                previews = gr.Gallery(label=t("Previews"), elem_id="lora_train_previews", columns=4, height=240)
+                files = gr.HTML(chart.files_html(None, t), elem_id="lora_train_files")
+                with gr.Accordion(t("Compare epochs x weights"), open=False):
+                    grid_weights = gr.Textbox(label=t("Grid weights"), value=DEFAULT_WEIGHTS, elem_id="lora_train_grid_weights", max_lines=1)
+                    grid_prompt = gr.Textbox(label=t("Prompt"), elem_id="lora_train_grid_prompt", max_lines=1,
+                                             info=t("Empty = the trigger word"))
+                    grid_button = gr.Button(t("Render grid"), elem_id="lora_train_grid")
+                    grid_image = gr.Image(label=t("Grid"), type="filepath", interactive=False, elem_id="lora_train_grid_image")
+
+        field_comps = [comps[f.key] for f in flds]
+        extra = [trigger, network_type, preview_prompts, preview_every_epoch, preferred_weight]
+
+        def build(values) -> tuple:
+            fv, (trig, ntype, prompts_text, every_epoch, weight) = values[: len(flds)], values[len(flds):]
+            config = form.config_from_values(flds, fv)
+            if not config.dataset.train_data_dir:
+                raise UserError(t("Set the dataset folder (train_data_dir) first."))
+            if ntype == "LoCon" and not config.network.conv_dim:
+                config.network.conv_dim, config.network.conv_alpha = 8, config.network.conv_alpha or 4.0
+            elif ntype == "LoRA":
+                config.network.conv_dim = None
+            prompts = [line.strip() for line in (prompts_text or "").splitlines() if line.strip()]
+            if config.training.seed is None:
+                config.training.seed = 1234  # previews comparable across epochs
+            return config, RunRequest(config, trigger=(trig or "").strip(), preview_prompts=prompts,
+                                      preferred_weight=float(weight if weight is not None else 1.0),
+                                      previews=bool(every_epoch))
+
+        def on_mode(value):
+            return gr.update(visible=value == t("Expert"))
+
+        def on_preset(subj, b, *values):
+            try:
+                config = form.config_from_values(flds, values)
+                config.update(presets.preset(subj, b), source="preset")
+                return [*form.values_from_config(flds, config), _message(t("Preset applied") + f": {subj} / {b}")]
+            except (UserError, KeyError) as e:
+                return [*values, _message(str(e), True)]
+
+        def on_plan(*values):
+            from lora_train import job
+
+            try:
+                config, _ = build(values)
+                return chart.plan_html(job.plan_dataset(config, host.model_resolution()), t)
+            except UserError as e:
+                return chart.error_html(str(e))
+
+        def submit(start_now: bool, *values):
+            try:
+                _, request = build(values)
+                s = manager.submit(request, start=start_now)
+                what = t("Started") if start_now else t("Queued")
+                return _message(f"{what}: {s.name}")
+            except UserError as e:
+                return _message(str(e), True)
+
+        def on_stop():
+            return _message(t("Stopping: the run saves and publishes its last state.") if manager.stop() else t("Nothing is running."))
+
+        def on_save_now():
+            return _message(t("A save is written after the current step.") if manager.save_now() else t("Nothing is running."))
+
+        def on_resume():
+            try:
+                s = manager.resume()
+                return _message(f"{t('Resuming')}: {s.name}")
+            except UserError as e:
+                return _message(str(e), True)
+
+        def on_refresh():
+            snap = manager.snapshot()
+            current = snap["current"] or (snap["runs"][-1] if snap["runs"] else None)
+            previews_value = [(p, _preview_caption(p, t)) for p in (current.previews[-8:] if current else [])]
+            return (_model_html(host, t), chart.status_html(current, t, [q.name for q in snap["queue"]], snap["paused"]),
+                    chart.loss_chart(current.losses if current else [], t),
+                    previews_value,
+                    chart.files_html(current, t))
+
+        def on_grid(weights_text, prompt, trig):
+            latest = manager.latest()
+            if latest is None or not latest.published:
+                return None, _message(t("No LoRA saved yet"), True)
+            try:
+                weights = [float(w) for w in weights_text.replace(";", ",").split(",") if w.strip()]
+            except ValueError:
+                return None, _message(t("Weights must be numbers separated by commas"), True)
+            files = sorted((Path(p) for p in latest.published if "-interrupted" not in p), key=lambda p: p.stat().st_mtime)
+            out = Path(latest.work_dir) / "grid.png"
+            try:
+                path = host.xyz_grid(files or [Path(latest.published[-1])], weights, (prompt or trig or "").strip() or latest.name, 1234, out)
+            except UserError as e:
+                return None, _message(str(e), True)
+            if path is None:
+                return None, _message(t("This host cannot render a grid"), True)
+            return str(path), _message(str(path))
+
+        def on_load_config(path, *values):
+            from lora_train.train.config import TrainConfig
+
+            try:
+                config = TrainConfig.from_toml(path)
+                return [*form.values_from_config(flds, config), _message(t("Loaded") + f": {path}")]
+            except (UserError, OSError) as e:
+                return [*values, _message(str(e), True)]
+
+        def on_save_config(path, *values):
+            try:
+                config, _ = build(values)
+                written = config.save_toml(path)
+                return _message(t("Saved") + f": {written}")
+            except (UserError, OSError) as e:
+                return _message(str(e), True)
+
+        mode.change(on_mode, [mode], [expert])
+        apply_preset.click(on_preset, [subject, base, *field_comps], [*field_comps, message])
+        all_inputs = [*field_comps, *extra]
+        check.click(on_plan, all_inputs, [plan])
+        for key in ("train_data_dir", "reg_data_dir", "resolution"):
+            comps[key].blur(on_plan, all_inputs, [plan])
+            comps[key].submit(on_plan, all_inputs, [plan])
+        for key in ("max_train_epochs", "max_train_steps", "train_batch_size", "enable_bucket", "gradient_accumulation_steps"):
+            getattr(comps[key], "blur" if isinstance(comps[key], gr.Textbox) else "change")(on_plan, all_inputs, [plan])
+        start.click(lambda *v: submit(True, *v), all_inputs, [message])
+        enqueue.click(lambda *v: submit(False, *v), all_inputs, [message])
+        stop.click(on_stop, [], [message])
+        save_now.click(on_save_now, [], [message])
+        resume.click(on_resume, [], [message])
+        refresh.click(on_refresh, [], [model_label, status, loss, previews, files], show_progress=False)
+        grid_button.click(on_grid, [grid_weights, grid_prompt, trigger], [grid_image, message])
+        load_config.click(on_load_config, [config_path, *field_comps], [*field_comps, message])
+        save_config.click(on_save_config, [config_path, *all_inputs], [message])
+    return tab

@@ -1,0 +1,620 @@
+"""The WebUI host (`lora_train/host/a1111.py`) with the WebUI mocked at its boundary: a fake `modules`
+package (queue lock, shared.state, progress, processing ...) and a fake built-in Lora extension
+(`networks`) in `sys.modules`, but the real tiny ldm model, so runs through `RunManager` really train.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+import types
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from conftest import assert_same_as, make_dataset, small_run_config, snapshot
+from lora_train.errors import UserError
+from lora_train.train import events as ev
+from lora_train.train.config import TrainConfig
+from lora_train.ui.runs import RunManager, RunRequest
+
+
+# -- the fake WebUI ----------------------------------------------------------------------------------
+class QueueLock:
+    """call_queue.queue_lock: a plain non-reentrant lock that knows its owner and refuses re-entry
+    (the real FIFOLock would deadlock)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.owner = None
+        self.acquisitions = 0
+
+    def acquire(self, blocking=True):
+        assert self.owner != threading.get_ident(), "queue_lock re-entered: this deadlocks in the WebUI"
+        ok = self._lock.acquire(blocking)
+        if ok:
+            self.owner = threading.get_ident()
+            self.acquisitions += 1
+        return ok
+
+    def release(self):
+        self.owner = None
+        self._lock.release()
+
+    __enter__ = acquire
+
+    def __exit__(self, *exc):
+        self.release()
+
+    def is_free(self) -> bool:
+        if self._lock.acquire(False):
+            self._lock.release()
+            return True
+        return False
+
+
+class State:
+    def __init__(self):
+        self.calls = []
+        self.interrupted = self.skipped = False
+        self.job, self.job_no, self.job_count = "", 0, 0
+        self.sampling_step = self.sampling_steps = 0
+        self.textinfo = None
+        self.current_image = None
+        self.processing_has_refined_job_count = False
+
+    def begin(self, job="(unknown)"):
+        self.calls.append(("begin", job))
+        self.job, self.job_no, self.job_count, self.interrupted, self.textinfo = job, 0, -1, False, None
+
+    def end(self):
+        self.calls.append(("end", self.job))
+        self.job, self.job_count = "", 0
+
+    def assign_current_image(self, image):
+        self.current_image = image
+
+
+class Opts:
+    def __init__(self, **data):
+        object.__setattr__(self, "data", dict(data))
+
+    def __getattr__(self, item):
+        try:
+            return self.data[item]
+        except KeyError:
+            raise AttributeError(item) from None
+
+
+class Processing:
+    """modules.processing: records every p and renders a noise image from the global RNG after
+    seeding it, as the WebUI does."""
+
+    def __init__(self, webui):
+        self.webui = webui
+        self.ps = []
+
+        class Txt2Img:
+            def __init__(p, **kwargs):
+                p.__dict__.update(kwargs)
+                p.disable_extra_networks = False
+                p.closed = False
+
+            def close(p):
+                p.closed = True
+
+        self.StableDiffusionProcessingTxt2Img = Txt2Img
+
+    def process_images(self, p):
+        w = self.webui
+        p.lock_held = w.call_queue.queue_lock.owner == threading.get_ident()
+        p.checkpoint_setting = w.shared.opts.data.get("sd_model_checkpoint")
+        self.ps.append(p)
+        w.shared.state.job_count, w.shared.state.job_no, w.shared.state.sampling_steps = 1, 0, p.steps
+        if w.shared.state.interrupted:  # the WebUI's samplers stop at once
+            return SimpleNamespace(images=[], infotexts=[])
+        torch.manual_seed(p.seed)
+        pixels = (torch.rand(p.height, p.width, 3) * 255).to(torch.uint8).numpy()
+        return SimpleNamespace(images=[Image.fromarray(pixels)], infotexts=[f"{p.prompt}\nSteps: {p.steps}, Seed: {p.seed}"])
+
+
+class FakeNetworks(types.ModuleType):
+    """The built-in Lora extension's `networks`: in-place merge bookkeeping and a loader that logs
+    "didn't match keys" like the real one."""
+
+    def __init__(self):
+        super().__init__("networks")
+        self.logging = logging
+        self.loaded_networks = []
+        self.available_networks = {}
+        self.available_network_aliases = {}
+        self.known_modules = None  # None: every module matches
+        self.load_error = None
+        self.log_failures = True
+        self.refreshes = 0
+        self.loads = []
+
+    def network_restore_weights_from_backup(self, m):
+        # as in the WebUI: plain copy_ into the parameters (which require grad there), no no_grad here
+        m.weight.copy_(m.network_weights_backup)
+        if m.network_bias_backup is not None:
+            m.bias.copy_(m.network_bias_backup)
+
+    def list_available_networks(self):
+        self.refreshes += 1
+        self.available_networks.clear()
+        folder = Path(self.lora_dir)
+        for f in folder.glob("*.safetensors") if folder.is_dir() else []:
+            self.available_networks[f.stem] = SimpleNamespace(name=f.stem, filename=str(f))
+        self.available_network_aliases = dict(self.available_networks)
+
+    def load_network(self, name, on_disk):
+        self.loads.append((name, on_disk.filename))
+        if self.load_error:
+            raise self.load_error
+        failed, placed = {}, {}
+        with safe_open(on_disk.filename, "pt") as f:
+            for key in f.keys():
+                module = key.partition(".")[0]
+                if self.known_modules is not None and module not in self.known_modules:
+                    failed[key] = module.replace("lora_unet", "diffusion_model")
+                elif module not in placed:
+                    placed[module] = SimpleNamespace(network_key=key)
+        if failed and self.log_failures:
+            self.logging.debug(f"Network {on_disk.filename} didn't match keys: {failed}")
+        return SimpleNamespace(name=name, modules=placed)
+
+
+@pytest.fixture
+def webui(tmp_path, tiny_model, monkeypatch):
+    """The fake WebUI with the tiny model loaded; every module is removed from sys.modules afterwards."""
+    w = SimpleNamespace()
+    pkg = types.ModuleType("modules")
+    pkg.__path__ = []
+
+    def add(name, **attrs):
+        mod = types.ModuleType(f"modules.{name}")
+        mod.__dict__.update(attrs)
+        monkeypatch.setitem(sys.modules, f"modules.{name}", mod)
+        setattr(pkg, name, mod)
+        setattr(w, name, mod)
+        return mod
+
+    monkeypatch.setitem(sys.modules, "modules", pkg)
+    add("shared", state=State(), opts=Opts(CLIP_stop_at_last_layers=1, fp8_storage="Disable",
+                                           sd_model_checkpoint="tiny.safetensors [0123abcd]"),
+        cmd_opts=SimpleNamespace(lowvram=False, medvram=False, medvram_sdxl=False, lora_dir=str(tmp_path / "Lora")),
+        sd_model=tiny_model, loaded_hypernetworks=["some hypernetwork"])
+    add("call_queue", queue_lock=QueueLock())
+    progress = add("progress", current_task=None, calls=[])
+
+    def start_task(t):
+        progress.calls.append(("start", t))
+        progress.current_task = t
+
+    def finish_task(t):
+        progress.calls.append(("finish", t))
+        progress.current_task = None
+
+    progress.start_task, progress.finish_task = start_task, finish_task
+    progress.add_task_to_queue = lambda t: progress.calls.append(("queue", t))
+    add("sd_models", model_data=SimpleNamespace(sd_model=tiny_model))
+    add("sd_unet", current_unet=None)
+    add("paths", data_path=str(tmp_path / "webui"), models_path=str(tmp_path / "webui" / "models"))
+    add("sd_samplers", samplers_map={"euler a": "Euler a", "k_euler_a": "Euler a", "euler": "Euler", "ddim": "DDIM", "dpm++ 2m": "DPM++ 2M"})
+    w.processing_impl = Processing(w)
+    add("processing", StableDiffusionProcessingTxt2Img=w.processing_impl.StableDiffusionProcessingTxt2Img,
+        process_images=w.processing_impl.process_images)
+
+    def image_grid(imgs, batch_size=1, rows=None):
+        cols = (len(imgs) + rows - 1) // rows
+        g = Image.new("RGB", (cols * imgs[0].width, rows * imgs[0].height))
+        for i, im in enumerate(imgs):
+            g.paste(im, ((i % cols) * im.width, (i // cols) * im.height))
+        return g
+
+    def draw_grid_annotations(im, width, height, hor_texts, ver_texts, margin=0):
+        w.annotations = ([t[0].text for t in hor_texts], [t[0].text for t in ver_texts])
+        return im
+
+    add("images", image_grid=image_grid, draw_grid_annotations=draw_grid_annotations,
+        GridAnnotation=lambda text="", is_active=True: SimpleNamespace(text=text))
+    add("scripts", scripts_data=[])
+    w.networks = FakeNetworks()
+    w.networks.lora_dir = tmp_path / "Lora"
+    monkeypatch.setitem(sys.modules, "networks", w.networks)
+    network = types.ModuleType("network")
+    network.NetworkOnDisk = lambda name, filename: SimpleNamespace(name=name, filename=filename)
+    monkeypatch.setitem(sys.modules, "network", network)
+    monkeypatch.setattr(tiny_model, "sd_checkpoint_info", SimpleNamespace(title="tiny.safetensors [0123abcd]"), raising=False)
+    return w
+
+
+def make_host():
+    from lora_train.host.a1111 import A1111Host
+
+    class TestHost(A1111Host):
+        """Checks on every event, from the run's own thread."""
+
+        def __init__(self, webui):
+            super().__init__()
+            self.webui = webui
+            self.events = []
+            self.lock_owned_at_steps = []
+            self.task_at_steps = []
+            self.fail_at_step = None
+            self.pause_at_step = None
+            self.paused = threading.Event()
+            self.go_on = threading.Event()
+            self.on_step = None
+
+        def on_event(self, e):
+            super().on_event(e)
+            self.events.append(e)
+            if isinstance(e, ev.Step):
+                self.lock_owned_at_steps.append(self.webui.call_queue.queue_lock.owner == threading.get_ident())
+                self.task_at_steps.append(self.webui.progress.current_task)
+                if self.on_step:
+                    self.on_step(e)
+                if e.step == self.fail_at_step:
+                    raise RuntimeError(f"boom at step {e.step}")
+                if e.step == self.pause_at_step:
+                    self.paused.set()
+                    assert self.go_on.wait(60)
+
+    return TestHost
+
+
+@pytest.fixture
+def host(webui):
+    return make_host()(webui)
+
+
+@pytest.fixture
+def data(tmp_path):
+    return make_dataset(tmp_path / "data", count=4, repeats=1)
+
+
+def config_for(data: Path, name: str = "weblora", epochs: int = 2, **extra) -> TrainConfig:
+    return small_run_config(data, name, epochs, **extra)
+
+
+def merge_someone_elses_lora(model, networks) -> list[torch.nn.Module]:
+    """What the built-in Lora extension leaves after a `<lora:x:1>` generation: deltas merged into
+    the weights in place, the originals in `network_weights_backup`."""
+    unet_linears = [m for m in model.model.diffusion_model.modules() if isinstance(m, torch.nn.Linear)]
+    te_linears = [m for m in model.cond_stage_model.transformer.modules() if isinstance(m, torch.nn.Linear)]
+    layers = unet_linears[:3] + te_linears[:1]
+    with torch.no_grad():
+        for m in layers:
+            m.network_weights_backup = m.weight.detach().to("cpu", copy=True)
+            m.network_bias_backup = None if m.bias is None else m.bias.detach().to("cpu", copy=True)
+            m.weight.add_(0.25)
+            if m.bias is not None:
+                m.bias.add_(0.25)
+            m.network_current_names = (("someone_else", 1.0, 1.0, 1.0),)
+    networks.loaded_networks.append(SimpleNamespace(name="someone_else"))
+    return layers
+
+
+def forget_merge(layers):
+    for m in layers:
+        for attr in ("network_weights_backup", "network_bias_backup", "network_current_names"):
+            m.__dict__.pop(attr, None)
+
+
+# -- runs --------------------------------------------------------------------------------------------
+def test_run_holds_the_lock_trains_on_restored_base_weights_and_ignores_interrupt(webui, host, data, tiny_model):
+    base = snapshot(tiny_model)
+    layers = merge_someone_elses_lora(tiny_model, webui.networks)
+    state = webui.shared.state
+    restored_when_training = []
+
+    def on_step(e):
+        if e.step == 1:
+            restored_when_training.append(all(m.network_current_names == () for m in layers))
+            state.interrupt_seen = True
+            state.interrupted = True  # the txt2img Interrupt button, pressed while training
+    host.on_step = on_step
+    try:
+        manager = RunManager(host)
+        s = manager.submit(RunRequest(config_for(data), trigger="zkz",
+                                      preview_prompts=["zkz, a photo --n ugly --w 64 --h 64 --d 5 --s 2 --l 3.5"]))
+        assert manager.wait(120)
+        run = manager.run(s.id)
+        assert run.phase == "finished", run.error
+        assert run.step == run.total_steps == 4, "Interrupt did not stop training"
+
+        # (a) the queue lock for the whole run, in the run's thread; released afterwards
+        task = "task(lora-train-%s)" % s.id
+        assert host.lock_owned_at_steps == [True] * 4
+        assert host.task_at_steps == [task] * 4
+        assert webui.call_queue.queue_lock.is_free() and webui.call_queue.queue_lock.acquisitions == 1
+        assert ("begin", task) in state.calls and state.calls[-1] == ("end", task)
+        assert webui.progress.calls[:2] == [("queue", task), ("start", task)] and webui.progress.calls[-1] == ("finish", task)
+        assert state.job_count == 0 and "finished" in state.textinfo
+        assert state.current_image is not None, "previews reach the live preview"
+
+        # (b) the built-in Lora's merge was undone before training, and the model is untouched after
+        assert restored_when_training == [True]
+        assert webui.networks.loaded_networks == [] and webui.shared.loaded_hypernetworks == []
+        assert_same_as(tiny_model, base)
+
+        # previews through the WebUI's txt2img, with our options, not cut short by the Interrupt
+        ps = webui.processing_impl.ps
+        assert len(ps) == 2 and len(run.previews) == 2
+        p = ps[0]
+        assert (p.prompt, p.negative_prompt, p.width, p.height, p.seed, p.steps, p.cfg_scale, p.sampler_name) == \
+               ("zkz, a photo", "ugly", 64, 64, 5, 2, 3.5, "Euler a")
+        assert p.disable_extra_networks and p.do_not_save_samples and p.do_not_save_grid and p.do_not_reload_embeddings
+        assert p.closed and p.lock_held and p.sd_model is tiny_model
+        with Image.open(run.previews[0]) as im:
+            assert "LoRA Train: weblora" in im.text["parameters"]
+
+        # every publish refreshed the WebUI's list and loaded there
+        assert sorted(Path(f).name for f in run.published) == ["weblora-000001.safetensors", "weblora.safetensors"]
+        assert sorted(run.checks) == sorted(run.published)
+        assert all("every module matched" in m for m in run.checks.values()), run.checks
+        assert {name for name, _ in webui.networks.loads} == {"weblora-000001", "weblora"}
+        assert Path(run.work_dir).parent == Path(webui.paths.data_path) / "lora_train" / "runs"
+    finally:
+        forget_merge(layers)
+
+
+def test_failure_and_stop_release_the_lock_and_keep_the_model(webui, host, data, tiny_model):
+    base = snapshot(tiny_model)
+    lock = webui.call_queue.queue_lock
+    manager = RunManager(host)
+
+    host.fail_at_step = 2
+    s = manager.submit(RunRequest(config_for(data, epochs=3), previews=False))
+    assert manager.wait(120)
+    run = manager.run(s.id)
+    assert run.phase == "failed" and "boom at step 2" in run.error
+    assert lock.is_free() and webui.shared.state.calls[-1][0] == "end" and webui.progress.current_task is None
+    assert_same_as(tiny_model, base)
+
+    host.fail_at_step, host.pause_at_step = None, 1
+    s = manager.submit(RunRequest(config_for(data, name="stopped", epochs=3), previews=False))
+    assert host.paused.wait(60)
+    assert lock.owner is not None and not lock.is_free()
+    assert manager.stop()
+    host.go_on.set()
+    assert manager.wait(120)
+    run = manager.run(s.id)
+    assert run.phase == "cancelled" and run.step == 1
+    assert "stopped-interrupted.safetensors" in [Path(p).name for p in run.published]
+    assert lock.is_free() and webui.shared.state.calls[-1][0] == "end" and webui.progress.current_task is None
+    assert_same_as(tiny_model, base)
+
+
+def test_ui_reload_shutdown_stops_the_run_and_leaves_a_valid_save(webui, host, data, tiny_model):
+    base = snapshot(tiny_model)
+    host.pause_at_step = 2
+    manager = RunManager(host)
+    s = manager.submit(RunRequest(config_for(data, epochs=4), previews=False))
+    queued = manager.submit(RunRequest(config_for(data, name="next", epochs=1), previews=False))
+    assert host.paused.wait(60)
+    reload = threading.Thread(target=manager.shutdown)  # what on_before_reload / on_script_unloaded call
+    reload.start()
+    host.go_on.set()
+    reload.join(60)
+    assert not reload.is_alive()
+    run = manager.run(s.id)
+    assert run.phase == "cancelled" and run.step == 2
+    saved = [p for p in run.published if p.endswith("-interrupted.safetensors")]
+    assert saved, run.published
+    with safe_open(saved[0], "pt") as f:
+        assert len(list(f.keys())) > 0 and f.metadata()["ss_output_name"] == Path(saved[0]).stem
+    assert manager.run(queued.id).phase == "cancelled"
+    assert webui.call_queue.queue_lock.is_free()
+    assert_same_as(tiny_model, base)
+
+    # the WebUI is usable again: a generation can take the lock, and the (same) manager trains again
+    with webui.call_queue.queue_lock:
+        pass
+    host.pause_at_step = None
+    again = manager.submit(RunRequest(config_for(data, name="after", epochs=1), previews=False))
+    assert manager.wait(120) and manager.run(again.id).phase == "finished"
+
+
+# -- refusals ----------------------------------------------------------------------------------------
+def fake_model(**flags):
+    model = SimpleNamespace(model=SimpleNamespace(conditioning_key="crossattn", diffusion_model=SimpleNamespace()),
+                            cond_stage_model=object(), sd_checkpoint_info=SimpleNamespace(title="x.safetensors"))
+    for k, v in flags.items():
+        setattr(model, k, v)
+    return model
+
+
+def test_preflight_refusals_say_what_to_change(webui, host):
+    config = TrainConfig()
+    assert host.preflight(config) == []
+    shared, models = webui.shared, webui.sd_models.model_data
+
+    models.sd_model = None
+    (msg,) = host.preflight(config)
+    assert "No checkpoint is loaded" in msg
+
+    def refusal(model=None, cmd=None, fp8="Disable", unet=None) -> str:
+        models.sd_model = model or fake_model()
+        shared.cmd_opts = SimpleNamespace(**{"lowvram": False, "medvram": False, "medvram_sdxl": False, "lora_dir": "L", **(cmd or {})})
+        shared.opts.data["fp8_storage"] = fp8
+        webui.sd_unet.current_unet = unet
+        problems = host.preflight(config)
+        assert len(problems) == 1, problems
+        return problems[0]
+
+    assert "--lowvram" in refusal(cmd={"lowvram": True}) and "Restart the WebUI without --lowvram" in refusal(cmd={"lowvram": True})
+    assert "--medvram" in refusal(cmd={"medvram": True})
+    assert "--medvram" in refusal(model=fake_model(lowvram=True))  # --medvram-sdxl and friends: the model says so
+    assert "FP8 weight is 'Enable'" in refusal(fp8="Enable")
+    assert "replacement UNet is active (TensorRT" in refusal(unet=SimpleNamespace(option=SimpleNamespace(label="TensorRT")))
+    inpaint = fake_model()
+    inpaint.model.conditioning_key = "hybrid"
+    assert "inpainting" in refusal(model=inpaint)
+    assert "SDXL, which LoRA Train cannot train yet" in refusal(model=fake_model(is_sdxl=True))
+    assert "SD3" in refusal(model=fake_model(is_sd3=True))
+
+    models.sd_model, shared.opts.data["fp8_storage"], webui.sd_unet.current_unet = fake_model(), "Enable for SDXL", None
+    shared.cmd_opts = SimpleNamespace(lowvram=False, medvram=False)
+    assert host.preflight(config) == [], "FP8 for SDXL only leaves an SD1 model trainable"
+
+
+def test_session_rechecks_under_the_lock_and_always_releases_it(webui, host):
+    webui.shared.cmd_opts.lowvram = True  # e.g. the model changed while the run waited for the lock
+    with pytest.raises(UserError, match="--lowvram"):
+        with host.session(TrainConfig(), "run-9"):
+            pass
+    assert webui.call_queue.queue_lock.is_free()
+    assert webui.shared.state.calls == [("begin", "task(lora-train-run-9)"), ("end", "task(lora-train-run-9)")]
+    assert webui.progress.current_task is None
+
+    webui.shared.cmd_opts.lowvram = False
+    with pytest.raises(KeyError):
+        with host.session(TrainConfig(), "run-10") as adapter:
+            assert adapter.model is webui.sd_models.model_data.sd_model
+            assert webui.call_queue.queue_lock.owner == threading.get_ident()
+            raise KeyError("anything")
+    assert webui.call_queue.queue_lock.is_free()
+
+
+# -- previews, self-test, grid, XYZ ------------------------------------------------------------------
+def test_previews_keep_rng_progress_and_checkpoint_setting(webui, host, tmp_path, tiny_adapter):
+    opts, state = webui.shared.opts, webui.shared.state
+    opts.data["sd_model_checkpoint"] = "other.safetensors"  # chosen in the UI while training: must not load mid-run
+    state.job_count, state.job_no, state.textinfo = 10, 3, "LoRA Train: step 3/10"
+    config = config_for(tmp_path)
+    sample = host.sample_fn(config, tiny_adapter, ["zkz", "zkz two --ss ddim --s 7"], tmp_path / "samples")
+    rng = torch.get_rng_state()
+    paths = sample(2, 20)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert [Path(p).name for p in paths] == ["weblora_e000002_s000020_00.png", "weblora_e000002_s000020_01.png"]
+    ps = webui.processing_impl.ps
+    assert [p.checkpoint_setting for p in ps] == ["tiny.safetensors [0123abcd]"] * 2
+    assert opts.data["sd_model_checkpoint"] == "other.safetensors"
+    assert (ps[0].width, ps[0].height, ps[0].steps, ps[0].seed, ps[0].sampler_name) == (64, 64, 20, 3, "Euler a")
+    assert (ps[1].steps, ps[1].sampler_name) == (7, "DDIM")
+    assert (state.job_count, state.job_no, state.textinfo) == (10, 3, "LoRA Train: step 3/10")
+
+
+def test_self_test_reports_unmatched_keys_and_never_raises(webui, host, tmp_path, monkeypatch):
+    lora_dir = host.lora_dir()
+    lora_dir.mkdir(parents=True)
+    path = lora_dir / "probe.safetensors"
+    keys = ["lora_unet_a.lora_down.weight", "lora_unet_a.lora_up.weight", "lora_unet_gone.lora_down.weight", "lora_unet_gone.lora_up.weight"]
+    save_file({**{k: torch.zeros(2, 2) for k in keys}, "lora_unet_a.alpha": torch.tensor(1.0)}, str(path))
+    nets = webui.networks
+
+    (msg,) = host.after_publish(path)
+    assert "every module matched" in msg and nets.refreshes == 1 and nets.loads == [("probe", str(path))]
+    assert webui.call_queue.queue_lock.acquisitions == 1 and webui.call_queue.queue_lock.is_free()
+
+    nets.known_modules = {"lora_unet_a"}
+    (msg,) = host.after_publish(path)
+    assert msg.startswith("self-test FAILED") and "1 module(s)" in msg and "lora_unet_gone" in msg
+    assert nets.logging is logging, "the loader's logging is put back"
+    nets.log_failures = False  # a WebUI whose log line differs: the placed modules still tell
+    (msg,) = host.after_publish(path)
+    assert msg.startswith("self-test FAILED") and "lora_unet_gone" in msg
+
+    from lora_train.host import a1111
+
+    assert a1111.xyz_lora_name() == "probe", "the XYZ axes follow the last published LoRA"
+
+    nets.load_error = AssertionError("Could not find a module type")
+    (msg,) = host.after_publish(path)
+    assert "self-test FAILED: the WebUI's Lora loader fails on probe.safetensors" in msg and "Could not find a module type" in msg
+
+    monkeypatch.setitem(sys.modules, "networks", None)  # built-in Lora extension disabled
+    (msg,) = host.after_publish(path)
+    assert "skipped" in msg
+
+
+def test_grid_uses_txt2img_with_lora_tags_and_waits_for_no_run(webui, host, tmp_path):
+    files = [tmp_path / "a-000001.safetensors", tmp_path / "a.safetensors"]
+    out = host.xyz_grid(files, [0.0, 1.0], "zkz", 7, tmp_path / "grid" / "g.png")
+    prompts = [p.prompt for p in webui.processing_impl.ps]
+    assert prompts == ["zkz <lora:a-000001:0>", "zkz <lora:a-000001:1>", "zkz <lora:a:0>", "zkz <lora:a:1>"]
+    assert all(p.seed == 7 and not p.disable_extra_networks and p.lock_held for p in webui.processing_impl.ps)
+    assert Image.open(out).size == (128, 128)
+    assert webui.annotations == (["weight 0", "weight 1"], ["a-000001", "a"])
+    assert webui.call_queue.queue_lock.is_free()
+
+    host._owner = 12345  # a run holds the model
+    with pytest.raises(UserError, match="training run"):
+        host.xyz_grid(files, [1.0], "zkz", 7, tmp_path / "g2.png")
+
+
+def test_xyz_axes_register_once_and_edit_the_lora_tag(webui, tmp_path, monkeypatch):
+    from lora_train.host import a1111
+
+    xyz = types.ModuleType("xyz_grid.py")
+
+    class AxisOption:
+        def __init__(self, label, type, apply, format_value=None, confirm=None, cost=0.0, choices=None, prepare=None):
+            self.label, self.type, self.apply, self.confirm, self.choices = label, type, apply, confirm, choices
+
+    xyz.AxisOption, xyz.axis_options = AxisOption, [AxisOption("Seed", int, None)]
+    xyz.format_value_add_label = xyz.format_value = lambda p, opt, x: x
+    script_class = type("Script", (), {"__module__": "xyz_grid.py"})
+    webui.scripts.scripts_data.append(SimpleNamespace(script_class=script_class, module=xyz))
+
+    assert a1111.install_xyz_axes() is True
+    assert a1111.install_xyz_axes() is False  # UI reload: not twice
+    labels = [o.label for o in xyz.axis_options]
+    assert labels == ["Seed", "[LoRA Train] LoRA weight", "[LoRA Train] LoRA checkpoint"]
+    weight, checkpoint = xyz.axis_options[1], xyz.axis_options[2]
+
+    lora_dir = Path(webui.shared.cmd_opts.lora_dir)
+    lora_dir.mkdir(parents=True)
+    for stem in ("mine-000001", "mine", "Other"):
+        (lora_dir / f"{stem}.safetensors").write_bytes(b"x")
+    assert checkpoint.choices() == ["mine", "mine-000001", "Other"]
+    checkpoint.confirm(None, ["mine"])
+    with pytest.raises(RuntimeError, match="nope"):
+        checkpoint.confirm(None, ["nope"])
+
+    webui.shared.opts.data["lora_train_xyz_lora"] = "mine"
+    p = SimpleNamespace(prompt="a cat, <lora:Other:0.5>")
+    weight.apply(p, 0.8, [0.8])
+    assert p.prompt == "a cat, <lora:Other:0.5> <lora:mine:0.8>", "appended: the prompt had another LoRA only"
+    p = SimpleNamespace(prompt="a cat <lora:mine-000001:1:0.5>")
+    weight.apply(p, 0.25, [0.25])
+    assert p.prompt == "a cat <lora:mine-000001:0.25:0.5>", "an epoch file of the chosen LoRA is ours"
+
+    # both axes on one cell, in either order, edit the same tag
+    p = SimpleNamespace(prompt="a cat")
+    checkpoint.apply(p, "mine-000001", ["mine-000001", "mine"])
+    weight.apply(p, 0.5, [0.5])
+    assert p.prompt == "a cat <lora:mine-000001:0.5>"
+    p = SimpleNamespace(prompt="a cat")
+    weight.apply(p, 0.5, [0.5])
+    checkpoint.apply(p, "mine-000001", ["mine-000001", "mine"])
+    assert p.prompt == "a cat <lora:mine-000001:0.5>"
+
+    webui.shared.opts.data["lora_train_xyz_lora"] = ""
+    monkeypatch.setattr(a1111, "_last_published", None)
+    p = SimpleNamespace(prompt="a dog <lora:Other:1>")
+    weight.apply(p, 0.3, [0.3])
+    assert p.prompt == "a dog <lora:Other:0.3>", "no LoRA chosen: the prompt's only tag"
+    with pytest.raises(RuntimeError, match="no <lora:...>"):
+        weight.apply(SimpleNamespace(prompt="a dog"), 0.3, [0.3])
+
+
+def test_parses_the_webui_didnt_match_log_line():
+    from lora_train.host.a1111 import parse_didnt_match
+
+    # logged by the real v1.10.1 loader for a file with one bogus module
+    line = ("Network /work/a1111/webui/models/Lora/bogus.safetensors didn't match keys: "
+            "{'lora_unet_no_such_block.alpha': 'diffusion_model_no_such_block', "
+            "'lora_unet_no_such_block.lora_down.weight': 'diffusion_model_no_such_block', "
+            "'lora_unet_no_such_block.lora_up.weight': 'diffusion_model_no_such_block'}")
+    assert parse_didnt_match(line) == {"lora_unet_no_such_block"}
+    assert parse_didnt_match("Network x loaded") == set()

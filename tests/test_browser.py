@@ -1,0 +1,299 @@
+"""The Train tab in a real browser: the standalone server (`python -m lora_train ui`) driven by
+Playwright over Debian's chromium. Plan, start, live status/loss via the page's own polling, stop,
+resume, the published files, Expert mode and the zh_CN labels.
+
+The tests of the English server run in file order and share one page: each stage continues the run
+the previous one left. Full-page screenshots of every stage go to `test-artifacts/browser/`.
+Playwright never downloads a browser here: it launches /usr/bin/chromium (`make test` installs it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import make_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+ARTIFACTS = REPO / "test-artifacts" / "browser"
+CHROMIUM = Path("/usr/bin/chromium")
+ZH_CN = REPO / "localizations" / "zh_CN.json"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+
+if not CHROMIUM.is_file():
+    pytest.skip(f"{CHROMIUM} is missing (`make test` installs Debian's chromium)", allow_module_level=True)
+sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is missing (requirements-dev.txt)")
+
+# The run: 20 images x 1 repeat at batch 2 = 10 steps per epoch, 150 steps: long enough to watch it and stop it
+# (about 3 steps/s here, with a preview and a save every epoch), short enough to let the resumed run finish.
+IMAGES, REPEATS, BATCH, EPOCHS = 20, 1, 2, 15
+NAME, TRIGGER = "browser_lora", "zkz"
+
+
+class Server:
+    def __init__(self, tmp: Path, lang: str | None = None):
+        self.tmp = tmp
+        self.lora_dir, self.work_dir = tmp / "Lora", tmp / "runs"
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}/"
+        self.log_path = tmp / "server.log"
+        env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1", "LORA_TRAIN_CACHE": str(tmp / "cache"),
+               "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
+        cmd = [sys.executable, "-m", "lora_train", "ui", "--model", "builtin:tiny", "--port", str(self.port),
+               "--lora-dir", str(self.lora_dir), "--work-dir", str(self.work_dir)]
+        if lang:
+            cmd += ["--lang", lang]
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT)
+
+    def log(self, tail: int = 6000) -> str:
+        text = self.log_path.read_text(encoding="utf-8", errors="replace") if self.log_path.exists() else ""
+        return text[-tail:]
+
+    def wait_up(self, timeout: float = 120.0) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                pytest.fail(f"the server exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                with urllib.request.urlopen(self.url, timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.5)
+        pytest.fail(f"the server did not answer {self.url} in {timeout:.0f} s:\n{self.log()}")
+
+    def close(self, name: str) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(15)
+        self._log.close()
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(self.log_path, ARTIFACTS / f"{name}.log")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _serve(tmp_path_factory, request, lang: str | None, name: str):
+    server = Server(tmp_path_factory.mktemp(name), lang)
+    failed = request.session.testsfailed
+    try:
+        server.wait_up()
+        yield server
+    finally:
+        server.close(name)
+        if request.session.testsfailed > failed:  # the log also goes to the artifacts folder
+            sys.__stderr__.write(f"\n---- {name} log ({ARTIFACTS / (name + '.log')}) ----\n{server.log()}\n")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, request):
+    yield from _serve(tmp_path_factory, request, None, "server")
+
+
+@pytest.fixture(scope="module")
+def zh_server(tmp_path_factory, request):
+    yield from _serve(tmp_path_factory, request, "zh_CN", "server-zh_CN")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+@pytest.fixture(scope="module")
+def page(browser, server):
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    for old in ARTIFACTS.glob("*.png"):
+        old.unlink()
+    ctx = browser.new_context(viewport={"width": 1400, "height": 900})
+    pg = ctx.new_page()
+    pg.set_default_timeout(30_000)
+    pg.server = server
+    pg.goto(server.url)
+    pg.wait_for_selector("#lora_train_start")
+    yield pg
+    ctx.close()
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    return make_dataset(tmp_path_factory.mktemp("browser-data"), count=IMAGES, repeats=REPEATS, size=64)
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+def shot(pg, name: str) -> None:
+    pg.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+
+def field(pg, key: str):
+    return pg.locator(f"#lora_train_{key} input, #lora_train_{key} textarea").first
+
+
+def set_field(pg, key: str, value) -> None:
+    box = field(pg, key)
+    box.fill(str(value))
+    box.press("Tab")  # blur: the dataset fields and epochs re-plan on it
+
+
+def state(pg) -> dict:
+    el = pg.locator("#lora_train_state").first
+    return {"phase": el.get_attribute("data-phase"), "step": int(el.get_attribute("data-step") or 0),
+            "total": int(el.get_attribute("data-total") or 0)}
+
+
+def points(pg) -> int:
+    return int(pg.locator("#lora_train_chart_svg").first.get_attribute("data-points") or 0)
+
+
+def published(pg) -> list[str]:
+    return pg.locator("#lora_train_published li").all_inner_texts()
+
+
+def wait_for(pg, what: str, cond, timeout: float = 60.0, every: float = 0.25):
+    """Poll `cond()` until truthy; the page's own JS does the refreshing (never clicks Refresh)."""
+    deadline, last = time.time() + timeout, None
+    while time.time() < deadline:
+        try:
+            last = cond()
+        except Exception as e:  # element replaced mid-read
+            last = e
+        if last and not isinstance(last, Exception):
+            return last
+        pg.wait_for_timeout(every * 1000)
+    shot(pg, "timeout-" + re.sub(r"\W+", "_", what)[:40])
+    message = pg.locator("#lora_train_message").first.inner_text()
+    status = pg.locator("#lora_train_status").first.inner_text()
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what} (last: {last!r})\n"
+                         f"message: {message}\nstatus: {status}\n---- server log ----\n{pg.server.log()}")
+
+
+# -- the English server, one run through the stages --------------------------------------------------
+def test_a_plan_matches_the_dataset(page, dataset):
+    shot(page, "a0-loaded")
+    assert page.locator("#lora_train_start").first.inner_text().strip() == "Start"
+    assert page.locator("#lora_train_plan_info").count() == 0, "no plan before a dataset is set"
+    set_field(page, "train_data_dir", dataset)
+    set_field(page, "train_batch_size", BATCH)
+    set_field(page, "max_train_epochs", EPOCHS)
+    assert field(page, "resolution").input_value() == "64", "the tiny model's size is the default resolution"
+    page.locator("#lora_train_check").first.click()
+    per_epoch = -(-IMAGES * REPEATS // BATCH)
+    info = page.locator("#lora_train_plan_info").first
+
+    def planned():
+        return (info.count() and info.get_attribute("data-total-steps") == str(per_epoch * EPOCHS)
+                and info.get_attribute("data-steps-per-epoch") == str(per_epoch))
+
+    wait_for(page, "the plan", planned, 30)
+    text = page.locator("#lora_train_plan").first.inner_text()
+    assert "Steps per epoch" in text and "Total steps" in text
+    shot(page, "a1-plan")
+
+
+def test_b_start_updates_status_and_loss_live(page):
+    set_field(page, "trigger", TRIGGER)
+    set_field(page, "output_name", NAME)
+    page.locator("#lora_train_start").first.click()
+    wait_for(page, "the Started message", lambda: NAME in page.locator("#lora_train_message").first.inner_text(), 30)
+    shot(page, "b0-started")
+    s0 = wait_for(page, "phase training with steps", lambda: (s := state(page))["phase"] == "training" and s["step"] > 0 and s,
+                  90)
+    p0 = wait_for(page, "loss points", lambda: points(page), 30)
+    assert s0["total"] == 10 * EPOCHS
+    shot(page, "b1-training")
+    wait_for(page, "more loss points", lambda: points(page) > p0 and state(page)["step"] > s0["step"], 30)
+    assert state(page)["phase"] == "training"
+    shot(page, "b2-training-later")
+
+
+def test_c_stop_publishes_interrupted(page, server):
+    assert state(page)["phase"] == "training", "the run ended before Stop: make it longer (EPOCHS)"
+    page.locator("#lora_train_stop").first.click()
+    wait_for(page, "phase cancelled", lambda: state(page)["phase"] == "cancelled", 60)
+    name = f"{NAME}-interrupted.safetensors"
+    wait_for(page, "the interrupted file in the list", lambda: any(p.endswith(name) for p in published(page)), 30)
+    assert (server.lora_dir / name).is_file()
+    assert (server.lora_dir / f"{NAME}-interrupted.json").is_file()
+    assert int(page.locator("#lora_train_published").first.get_attribute("data-count")) == len(published(page))
+    shot(page, "c-stopped")
+
+
+def test_d_resume_trains_to_the_end_and_publishes_the_card(page, server):
+    stopped_at = state(page)["step"]
+    page.locator("#lora_train_resume").first.click()
+    wait_for(page, "the Resuming message", lambda: NAME in page.locator("#lora_train_message").first.inner_text(), 30)
+    wait_for(page, "phase training after resume", lambda: (s := state(page))["phase"] == "training" and s["step"] > stopped_at, 90)
+    shot(page, "d0-resumed")
+    wait_for(page, "phase finished", lambda: state(page)["phase"] == "finished", 300, every=1)
+    s = state(page)
+    assert s["step"] == s["total"] == 10 * EPOCHS
+    final = server.lora_dir / f"{NAME}.safetensors"
+    wait_for(page, "the final file in the list", lambda: any(p.endswith(final.name) for p in published(page)), 30)
+    assert final.is_file()
+    card = json.loads((server.lora_dir / f"{NAME}.json").read_text(encoding="utf-8"))
+    assert card["activation text"] == TRIGGER
+    assert (server.lora_dir / f"{NAME}.preview.png").is_file(), "previews are on (Preview every epoch) by default"
+    wait_for(page, "a preview in the gallery", lambda: page.locator("#lora_train_previews img").count() > 0, 30)
+    shot(page, "d1-finished")
+
+
+def test_e_expert_mode_shows_every_knob(page):
+    expert = page.locator("#lora_train_expert").first
+    assert not expert.is_visible()
+    page.locator("#lora_train_mode label", has_text="Expert").click()
+    expert.wait_for(state="visible")
+    page.locator("#lora_train_expert").first.get_by_text("Optimizer and learning rate").click()
+    dropdown = page.locator("#lora_train_optimizer_type").first
+    dropdown.wait_for(state="visible")
+    assert field(page, "optimizer_type").input_value() == "AdamW"
+    shot(page, "e-expert")
+    page.locator("#lora_train_mode label", has_text="Basic").click()
+    expert.wait_for(state="hidden")
+
+
+# -- the zh_CN server ------------------------------------------------------------------------------
+def test_f_zh_cn_labels(browser, zh_server, dataset):
+    table = json.loads(ZH_CN.read_text(encoding="utf-8"))
+    ctx = browser.new_context(viewport={"width": 1400, "height": 900}, locale="zh-CN")
+    try:
+        pg = ctx.new_page()
+        pg.goto(zh_server.url)
+        pg.wait_for_selector("#lora_train_start")
+        for key, eid in (("Start", "start"), ("Stop", "stop"), ("Resume", "resume"), ("Check dataset", "check")):
+            text = pg.locator(f"#lora_train_{eid}").first.inner_text().strip()
+            assert text == table[key] and text != key, (eid, text)
+        pg.server = zh_server
+        set_field(pg, "train_data_dir", dataset)
+        wait_for(pg, "the plan", lambda: pg.locator("#lora_train_plan_info").count(), 30)
+        plan = pg.locator("#lora_train_plan").first.inner_text()
+        assert table["Total steps"] in plan and "Total steps" not in plan, plan
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        pg.screenshot(path=str(ARTIFACTS / "f-zh_CN.png"), full_page=True)
+    finally:
+        ctx.close()

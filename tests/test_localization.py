@@ -1,0 +1,200 @@
+"""localizations/zh_CN.json: every string the Train tab shows has a Chinese entry, the file is what the
+WebUI's localization loader and our Translator expect, translations keep the option names, numbers
+and formats users copy from them, and the standalone server builds the tab in Chinese from it."""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+import types
+from pathlib import Path
+
+import pytest
+
+from lora_train.ui import chart, form, i18n
+from lora_train.ui.runs import RunStatus
+
+ROOT = Path(__file__).resolve().parents[1]
+ZH_CN = ROOT / "localizations" / "zh_CN.json"
+UI_SOURCES = [ROOT / "lora_train" / "ui" / name for name in ("tab.py", "chart.py", "app.py")]
+WEBUI_SCRIPT = ROOT / "scripts" / "lora_train_tab.py"  # settings and XYZ labels the WebUI shows
+PHASES = tuple(chart.PHASE_LABELS)
+CJK = re.compile(r"[\u4e00-\u9fff]")
+
+
+def _table() -> dict[str, str]:
+    return json.loads(ZH_CN.read_bytes().decode("utf-8"))
+
+
+def _host(tmp: Path):
+    from lora_train.host.standalone import StandaloneHost
+
+    return StandaloneHost("builtin:tiny", tmp / "Lora", tmp / "runs")
+
+
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory) -> set[str]:
+    """Every string the tab and its HTML fragments pass through t(), from a build with a recording Translator."""
+    made: list[i18n.Translator] = []
+
+    class Recording(i18n.Translator):
+        def __init__(self, lang=None):
+            super().__init__(lang)
+            made.append(self)
+
+    from lora_train.ui.app import create_app
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(i18n, "Translator", Recording)
+        create_app(_host(tmp_path_factory.mktemp("loc")), None)
+    assert len(made) == 1
+    t = made[0]
+    for phase in PHASES:
+        status = RunStatus("run-1", "my_lora", phase=phase, step=3, total_steps=10, epoch=1, epochs=2, steps_per_second=1.5,
+                           eta_seconds=30.0, losses=[(1, 0.2), (2, 0.1)], published=["/x/my_lora.safetensors"], error="boom",
+                           messages=["note"])
+        chart.status_html(status, t, ["run-2"], paused=True)
+        chart.files_html(status, t)
+    chart.status_html(None, t)
+    chart.files_html(None, t)
+    chart.loss_chart([], t)
+    chart.loss_chart([(1, 0.3), (2, 0.2), (3, 0.25)], t)
+    block = types.SimpleNamespace(report=lambda: {"buckets": [{"resolution": (512, 512), "images_x_repeats": 40}]})
+    plan = types.SimpleNamespace(guideline_total=160, train_images=4, reg_images=2, train_samples=40, steps_per_epoch=40, epochs=2,
+                                 total_steps=80, blocks=[block], warnings=["w"], scan=types.SimpleNamespace(problems=["p"]), problems=[])
+    chart.plan_html(plan, t)
+    return set(t.seen)
+
+
+def _t_literals(path: Path) -> set[str]:
+    """t("...") calls with a literal argument, including those only made in event handlers."""
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "t" and node.args:
+            arg = node.args[0]
+            if isinstance(arg, ast.Constant) and isinstance(arg.value, str):
+                out.add(arg.value)
+    return out
+
+
+def _webui_labels(path: Path) -> set[str]:
+    """Settings labels and section names the WebUI script registers (A1111's page JS translates them;
+    an OptionInfo's .info("x") shows as the text "(x)"), and the X/Y/Z plot axes it adds."""
+    out = set()
+    if path.is_file():
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        constants = {t.id: node.value for node in tree.body if isinstance(node, ast.Assign) for t in node.targets if isinstance(t, ast.Name)}
+
+        def text(node):
+            node = constants.get(node.id, node) if isinstance(node, ast.Name) else node
+            return node.value if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.strip() else None
+
+        def section_label(node):
+            node = constants.get(node.id, node) if isinstance(node, ast.Name) else node
+            return text(node.elts[1]) if isinstance(node, ast.Tuple) and len(node.elts) > 1 else None
+
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Call):
+                continue
+            name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+            if name == "OptionInfo":
+                out.update(map(text, node.args[1:2] + [k.value for k in node.keywords if k.arg == "label"]))
+                out.update(section_label(k.value) for k in node.keywords if k.arg == "section")
+            elif name == "options_section" and node.args:
+                out.add(section_label(node.args[0]))
+            elif name == "info" and node.args and text(node.args[0]):
+                out.add(f"({text(node.args[0])})")
+            elif name == "t" and node.args:
+                out.add(text(node.args[0]))
+    from lora_train.host import a1111
+
+    out.update(v for k, v in vars(a1111).items() if k.startswith("XYZ_") and k != "XYZ_PREFIX" and isinstance(v, str))
+    return {s for s in out if s}
+
+
+def _needed(recorded: set[str]) -> set[str]:
+    needed = set(recorded) | {"LoRA Train"} | set(chart.PHASE_LABELS.values())
+    needed |= set(form.HELP.values()) | set(form.SECTION_TITLES.values())
+    for path in UI_SOURCES:
+        needed |= _t_literals(path)
+    return needed | _webui_labels(WEBUI_SCRIPT)
+
+
+def test_every_ui_string_has_a_chinese_entry(recorded):
+    assert {"Start", "LoRA Train", "Dataset plan", "No loss yet", "Guideline (images x repeats x 4, usually 1000-2000)"} <= recorded
+    table = _table()
+    missing = sorted(s for s in _needed(recorded) if not table.get(s, "").strip())
+    assert not missing, "zh_CN.json lacks entries for:\n" + "\n".join(missing)
+
+
+def test_no_stale_entries(recorded):
+    stale = sorted(set(_table()) - _needed(recorded))
+    assert not stale, "zh_CN.json has entries no UI string uses any more:\n" + "\n".join(stale)
+
+
+def test_file_is_flat_utf8_json_of_strings():
+    raw = ZH_CN.read_bytes()
+    assert not raw.startswith(b"\xef\xbb\xbf"), "no BOM: the WebUI reads it with encoding='utf8'"
+    pairs = json.loads(raw.decode("utf-8"), object_pairs_hook=lambda kv: kv)
+    keys = [k for k, _ in pairs]
+    assert len(keys) == len(set(keys)), "duplicate keys: " + ", ".join(sorted({k for k in keys if keys.count(k) > 1}))
+    for key, value in pairs:
+        assert isinstance(key, str) and isinstance(value, str), key
+        # the WebUI matches trimmed text nodes exactly
+        assert key == key.strip() and key, repr(key)
+        assert value == value.strip() and value, f"{key!r} -> {value!r}"
+        assert CJK.search(value), f"{key!r} is not translated: {value!r}"
+
+
+# What users copy from a help text into a field or a prompt line must survive translation.
+TOKENS = re.compile(
+    r"--\w+"  # sd-scripts prompt options
+    r"|'[^']*'"  # quoted literal values
+    r"|\b\w*_\w*\b"  # option names: train_data_dir, max_train_steps, 10_name
+    r"|(?<![\w.])\.[a-z]{2,}\b"  # file extensions
+    r"|\bsd-scripts\b"
+    r"|\b\w+/\w+\b"  # formulas such as alpha/dim
+    r"|\b[A-Za-z]*\d+(?:[.,x-]\d+)*[A-Za-z0-9]*\b"  # numbers, ranges, 3x3, fp16, AdamW8bit
+    r"|\bN\b"
+)
+
+
+def _tokens(text: str) -> list[str]:
+    return TOKENS.findall(text)
+
+
+def test_token_pattern():
+    assert _tokens("One per line, sd-scripts options allowed (--n negative --w 512); 1000-2000, 3x3 conv_dim, '512' or "
+                   "'width,height' .txt alpha/dim fp16 every N") == [
+        "sd-scripts", "--n", "--w", "512", "1000-2000", "3x3", "conv_dim", "'512'", "'width,height'", ".txt", "alpha/dim", "fp16", "N"]
+    assert _tokens("e.g. 6, weight_decay=0.01 betas=0.9,0.99 (0.05-0.1)") == ["6", "weight_decay", "0.01", "0.9,0.99", "0.05-0.1"]
+
+
+def test_translations_keep_option_names_numbers_and_formats():
+    dropped = {}
+    for key, value in _table().items():
+        lost = [tok for tok in _tokens(key) if tok not in value]
+        if lost:
+            dropped[key] = lost
+    assert not dropped, "translations drop: " + json.dumps(dropped, ensure_ascii=False, indent=1)
+
+
+def test_standalone_tab_is_built_in_chinese(tmp_path):
+    from lora_train.ui.app import create_app
+
+    table = _table()
+    app = create_app(_host(tmp_path), "zh_CN")
+    by_id = {c["props"].get("elem_id"): c["props"] for c in app.config["components"] if c["props"].get("elem_id")}
+    assert by_id["lora_train_start"]["value"] == table["Start"]
+    assert CJK.search(by_id["lora_train_start"]["value"])
+    assert by_id["lora_train_stop"]["value"] == table["Stop"]
+    assert by_id["tab_lora_train"]["label"] == table["LoRA Train"]
+    assert by_id["lora_train_trigger"]["label"] == table["Trigger word"]
+    # field labels stay the sd-scripts key names; their help is translated
+    assert by_id["lora_train_network_dim"]["label"] == "network_dim"
+    assert by_id["lora_train_network_dim"]["info"] == table[form.HELP["network_dim"]]
+    assert table["Idle: set a dataset folder and press Start."] in by_id["lora_train_status"]["value"]
+    accordions = {c["props"].get("label") for c in app.config["components"] if c["type"] == "accordion"}
+    assert table["Optimizer and learning rate"] in accordions and table["Dataset plan"] in accordions
+    assert by_id["lora_train_mode"]["value"] == table["Basic"]

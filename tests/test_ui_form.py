@@ -1,0 +1,70 @@
+"""The Train tab's form: every engine knob is a field, the form round-trips a config, presets are
+valid configs, and the HTML fragments show what the run manager knows."""
+
+from __future__ import annotations
+
+import pytest
+
+from lora_train.errors import UserError
+from lora_train.train.config import TrainConfig
+from lora_train.ui import chart, form, presets
+from lora_train.ui.i18n import Translator
+from lora_train.ui.runs import RunStatus
+
+
+def test_every_engine_key_is_a_field_with_its_sd_scripts_name():
+    keys = {f.key for f in form.fields()}
+    assert keys == set(TrainConfig.key_index()) - form.HIDDEN
+    assert set(form.BASIC) <= keys
+    assert all(f.key in form.HELP for f in form.fields() if f.basic)
+
+
+def test_form_round_trips_a_config():
+    flds = form.fields()
+    c = TrainConfig()
+    c.update({"network_dim": 12, "network_alpha": 6.0, "conv_dim": 4, "optimizer_type": "Prodigy", "optimizer_args": ["d_coef=2", "use_bias_correction=True"],
+              "lr_scheduler": "cosine", "shuffle_caption": True, "keep_tokens": 2, "resolution": "512,768", "noise_offset": 0.05,
+              "train_data_dir": "D:/训练/10_zkz", "max_train_epochs": 7, "seed": 42, "block_dims": ",".join(["4"] * 25),
+              "mixed_precision": "bf16", "save_precision": "fp16", "min_snr_gamma": 5.0, "flip_aug": True}, source="test")
+    back = form.config_from_values(flds, form.values_from_config(flds, c))
+    assert {k: back.get(k) for k in back.key_index() if k not in form.HIDDEN} == {k: c.get(k) for k in c.key_index() if k not in form.HIDDEN}
+
+
+def test_empty_text_means_the_default_and_bad_values_name_the_field():
+    flds = form.fields()
+    values = form.values_from_config(flds, TrainConfig())
+    i = [f.key for f in flds].index("network_dim")
+    values[i] = ""
+    assert form.config_from_values(flds, values).network.network_dim is None
+    values[i] = "sixteen"
+    with pytest.raises(UserError, match="network_dim"):
+        form.config_from_values(flds, values)
+
+
+@pytest.mark.parametrize("subject", presets.SUBJECTS)
+@pytest.mark.parametrize("base", presets.BASES)
+def test_presets_are_valid_configs(subject, base):
+    c = TrainConfig().update(presets.preset(subject, base), source="preset")
+    assert c.network.network_dim and c.optimizer.unet_lr
+    if base == "SDXL":
+        assert c.network.network_train_unet_only and c.training.cache_text_encoder_outputs and c.dataset.resolution == "1024"
+    else:
+        assert c.dataset.resolution == "512"
+
+
+def test_presets_differ_by_subject():
+    a, b = presets.preset("character", "SD1.5"), presets.preset("style", "SD1.5")
+    assert a["keep_tokens"] == 1 and b["keep_tokens"] == 0 and a["max_train_epochs"] != b["max_train_epochs"]
+
+
+def test_loss_chart_and_status_show_the_run():
+    t = Translator()
+    assert 'data-points="0"' in chart.loss_chart([], t)
+    svg = chart.loss_chart([(1, 0.5), (2, float("nan")), (3, 0.25)], t)
+    assert 'data-points="3"' in svg and 'data-last-step="3"' in svg and svg.count("<polyline") == 2
+    s = RunStatus(id="run-1", name="zkz <b>", phase="training", step=5, total_steps=20, epoch=1, epochs=4, losses=[(5, 0.123456)],
+                  steps_per_second=2.0, eta_seconds=7.5)
+    html = chart.status_html(s, t, ["next"], paused=True)
+    assert 'data-phase="training"' in html and "5 / 20" in html and "0.1235" in html and "0:08" in html
+    assert "zkz &lt;b&gt;" in html and "next (queue paused)" in html
+    assert 'width:25.0%' in html
