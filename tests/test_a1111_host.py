@@ -5,6 +5,7 @@ package (queue lock, shared.state, progress, processing ...) and a fake built-in
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import sys
 import threading
@@ -232,7 +233,9 @@ def webui(tmp_path, tiny_model, monkeypatch):
     network = types.ModuleType("network")
     network.NetworkOnDisk = lambda name, filename: SimpleNamespace(name=name, filename=filename)
     monkeypatch.setitem(sys.modules, "network", network)
-    monkeypatch.setattr(tiny_model, "sd_checkpoint_info", SimpleNamespace(title="tiny.safetensors [0123abcd]"), raising=False)
+    ckpt = tmp_path / "tiny.safetensors"
+    ckpt.write_bytes(bytes(range(256)) * 8192)  # stands for the checkpoint file the WebUI loaded
+    monkeypatch.setattr(tiny_model, "sd_checkpoint_info", SimpleNamespace(title="tiny.safetensors [0123abcd]", filename=str(ckpt)), raising=False)
     return w
 
 
@@ -363,6 +366,13 @@ def test_run_holds_the_lock_trains_on_restored_base_weights_and_ignores_interrup
         assert all("every module matched" in m for m in run.checks.values()), run.checks
         assert {name for name, _ in webui.networks.loads} == {"weblora-000001", "weblora"}
         assert Path(run.work_dir).parent == Path(webui.paths.data_path) / "lora_train" / "runs"
+
+        # the metadata names the checkpoint the WebUI loaded, with sd-scripts' hash of that file
+        with safe_open(run.published[-1], "pt") as f:
+            meta = f.metadata()
+        ckpt = Path(tiny_model.sd_checkpoint_info.filename)
+        assert meta["ss_sd_model_name"] == ckpt.name
+        assert meta["ss_new_sd_model_hash"] == hashlib.sha256(ckpt.read_bytes()).hexdigest()
     finally:
         forget_merge(layers)
 

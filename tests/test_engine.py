@@ -58,7 +58,7 @@ def test_resume_gives_the_same_lora(tiny_adapter, tmp_path):
     assert not torch.equal(after_one[key], tensors(resumed)[key])  # the second epoch really trained
 
 
-def test_resume_mid_epoch_after_cancel(tiny_adapter, tmp_path):
+def test_resume_mid_epoch_after_cancel(tiny_adapter, tmp_path, monkeypatch):
     data = make_dataset(tmp_path / "data", count=4, repeats=2)
     full = job.build_trainer(cfg(tmp_path / "a", data, max_train_epochs=2, gradient_accumulation_steps=2), tiny_adapter).run()
     cancel = threading.Event()
@@ -67,6 +67,12 @@ def test_resume_mid_epoch_after_cancel(tiny_adapter, tmp_path):
     assert path.name == "run-interrupted.safetensors"
     assert not no_temp_files(path.parent)
     state = path.with_name("run-interrupted-state")
+    assert sorted(p.name for p in state.iterdir()) == ["state-tree.json", "state.json", "state.safetensors"], "no pickle"
+
+    def refused(*args, **kwargs):  # the WebUI's safe unpickler refuses newer torch's zip layout
+        raise RuntimeError("The file may be malicious, so the program is not going to read it.")
+
+    monkeypatch.setattr(torch, "load", refused)
     resumed = job.build_trainer(cfg(tmp_path / "b", data, max_train_epochs=2, gradient_accumulation_steps=2, resume=str(state),
                                     output_name="resumed"), tiny_adapter).run()
     assert_same_lora(full, resumed)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import os
 import logging
 import re
 import threading
@@ -227,7 +228,12 @@ class A1111Host(Host):
                 restore_lora_merges(model)
                 shared.loaded_hypernetworks = []
                 shared.state.textinfo = f"LoRA Train: preparing {self._run_name} ..."
-                yield LdmAdapter(model, clip_skip=int(_opt("CLIP_stop_at_last_layers", 1) or 1))
+                # ss_sd_model_name / ss_sd_model_hash come from the checkpoint file the WebUI loaded
+                filename = getattr(getattr(model, "sd_checkpoint_info", None), "filename", None) or getattr(model, "sd_model_checkpoint", None)
+                adapter = LdmAdapter(model, name=os.path.basename(filename) if filename else None,
+                                     clip_skip=int(_opt("CLIP_stop_at_last_layers", 1) or 1))
+                adapter.info.path = filename
+                yield adapter
             finally:
                 self._task = None
                 progress.finish_task(task)

@@ -2,7 +2,7 @@
 (the user metadata the WebUI's card editor writes) and `<name>.preview.png`.
 
 Files are copied into the folder, never trained there: the WebUI's Lora list walks the folder and
-would list a run's `state.pt` as a network. Each name is used once, because the WebUI caches merged
+would list any `.pt` a run writes there as a network. Each name is used once, because the WebUI caches merged
 weights per name and would keep showing an overwritten file's old weights.
 """
 

@@ -1,8 +1,10 @@
 """Training state for exact resume: counters, RNG states, optimizer, scheduler and LoRA weights.
 
-A state is a folder (`<name>-state/`, like sd-scripts' `--save_state` folders) holding `state.pt`
-and a readable `state.json`. It is written to a temporary folder and renamed into place, so a
-crash leaves either the old state or the new one.
+A state is a folder (`<name>-state/`, like sd-scripts' `--save_state` folders) holding the tensors
+in `state.safetensors`, everything else in `state-tree.json`, and a readable summary `state.json`.
+No pickle: the WebUI replaces `torch.load` with a restricted unpickler that rejects the zip layout
+newer torch writes, and a state file should never be able to run code anyway. It is written to a
+temporary folder and renamed into place, so a crash leaves either the old state or the new one.
 """
 
 from __future__ import annotations
@@ -17,7 +19,42 @@ import torch
 
 from lora_train.errors import UserError
 
-STATE_FILE = "state.pt"
+STATE_FILE = "state.safetensors"
+TREE_FILE = "state-tree.json"
+LEGACY_FILE = "state.pt"  # written before 2026-11; still read
+
+
+def pack(obj, tensors: dict[str, torch.Tensor], path: str = "s"):
+    """A JSON-able copy of `obj` with every tensor moved into `tensors` under a path key. Tuples and
+    dicts with non-string keys (optimizer states are keyed by int) are tagged so they come back as they were."""
+    if isinstance(obj, torch.Tensor):
+        tensors[path] = obj.detach().cpu().contiguous()
+        return {"__tensor__": path}
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) for k in obj) and "__tensor__" not in obj:
+            return {k: pack(v, tensors, f"{path}.{k}") for k, v in obj.items()}
+        return {"__items__": [[pack(k, tensors, f"{path}.k{i}"), pack(v, tensors, f"{path}.{i}")] for i, (k, v) in enumerate(obj.items())]}
+    if isinstance(obj, tuple):
+        return {"__tuple__": [pack(v, tensors, f"{path}.{i}") for i, v in enumerate(obj)]}
+    if isinstance(obj, list):
+        return [pack(v, tensors, f"{path}.{i}") for i, v in enumerate(obj)]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"cannot store {type(obj).__name__} at {path} in a training state")
+
+
+def unpack(obj, tensors: dict[str, torch.Tensor]):
+    if isinstance(obj, list):
+        return [unpack(v, tensors) for v in obj]
+    if isinstance(obj, dict):
+        if "__tensor__" in obj:
+            return tensors[obj["__tensor__"]]
+        if "__tuple__" in obj:
+            return tuple(unpack(v, tensors) for v in obj["__tuple__"])
+        if "__items__" in obj:
+            return {unpack(k, tensors): unpack(v, tensors) for k, v in obj["__items__"]}
+        return {k: unpack(v, tensors) for k, v in obj.items()}
+    return obj
 
 
 def save_state(folder: Path, state: dict, summary: dict) -> Path:
@@ -25,7 +62,12 @@ def save_state(folder: Path, state: dict, summary: dict) -> Path:
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
-        torch.save(state, tmp / STATE_FILE)
+        from safetensors.torch import save_file
+
+        tensors: dict[str, torch.Tensor] = {}
+        tree = pack(state, tensors)
+        save_file(tensors, str(tmp / STATE_FILE))
+        (tmp / TREE_FILE).write_text(json.dumps(tree), encoding="utf-8")
         (tmp / "state.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False), encoding="utf-8")
         old = None
         if folder.exists():
@@ -43,11 +85,19 @@ def save_state(folder: Path, state: dict, summary: dict) -> Path:
 
 def load_state(folder: str | os.PathLike) -> dict:
     path = Path(folder)
-    if path.is_dir():
-        path = path / STATE_FILE
-    if not path.is_file():
-        raise UserError(f"resume: '{folder}' is not a state folder written with save_state (no {STATE_FILE})")
+    if not path.is_dir():
+        path = path.parent
+    if (path / LEGACY_FILE).is_file() and not (path / STATE_FILE).is_file():
+        try:
+            return torch.load(str(path / LEGACY_FILE), map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise UserError(f"resume: '{path / LEGACY_FILE}' cannot be read ({e})") from e
+    if not (path / STATE_FILE).is_file() or not (path / TREE_FILE).is_file():
+        raise UserError(f"resume: '{folder}' is not a state folder written with save_state (no {STATE_FILE} and {TREE_FILE})")
     try:
-        return torch.load(str(path), map_location="cpu", weights_only=True)
+        from safetensors.torch import load_file
+
+        tree = json.loads((path / TREE_FILE).read_text(encoding="utf-8"))
+        return unpack(tree, load_file(str(path / STATE_FILE)))
     except Exception as e:
-        raise UserError(f"resume: '{path}' cannot be read ({e})") from e
+        raise UserError(f"resume: '{path}' cannot be read ({type(e).__name__}: {e})") from e
