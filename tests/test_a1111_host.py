@@ -101,15 +101,24 @@ class Processing:
         self.webui = webui
         self.ps = []
 
-        class Txt2Img:
+        class Processing:  # the WebUI keeps the last conditioning in class attributes
+            cached_c = [None, None]
+            cached_uc = [None, None]
+
+        class Txt2Img(Processing):
+            cached_hr_c = [None, None]
+            cached_hr_uc = [None, None]
+
             def __init__(p, **kwargs):
                 p.__dict__.update(kwargs)
                 p.disable_extra_networks = False
                 p.closed = False
+                p.cached_c, p.cached_uc = Processing.cached_c, Processing.cached_uc
 
             def close(p):
                 p.closed = True
 
+        self.StableDiffusionProcessing = Processing
         self.StableDiffusionProcessingTxt2Img = Txt2Img
 
     def process_images(self, p):
@@ -118,6 +127,18 @@ class Processing:
         p.checkpoint_setting = w.shared.opts.data.get("sd_model_checkpoint")
         self.ps.append(p)
         w.shared.state.job_count, w.shared.state.job_no, w.shared.state.sampling_steps = 1, 0, p.steps
+        if hasattr(p.sd_model, "cond_stage_model"):
+            # get_conds_with_caching: reuse the cached negative-prompt conditioning when prompt and
+            # steps match, else encode with the model as it is now and cache that, in place
+            key = ((p.negative_prompt,), p.steps)
+            if p.cached_uc[0] == key:
+                p.uc = p.cached_uc[1]
+            else:
+                from lora_train.model.ldm import LdmAdapter
+
+                with torch.no_grad():
+                    p.uc = LdmAdapter(p.sd_model).encode_captions([p.negative_prompt])
+                p.cached_uc[0], p.cached_uc[1] = key, p.uc
         if w.shared.state.interrupted:  # the WebUI's samplers stop at once
             return SimpleNamespace(images=[], infotexts=[])
         torch.manual_seed(p.seed)
@@ -210,7 +231,8 @@ def webui(tmp_path, tiny_model, monkeypatch):
     add("paths", data_path=str(tmp_path / "webui"), models_path=str(tmp_path / "webui" / "models"))
     add("sd_samplers", samplers_map={"euler a": "Euler a", "k_euler_a": "Euler a", "euler": "Euler", "ddim": "DDIM", "dpm++ 2m": "DPM++ 2M"})
     w.processing_impl = Processing(w)
-    add("processing", StableDiffusionProcessingTxt2Img=w.processing_impl.StableDiffusionProcessingTxt2Img,
+    add("processing", StableDiffusionProcessing=w.processing_impl.StableDiffusionProcessing,
+        StableDiffusionProcessingTxt2Img=w.processing_impl.StableDiffusionProcessingTxt2Img,
         process_images=w.processing_impl.process_images)
 
     def image_grid(imgs, batch_size=1, rows=None):
@@ -512,6 +534,35 @@ def test_previews_keep_rng_progress_and_checkpoint_setting(webui, host, tmp_path
     assert (ps[0].width, ps[0].height, ps[0].steps, ps[0].seed, ps[0].sampler_name) == (64, 64, 20, 3, "Euler a")
     assert (ps[1].steps, ps[1].sampler_name) == (7, "DDIM")
     assert (state.job_count, state.job_no, state.textinfo) == (10, 3, "LoRA Train: step 3/10")
+
+
+def test_previews_neither_reuse_nor_leave_the_webuis_cached_conditioning(webui, host, tmp_path, tiny_adapter):
+    """The WebUI caches the negative prompt's conditioning without knowing our LoRA is on the text
+    encoder: a preview must compute its own, and the cache must hold the clean one afterwards."""
+    from lora_train.network.network import LoRANetwork
+
+    proc = webui.processing_impl
+    clean = proc.StableDiffusionProcessingTxt2Img(sd_model=tiny_adapter.model, prompt="x", negative_prompt="", steps=20,
+                                                 width=64, height=64, seed=1)
+    proc.process_images(clean)  # a txt2img before training fills the cache
+    cache_before = proc.StableDiffusionProcessing.cached_uc
+    clean_uc = cache_before[1].clone()
+
+    net = LoRANetwork([t for t in tiny_adapter.lora_targets() if t.name.startswith("lora_te_")], 4, 4.0, seed=1)
+    for name, param in net.named_parameters():
+        if "lora_up" in name:
+            torch.nn.init.normal_(param, std=0.5)  # a trained text-encoder LoRA
+    sample = host.sample_fn(config_for(tmp_path), tiny_adapter, ["zkz"], tmp_path / "samples")
+    with net.applied({t.name: t.module for t in tiny_adapter.lora_targets()}):
+        sample(1, 10)
+        preview = proc.ps[-1]
+        assert not torch.allclose(preview.uc, clean_uc), "the preview reused the clean cached conditioning"
+
+    after = proc.StableDiffusionProcessingTxt2Img(sd_model=tiny_adapter.model, prompt="x", negative_prompt="", steps=20,
+                                                 width=64, height=64, seed=1)
+    proc.process_images(after)
+    assert proc.StableDiffusionProcessing.cached_uc is cache_before
+    assert torch.equal(after.uc, clean_uc), "txt2img after training used conditioning made with the LoRA"
 
 
 def test_self_test_reports_unmatched_keys_and_never_raises(webui, host, tmp_path, monkeypatch):

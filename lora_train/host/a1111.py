@@ -310,7 +310,7 @@ class A1111Host(Host):
             cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
             saved_state = _save_progress_state(shared.state)
             try:
-                with _pinned_checkpoint(adapter.model):
+                with _pinned_checkpoint(adapter.model), _own_cond_cache(processing):
                     for i, sp in enumerate(parsed):
                         # a stray txt2img Interrupt would cut every preview short; it means nothing to us
                         shared.state.interrupted = shared.state.skipped = False
@@ -583,6 +583,32 @@ def _pinned_checkpoint(model):
                 data[key] = old
             else:
                 data.pop(key, None)
+
+
+_COND_CACHES = (("StableDiffusionProcessing", ("cached_c", "cached_uc")),
+                ("StableDiffusionProcessingTxt2Img", ("cached_hr_c", "cached_hr_uc")))
+
+
+@contextlib.contextmanager
+def _own_cond_cache(processing):
+    """Previews get empty conditioning caches of their own, and the WebUI's come back untouched.
+
+    The WebUI caches the last prompt's and negative prompt's conditioning in class attributes, keyed
+    by prompt, steps and extra networks, but not by our LoRA, which it cannot see. A preview would
+    otherwise reuse a clean cached negative prompt (no text-encoder LoRA in the preview), and leave
+    its own, computed with the LoRA, for the next txt2img after training to reuse."""
+    saved = []
+    for cls_name, attrs in _COND_CACHES:
+        cls = getattr(processing, cls_name, None)
+        for attr in attrs:
+            if cls is not None and hasattr(cls, attr):
+                saved.append((cls, attr, getattr(cls, attr)))
+                setattr(cls, attr, [None, None])  # new lists: the saved ones are never written to
+    try:
+        yield
+    finally:
+        for cls, attr, value in saved:
+            setattr(cls, attr, value)
 
 
 def _save_png(image, path: Path, parameters: str) -> None:
