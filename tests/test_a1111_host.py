@@ -228,6 +228,8 @@ def webui(tmp_path, tiny_model, monkeypatch):
     progress.add_task_to_queue = lambda t: progress.calls.append(("queue", t))
     add("sd_models", model_data=SimpleNamespace(sd_model=tiny_model))
     add("sd_unet", current_unet=None)
+    add("devices", device=torch.device("cpu"))
+    add("lowvram", module_in_gpu=None, send_everything_to_cpu=lambda: setattr(w.lowvram, "module_in_gpu", None))
     add("paths", data_path=str(tmp_path / "webui"), models_path=str(tmp_path / "webui" / "models"))
     add("sd_samplers", samplers_map={"euler a": "Euler a", "k_euler_a": "Euler a", "euler": "Euler", "ddim": "DDIM", "dpm++ 2m": "DPM++ 2M"})
     w.processing_impl = Processing(w)
@@ -484,8 +486,6 @@ def test_preflight_refusals_say_what_to_change(webui, host):
         return problems[0]
 
     assert "--lowvram" in refusal(cmd={"lowvram": True}) and "Restart the WebUI without --lowvram" in refusal(cmd={"lowvram": True})
-    assert "--medvram" in refusal(cmd={"medvram": True})
-    assert "--medvram" in refusal(model=fake_model(lowvram=True))  # --medvram-sdxl and friends: the model says so
     assert "FP8 weight is 'Enable'" in refusal(fp8="Enable")
     assert "replacement UNet is active (TensorRT" in refusal(unet=SimpleNamespace(option=SimpleNamespace(label="TensorRT")))
     inpaint = fake_model()
@@ -497,6 +497,48 @@ def test_preflight_refusals_say_what_to_change(webui, host):
     models.sd_model, shared.opts.data["fp8_storage"], webui.sd_unet.current_unet = fake_model(), "Enable for SDXL", None
     shared.cmd_opts = SimpleNamespace(lowvram=False, medvram=False)
     assert host.preflight(config) == [], "FP8 for SDXL only leaves an SD1 model trainable"
+
+
+def test_medvram_caches_first_then_keeps_the_unet_on_the_gpu(webui, host, data, tiny_model):
+    """--medvram: the WebUI's hooks swap UNet, text encoder and VAE onto the GPU one at a time. The
+    run must do all VAE and text-encoder work first, then only the UNet runs, so it never moves."""
+    webui.shared.cmd_opts.medvram = True
+    low = webui.lowvram
+    swaps = []
+
+    def send_me_to_gpu(module, *_):  # lowvram.setup_for_low_vram's hook, recording instead of moving
+        if low.module_in_gpu is not module:
+            swaps.append((low.module_in_gpu, module))
+            low.module_in_gpu = module
+
+    unet, te, vae = tiny_model.model, tiny_model.cond_stage_model.transformer, tiny_model.first_stage_model
+    handles = [unet.register_forward_pre_hook(send_me_to_gpu), te.register_forward_pre_hook(send_me_to_gpu)]
+    real_encode = vae.encode
+    vae.encode = lambda x: send_me_to_gpu(vae) or real_encode(x)
+    steps_seen = []
+    host.on_step = lambda e: steps_seen.append(list(swaps))
+    try:
+        config = config_for(data, epochs=2, shuffle_caption=False)
+        manager = RunManager(host)
+        s = manager.submit(RunRequest(config, previews=False))
+        assert manager.wait(120)
+        run = manager.run(s.id)
+    finally:
+        for h in handles:
+            h.remove()
+        del vae.encode
+    assert run.phase == "finished", run.error
+    notes = " ".join(run.messages)
+    assert "training the UNet only" in notes and "latents are cached" in notes and "text-encoder outputs are cached" in notes
+    names = {Path(p).name for p in run.published}
+    assert names == {"weblora-000001.safetensors", "weblora.safetensors"}
+    from lora_train.network.files import load_lora
+    assert all(k.startswith("lora_unet_") for k in load_lora(run.published[-1])[0])
+    # pinned first, then VAE and text encoder once each while caching, then the UNet for good
+    assert [(a is unet, b is vae) for a, b in swaps[:1]] == [(True, True)], "the UNet was pinned before caching"
+    assert len(swaps) == 3 and swaps[1][1] is te and swaps[2][1] is unet
+    assert len(steps_seen) == 4 and all(len(seen) == 3 for seen in steps_seen), "something moved the UNet off the GPU between steps"
+    assert low.module_in_gpu is unet
 
 
 def test_session_rechecks_under_the_lock_and_always_releases_it(webui, host):

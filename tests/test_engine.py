@@ -251,9 +251,13 @@ def test_text_encoder_output_cache(tiny_adapter, tmp_path, monkeypatch):
     monkeypatch.setattr(tiny_adapter, "encode_captions", lambda caps: calls.__setitem__("n", calls["n"] + 1) or real(caps))
     plain = job.build_trainer(cfg(tmp_path / "a", max_train_steps=6, network_train_unet_only=True), tiny_adapter).run()
     uncached_calls, calls["n"] = calls["n"], 0
+    order = []
+    monkeypatch.setattr(tiny_adapter, "encode_captions", lambda caps: order.append(("encode", len(caps))) or real(caps))
     cached = job.build_trainer(cfg(tmp_path / "b", max_train_steps=6, network_train_unet_only=True, cache_text_encoder_outputs=True),
-                               tiny_adapter).run()
-    assert uncached_calls == 6 and calls["n"] <= 3  # 3 distinct captions
+                               tiny_adapter).run(lambda e: order.append("step") if isinstance(e, ev.Step) else None)
+    # all 3 distinct captions in one call before the first step: the text encoder is then never
+    # needed again (what lets the WebUI's --medvram keep the UNet on the GPU)
+    assert uncached_calls == 6 and order == [("encode", 3)] + ["step"] * 6
     assert_same_lora(plain, cached, tol=1e-6)
     with pytest.raises(UserError, match="network_train_unet_only"):
         job.build_trainer(cfg(tmp_path / "c", max_train_steps=1, cache_text_encoder_outputs=True), tiny_adapter).run()

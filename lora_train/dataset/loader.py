@@ -107,6 +107,10 @@ class TrainingData:
         compute = lambda: tuple(t[0] for t in encode(self._pixels(item, flip, random.Random(0))[None]))  # noqa: E731
         return self.cache.get(CacheKey(item.path, a.bucket, a.resized, crop_box(a), flip), compute)
 
+    def static_captions(self) -> list[str]:
+        """Every item's caption, for captions that never change between steps (no shuffle or dropout)."""
+        return list(dict.fromkeys(cap.process_caption(i.caption, self._options[id(i.subset)], 1, random.Random(0)) for i in self.plan.items))
+
     def warm_cache(self, encode: Callable[[torch.Tensor], tuple], progress: Callable[[int, int], None] | None = None) -> None:
         """Encode every image (and its flip, with flip_aug) once before training, like sd-scripts."""
         if self.cache is None:

@@ -14,9 +14,12 @@ What a run does to the WebUI (see the reference notes, "Design checklist"):
   removed when it ends, so the UNet is bit-identical afterwards.
 - Stop is the run manager's own event: the txt2img Interrupt button (`shared.state.interrupted`)
   is global and the WebUI sets it on every "Reload UI", so it does not stop training.
-- `--lowvram` and `--medvram` are refused: the WebUI then keeps the UNet, text encoder and VAE on
-  the CPU and swaps one at a time onto the GPU through forward hooks, which moves the UNet away
-  under the trainer's LoRA modules and optimizer state between steps. Restart without them.
+- `--medvram` keeps the UNet, text encoder and VAE on the CPU and swaps one at a time onto the GPU
+  through forward hooks. A run then trains the UNet only, caches latents and (where captions are
+  fixed) text-encoder outputs before the first step, and pins the UNet on the GPU: after the caches
+  nothing else runs, so it stays there. Our LoRA modules hook the layers from outside, so swaps
+  never move them or the optimizer state. `--lowvram` is refused: it moves each UNet block off the
+  GPU right after its forward pass, which breaks the backward pass.
 """
 
 from __future__ import annotations
@@ -173,10 +176,6 @@ class A1111Host(Host):
             problems.append("No checkpoint is loaded: choose one in the 'Stable Diffusion checkpoint' list at the top "
                             "of the page (and wait until it has loaded), then start again.")
             return problems
-        if not getattr(cmd, "lowvram", False) and (getattr(cmd, "medvram", False) or getattr(model, "lowvram", False)):
-            problems.append("The WebUI runs with --medvram: it keeps the UNet, text encoder and VAE on the CPU and "
-                            "swaps them onto the GPU one at a time, which LoRA Train does not support yet. Restart "
-                            "the WebUI without --medvram (and without --medvram-sdxl) to train.")
         family = _family(model)
         if family == "sd3":
             problems.append("The loaded checkpoint is SD3, which LoRA Train cannot train. Load an SD1.x or SD2.x checkpoint.")
@@ -230,9 +229,15 @@ class A1111Host(Host):
                 shared.state.textinfo = f"LoRA Train: preparing {self._run_name} ..."
                 # ss_sd_model_name / ss_sd_model_hash come from the checkpoint file the WebUI loaded
                 filename = getattr(getattr(model, "sd_checkpoint_info", None), "filename", None) or getattr(model, "sd_model_checkpoint", None)
+                from modules import devices
+
+                # the WebUI's main device, not wherever the UNet happens to be: --medvram moves it
                 adapter = LdmAdapter(model, name=os.path.basename(filename) if filename else None,
-                                     clip_skip=int(_opt("CLIP_stop_at_last_layers", 1) or 1))
+                                     clip_skip=int(_opt("CLIP_stop_at_last_layers", 1) or 1), device=devices.device)
                 adapter.info.path = filename
+                if _medvram(model):
+                    adapter.info.notes += medvram_config(config)
+                    _pin_unet(model, devices.device)
                 yield adapter
             finally:
                 self._task = None
@@ -449,6 +454,50 @@ def a1111_sampler(name: Optional[str]) -> str:
     if mapped and (known is None or mapped.lower() in known):
         return mapped
     return DEFAULT_A1111_SAMPLER
+
+
+def _medvram(model) -> bool:
+    from modules import shared
+
+    cmd = shared.cmd_opts
+    return not getattr(cmd, "lowvram", False) and bool(getattr(cmd, "medvram", False) or getattr(model, "lowvram", False))
+
+
+def medvram_config(config) -> list[str]:
+    """What a run changes under --medvram so that only the UNet runs during the steps; returns the
+    notes that tell the user."""
+    from lora_train.train.loop import captions_change
+
+    n, t, d = config.network, config.training, config.dataset
+    notes = []
+    if not n.network_train_unet_only:
+        n.network_train_unet_only, n.network_train_text_encoder_only = True, False
+        notes.append("--medvram: training the UNet only (the text encoder would be swapped onto the GPU at every step)")
+    if not (d.cache_latents or d.cache_latents_to_disk):
+        if d.random_crop or d.color_aug:
+            notes.append("--medvram: random_crop / color_aug change the pixels every step, so latents cannot be cached: "
+                         "the VAE is swapped in at every step, which is slow")
+        else:
+            d.cache_latents = True
+            notes.append("--medvram: latents are cached before the first step")
+    if not t.cache_text_encoder_outputs:
+        if captions_change(d) or d.dataset_config:
+            notes.append("--medvram: captions change between steps (shuffle, dropout, wildcards) or come from a dataset "
+                         "config, so text-encoder outputs are not cached: the text encoder is swapped in at every step, which is slow")
+        else:
+            t.cache_text_encoder_outputs = True
+            notes.append("--medvram: text-encoder outputs are cached before the first step")
+    return notes
+
+
+def _pin_unet(model, device) -> None:
+    """The reference notes' choreography: everything off the GPU, then the UNet on it, recorded as
+    the module the WebUI's hooks believe is there (so its bookkeeping stays right)."""
+    from modules import lowvram
+
+    lowvram.send_everything_to_cpu()
+    model.model.to(device)
+    lowvram.module_in_gpu = model.model
 
 
 def _has_fp8_weights(model) -> bool:

@@ -14,8 +14,11 @@ from lora_train.network.targets import Target, hf_clip_targets, ldm_unet_targets
 
 
 class LdmAdapter(ModelAdapter):
-    def __init__(self, model, name: str | None = None, clip_skip: int = 1):
+    def __init__(self, model, name: str | None = None, clip_skip: int = 1, device: torch.device | None = None):
         self.model = model
+        # Where work happens. Fixed by a host that moves modules on and off the GPU by itself (the
+        # WebUI's --medvram): the UNet's parameters are not always there.
+        self._device = torch.device(device) if device is not None else None
         # The host wraps the text encoder (prompt emphasis, TI); the ldm embedder sits at `.wrapped`.
         self.embedder = getattr(model.cond_stage_model, "wrapped", model.cond_stage_model)
         self.is_openclip = hasattr(self.embedder, "model") and not hasattr(self.embedder, "transformer")
@@ -41,7 +44,7 @@ class LdmAdapter(ModelAdapter):
 
     @property
     def device(self) -> torch.device:
-        return next(self.unet.parameters()).device
+        return self._device or next(self.unet.parameters()).device
 
     @property
     def alphas_cumprod(self) -> torch.Tensor:

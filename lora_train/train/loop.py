@@ -142,7 +142,7 @@ class Trainer:
         if c.training.cache_text_encoder_outputs:
             if self.train_te:
                 raise UserError("cache_text_encoder_outputs needs network_train_unet_only: a trained text encoder changes its outputs")
-            dynamic = sorted({i.folder for i in self.plan.items if _captions_change(i.subset)})
+            dynamic = sorted({i.folder for i in self.plan.items if captions_change(i.subset)})
             if dynamic:
                 raise UserError("cache_text_encoder_outputs needs captions that do not change between steps; "
                                 f"shuffle, dropout or wildcards are set for: {', '.join(dynamic)}")
@@ -227,6 +227,11 @@ class Trainer:
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         te_cache: dict[str, torch.Tensor] | None = {} if cfg.training.cache_text_encoder_outputs else None
         self.data.warm_cache(self.adapter.encode_posterior)
+        if te_cache is not None:  # every caption once, before the first step, as sd-scripts caches them
+            captions = self.data.static_captions()
+            with self._autocast():  # the dtype the steps would have cached them in
+                for i in range(0, len(captions), 16):
+                    self._conditioning(captions[i:i + 16], te_cache)
         self.network.train()
         optimizer_train_mode(self.optimizer)
         pending: list[tuple[int, int, torch.Tensor, dict]] = []
@@ -391,7 +396,7 @@ class Trainer:
         emit(ev.Samples([str(p) for p in paths], self.epoch, self.step))
 
 
-def _captions_change(subset) -> bool:
+def captions_change(subset) -> bool:
     return bool(subset.shuffle_caption or subset.caption_dropout_rate or subset.caption_dropout_every_n_epochs
                 or subset.caption_tag_dropout_rate or subset.enable_wildcard)
 
