@@ -68,3 +68,14 @@ def test_loss_chart_and_status_show_the_run():
     assert 'data-phase="training"' in html and "5 / 20" in html and "0.1235" in html and "0:08" in html
     assert "zkz &lt;b&gt;" in html and "next (queue paused)" in html
     assert 'width:25.0%' in html
+
+
+def test_bucket_bounds_follow_a_small_resolution():
+    from lora_train.ui.tab import _fit_buckets
+
+    c = TrainConfig().update({**presets.preset("concept", "SD1.5"), "resolution": "64"})
+    _fit_buckets(c)
+    assert (c.dataset.min_bucket_reso, c.dataset.max_bucket_reso) == (64, 1024)
+    c = TrainConfig().update({**presets.preset("concept", "SD1.5"), "resolution": "768,512"})
+    _fit_buckets(c)
+    assert c.dataset.min_bucket_reso == 256, "left alone where it already fits"

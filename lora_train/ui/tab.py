@@ -24,6 +24,19 @@ def _message(text: str, error: bool = False) -> str:
     return f'<div class="{cls}" data-error="{int(error)}">{html.escape(text)}</div>'
 
 
+def _fit_buckets(config) -> None:
+    """Bucket bounds around a small training size (the presets' 256..1024 is for 512 px and up):
+    sd-scripts refuses a min_bucket_reso above the resolution, a mistake nobody makes on purpose."""
+    d = config.dataset
+    try:
+        side = min(int(v) for v in str(d.resolution).split(",")) if d.resolution else None
+    except ValueError:
+        return  # the plan reports the bad resolution
+    if side and d.enable_bucket and d.min_bucket_reso > side:
+        d.min_bucket_reso = side
+        d.max_bucket_reso = max(d.max_bucket_reso, side)
+
+
 def _model_html(host: Host, t) -> str:
     # read again on every refresh: the WebUI may load or switch its checkpoint after the tab is built
     return f'<div id="lora_train_model">{html.escape(t("Model"))}: <b>{html.escape(host.model_label())}</b></div>'
@@ -141,6 +154,7 @@ def create_train_tab(manager: RunManager, host: Host, t: Optional[Translator] = 
         def build(values) -> tuple:
             fv, (trig, ntype, prompts_text, every_epoch, weight) = values[: len(flds)], values[len(flds):]
             config = form.config_from_values(flds, fv)
+            _fit_buckets(config)
             if not config.dataset.train_data_dir:
                 raise UserError(t("Set the dataset folder (train_data_dir) first."))
             if ntype == "LoCon" and not config.network.conv_dim:
