@@ -22,3 +22,30 @@
         if (active || quiet % 4 === 0) button.click();
     }, 1500);
 })();
+
+// "Previews from the txt2img tab's settings": Start passes what the txt2img tab shows right now as
+// its last input (a hidden textbox). Outside the WebUI there is no txt2img tab and it stays empty.
+window.loraTrainReadTxt2img = function () {
+    var args = Array.prototype.slice.call(arguments);
+    var r = typeof gradioApp === "function" ? gradioApp() : document;
+    function val(selectors) {
+        for (var i = 0; i < selectors.length; i++) {
+            var el = r.querySelector(selectors[i]);
+            if (el && el.value !== undefined && el.value !== "") return el.value;
+        }
+        return null;
+    }
+    var prompt = val(["#txt2img_prompt textarea"]);
+    if (prompt === null) return args;
+    args[args.length - 1] = JSON.stringify({
+        prompt: prompt,
+        negative_prompt: val(["#txt2img_neg_prompt textarea"]) || "",
+        steps: val(["#txt2img_steps input[type=number]", "#txt2img_steps input"]),
+        sampler_name: val(["#txt2img_sampling input"]),
+        cfg_scale: val(["#txt2img_cfg_scale input[type=number]", "#txt2img_cfg_scale input"]),
+        seed: val(["#txt2img_seed input", "#script_txt2img_seed_seed input", "#script_txt2img_seed input"]),
+        width: val(["#txt2img_width input[type=number]", "#txt2img_width input"]),
+        height: val(["#txt2img_height input[type=number]", "#txt2img_height input"])
+    });
+    return args;
+};

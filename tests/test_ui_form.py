@@ -79,3 +79,19 @@ def test_bucket_bounds_follow_a_small_resolution():
     c = TrainConfig().update({**presets.preset("concept", "SD1.5"), "resolution": "768,512"})
     _fit_buckets(c)
     assert c.dataset.min_bucket_reso == 256, "left alone where it already fits"
+
+
+def test_preview_line_from_the_txt2img_tab():
+    import json
+
+    from lora_train.sample.prompts import parse_prompt_line
+    from lora_train.ui.txt2img import preview_line
+
+    params = {"prompt": "zkz, a circle\non the left", "negative_prompt": "blurry", "steps": "28", "sampler_name": "DPM++ 2M",
+              "cfg_scale": "6.5", "seed": "-1", "width": "512", "height": "768"}
+    line = preview_line(json.dumps(params))
+    p = parse_prompt_line(line)
+    assert (p.prompt, p.negative, p.width, p.height, p.steps, p.scale, p.seed) == ("zkz, a circle on the left", "blurry", 512, 768, 28, 6.5, None)
+    assert line.endswith("--ss DPM++ 2M")
+    assert parse_prompt_line(preview_line(json.dumps({**params, "seed": "42"}))).seed == 42
+    assert preview_line("") is None and preview_line(json.dumps({"prompt": " "})) is None and preview_line("{bad") is None

@@ -110,6 +110,9 @@ def create_train_tab(manager: RunManager, host: Host, t: Optional[Translator] = 
                     preview_prompts = gr.Textbox(label=t("Preview prompts"), lines=2, elem_id="lora_train_preview_prompts",
                                                  info=t("One per line, sd-scripts options allowed (--n negative --w 512 --h 512 --d seed --s steps --l cfg); empty = the trigger word"))
                     preview_every_epoch = gr.Checkbox(label=t("Preview every epoch"), value=True, elem_id="lora_train_preview_every_epoch")
+                    use_txt2img = gr.Checkbox(label=t("Previews from the txt2img tab's settings"), value=False, elem_id="lora_train_use_txt2img",
+                                              info=t("In the WebUI: prompt, negative prompt, size, steps, sampler, CFG and seed as the txt2img tab shows them at Start"))
+                    txt2img_params = gr.Textbox(visible=False, elem_id="lora_train_txt2img_params")
                     preferred_weight = gr.Number(label=t("Preferred weight"), value=1.0, elem_id="lora_train_preferred_weight")
                 with gr.Column(visible=False, elem_id="lora_train_expert") as expert:
                     for section, title in form.SECTION_TITLES.items():
@@ -149,10 +152,11 @@ def create_train_tab(manager: RunManager, host: Host, t: Optional[Translator] = 
                     grid_image = gr.Image(label=t("Grid"), type="filepath", interactive=False, elem_id="lora_train_grid_image")
 
         field_comps = [comps[f.key] for f in flds]
-        extra = [trigger, network_type, preview_prompts, preview_every_epoch, preferred_weight]
+        # txt2img_params last: the page's loraTrainReadTxt2img fills the last input
+        extra = [trigger, network_type, preview_prompts, preview_every_epoch, preferred_weight, use_txt2img, txt2img_params]
 
         def build(values) -> tuple:
-            fv, (trig, ntype, prompts_text, every_epoch, weight) = values[: len(flds)], values[len(flds):]
+            fv, (trig, ntype, prompts_text, every_epoch, weight, from_txt2img, params) = values[: len(flds)], values[len(flds):]
             config = form.config_from_values(flds, fv)
             _fit_buckets(config)
             if not config.dataset.train_data_dir:
@@ -162,6 +166,13 @@ def create_train_tab(manager: RunManager, host: Host, t: Optional[Translator] = 
             elif ntype == "LoRA":
                 config.network.conv_dim = None
             prompts = [line.strip() for line in (prompts_text or "").splitlines() if line.strip()]
+            if from_txt2img:
+                from lora_train.ui.txt2img import preview_line
+
+                line = preview_line(params)
+                if line is None:
+                    raise UserError(t("Previews from the txt2img tab's settings: there is no txt2img tab here, or its prompt is empty."))
+                prompts = [line]
             if config.training.seed is None:
                 config.training.seed = 1234  # previews comparable across epochs
             return config, RunRequest(config, trigger=(trig or "").strip(), preview_prompts=prompts,
@@ -263,8 +274,8 @@ def create_train_tab(manager: RunManager, host: Host, t: Optional[Translator] = 
             comps[key].submit(on_plan, all_inputs, [plan])
         for key in ("max_train_epochs", "max_train_steps", "train_batch_size", "enable_bucket", "gradient_accumulation_steps"):
             getattr(comps[key], "blur" if isinstance(comps[key], gr.Textbox) else "change")(on_plan, all_inputs, [plan])
-        start.click(lambda *v: submit(True, *v), all_inputs, [message])
-        enqueue.click(lambda *v: submit(False, *v), all_inputs, [message])
+        start.click(lambda *v: submit(True, *v), all_inputs, [message], _js="loraTrainReadTxt2img")
+        enqueue.click(lambda *v: submit(False, *v), all_inputs, [message], _js="loraTrainReadTxt2img")
         stop.click(on_stop, [], [message])
         save_now.click(on_save_now, [], [message])
         resume.click(on_resume, [], [message])
