@@ -25,6 +25,8 @@
 
 // "Previews from the txt2img tab's settings": Start passes what the txt2img tab shows right now as
 // its last input (a hidden textbox). Outside the WebUI there is no txt2img tab and it stays empty.
+// gradio calls this with the inputs followed by the current values of the outputs; Start and Add to
+// queue have one output (the message), which is dropped, as the WebUI's own submit() does.
 window.loraTrainReadTxt2img = function () {
     var args = Array.prototype.slice.call(arguments);
     var r = typeof gradioApp === "function" ? gradioApp() : document;
@@ -35,6 +37,7 @@ window.loraTrainReadTxt2img = function () {
         }
         return null;
     }
+    args = args.slice(0, args.length - 1);
     var prompt = val(["#txt2img_prompt textarea"]);
     if (prompt === null) return args;
     args[args.length - 1] = JSON.stringify({
