@@ -11,7 +11,6 @@ classifier-free guidance works).
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import math
 import os
@@ -25,40 +24,25 @@ import torch
 
 from lora_train.errors import UserError
 from lora_train.model import clip_files
-from lora_train.model.loading import V1_INFERENCE_CONFIG, instantiate
+from lora_train.model.loading import instantiate
+from lora_train.model.tiny import TINY_TEXT_CONFIG, tiny_model_config
 from lora_train.testing import scenes
 
 NAME = "tinybase"
 ASSETS = Path(__file__).with_name("assets")
-TEXT_CONFIG = dict(
-    clip_files.CLIP_L_TEXT_CONFIG,
-    hidden_size=64,
-    intermediate_size=256,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    projection_dim=64,
-)
+TEXT_CONFIG = dict(TINY_TEXT_CONFIG, intermediate_size=256)  # the built-in tiny text model, wider MLP
 
 
 def base_config(clip_version: str = f"{NAME}.clip", scale_factor: float = 1.0) -> dict:
     """The `model:` node of tinybase.yaml. SD1.5's block topology (the host's kohya-to-LDM key
     converter hard-codes it) at small widths; 64x64 images, 8x8 latents."""
-    cfg = copy.deepcopy(V1_INFERENCE_CONFIG)
+    # the built-in tiny model's layout, with fewer UNet channels at depth and a VAE wide enough for
+    # flat colours (see the module docstring)
+    cfg = tiny_model_config(clip_version)
     p = cfg["params"]
-    p["image_size"] = 8
     p["scale_factor"] = float(scale_factor)
-    p["unet_config"]["params"].update(
-        model_channels=32,
-        channel_mult=[1, 2, 2, 2],
-        num_res_blocks=2,
-        attention_resolutions=[4, 2, 1],
-        num_heads=4,
-        context_dim=TEXT_CONFIG["hidden_size"],
-        image_size=8,
-        use_checkpoint=False,
-    )
-    p["first_stage_config"]["params"]["ddconfig"].update(ch=96, ch_mult=[1, 1, 1, 1], num_res_blocks=0, resolution=64)
-    p["cond_stage_config"] = {"target": "ldm.modules.encoders.modules.FrozenCLIPEmbedder", "params": {"version": clip_version}}
+    p["unet_config"]["params"].update(channel_mult=[1, 2, 2, 2], use_checkpoint=False)
+    p["first_stage_config"]["params"]["ddconfig"].update(ch=96, ch_mult=[1, 1, 1, 1], num_res_blocks=0)
     return cfg
 
 
