@@ -22,7 +22,7 @@ class TinyHost(StandaloneHost):
 
     def __init__(self, model, lora_dir, work_dir):
         super().__init__("builtin:tiny", lora_dir, work_dir)
-        self._model = model
+        self._loaded = model
         self.events: list = []
         self.step_gate: threading.Event | None = None  # when set, each step waits for it
         self.fail_at_step: int | None = None
@@ -164,7 +164,7 @@ def test_refusal_and_bad_dataset_are_reported_not_raised(host, tmp_path):
         def preflight(self, config):
             return ["--lowvram is on: training needs the whole UNet on the GPU"]
 
-    refusing = Refusing(host._model, tmp_path / "L2", tmp_path / "r2")
+    refusing = Refusing(host._loaded, tmp_path / "L2", tmp_path / "r2")
     manager = RunManager(refusing)
     s = manager.submit(RunRequest(config_for(tmp_path)))
     assert manager.wait(60)

@@ -284,23 +284,14 @@ class A1111Host(Host):
 
     # -- previews ---------------------------------------------------------------------------------
     def sample_fn(self, config, adapter, prompts, folder):
-        from lora_train.sample.prompts import parse_prompt_line
+        from lora_train.sample.previews import preview_prompts, sample_stem
+        from lora_train.sample.render import save_png
 
         if not prompts:
             return None
         size = self.model_resolution()
         steps = int(_opt(SETTING_PREVIEW_STEPS, 20) or 20)
-        parsed = []
-        for line in prompts:
-            p = parse_prompt_line(line, default_sampler=config.sampling.sample_sampler)
-            padded = f" {line} "
-            if " --w " not in padded:
-                p.width = size
-            if " --h " not in padded:
-                p.height = size
-            if " --s " not in padded:
-                p.steps = steps
-            parsed.append(p)
+        parsed = preview_prompts(prompts, config.sampling.sample_sampler, size, steps)
         name = config.saving.output_name or "lora"
         default_seed = config.training.seed or 1
         folder = Path(folder)
@@ -332,8 +323,8 @@ class A1111Host(Host):
                         if not processed.images:
                             continue
                         info = processed.infotexts[0] if getattr(processed, "infotexts", None) else ""
-                        path = folder / f"{name}_e{epoch:06d}_s{step:06d}_{i:02d}.png"
-                        _save_png(processed.images[0], path, f"{info}, LoRA Train: {name}, Epoch: {epoch}, Step: {step}".lstrip(", "))
+                        path = folder / f"{sample_stem(name, epoch, step, i)}.png"
+                        save_png(processed.images[0], path, f"{info}, LoRA Train: {name}, Epoch: {epoch}, Step: {step}".lstrip(", "))
                         paths.append(path)
             except Exception as e:  # a failed preview must not end an hour-long run
                 log.error("LoRA Train: preview failed: %s\n%s", e, traceback.format_exc())
@@ -356,7 +347,9 @@ class A1111Host(Host):
             with self._model_lock():
                 return [self._self_test(path)]
         except Exception as e:  # never let a check break the run
-            return [f"self-test FAILED: the WebUI's Lora loader fails on {path.name}: {type(e).__name__}: {e}"]
+            from lora_train.network.selftest import FAILED
+
+            return [f"{FAILED}: the WebUI's Lora loader fails on {path.name}: {type(e).__name__}: {e}"]
 
     def _self_test(self, path: Path) -> str:
         from lora_train.network.selftest import self_test_message
@@ -658,14 +651,6 @@ def _own_cond_cache(processing):
     finally:
         for cls, attr, value in saved:
             setattr(cls, attr, value)
-
-
-def _save_png(image, path: Path, parameters: str) -> None:
-    from PIL.PngImagePlugin import PngInfo
-
-    info = PngInfo()
-    info.add_text("parameters", parameters)
-    image.save(path, pnginfo=info)
 
 
 # -- X/Y/Z plot axes -------------------------------------------------------------------------------

@@ -51,7 +51,7 @@ class StandaloneHost(Host):
         self._lora_dir = Path(lora_dir)
         self._work_dir = Path(work_dir)
         self._lock = threading.Lock()  # the standalone "queue lock"
-        self._model = None
+        self._loaded = None
         self.adapter: LdmAdapter | None = None
 
     def model_label(self) -> str:
@@ -66,37 +66,30 @@ class StandaloneHost(Host):
     def work_dir(self) -> Path:
         return self._work_dir
 
+    def _model(self):
+        if self._loaded is None:  # loaded once, on first use, like the WebUI keeps its checkpoint
+            self._loaded = load_model(self.model_spec)
+        return self._loaded
+
     @contextlib.contextmanager
     def session(self, config, run_id):
         with self._lock:
-            if self._model is None:
-                self._model = load_model(self.model_spec)
-            self.adapter = LdmAdapter(self._model, name="tiny" if self.model_spec == BUILTIN_TINY else None,
+            self.adapter = LdmAdapter(self._model(), name="tiny" if self.model_spec == BUILTIN_TINY else None,
                                       clip_skip=config.model.clip_skip or 1)
             yield self.adapter
 
     def sample_fn(self, config, adapter, prompts, folder):
-        from lora_train.sample.prompts import parse_prompt_line
+        from lora_train.sample.previews import preview_prompts, sample_stem
         from lora_train.sample.render import render, save_sample
 
-        size = self.model_resolution()
-        parsed = []
-        for line in prompts:
-            p = parse_prompt_line(line, default_sampler=config.sampling.sample_sampler)
-            if " --w " not in f" {line} ":
-                p.width = size
-            if " --h " not in f" {line} ":
-                p.height = size
-            if " --s " not in f" {line} ":
-                p.steps = 20
-            parsed.append(p)
+        parsed = preview_prompts(prompts, config.sampling.sample_sampler, self.model_resolution(), 20)
         name = config.saving.output_name
 
         def sample(epoch: int, step: int) -> list[Path]:
             paths = []
             for i, prompt in enumerate(parsed):
                 image = render(adapter, prompt, default_seed=config.training.seed or 1)
-                path = Path(folder) / f"{name}_e{epoch:06d}_s{step:06d}_{i:02d}.png"
+                path = Path(folder) / f"{sample_stem(name, epoch, step, i)}.png"
                 paths.append(save_sample(image, path, prompt, {"Lora": name, "Epoch": epoch, "Step": step}))
             return paths
 
@@ -113,7 +106,4 @@ class StandaloneHost(Host):
         from lora_train.ui.grid import render_grid
 
         with self._lock:
-            if self._model is None:
-                self._model = load_model(self.model_spec)
-            adapter = LdmAdapter(self._model)
-            return render_grid(adapter, files, weights, prompt, seed, out, size=self.model_resolution())
+            return render_grid(LdmAdapter(self._model()), files, weights, prompt, seed, out, size=self.model_resolution())

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from lora_train.network.files import atomic_write_bytes
@@ -27,7 +26,6 @@ class Card:
     notes: str = ""
     description: str = ""
     negative_text: str = ""
-    extra: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
         return {
@@ -37,7 +35,6 @@ class Card:
             "preferred weight": self.preferred_weight,
             "negative text": self.negative_text,
             "notes": self.notes,
-            **self.extra,
         }
 
 
@@ -80,22 +77,14 @@ def glob_escape(text: str) -> str:
 
 def publish(src: Path, folder: Path, stem: str, card: Card) -> Path:
     """Copy a saved LoRA into `folder` as `<stem>.safetensors` (atomically) with its `.json` card."""
-    folder.mkdir(parents=True, exist_ok=True)
     dst = folder / f"{stem}.safetensors"
-    tmp = dst.with_name(dst.name + ".tmp")
-    shutil.copyfile(src, tmp)
-    tmp.replace(dst)
+    atomic_write_bytes(dst, Path(src).read_bytes())
     atomic_write_bytes(folder / f"{stem}.json", json.dumps(card.to_json(), indent=4, ensure_ascii=False).encode("utf-8"))
     return dst
 
 
 def set_preview(lora: Path, image_path: Path) -> Path:
-    """`<stem>.preview.png` beside the LoRA: the card's image in the WebUI."""
-    from PIL import Image
-
+    """`<stem>.preview.png` beside the LoRA (the card's image in the WebUI): a copy of a PNG sample."""
     dst = lora.with_name(lora.stem + ".preview.png")
-    with Image.open(image_path) as im:
-        tmp = dst.with_name(dst.name + ".tmp")
-        im.save(tmp, format="PNG")
-    tmp.replace(dst)
+    atomic_write_bytes(dst, Path(image_path).read_bytes())
     return dst

@@ -15,9 +15,17 @@ def unmatched_modules(path: str | Path, adapter) -> list[str]:
     return sorted(in_file - known)
 
 
+FAILED = "self-test FAILED"
+
+
+def check_failed(message: str) -> bool:
+    """Whether a host's load-check message (ours, or the WebUI host's) reports a failure."""
+    return FAILED in message
+
+
 def self_test_message(path: str | Path, unmatched: list[str]) -> str:
     name = Path(path).name
     if not unmatched:
         return f"self-test: {name} loads onto the model with every module matched"
     shown = ", ".join(unmatched[:5]) + (" ..." if len(unmatched) > 5 else "")
-    return f"self-test FAILED: {name} has {len(unmatched)} module(s) the model does not have: {shown}"
+    return f"{FAILED}: {name} has {len(unmatched)} module(s) the model does not have: {shown}"

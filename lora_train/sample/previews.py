@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
-from lora_train.sample.prompts import load_prompts
+from lora_train.sample.prompts import SamplePrompt, load_prompts, parse_prompt_line
 from lora_train.sample.render import render, save_sample
 from lora_train.train.config import TrainConfig
 
@@ -22,8 +23,39 @@ def preview_fn(config: TrainConfig, adapter):
         paths = []
         for i, prompt in enumerate(prompts):
             image = render(adapter, prompt, default_seed=config.training.seed)
-            path = folder / f"{name}_e{epoch:06d}_s{step:06d}_{i:02d}_{image.info.get('seed', 0)}.png"
+            path = folder / f"{sample_stem(name, epoch, step, i)}_{image.info.get('seed', 0)}.png"
             paths.append(save_sample(image, path, prompt, {"Lora": name, "Epoch": epoch, "Step": step}))
         return paths
 
     return sample
+
+
+_SAMPLE = re.compile(r"_e(\d+)_s(\d+)_(\d+)")
+
+
+def sample_stem(name: str, epoch: int, step: int, index: int) -> str:
+    """`<name>_e<epoch>_s<step>_<n>`, as sd-scripts names its samples."""
+    return f"{name}_e{epoch:06d}_s{step:06d}_{index:02d}"
+
+
+def sample_epoch_step(path: str | Path) -> tuple[int, int] | None:
+    """(epoch, step) read back from a sample's file name."""
+    m = _SAMPLE.search(Path(path).stem)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def preview_prompts(lines: list[str], default_sampler: str, size: int, steps: int) -> list[SamplePrompt]:
+    """Preview prompt lines for a host: the model's own size and the host's step count unless a
+    line sets `--w`, `--h` or `--s` itself (sd-scripts' own defaults are for 512 px models)."""
+    parsed = []
+    for line in lines:
+        p = parse_prompt_line(line, default_sampler=default_sampler)
+        padded = f" {line} "
+        if " --w " not in padded:
+            p.width = size
+        if " --h " not in padded:
+            p.height = size
+        if " --s " not in padded:
+            p.steps = steps
+        parsed.append(p)
+    return parsed

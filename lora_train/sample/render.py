@@ -176,19 +176,23 @@ def parse_infotext(text: str) -> dict[str, str]:
     return out
 
 
-def save_sample(image, path: str | os.PathLike, prompt: SamplePrompt, extra: dict | None = None) -> Path:
-    """Write a PNG with the `parameters` text chunk, atomically (temp file, then rename)."""
+def save_png(image, path: str | os.PathLike, parameters: str) -> Path:
+    """Write a PNG with the `parameters` text chunk the WebUI's PNG Info reads, atomically."""
     from PIL.PngImagePlugin import PngInfo
 
     from lora_train.network.files import atomic_write_bytes
 
     info = PngInfo()
-    info.add_text("parameters", infotext(prompt, extra, seed=image.info.get("seed"), size=image.size))
+    info.add_text("parameters", parameters)
     buf = io.BytesIO()
     image.save(buf, format="PNG", pnginfo=info)
     path = Path(path)
     atomic_write_bytes(path, buf.getvalue())
     return path
+
+
+def save_sample(image, path: str | os.PathLike, prompt: SamplePrompt, extra: dict | None = None) -> Path:
+    return save_png(image, path, infotext(prompt, extra, seed=image.info.get("seed"), size=image.size))
 
 
 # -- the `sample` command ---------------------------------------------------------------------

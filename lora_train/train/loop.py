@@ -348,16 +348,15 @@ class Trainer:
 
     def _after_step(self, emit: ev.Listener, pending: list) -> None:
         s, sm = self.config.saving, self.config.sampling
-        if self._save_requested.is_set():
+        requested = self._save_requested.is_set()  # "Save now": always with state, so it can be resumed
+        if requested:
             self._save_requested.clear()
-            self._flush(pending, emit)
-            path = self.save(f"{s.output_name}-step{self.step:08d}", with_state=True)
-            emit(ev.CheckpointSaved(str(path), self.epoch, self.step))
-        if s.save_every_n_steps and self.step % s.save_every_n_steps == 0 and self.step < self.plan.total_steps:
+        periodic = bool(s.save_every_n_steps) and self.step % s.save_every_n_steps == 0 and self.step < self.plan.total_steps
+        if requested or periodic:
             self._flush(pending, emit)  # never save weights that might already be NaN
-            path = self.save(f"{s.output_name}-step{self.step:08d}", with_state=s.save_state)
+            path = self.save(f"{s.output_name}-step{self.step:08d}", with_state=requested or s.save_state)
             emit(ev.CheckpointSaved(str(path), self.epoch, self.step))
-            if s.save_last_n_steps:
+            if periodic and s.save_last_n_steps:
                 old = self.step - s.save_last_n_steps - 1
                 old -= old % s.save_every_n_steps
                 if old > 0:

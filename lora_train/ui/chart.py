@@ -8,6 +8,8 @@ import math
 from pathlib import Path
 from typing import Optional
 
+from lora_train.network.selftest import check_failed
+
 
 def _fmt_time(seconds: Optional[float]) -> str:
     if seconds is None or math.isinf(seconds) or math.isnan(seconds):
@@ -84,11 +86,10 @@ def status_html(status, t, queued: list[str] | None = None, paused: bool = False
     if queued:
         rows.append((t("Queued"), ", ".join(queued) + (f" ({t('queue paused')})" if paused else "")))
     pct = 100.0 * status.step / status.total_steps if status.total_steps else 0.0
-    body = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows)
     parts = [
         f'<div id="lora_train_state" data-phase="{html.escape(phase)}" data-step="{status.step}" data-total="{status.total_steps}">',
         f'<div class="lora-train-bar"><div style="width:{pct:.1f}%"></div></div>',
-        f'<table class="lora-train-table">{body}</table>',
+        _table(rows),
     ]
     if status.error:
         parts.append(f'<pre class="lora-train-error">{html.escape(status.error)}</pre>')
@@ -106,7 +107,7 @@ def files_html(status, t) -> str:
     items = []
     for p in status.published:
         check = status.checks.get(p, "")
-        mark = "✖" if "FAILED" in check or "didn't match" in check else ("✔" if check else "")
+        mark = "✖" if check_failed(check) else ("✔" if check else "")
         items.append(f'<li title="{html.escape(check)}">{mark} <code>{html.escape(Path(p).name)}</code></li>')
     return (f'<div id="lora_train_published" data-count="{len(status.published)}">'
             f'<div class="lora-train-folder">{html.escape(t("LoRA folder"))}: <code>{html.escape(folder)}</code></div>'
@@ -125,9 +126,8 @@ def plan_html(plan, t) -> str:
         (t("Guideline (images x repeats x 4, usually 1000-2000)"), guideline),
     ]
     buckets = [f"{w}x{h}: {n}" for b in plan.blocks for (w, h), n in _bucket_rows(b)]
-    body = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows)
     parts = [f'<div id="lora_train_plan_info" data-total-steps="{plan.total_steps}" data-steps-per-epoch="{plan.steps_per_epoch}">',
-             f'<table class="lora-train-table">{body}</table>']
+             _table(rows)]
     if buckets:
         parts.append(f"<p>{html.escape(t('Buckets'))}: {html.escape(', '.join(buckets))}</p>")
     notes = [f"⚠ {w}" for w in plan.warnings] + [f"✖ {p}" for p in plan.scan.problems + plan.problems]
@@ -135,6 +135,11 @@ def plan_html(plan, t) -> str:
         parts.append('<ul class="lora-train-warnings">' + "".join(f"<li>{html.escape(str(n))}</li>" for n in notes[:20]) + "</ul>")
     parts.append("</div>")
     return "".join(parts)
+
+
+def _table(rows) -> str:
+    body = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows)
+    return f'<table class="lora-train-table">{body}</table>'
 
 
 def _bucket_rows(block):

@@ -86,6 +86,7 @@ class Field:
     kind: str  # checkbox | dropdown | number | text
     default: Any
     choices: Optional[list[str]] = None
+    value_type: Any = str  # the config's type under Optional: how a text field's content is read
 
     @property
     def basic(self) -> bool:
@@ -101,6 +102,7 @@ def fields() -> list[Field]:
             continue
         default = config.get(key)
         optional = typing.get_origin(hint) is typing.Union
+        value_type = next(a for a in typing.get_args(hint) if a is not type(None)) if optional else hint
         if hint is bool:
             kind = "checkbox"
         elif key in choices:
@@ -109,7 +111,7 @@ def fields() -> list[Field]:
             kind = "number"
         else:
             kind = "text"
-        out.append(Field(key, section, kind, default, choices.get(key)))
+        out.append(Field(key, section, kind, default, choices.get(key), value_type))
     order = {k: i for i, k in enumerate(BASIC)}
     return sorted(out, key=lambda f: (not f.basic, order.get(f.key, 0)))
 
@@ -129,9 +131,9 @@ def ui_value(field: Field, value: Any) -> Any:
     return str(value)
 
 
-def config_from_values(flds: list[Field], values: list[Any], base: TrainConfig | None = None) -> TrainConfig:
-    """The form's values over `base` (or the defaults). A bad value names its field."""
-    config = base or TrainConfig()
+def config_from_values(flds: list[Field], values: list[Any]) -> TrainConfig:
+    """The form's values over the defaults. A bad value names its field."""
+    config = TrainConfig()
     for f, value in zip(flds, values):
         if f.kind == "checkbox":
             config.set(f.key, bool(value), source="form")
@@ -143,11 +145,11 @@ def config_from_values(flds: list[Field], values: list[Any], base: TrainConfig |
             continue
         text = "" if value is None else str(value).strip()
         if text == "":
-            config.set(f.key, None if f.default is None else f.default, source="form")
-        elif f.key == "optimizer_args":
+            config.set(f.key, f.default, source="form")
+        elif f.value_type is list:
             config.set(f.key, text.split(), source="form")
-        elif f.key in ("train_data_dir", "reg_data_dir", "output_name", "resolution", "caption_extension") or f.kind == "dropdown":
-            config.set(f.key, text, source="form")  # never read as TOML: "512,768" and "10_a" stay strings
+        elif f.value_type is str:
+            config.set(f.key, text, source="form")  # never read as TOML: "512,768", "10_a" and "true" stay as typed
         else:
             config.set(f.key, parse_set_value(text), source="form")
     return config

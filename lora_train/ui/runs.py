@@ -11,6 +11,7 @@ Every save is published into the host's LoRA folder with its card (see `network/
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import threading
 import time
@@ -22,10 +23,10 @@ from typing import Optional
 from lora_train.errors import UserError
 from lora_train.host.base import Host
 from lora_train.network.card import SD_VERSION, Card, free_stem, publish, set_preview, unique_name
+from lora_train.network.selftest import check_failed
 from lora_train.train import events as ev
 from lora_train.train.config import TrainConfig
 
-ACTIVE = ("preparing", "training")
 ENDED = ("finished", "cancelled", "failed", "refused")
 
 
@@ -48,10 +49,7 @@ class RunStatus:
     total_steps: int = 0
     epoch: int = 0
     epochs: int = 0
-    steps_per_epoch: int = 0
-    images: int = 0
     losses: list[tuple[int, float]] = field(default_factory=list)
-    epoch_losses: list[tuple[int, float]] = field(default_factory=list)
     steps_per_second: float = 0.0
     eta_seconds: Optional[float] = None
     published: list[str] = field(default_factory=list)
@@ -61,9 +59,6 @@ class RunStatus:
     error: str = ""
     work_dir: str = ""
     resume_state: Optional[str] = None  # the state folder Resume continues from
-    queued_at: float = field(default_factory=time.time)
-    started_at: Optional[float] = None
-    ended_at: Optional[float] = None
 
     @property
     def last_loss(self) -> Optional[float]:
@@ -96,7 +91,7 @@ class RunManager:
             config.saving.output_dir = str(self.host.work_dir() / name)
             config.saving.resume = None
             status = RunStatus(id=self._new_id(), name=name, work_dir=config.saving.output_dir)
-            self._enqueue(status, RunRequest(config, request.trigger, list(request.preview_prompts), request.preferred_weight, request.notes, request.previews), start)
+            self._enqueue(status, dataclasses.replace(request, config=config, preview_prompts=list(request.preview_prompts)), start)
             return status
 
     def resume(self, run_id: Optional[str] = None) -> RunStatus:
@@ -114,7 +109,7 @@ class RunManager:
             status = RunStatus(id=self._new_id(), name=old.name, work_dir=old.work_dir)
             status.messages.append(f"resuming from {old.resume_state}")
             # one history for the whole training: what the stopped run trained and saved stays in view
-            status.losses, status.epoch_losses = list(old.losses), list(old.epoch_losses)
+            status.losses = list(old.losses)
             status.published, status.checks, status.previews = list(old.published), dict(old.checks), list(old.previews)
             old.resume_state = None  # resumed once; the new run saves its own state when stopped
             self._enqueue(status, request, True, front=True)  # it continues what was running
@@ -171,14 +166,10 @@ class RunManager:
 
     # -- reading ---------------------------------------------------------------------------------
     def snapshot(self) -> dict:
+        """What the tab shows on every refresh: the current (else the last) run, the queued names,
+        and whether the queue is paused. Copies one run, not the session's whole history."""
         with self._lock:
-            return {
-                "current": copy.deepcopy(self._current),
-                "queue": [copy.deepcopy(s) for s, _ in self._queue],
-                "runs": [copy.deepcopy(r) for r in self._runs],
-                "paused": self._paused,
-                "can_resume": any(r.resume_state for r in self._runs),
-            }
+            return {"latest": self.latest(), "queue": [s.name for s, _ in self._queue], "paused": self._paused}
 
     def latest(self) -> Optional[RunStatus]:
         with self._lock:
@@ -228,7 +219,6 @@ class RunManager:
                 with self._lock:
                     self._current = None
                     self._trainer = None
-                    status.ended_at = time.time()
                     self._idle.notify_all()
 
     def _run_one(self, status: RunStatus, request: RunRequest) -> None:
@@ -236,7 +226,6 @@ class RunManager:
 
         config = request.config
         status.phase = "preparing"
-        status.started_at = time.time()
         refusals = self.host.preflight(config)
         if refusals:
             status.phase = "refused"
@@ -286,7 +275,7 @@ class RunManager:
     def _observe(self, status: RunStatus, e) -> None:
         with self._lock:
             if isinstance(e, ev.Started):
-                status.total_steps, status.steps_per_epoch, status.epochs, status.images = e.total_steps, e.steps_per_epoch, e.epochs, e.num_images
+                status.total_steps, status.epochs = e.total_steps, e.epochs
                 status.messages += list(e.notes)
                 self._t0, self._step0 = time.time(), None
             elif isinstance(e, ev.Step):
@@ -301,8 +290,6 @@ class RunManager:
                 if done > 0 and elapsed > 0:
                     status.steps_per_second = done / elapsed
                     status.eta_seconds = (status.total_steps - e.step) / status.steps_per_second
-            elif isinstance(e, ev.EpochEnd):
-                status.epoch_losses.append((e.epoch, e.mean_loss))
             elif isinstance(e, ev.Samples):
                 status.previews += e.paths
             elif isinstance(e, ev.Finished):
@@ -320,7 +307,7 @@ class _Publisher:
         self.manager = manager
         self.status = status
         self.card = Card(activation_text=request.trigger, preferred_weight=request.preferred_weight, notes=request.notes)
-        self.done: dict[str, Path] = {}  # saved path -> published path
+        self.done: set[str] = set()  # saved paths already published
         self.without_preview: list[Path] = []
         self.last_samples: tuple[int, list[str]] | None = None
 
@@ -343,7 +330,7 @@ class _Publisher:
         folder = self.manager.host.lora_dir()
         stem = free_stem(folder, saved.stem)
         path = publish(saved, folder, stem, self.card)
-        self.done[str(saved)] = path
+        self.done.add(str(saved))
         if self.last_samples and (step is None or self.last_samples[0] == step):
             set_preview(path, Path(self.last_samples[1][0]))
         else:
@@ -352,4 +339,4 @@ class _Publisher:
         with self.manager._lock:
             self.status.published.append(str(path))
             self.status.checks[str(path)] = "; ".join(messages)
-            self.status.messages += [m for m in messages if "FAILED" in m or "didn't match" in m]
+            self.status.messages += [m for m in messages if check_failed(m)]

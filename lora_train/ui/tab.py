@@ -43,11 +43,11 @@ def _model_html(host: Host, t) -> str:
 
 
 def _preview_caption(path: str, t) -> str:
-    # sample files are <name>_e<epoch>_s<step>_<n>.png: the epoch and step are what tell them apart
-    import re
+    # the epoch and step are what tell a run's samples apart
+    from lora_train.sample.previews import sample_epoch_step
 
-    m = re.search(r"_e(\d+)_s(\d+)_(\d+)", Path(path).stem)
-    return f"{t('Epoch')} {int(m.group(1))} · {t('Step')} {int(m.group(2))}" if m else Path(path).stem
+    at = sample_epoch_step(path)
+    return f"{t('Epoch')} {at[0]} · {t('Step')} {at[1]}" if at else Path(path).stem
 
 
 def initial_config(host: Host):
@@ -56,12 +56,9 @@ def initial_config(host: Host):
     config = TrainConfig()
     # sd-scripts' bare defaults train 1600 steps at lr 2e-6: useless for a LoRA. Start from the
     # concept preset, which is what the tab shows before anyone touches it.
-    config.update({k: v for k, v in presets.preset("concept", "SD1.5").items()}, source="preset")
-    size = host.model_resolution()
-    config.set("resolution", str(size))
-    # the built-in 64 px models: buckets must fit around the model's own size
-    config.set("min_bucket_reso", min(config.dataset.min_bucket_reso, size))
-    config.set("max_bucket_reso", max(config.dataset.max_bucket_reso, size))
+    config.update(presets.preset("concept", "SD1.5"), source="preset")
+    config.set("resolution", str(host.model_resolution()))
+    _fit_buckets(config)  # the built-in 64 px models
     config.set("output_name", "my_lora")
     return config
 
@@ -223,9 +220,9 @@ def create_train_tab(manager: RunManager, host: Host, t: Optional[Translator] = 
 
         def on_refresh():
             snap = manager.snapshot()
-            current = snap["current"] or (snap["runs"][-1] if snap["runs"] else None)
+            current = snap["latest"]
             previews_value = [(p, _preview_caption(p, t)) for p in (current.previews[-8:] if current else [])]
-            return (_model_html(host, t), chart.status_html(current, t, [q.name for q in snap["queue"]], snap["paused"]),
+            return (_model_html(host, t), chart.status_html(current, t, snap["queue"], snap["paused"]),
                     chart.loss_chart(current.losses if current else [], t),
                     previews_value,
                     chart.files_html(current, t))
