@@ -22,6 +22,15 @@ PACKAGES = [
 if sys.version_info < (3, 11):
     PACKAGES.append(("tomli", "tomli==2.0.1"))  # tomllib is 3.11+
 
+# WD14 taggers. Any build of onnxruntime will do, and a user's GPU build must never get the CPU
+# wheel beside it: with both installed the CPU one wins and tagging silently runs on the CPU. So
+# the CPU wheel comes only when no build is there; the tagger warns when a GPU machine lacks the
+# CUDA provider and says which package to install instead.
+ANY_OF = [
+    (("onnxruntime", "onnxruntime-gpu", "onnxruntime-directml", "onnxruntime-silicon", "onnxruntime-openvino"),
+     "onnxruntime==1.17.3"),
+]
+
 # Only where torch sees a CUDA GPU: AdamW8bit, Lion8bit, PagedAdamW8bit ... (0.43 ships Linux and
 # Windows CUDA wheels that work with the WebUI's torch 2.1; without CUDA it is useless).
 CUDA_PACKAGES = [
@@ -67,6 +76,7 @@ def skip_install(launch) -> bool:
 
 def to_install() -> list[str]:
     wanted = [requirement for dist, requirement in PACKAGES if missing(dist)]
+    wanted += [requirement for dists, requirement in ANY_OF if all(missing(d) for d in dists)]
     # torch is imported (slow) only when there is something to decide
     if any(missing(dist) for dist, _ in CUDA_PACKAGES) and cuda_available():
         wanted += [requirement for dist, requirement in CUDA_PACKAGES if missing(dist)]

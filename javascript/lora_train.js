@@ -1,13 +1,16 @@
 // LoRA Train: keep the Train tab's status, loss chart and previews current while it is on screen.
 // The WebUI loads this file into every page; the standalone server runs it from the page's load event.
+// The page root the WebUI (gradioApp) or gradio itself renders into.
+window.loraTrainRoot = function () {
+    if (typeof gradioApp === "function") return gradioApp();
+    var app = document.querySelector("gradio-app");
+    return app && app.shadowRoot ? app.shadowRoot : document;
+};
+
 (function () {
     if (window.loraTrainPolling) return;
     window.loraTrainPolling = true;
-    function root() {
-        if (typeof gradioApp === "function") return gradioApp();
-        var app = document.querySelector("gradio-app");
-        return app && app.shadowRoot ? app.shadowRoot : document;
-    }
+    var root = window.loraTrainRoot;
     var quiet = 0;
     setInterval(function () {
         var r = root();
@@ -52,3 +55,41 @@ window.loraTrainReadTxt2img = function () {
     });
     return args;
 };
+
+// Dataset tab keys, when no text field has the focus: ←/→ pick the previous/next image, PageUp/
+// PageDown turn the gallery page, Ctrl+Z / Ctrl+Y (or Ctrl+Shift+Z) undo/redo, Ctrl+S saves.
+(function () {
+    if (window.loraDatasetKeys) return;
+    window.loraDatasetKeys = true;
+    var root = window.loraTrainRoot;
+    function click(id) {
+        var el = root().querySelector("#" + id);
+        if (el) el.click();
+        return !!el;
+    }
+    document.addEventListener("keydown", function (e) {
+        var r = root();
+        var gallery = r.querySelector("#lora_dataset_gallery");
+        if (!gallery || gallery.offsetParent === null) return; // the Dataset tab is not on screen
+        var t = e.target;
+        var typing = t && (t.tagName === "INPUT" || t.tagName === "TEXTAREA" || t.isContentEditable);
+        if (typing) return;
+        var key = e.key.toLowerCase();
+        var handled = false;
+        if ((e.ctrlKey || e.metaKey) && key === "z") handled = click(e.shiftKey ? "lora_dataset_redo" : "lora_dataset_undo");
+        else if ((e.ctrlKey || e.metaKey) && key === "y") handled = click("lora_dataset_redo");
+        else if ((e.ctrlKey || e.metaKey) && key === "s") handled = click("lora_dataset_save");
+        else if (e.key === "PageDown") handled = click("lora_dataset_next");
+        else if (e.key === "PageUp") handled = click("lora_dataset_prev");
+        else if (e.key === "ArrowRight" || e.key === "ArrowLeft") {
+            var items = Array.prototype.slice.call(gallery.querySelectorAll(".thumbnail-item"));
+            if (items.length) {
+                var at = items.findIndex(function (el) { return el.classList.contains("selected"); });
+                var next = e.key === "ArrowRight" ? Math.min(items.length - 1, at + 1) : Math.max(0, at < 0 ? 0 : at - 1);
+                items[next].click();
+                handled = true;
+            }
+        }
+        if (handled) e.preventDefault();
+    });
+})();

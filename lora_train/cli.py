@@ -125,7 +125,11 @@ def cmd_demo(args) -> int:
 def cmd_ui(args) -> int:
     from lora_train.ui.app import serve
 
-    serve(args.model, args.port, args.listen, args.lang, Path(args.lora_dir).resolve(), Path(args.work_dir).resolve())
+    from lora_train.access import AccessPolicy
+
+    access = AccessPolicy.build(args.dataset_root or [Path.cwd()], remote=args.listen,
+                                insecure_allowed=args.enable_insecure_extension_access)
+    serve(args.model, args.port, args.listen, args.lang, Path(args.lora_dir).resolve(), Path(args.work_dir).resolve(), access)
     return 0
 
 
@@ -317,6 +321,10 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--lang", default=None, help="UI language, e.g. zh_CN (localizations/*.json)")
     u.add_argument("--lora-dir", default="lora-train-output/Lora", help="where LoRA files are published")
     u.add_argument("--work-dir", default="lora-train-output/runs", help="run state, samples, loss logs")
+    u.add_argument("--dataset-root", action="append", metavar="DIR",
+                   help="with --listen, the Dataset tab opens only folders under these (repeatable; default: the current folder)")
+    u.add_argument("--enable-insecure-extension-access", action="store_true",
+                   help="with --listen, allow any folder, moving files and model downloads (as the WebUI's flag)")
     u.set_defaults(func=cmd_ui)
 
     g = sub.add_parser("targets", help="the kohya module names a LoRA trains on an architecture")
@@ -326,6 +334,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--conv-dim", type=int, default=4)
     g.add_argument("--json", action="store_true")
     g.set_defaults(func=cmd_targets)
+
+    from lora_train.tagging.cli import add_parsers as add_tagging_parsers
+
+    add_tagging_parsers(sub)
     return p
 
 

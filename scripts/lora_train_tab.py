@@ -38,14 +38,14 @@ SECTION = ("lora_train", "LoRA Train", "training")
 def on_ui_tabs():
     _ensure_importable()
     from lora_train.ui import i18n
-    from lora_train.ui.tab import create_train_tab
+    from lora_train.ui.tabs import create_tabs
 
     manager = a1111.manager()
     # Built in the chosen language: the WebUI's page script only translates whole texts, and the tab
     # composes some ("Model: ...", status rows), so the server side does it as the standalone UI does.
     lang = getattr(shared.opts, "localization", "None")
     t = i18n.Translator(lang if lang in i18n.available() else None)
-    blocks = create_train_tab(manager, manager.host, t)
+    blocks = create_tabs(manager, manager.host, t)
     return [(blocks, "LoRA Train", "lora_train")]
 
 
@@ -59,7 +59,13 @@ def on_ui_settings():
         a1111.SETTING_PREVIEW_STEPS: shared.OptionInfo(
             20, "Sampling steps of preview images during training", gr.Slider, {"minimum": 1, "maximum": 150, "step": 1},
         ).info("for preview prompts without --s"),
+        a1111.SETTING_ALLOWED_DIRS: shared.OptionInfo(
+            "", "Folders the Dataset tab may open, besides the WebUI data folder and its train folder", gr.Textbox,
+        ).info("comma-separated; ignored when the WebUI is reachable from other machines without --enable-insecure-extension-access"),
     })
+    restricted = getattr(shared, "restricted_opts", None)
+    if isinstance(restricted, set):  # --hide-ui-dir-config: like the WebUI's own folder settings
+        restricted.add(a1111.SETTING_ALLOWED_DIRS)
     for key, info in options.items():
         shared.opts.add_option(key, info)
 

@@ -297,3 +297,110 @@ def test_f_zh_cn_labels(browser, zh_server, dataset):
         pg.screenshot(path=str(ARTIFACTS / "f-zh_CN.png"), full_page=True)
     finally:
         ctx.close()
+
+
+# -- the Dataset tab, on the same page ---------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tag_data(tmp_path_factory) -> Path:
+    """10_zkz/: four red and four blue images captioned "1girl, <colour> dress", and two without captions."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("tag-data")
+    folder = root / "10_zkz"
+    folder.mkdir()
+    for i in range(10):
+        colour = ("red", "blue")[i % 2]
+        Image.new("RGB", (96, 64), colour).save(folder / f"{i:02d}.png")
+        if i < 8:
+            (folder / f"{i:02d}.txt").write_text(f"1girl, {colour} dress", encoding="utf-8")
+    return root
+
+
+def _captions(root: Path) -> dict[str, str]:
+    return {p.name: p.read_text(encoding="utf-8") for p in sorted((root / "10_zkz").glob("*.txt"))}
+
+
+def _dataset_message(pg) -> str:
+    return pg.locator("#lora_dataset_message").first.inner_text()
+
+
+def _count(pg, attr: str) -> int:
+    el = pg.locator("#lora_dataset_count")
+    return int(el.first.get_attribute(attr)) if el.count() else -1
+
+
+def _tag_count(pg, tag: str) -> int:
+    el = pg.locator(f'#lora_dataset_tags [data-tag="{tag}"]')
+    return int(el.first.get_attribute("data-n")) if el.count() else 0
+
+
+def test_g_dataset_tab_filter_add_trigger_undo_save(page, tag_data):
+    before = _captions(tag_data)
+    page.locator("#lora_train_tabs button", has_text="Dataset").first.click()
+    page.locator("#lora_dataset_folder textarea, #lora_dataset_folder input").first.fill(str(tag_data))
+    page.locator("#lora_dataset_load").first.click()
+    wait_for(page, "10 images loaded", lambda: _count(page, "data-total") == 10, 30)
+    wait_for(page, "10 thumbnails", lambda: page.locator("#lora_dataset_gallery img").count() == 10, 30)
+    shot(page, "g0-dataset-loaded")
+    assert _tag_count(page, "1girl") == 8 and _tag_count(page, "blue dress") == 4
+
+    box = page.locator("#lora_dataset_all_of input").first
+    box.click()
+    box.fill("blue dress")
+    box.press("Enter")
+    wait_for(page, "the filter to show the 4 blue images", lambda: _count(page, "data-visible") == 4, 30)
+
+    page.locator("#lora_dataset_arg_a textarea, #lora_dataset_arg_a input").first.fill("zkz")
+    page.locator("#lora_dataset_preview").first.click()
+    wait_for(page, "a preview of 4 changes", lambda: page.locator("#lora_dataset_diff").count()
+             and page.locator("#lora_dataset_diff").first.get_attribute("data-count") == "4", 30)
+    shot(page, "g1-preview")
+    assert _captions(tag_data) == before and _tag_count(page, "zkz") == 0  # a preview changes nothing
+
+    page.locator("#lora_dataset_apply").first.click()
+    wait_for(page, "zkz on the 4 filtered images", lambda: _tag_count(page, "zkz") == 4, 30)
+    assert "4 caption(s) changed" in _dataset_message(page)
+    page.locator("#lora_dataset_undo").first.click()
+    wait_for(page, "the undo", lambda: "undone" in _dataset_message(page) and _tag_count(page, "zkz") == 0, 30)
+    page.locator("#lora_dataset_apply").first.click()
+    wait_for(page, "zkz again", lambda: _tag_count(page, "zkz") == 4, 30)
+    assert _captions(tag_data) == before  # nothing on disk before Save
+    page.locator("#lora_dataset_save").first.click()
+    wait_for(page, "the save", lambda: "saved 4 image(s)" in _dataset_message(page), 30)
+    shot(page, "g2-saved")
+    after = _captions(tag_data)
+    assert sorted(k for k in after if after[k] != before[k]) == ["01.txt", "03.txt", "05.txt", "07.txt"]
+    assert all(after[k] == "zkz, 1girl, blue dress" for k in ("01.txt", "03.txt", "05.txt", "07.txt"))
+
+
+def test_h_dataset_keys_caption_editor_and_send_to_train(page, tag_data):
+    box = page.locator("#lora_dataset_all_of input").first
+    page.locator("#lora_dataset_all_of .token-remove, #lora_dataset_all_of .remove-all").first.click()
+    wait_for(page, "the filter cleared", lambda: _count(page, "data-visible") == 10, 30)
+    page.locator("#lora_dataset_gallery .thumbnail-item").nth(0).click()
+    wait_for(page, "image 00 selected", lambda: "00.png" in page.locator("#lora_dataset_selected").first.inner_text(), 30)
+    page.evaluate("document.activeElement && document.activeElement.blur()")  # no text field has the focus
+    page.keyboard.press("ArrowRight")
+    wait_for(page, "→ selects image 01", lambda: "01.png" in page.locator("#lora_dataset_selected").first.inner_text(), 30)
+    caption = page.locator("#lora_dataset_caption textarea").first
+    assert caption.input_value() == "zkz, 1girl, blue dress"
+    caption.fill("zkz, 1girl, blue dress, hat")
+    page.locator("#lora_dataset_apply_caption").first.click()
+    wait_for(page, "the hat tag", lambda: _tag_count(page, "hat") == 1, 30)
+    page.evaluate("document.activeElement && document.activeElement.blur()")
+    page.keyboard.press("Control+z")
+    wait_for(page, "Ctrl+Z undoes the edit", lambda: _tag_count(page, "hat") == 0, 30)
+    page.keyboard.press("Control+y")
+    wait_for(page, "Ctrl+Y redoes it", lambda: _tag_count(page, "hat") == 1, 30)
+    page.keyboard.press("Control+s")
+    wait_for(page, "Ctrl+S saves", lambda: (tag_data / "10_zkz" / "01.txt").read_text(encoding="utf-8") == "zkz, 1girl, blue dress, hat", 30)
+    shot(page, "h0-caption-edited")
+    assert box.is_visible()
+
+    page.locator("#lora_dataset_send").first.click()
+    wait_for(page, "the Train tab with the folder filled in", lambda: field(page, "train_data_dir").is_visible()
+             and field(page, "train_data_dir").input_value() == str(tag_data.resolve()), 30)
+    shot(page, "h1-sent-to-train")
+    page.locator("#lora_train_check").first.click()
+    wait_for(page, "the plan of the sent folder", lambda: page.locator("#lora_train_plan_info").count()
+             and "10" in page.locator("#lora_train_plan").first.inner_text(), 30)

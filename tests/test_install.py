@@ -104,6 +104,22 @@ def test_installs_only_what_is_missing_without_deps(launch, cuda, monkeypatch):
     assert launch.calls == ['install --no-deps "lion-pytorch==0.2.5"', 'install --no-deps "prodigyopt==1.1.2"']
 
 
+@pytest.mark.parametrize("present, expected", [
+    (set(), ['install --no-deps "onnxruntime==1.17.3"']),
+    ({"onnxruntime-gpu"}, []),  # never the CPU wheel beside a GPU build
+    ({"onnxruntime-directml"}, []),
+    ({"onnxruntime"}, []),
+])
+def test_onnxruntime_only_when_no_build_of_it_is_there(launch, cuda, monkeypatch, present, expected):
+    variants = {"onnxruntime", "onnxruntime-gpu", "onnxruntime-directml", "onnxruntime-silicon", "onnxruntime-openvino"}
+    fake_index(monkeypatch, variants - present)
+    real = importlib.metadata.distribution
+    monkeypatch.setattr(importlib.metadata, "distribution",
+                        lambda name: types.SimpleNamespace(name=name) if name in present else real(name))
+    run()
+    assert launch.calls == expected
+
+
 def test_nothing_to_do_when_everything_is_there(launch, cuda):
     run()  # this venv has every package (bitsandbytes aside: no CUDA here)
     assert launch.calls == []
@@ -157,7 +173,7 @@ def test_idempotent_from_an_empty_venv(cuda, monkeypatch, has_cuda):
 
     run()
     first = [pip_name(c) for c in fake.calls]
-    expected = {dist for dist, _ in module.PACKAGES} | ({"bitsandbytes"} if has_cuda else set())
+    expected = {dist for dist, _ in module.PACKAGES} | {"onnxruntime"} | ({"bitsandbytes"} if has_cuda else set())
     assert set(first) == expected and len(first) == len(expected)
     assert all(c.startswith("install --no-deps ") for c in fake.calls)
     assert installed == expected

@@ -128,10 +128,14 @@ def encode_caption(text: str, encoding: str) -> bytes:
 def write_caption_text(path: Path, text: str, encoding: str = "utf-8") -> None:
     """Write `text` in `encoding` (a `CaptionText.encoding`, so an edited caption keeps its BOM and
     encoding). Atomic: a reader, or a crash mid-write, sees the old file or the new one, never half."""
+    write_caption_bytes(path, encode_caption(text, encoding))
+
+
+def write_caption_bytes(path: Path, data: bytes) -> None:
+    """Atomic write of an encoded caption (see `write_caption_text`)."""
     path = Path(path)
     if path.is_symlink():  # edit the file the link points to, not replace the link with a copy
         path = path.resolve()
-    data = encode_caption(text, encoding)
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")  # same folder: os.replace stays a rename
     try:
         # 0o666 lets the umask decide, as for a plainly created file; an existing file keeps its mode.
@@ -143,9 +147,11 @@ def write_caption_text(path: Path, text: str, encoding: str = "utf-8") -> None:
         if path.exists():
             os.chmod(tmp, path.stat().st_mode & 0o7777)
         os.replace(tmp, path)
-    except OSError as e:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
-        raise CaptionError(f"cannot write {path}: {e.strerror or e}") from None
+        if isinstance(e, OSError):
+            raise CaptionError(f"cannot write {path}: {e.strerror or e}") from None
+        raise
 
 
 def tags(caption: str) -> list[str]:

@@ -44,6 +44,7 @@ XYZ_PREFIX = "[LoRA Train]"
 XYZ_WEIGHT = f"{XYZ_PREFIX} LoRA weight"
 XYZ_CHECKPOINT = f"{XYZ_PREFIX} LoRA checkpoint"
 SETTING_XYZ_LORA = "lora_train_xyz_lora"
+SETTING_ALLOWED_DIRS = "lora_train_allowed_dirs"  # Dataset tab roots beyond the data dir and its train folder
 SETTING_PREVIEW_STEPS = "lora_train_preview_steps"  # sampling steps of previews whose line has no --s
 LORA_EXTENSIONS = (".safetensors", ".pt", ".ckpt")
 
@@ -161,6 +162,28 @@ class A1111Host(Host):
         from modules import paths
 
         return Path(paths.data_path) / "lora_train" / "runs"
+
+    def access(self):
+        from modules import paths, shared
+
+        from lora_train.access import AccessPolicy
+
+        cmd = shared.cmd_opts
+        extra = [d.strip() for d in str(_opt(SETTING_ALLOWED_DIRS, "") or "").replace("\n", ",").split(",")]
+        # webui_is_non_local: --listen, --share, --ngrok or --server-name (the WebUI's own rule)
+        remote = bool(getattr(cmd, "webui_is_non_local", False) or getattr(cmd, "listen", False) or getattr(cmd, "share", False)
+                      or getattr(cmd, "server_name", None))
+        insecure = bool(getattr(cmd, "enable_insecure_extension_access", False))
+        if remote and not insecure:
+            extra = []  # anyone who reaches the page can edit settings: they may not widen the roots
+        return AccessPolicy.build([paths.data_path, Path(paths.data_path) / "train", *extra], remote=remote,
+                                  insecure_allowed=insecure,
+                                  hide_dirs=bool(getattr(cmd, "hide_ui_dir_config", False)))
+
+    def models_dir(self) -> Path:
+        from modules import paths
+
+        return Path(paths.models_path) / "lora_train"
 
     # -- refusals -------------------------------------------------------------------------------
     def preflight(self, config) -> list[str]:

@@ -10,6 +10,7 @@ import contextlib
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
+from lora_train.access import AccessPolicy
 from lora_train.model.adapter import ModelAdapter
 from lora_train.train.config import TrainConfig
 
@@ -34,6 +35,15 @@ class Host:
         """Where runs keep their state, samples, loss logs and configs (never the LoRA folder: the
         WebUI lists every .pt there as a network)."""
         raise NotImplementedError
+
+    def access(self) -> AccessPolicy:
+        """Which folders the Dataset tab may open, and whether it may move files or download
+        models (a host reachable from other machines limits both)."""
+        return AccessPolicy()
+
+    def models_dir(self) -> Path:
+        """Where taggers and captioners are looked for and downloaded to."""
+        return self.work_dir() / "models"
 
     def preflight(self, config: TrainConfig) -> list[str]:
         """Reasons this run cannot start on this host now; empty when it can."""

@@ -6,6 +6,7 @@ import contextlib
 import threading
 from pathlib import Path
 
+from lora_train.access import AccessPolicy
 from lora_train.errors import UserError
 from lora_train.host.base import Host
 from lora_train.model.ldm import LdmAdapter
@@ -46,8 +47,9 @@ class StandaloneHost(Host):
 
     name = "standalone"
 
-    def __init__(self, model: str, lora_dir: Path, work_dir: Path):
+    def __init__(self, model: str, lora_dir: Path, work_dir: Path, access: AccessPolicy | None = None):
         self.model_spec = model
+        self._access = access or AccessPolicy()
         self._lora_dir = Path(lora_dir)
         self._work_dir = Path(work_dir)
         self._lock = threading.Lock()  # the standalone "queue lock"
@@ -65,6 +67,9 @@ class StandaloneHost(Host):
 
     def work_dir(self) -> Path:
         return self._work_dir
+
+    def access(self) -> AccessPolicy:
+        return self._access
 
     def _model(self):
         if self._loaded is None:  # loaded once, on first use, like the WebUI keeps its checkpoint

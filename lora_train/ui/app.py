@@ -18,12 +18,12 @@ def create_app(host, lang: Optional[str] = None):
 
     from lora_train.ui.i18n import Translator
     from lora_train.ui.runs import RunManager
-    from lora_train.ui.tab import create_train_tab
+    from lora_train.ui.tabs import create_tabs
 
     t = Translator(lang)
     manager = RunManager(host)
     css = (ROOT / "style.css").read_text(encoding="utf-8")
-    tab = create_train_tab(manager, host, t)  # built outside: a Blocks made inside another renders there at once
+    tab = create_tabs(manager, host, t)  # built outside: a Blocks made inside another renders there at once
     with gr.Blocks(title="LoRA Train", css=css, analytics_enabled=False) as app:
         with gr.Tabs(elem_id="tabs"):
             with gr.TabItem(t("LoRA Train"), id="lora_train", elem_id="tab_lora_train"):
@@ -33,10 +33,10 @@ def create_app(host, lang: Optional[str] = None):
     return app
 
 
-def serve(model: str, port: int, listen: bool, lang: Optional[str], lora_dir: Path, work_dir: Path) -> None:
+def serve(model: str, port: int, listen: bool, lang: Optional[str], lora_dir: Path, work_dir: Path, access=None) -> None:
     from lora_train.host.standalone import StandaloneHost
 
-    host = StandaloneHost(model, lora_dir, work_dir)
+    host = StandaloneHost(model, lora_dir, work_dir, access)
     app = create_app(host, lang)
     app.queue(concurrency_count=4)
     print(f"LoRA Train: model {model}; LoRAs go to {lora_dir}; runs in {work_dir}", flush=True)

@@ -280,4 +280,5 @@ def create_train_tab(manager: RunManager, host: Host, t: Optional[Translator] = 
         grid_button.click(on_grid, [grid_weights, grid_prompt, trigger], [grid_image, message])
         load_config.click(on_load_config, [config_path, *field_comps], [*field_comps, message])
         save_config.click(on_save_config, [config_path, *all_inputs], [message])
+    tab.lora_fields = {"train_data_dir": comps["train_data_dir"], "trigger": trigger}  # for the Dataset tab's "Send to Train"
     return tab

@@ -1,0 +1,260 @@
+"""One user's Dataset tab, without gradio: the loaded store, the filter, the page of thumbnails, batch
+operations with their preview, and auto-tagging. The tab only turns these into components.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from PIL import Image, ImageOps
+
+from lora_train.access import AccessPolicy
+from lora_train.errors import UserError
+from lora_train.tagging import journal, ops
+from lora_train.tagging.store import Change, TagStore
+
+THUMB = 192
+PAGE = 48
+BATCH_OPS = ("add front", "add back", "remove", "replace", "replace regex", "dedupe", "sort alpha", "sort frequency")
+
+
+@dataclass
+class Filter:
+    all_of: list[str] = field(default_factory=list)
+    any_of: list[str] = field(default_factory=list)
+    none_of: list[str] = field(default_factory=list)
+    search: str = ""
+
+
+def _tag_list(text: str | list[str] | None) -> list[str]:
+    if not text:
+        return []
+    return list(text) if isinstance(text, list) else list(ops.split_tags(text))
+
+
+def batch_fn(op: str, a: str, b: str = "", keep: int = 0, frequency=None) -> tuple[str, Callable]:
+    """(label, tags -> tags) for one of BATCH_OPS; `a`/`b` are the tag / old-new texts."""
+    if op in ("add front", "add back", "remove"):
+        tags = ops.split_tags(a or "")
+        if not tags:
+            raise UserError("type the tag(s) first")
+        if op == "remove":
+            return f"remove {a!r}", lambda t: ops.remove(t, tags)
+        front = op == "add front"
+        return f"add {a!r} at the {'front' if front else 'end'}", (lambda t: ops.add_front(t, tags)) if front else (lambda t: ops.add_back(t, tags))
+    if op in ("replace", "replace regex"):
+        if not (a or "").strip():
+            raise UserError("type the tag (or pattern) to replace")
+        regex = op == "replace regex"
+        if regex:
+            ops.compile_pattern(a)
+        return f"replace {a!r} with {b!r}", lambda t: ops.replace(t, a.strip(), (b or "").strip(), regex=regex)
+    if op == "dedupe":
+        return "remove duplicate tags", ops.dedupe
+    if op in ("sort alpha", "sort frequency"):
+        by = op.split()[1]
+        return f"sort tags ({by})", lambda t: ops.sort(t, by=by, keep=keep, frequency=frequency)
+    raise UserError(f"unknown operation {op!r}")
+
+
+class DatasetSession:
+    def __init__(self, access: AccessPolicy | None = None, models_dir: Path | None = None):
+        self.access = access or AccessPolicy()
+        self.models_dir = Path(models_dir) if models_dir else None
+        self.store: TagStore | None = None
+        self.filter = Filter()
+        self.page = 0
+        self.selected: int | None = None
+        self._thumbs: dict[tuple[str, int], Image.Image] = {}
+
+    # -- loading and viewing ----------------------------------------------------------------------
+    def load(self, folder: str, caption_extension: str = ".txt") -> str:
+        path = self.access.folder(folder)
+        self.store = TagStore.load(path, caption_extension or ".txt")
+        self.filter, self.page, self.selected = Filter(), 0, (0 if len(self.store) else None)
+        self._thumbs.clear()
+        msg = f"{len(self.store)} images in {path}"
+        return msg + "".join(f"\n{p}" for p in self.store.problems[:20])
+
+    def require(self) -> TagStore:
+        if self.store is None:
+            raise UserError("load a folder first")
+        return self.store
+
+    def set_filter(self, all_of=None, any_of=None, none_of=None, search: str = "") -> list[int]:
+        self.filter = Filter(_tag_list(all_of), _tag_list(any_of), _tag_list(none_of), (search or "").strip())
+        self.page = 0
+        visible = self.visible()
+        if self.selected not in visible:  # the editor shows an image the gallery shows
+            self.selected = visible[0] if visible else None
+        return visible
+
+    def visible(self) -> list[int]:
+        if self.store is None:
+            return []
+        f = self.filter
+        return self.store.select(all_of=f.all_of, any_of=f.any_of, none_of=f.none_of, search=f.search)
+
+    def pages(self) -> int:
+        return max(1, -(-len(self.visible()) // PAGE))
+
+    def page_indices(self) -> list[int]:
+        self.page = min(max(self.page, 0), self.pages() - 1)
+        return self.visible()[self.page * PAGE:(self.page + 1) * PAGE]
+
+    def thumbnail(self, i: int) -> Image.Image:
+        """A small copy held in memory (the gallery never gets the full image)."""
+        store = self.require()
+        path = store.image_path(i)
+        try:
+            key = (str(path), path.stat().st_mtime_ns)
+        except OSError:
+            return Image.new("RGB", (THUMB, THUMB), "gray")
+        thumb = self._thumbs.get(key)
+        if thumb is None:
+            try:
+                with Image.open(path) as im:
+                    im.draft("RGB", (THUMB, THUMB))  # JPEG: decode at a fraction of the size
+                    thumb = ImageOps.exif_transpose(im).convert("RGB")
+                    thumb.thumbnail((THUMB, THUMB))
+            except (OSError, ValueError, Image.DecompressionBombError):
+                thumb = Image.new("RGB", (THUMB, THUMB), "gray")
+            self._thumbs[key] = thumb
+        return thumb
+
+    def gallery(self) -> list[tuple[Image.Image, str]]:
+        store = self.require() if self.store else None
+        if store is None:
+            return []
+        return [(self.thumbnail(i), store.entries[i].image()) for i in self.page_indices()]
+
+    def select_on_page(self, k: int) -> int | None:
+        page = self.page_indices()
+        self.selected = page[k] if 0 <= k < len(page) else None
+        return self.selected
+
+    def tag_counts(self, scope: str = "filtered") -> list[tuple[str, int]]:
+        if self.store is None:
+            return []
+        freq = self.store.frequencies(self.visible() if scope == "filtered" else None)
+        return sorted(freq.items(), key=lambda kv: (-kv[1], kv[0]))
+
+    # -- editing ----------------------------------------------------------------------------------
+    def batch(self, op: str, a: str = "", b: str = "", keep: int = 0, *, dry_run: bool = False) -> tuple[str, list]:
+        """Run (or with dry_run, preview) a batch operation on the filtered images."""
+        store = self.require()
+        label, fn = batch_fn(op, a, b, keep, store.frequencies() if op == "sort frequency" else None)
+        if dry_run:
+            diffs = store.preview(fn, self.visible())
+            return f"{label}: {len(diffs)} of {len(self.visible())} filtered caption(s) would change", diffs
+        change = store.apply(label, fn, self.visible())
+        n = len(change.diffs) if change else 0
+        return f"{label}: {n} caption(s) changed (not saved yet)", change.diffs if change else []
+
+    def set_caption(self, text: str) -> str:
+        store = self.require()
+        if self.selected is None:
+            raise UserError("pick an image first")
+        change = store.set_caption(self.selected, text or "")
+        return "caption changed (not saved yet)" if change else "no change"
+
+    def undo(self) -> str:
+        change = self.require().undo()
+        return f"undone: {change.label}" if change else "nothing to undo"
+
+    def redo(self) -> str:
+        change = self.require().redo()
+        return f"redone: {change.label}" if change else "nothing to redo"
+
+    def move(self, folder: str) -> str:
+        self.access.check_changes_files("moving images")
+        change = self.require().move(self.visible(), folder)
+        return change.label + " (on save)" if change else "no change"
+
+    def set_repeats(self, folder: str, repeats: int) -> str:
+        self.access.check_changes_files("renaming folders")
+        change = self.require().set_repeats(folder, int(repeats))
+        return change.label + " (on save)" if change else "no change"
+
+    def save(self) -> str:
+        store = self.require()
+        n = len(store.dirty)
+        entry = store.save()
+        return f"saved {n} image(s); 'Undo last save' puts them back" if entry else "nothing to save"
+
+    def undo_save(self) -> str:
+        store = self.require()
+        if store.dirty:
+            raise UserError("save or undo the unsaved edits first: undoing a save reloads the folder")
+        manifest = journal.undo(store.root)
+        self.load(str(store.root), store.caption_extension)
+        return f"undid the save '{manifest['label']}'"
+
+    def check(self, resolution: str = "512", trigger: str = "", tokens: bool = True) -> str:
+        """The dataset QA of `dataset check` (problems, buckets, duplicates, token lengths) for the
+        saved folder, plus how many captions hold the trigger word."""
+        from lora_train.dataset.check import CheckOptions, check_dataset, format_report
+
+        store = self.require()
+        root = store.root if any(store.folders()) else store.root.parent
+        try:
+            side = min(int(v) for v in str(resolution).replace("x", ",").split(",") if v.strip())
+        except ValueError:
+            raise UserError(f"resolution '{resolution}': a number like 512 or 512,768") from None
+        # bucket bounds around small sizes too (the 256 default is for 512 px and up)
+        options = CheckOptions(resolution=str(resolution), caption_extension=store.caption_extension, tokens=tokens,
+                               min_bucket_reso=min(256, side), max_bucket_reso=max(1024, side))
+        _, report = check_dataset(root, options)
+        text = format_report(report)
+        trigger = (trigger or "").strip()
+        if trigger:
+            first = sum(store.tags(i)[:1] == (trigger,) for i in range(len(store)))
+            anywhere = len(store.images_with(trigger))
+            text += f"\ntrigger '{trigger}': first tag in {first} of {len(store)} captions, present in {anywhere}"
+        if store.dirty:
+            text += f"\n(checked the saved files: {len(store.dirty)} image(s) have unsaved edits)"
+        return text
+
+    def prepare(self, destination: str, size: str, crop: str = "center", progress=None) -> str:
+        """Crop and resize the loaded folder into a new folder (the originals are never written),
+        then load that folder."""
+        from lora_train.dataset.prepare import prepare
+
+        store = self.require()
+        if store.dirty:
+            raise UserError("save the caption edits first: the copy takes the captions from the files")
+        dst = self.access.folder(destination, must_exist=False)
+        report = prepare(store.root, dst, size, crop=crop, progress=progress)
+        summary = report.summary()
+        self.load(str(dst), store.caption_extension)
+        return f"{summary}\nloaded {dst}"
+
+    def autotag(self, tag_images: Callable[[list[Image.Image]], list[list[str]]], mode: str, *,
+                batch_size: int = 8, progress=None, cancel=None) -> Change | None:
+        """Tag the filtered images with `tag_images` (a tagger or captioner turned into lists of
+        tags) and merge by `mode`. Images are opened a batch at a time; a cancel keeps nothing."""
+        store = self.require()
+        ops.merge_generated((), (), mode)  # a bad mode fails before the slow part
+        indices = [i for i in self.visible() if store.entries[i].error is None]
+        generated: dict[int, list[str]] = {}
+        for start in range(0, len(indices), batch_size):
+            if cancel is not None and cancel():
+                raise UserError(f"auto-tagging cancelled after {start} of {len(indices)} images; nothing was changed")
+            chunk = indices[start:start + batch_size]
+            images = [_open(store.image_path(i)) for i in chunk]
+            for i, tags in zip(chunk, tag_images(images)):
+                generated[i] = list(tags)
+            if progress is not None:
+                progress(min(start + batch_size, len(indices)), len(indices))
+        return store.merge_generated(generated, mode)
+
+
+def _open(path: Path) -> Image.Image:
+    try:
+        with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im)
+            return im.convert("RGBA") if im.mode in ("RGBA", "LA", "P") else im.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise UserError(f"{path}: cannot read this image ({e})") from None
