@@ -135,3 +135,20 @@ def test_scoring_reads_the_file_not_the_trained_network(short_run, tmp_path):
     adapter = load_adapter(str(base.base_checkpoint()))
     result, _ = fidelity.evaluate_file(path, 0, adapter, opts)
     assert result.concept["1.0"] == report.base_rate
+
+
+def test_reg_images_are_the_bases_own_renders_of_ordinary_prompts(tmp_path):
+    from PIL import Image
+
+    from lora_train.host.standalone import load_adapter
+
+    adapter = load_adapter(str(base.base_checkpoint()))
+    opts = _options(tmp_path, reg_images=2, sample_steps=4)
+    reg = fidelity.make_reg_dataset(tmp_path / "reg", adapter, 2, opts)
+    captions = sorted(p.read_text(encoding="utf-8") for p in (reg / "1_scene").glob("*.txt"))
+    assert len(captions) == 2 and not any(fidelity.TRIGGER in c for c in captions)
+    images = sorted((reg / "1_scene").glob("*.png"))
+    assert len(images) == 2 and all(Image.open(p).size == (scenes.SIZE, scenes.SIZE) for p in images)
+    config = fidelity.train_config(opts, tmp_path / "data", "m.safetensors", reg)
+    assert config.dataset.reg_data_dir == str(reg)
+    assert fidelity.train_config(_options(tmp_path, network="locon"), tmp_path, "m").network.conv_alpha == 1  # sd-scripts' default

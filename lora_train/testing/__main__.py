@@ -27,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, help="train this many steps instead of the default epochs")
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--no-text-encoder", action="store_true", help="train the UNet only")
+    p.add_argument("--reg", type=int, default=0, metavar="N", help="N regularization images rendered by the base (prior preservation)")
     p.add_argument("--prompts", type=int, default=32, help="prompts per evaluation")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model", help="a checkpoint (with its .yaml) instead of the committed tiny base")
@@ -66,7 +67,7 @@ def _fidelity(args) -> int:
 
     opts = fidelity.FidelityOptions(
         output=Path(args.output), network=args.network, train_text_encoder=not args.no_text_encoder,
-        steps=args.steps, epochs=args.epochs, eval_prompts=args.prompts, seed=args.seed, model=args.model,
+        steps=args.steps, epochs=args.epochs, reg_images=args.reg, eval_prompts=args.prompts, seed=args.seed, model=args.model,
     )
     log = (lambda m: print(m, file=sys.stderr, flush=True)) if args.json else (lambda m: print(m, flush=True))
     report = fidelity.run(opts, log=log)

@@ -35,6 +35,7 @@ class FidelityOptions:
     steps: int | None = None  # None: `epochs` epochs
     epochs: int = 4
     images: int = 36  # three per shape x background x side
+    reg_images: int = 0  # kohya's regularization images: the base's own renders of ordinary prompts
     repeats: int = 5
     batch_size: int = 8
     eval_prompts: int = 32
@@ -113,6 +114,19 @@ def make_concept_dataset(root: Path, images: int, repeats: int, seed: int) -> Pa
         scene = scenes.random_scene(rng, colour=scenes.CONCEPT_PATTERN, shape=shape, background=background, position=position)
         scenes.draw(scene).save(folder / f"{i:03d}.png")
         (folder / f"{i:03d}.txt").write_text(scene.caption(colour=TRIGGER), encoding="utf-8")
+    return Path(root)
+
+
+def make_reg_dataset(root: Path, adapter, n: int, opts: "FidelityOptions") -> Path:
+    """`root/1_scene/`: the base's own images for ordinary prompts (prior preservation, as kohya
+    users make them with the model they train on), captioned with those prompts."""
+    rng = random.Random(opts.seed + 3000)
+    folder = Path(root) / "1_scene"
+    folder.mkdir(parents=True, exist_ok=True)
+    prompts = [scenes.random_scene(rng).caption() for _ in range(n)]
+    for i, (prompt, image) in enumerate(zip(prompts, _render(adapter, prompts, opts))):
+        image.save(folder / f"{i:03d}.png")
+        (folder / f"{i:03d}.txt").write_text(prompt, encoding="utf-8")
     return Path(root)
 
 
@@ -196,7 +210,7 @@ def evaluate_file(path: Path, epoch: int, adapter, opts: FidelityOptions) -> tup
 
 
 # -- training -----------------------------------------------------------------------------------
-def train_config(opts: FidelityOptions, data: Path, model: str):
+def train_config(opts: FidelityOptions, data: Path, model: str, reg: Path | None = None):
     from lora_train.train.config import TrainConfig
 
     config = TrainConfig()
@@ -218,11 +232,12 @@ def train_config(opts: FidelityOptions, data: Path, model: str):
         "network_train_unet_only": not opts.train_text_encoder,
         "cache_latents": True,
         "seed": opts.seed,
+        "reg_data_dir": str(reg) if reg else None,
     }
     if opts.steps:
         values.update(max_train_epochs=None, max_train_steps=int(opts.steps))
     if opts.network == "locon":
-        values.update(conv_dim=4, conv_alpha=4)
+        values.update(conv_dim=4, conv_alpha=1)
     config.update(values, source="fidelity")
     return config
 
@@ -238,8 +253,9 @@ def run(opts: FidelityOptions, log=print, listeners=()) -> FidelityReport:
     opts.output = Path(opts.output)
     model = opts.model or str(base_checkpoint())
     data = make_concept_dataset(opts.output / "dataset", opts.images, opts.repeats, opts.seed)
-    config = train_config(opts, data, model)
     adapter = load_adapter(model)
+    reg = make_reg_dataset(opts.output / "reg", adapter, opts.reg_images, opts) if opts.reg_images else None
+    config = train_config(opts, data, model, reg)
 
     triggers = trigger_scenes(opts.eval_prompts, opts.seed)
     others = collateral_scenes(opts.eval_prompts, opts.seed)
