@@ -69,4 +69,4 @@ class AccessPolicy:
     def check_changes_files(self, what: str) -> None:
         """Moving, renaming or deleting files, and downloading models."""
         if self.restricted:
-            raise UserError(f"{what} is not allowed: {self._why()}. {HOW_TO_ALLOW[0].upper()}{HOW_TO_ALLOW[1:]}.")
+            raise UserError(f"{what} is not allowed: {self._why()}. Start the WebUI with --enable-insecure-extension-access to allow it.")

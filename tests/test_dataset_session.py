@@ -174,3 +174,21 @@ def test_prepare_writes_a_new_folder_and_loads_it_leaving_the_originals(tmp_path
     s.store.add("x")
     with pytest.raises(UserError, match="save the caption edits first"):
         s.prepare(str(tmp_path / "out2"), "256x256")
+
+
+def test_autotag_cli_with_a_tiny_blip_prefills_empty_captions_and_undoes(tmp_path, capsys):
+    from test_blip import _build
+
+    model = _build(tmp_path / "blip", sep_bias=6.0)
+    data = _make(tmp_path / "data", n=4)
+    (data / "10_zkz" / "01.txt").unlink()
+    (data / "10_zkz" / "03.txt").write_text("", encoding="utf-8")
+    before = _files(data)
+    assert main(["autotag", str(data), "--blip", "--model", str(model), "--dry-run"]) == 0
+    assert "2 caption(s) would change" in capsys.readouterr().out and _files(data) == before
+    assert main(["autotag", str(data), "--blip", "--model", str(model)]) == 0
+    after = _files(data)
+    assert after["10_zkz/01.txt"] and after["10_zkz/03.txt"]  # filled
+    assert all(after[k] == before[k] for k in ("10_zkz/00.txt", "10_zkz/02.txt"))  # prefill leaves captioned ones
+    assert main(["tags", str(data), "--undo"]) == 0
+    assert _files(data) == before and not (data / "10_zkz" / "01.txt").exists()

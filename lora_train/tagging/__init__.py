@@ -1,0 +1,1 @@
+"""Dataset tagging: the tag store with undo, WD14 tags and BLIP captions."""
