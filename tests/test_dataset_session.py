@@ -192,3 +192,23 @@ def test_autotag_cli_with_a_tiny_blip_prefills_empty_captions_and_undoes(tmp_pat
     assert all(after[k] == before[k] for k in ("10_zkz/00.txt", "10_zkz/02.txt"))  # prefill leaves captioned ones
     assert main(["tags", str(data), "--undo"]) == 0
     assert _files(data) == before and not (data / "10_zkz" / "01.txt").exists()
+
+
+def test_truncate_cuts_whole_tags_to_the_clip_token_budget(tmp_path):
+    from lora_train.dataset.captions import count_tokens
+    from lora_train.tagging.session import clip_tokenizer
+
+    folder = tmp_path / "1_x"
+    folder.mkdir()
+    Image.new("RGB", (8, 8)).save(folder / "a.png")
+    tags = [f"tag number {i}" for i in range(40)]  # 3-4 tokens each, with the comma ~4-5
+    (folder / "a.txt").write_text(", ".join(tags), encoding="utf-8")
+    s = DatasetSession()
+    s.load(str(tmp_path))
+    s.batch("truncate to tokens", "75")
+    kept = s.store.tags(0)
+    tok = clip_tokenizer()
+    assert count_tokens(", ".join(kept), tok) <= 75 < count_tokens(", ".join(tags[:len(kept) + 1]), tok)
+    assert kept == tuple(tags[:len(kept)])  # whole tags, from the end
+    with pytest.raises(UserError, match="whole number"):
+        s.batch("truncate to tokens", "lots")

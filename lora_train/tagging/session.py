@@ -17,7 +17,8 @@ from lora_train.tagging.store import Change, TagStore
 
 THUMB = 192
 PAGE = 48
-BATCH_OPS = ("add front", "add back", "remove", "replace", "replace regex", "dedupe", "sort alpha", "sort frequency")
+BATCH_OPS = ("add front", "add back", "remove", "replace", "replace regex", "dedupe", "sort alpha", "sort frequency",
+             "truncate to tokens")
 
 
 @dataclass
@@ -53,10 +54,34 @@ def batch_fn(op: str, a: str, b: str = "", keep: int = 0, frequency=None) -> tup
         return f"replace {a!r} with {b!r}", lambda t: ops.replace(t, a.strip(), (b or "").strip(), regex=regex)
     if op == "dedupe":
         return "remove duplicate tags", ops.dedupe
+    if op == "truncate to tokens":
+        try:
+            budget = int(str(a).strip() or 75)
+        except ValueError:
+            raise UserError(f"'{a}': the token budget is a whole number, e.g. 75 (sd-scripts' max_token_length 75/150/225)") from None
+        from lora_train.dataset.captions import count_tokens
+
+        tokenizer = clip_tokenizer()
+        return f"truncate to {budget} tokens", lambda t: ops.truncate(t, budget, lambda text: count_tokens(text, tokenizer))
     if op in ("sort alpha", "sort frequency"):
         by = op.split()[1]
         return f"sort tags ({by})", lambda t: ops.sort(t, by=by, keep=keep, frequency=frequency)
     raise UserError(f"unknown operation {op!r}")
+
+
+_tokenizer = None
+
+
+def clip_tokenizer():
+    """SD1's CLIP tokenizer, from the vocabulary open-clip ships (no download), built once."""
+    global _tokenizer
+    if _tokenizer is None:
+        from transformers import CLIPTokenizer
+
+        from lora_train.model.clip_files import clip_l_folder
+
+        _tokenizer = CLIPTokenizer.from_pretrained(str(clip_l_folder()))
+    return _tokenizer
 
 
 class DatasetSession:

@@ -109,7 +109,8 @@ def build_dataset_tab(host, t: Translator | None = None, train_fields: dict | No
             with gr.Accordion(t("Batch edit (the filtered images)"), open=True):
                 op = gr.Dropdown(label=t("Operation"), choices=list(BATCH_OPS), value="add front", elem_id="lora_dataset_op")
                 with gr.Row():
-                    arg_a = gr.Textbox(label=t("Tags / find"), elem_id="lora_dataset_arg_a", max_lines=1)
+                    arg_a = gr.Textbox(label=t("Tags / find"), elem_id="lora_dataset_arg_a", max_lines=1,
+                                       info=t("Tags, comma-separated; for replace the tag or pattern; for truncate the token budget (75)"))
                     arg_b = gr.Textbox(label=t("Replace with"), elem_id="lora_dataset_arg_b", max_lines=1)
                     keep = gr.Number(label=t("Keep first N in place (sort)"), value=0, precision=0, elem_id="lora_dataset_keep")
                 with gr.Row():
