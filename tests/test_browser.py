@@ -404,3 +404,28 @@ def test_h_dataset_keys_caption_editor_and_send_to_train(page, tag_data):
     page.locator("#lora_train_check").first.click()
     wait_for(page, "the plan of the sent folder", lambda: page.locator("#lora_train_plan_info").count()
              and "10" in page.locator("#lora_train_plan").first.inner_text(), 30)
+
+
+def test_i_dataset_autotag_with_the_tiny_tagger(page, tag_data, tmp_path_factory):
+    import tiny_tagger
+
+    model = tiny_tagger.build(tmp_path_factory.mktemp("tagger") / "tiny")
+    page.locator("#lora_train_tabs button", has_text="Dataset").first.click()
+    page.locator("#lora_dataset_main").first.get_by_text("Auto-tag (the filtered images)").click()
+    tagger = page.locator("#lora_dataset_tagger input").first
+    tagger.fill(str(model))
+    tagger.press("Enter")
+    threshold = page.locator("#lora_dataset_general input[type=number]").first
+    assert float(threshold.input_value()) == 0.3771  # the default model's own (moat v2)
+    threshold.fill("0.35")
+    threshold.press("Enter")
+    page.evaluate("document.activeElement && document.activeElement.blur()")
+    page.locator("#lora_dataset_autotag").first.click()
+    wait_for(page, "the two uncaptioned images tagged", lambda: "Tagged: 2 caption(s) changed" in _dataset_message(page), 60)
+    assert _tag_count(page, "hatsune miku") == 2 and _tag_count(page, "red theme") == 1 and _tag_count(page, "blue theme") == 1
+    shot(page, "i0-tagged")
+    page.locator("#lora_dataset_save").first.click()
+    wait_for(page, "the tags saved", lambda: (tag_data / "10_zkz" / "09.txt").exists(), 30)
+    assert (tag_data / "10_zkz" / "08.txt").read_text(encoding="utf-8") == "hatsune miku, red theme, long hair, ^_^"
+    assert (tag_data / "10_zkz" / "09.txt").read_text(encoding="utf-8") == "hatsune miku, blue theme, long hair, ^_^"
+    assert (tag_data / "10_zkz" / "00.txt").read_text(encoding="utf-8") == "1girl, red dress"  # prefill: captioned ones untouched

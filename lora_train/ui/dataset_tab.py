@@ -121,7 +121,7 @@ def build_dataset_tab(host, t: Translator | None = None, train_fields: dict | No
                 tagger = gr.Dropdown(label=t("Tagger"), choices=_tagger_choices(), value=_tagger_choices()[0], allow_custom_value=True,
                                      elem_id="lora_dataset_tagger", info=t("A WD14 model name (downloaded once) or a folder holding model.onnx and selected_tags.csv"))
                 with gr.Row():
-                    general = gr.Slider(0, 1, value=0.35, step=0.01, label=t("General threshold"), elem_id="lora_dataset_general")
+                    general = gr.Slider(0, 1, value=_general_default(), step=0.0001, label=t("General threshold"), elem_id="lora_dataset_general")
                     character = gr.Slider(0, 1, value=0.85, step=0.01, label=t("Character threshold"), elem_id="lora_dataset_character")
                 undesired = gr.Textbox(label=t("Undesired tags"), elem_id="lora_dataset_undesired", max_lines=1)
                 with gr.Row():
@@ -237,7 +237,14 @@ def build_dataset_tab(host, t: Translator | None = None, train_fields: dict | No
                       if use_blip else at.wd14_tagger(name, s.models_dir, s.access, general=g, character=c, undesired=und, rating=r, escape=esc))
         change = s.autotag(tag_images, m, progress=lambda done, total: progress((done, total), desc=t("Tagging")),
                            cancel=lambda: getattr(s, "cancelled", False))
-        return f"{t('Tagged')}: {len(change.diffs) if change else 0} caption(s) changed (not saved yet)"
+        warning = getattr(tag_images, "warning", None)
+        return f"{t('Tagged')}: {len(change.diffs) if change else 0} caption(s) changed (not saved yet)" + (f"\n{warning}" if warning else "")
+    def on_tagger(name):
+        from lora_train.tagging.wd14 import MODELS
+
+        model = MODELS.get((name or "").strip())
+        return gr.update(value=model.general_threshold) if model else gr.update()
+    tagger.change(on_tagger, [tagger], [general])
     autotag.click(guarded(on_autotag), [state, tagger, general, character, undesired, mode, rating, escape, blip], outs)
 
     def on_cancel(s):
@@ -278,13 +285,15 @@ def build_dataset_tab(host, t: Translator | None = None, train_fields: dict | No
         send.click(on_send, [state], [message, train_fields["train_data_dir"], train_fields["trigger"], *([tabs] if tabs is not None else [])])
 
 
-def _tagger_choices() -> list[str]:
-    try:
-        from lora_train.tagging.wd14 import MODELS
+def _general_default() -> float:
+    from lora_train.tagging.wd14 import MODELS
 
-        names = list(MODELS)
-    except ImportError:
-        names = []
-    preferred = "wd-v1-4-moat-tagger-v2"
-    return sorted(names, key=lambda n: (n != preferred, n)) or [preferred]
+    return MODELS[_tagger_choices()[0]].general_threshold
+
+
+def _tagger_choices() -> list[str]:
+    from lora_train.tagging.wd14 import MODELS
+
+    preferred = "wd-v1-4-moat-tagger-v2"  # kohya's GUI default
+    return sorted(MODELS, key=lambda n: (n != preferred, n))
 
