@@ -10,6 +10,7 @@ from PIL import Image
 from lora_train.access import AccessPolicy
 from lora_train.cli import main
 from lora_train.errors import UserError
+from lora_train.tagging import session as session_module
 from lora_train.tagging.session import PAGE, THUMB, DatasetSession
 from lora_train.ui.dataset_tab import send_to_train_values
 
@@ -48,6 +49,7 @@ def test_load_filter_page_and_thumbnails(tmp_path):
     assert len(s.gallery()) == 5
     thumbs = [im for im, _ in s.gallery()]
     assert all(max(im.size) <= THUMB for im in thumbs)  # never the 600 px original
+    assert s.thumbnail(PAGE + 4) is s.thumbnail(PAGE + 4)  # kept, not decoded again
     s.set_filter(all_of=["1girl", "red dress"], none_of=["smile"])
     assert all("red dress" in s.store.tags(i) and "smile" not in s.store.tags(i) for i in s.visible())
     assert len(s.visible()) == (PAGE + 5 + 1) // 2 - 2
@@ -212,3 +214,14 @@ def test_truncate_cuts_whole_tags_to_the_clip_token_budget(tmp_path):
     assert kept == tuple(tags[:len(kept)])  # whole tags, from the end
     with pytest.raises(UserError, match="whole number"):
         s.batch("truncate to tokens", "lots")
+
+
+def test_thumbnails_held_in_memory_are_bounded(tmp_path, monkeypatch):
+    monkeypatch.setattr(session_module, "THUMBS_KEPT", 5)
+    _make(tmp_path, n=8, size=(64, 64))
+    s = DatasetSession()
+    s.load(str(tmp_path))
+    first = s.thumbnail(0)
+    for i in range(1, 8):
+        s.thumbnail(i)
+    assert len(s._thumbs) == 5 and s.thumbnail(0) is not first  # the oldest went first

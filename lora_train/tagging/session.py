@@ -4,6 +4,7 @@ operations with their preview, and auto-tagging. The tab only turns these into c
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -17,6 +18,7 @@ from lora_train.tagging.store import Change, TagStore
 
 THUMB = 192
 PAGE = 48
+THUMBS_KEPT = 480  # ten pages: about 50 MB of 192 px thumbnails, however many images the folder has
 BATCH_OPS = ("add front", "add back", "remove", "replace", "replace regex", "dedupe", "sort alpha", "sort frequency",
              "truncate to tokens")
 
@@ -92,7 +94,7 @@ class DatasetSession:
         self.filter = Filter()
         self.page = 0
         self.selected: int | None = None
-        self._thumbs: dict[tuple[str, int], Image.Image] = {}
+        self._thumbs: OrderedDict[tuple[str, int], Image.Image] = OrderedDict()
 
     # -- loading and viewing ----------------------------------------------------------------------
     def load(self, folder: str, caption_extension: str = ".txt") -> str:
@@ -138,7 +140,9 @@ class DatasetSession:
         except OSError:
             return Image.new("RGB", (THUMB, THUMB), "gray")
         thumb = self._thumbs.get(key)
-        if thumb is None:
+        if thumb is not None:
+            self._thumbs.move_to_end(key)
+        else:
             try:
                 with Image.open(path) as im:
                     im.draft("RGB", (THUMB, THUMB))  # JPEG: decode at a fraction of the size
@@ -147,6 +151,8 @@ class DatasetSession:
             except (OSError, ValueError, Image.DecompressionBombError):
                 thumb = Image.new("RGB", (THUMB, THUMB), "gray")
             self._thumbs[key] = thumb
+            while len(self._thumbs) > THUMBS_KEPT:
+                self._thumbs.popitem(last=False)  # the least recently shown
         return thumb
 
     def gallery(self) -> list[tuple[Image.Image, str]]:
