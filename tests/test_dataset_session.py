@@ -64,7 +64,8 @@ def test_batch_preview_changes_nothing_apply_changes_only_the_filtered_and_undo_
     s.set_filter(all_of=["blue dress"])
     text, diffs = s.batch("add front", "zkz", dry_run=True)
     assert "3 of 3" in text and len(diffs) == 3 and not s.store.dirty
-    s.batch("add front", "zkz")
+    _, applied = s.batch("add front", "zkz")
+    assert [(i, b, a) for i, b, a in applied] == [(i, b, a) for i, b, a in diffs]  # what the preview showed
     assert {i for i in s.store.dirty} == set(s.visible())
     assert all(s.store.tags(i)[0] == "zkz" for i in s.visible())
     s.set_filter()

@@ -182,7 +182,8 @@ class DatasetSession:
             return f"{label}: {len(diffs)} of {len(self.visible())} filtered caption(s) would change", diffs
         change = store.apply(label, fn, self.visible())
         n = len(change.diffs) if change else 0
-        return f"{label}: {n} caption(s) changed (not saved yet)", change.diffs if change else []
+        # (index, tags before, tags after), as the preview gives them
+        return f"{label}: {n} caption(s) changed (not saved yet)", [(i, b.tags, a.tags) for i, b, a in (change.diffs if change else [])]
 
     def set_caption(self, text: str) -> str:
         store = self.require()

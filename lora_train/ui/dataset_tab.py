@@ -48,8 +48,8 @@ def _folders_html(session: DatasetSession, t) -> str:
 def _diff_html(session: DatasetSession, diffs: list, limit: int = 50) -> str:
     store = session.store
     rows = "".join(
-        f'<li><b>{html.escape(store.entries[i].name)}</b><br><span class="lora-dataset-before">- {html.escape(", ".join(b.tags if hasattr(b, "tags") else b))}</span>'
-        f'<br><span class="lora-dataset-after">+ {html.escape(", ".join(a.tags if hasattr(a, "tags") else a))}</span></li>'
+        f'<li><b>{html.escape(store.entries[i].name)}</b><br><span class="lora-dataset-before">- {html.escape(", ".join(b))}</span>'
+        f'<br><span class="lora-dataset-after">+ {html.escape(", ".join(a))}</span></li>'
         for i, b, a in diffs[:limit])
     more = f"<li>… {len(diffs) - limit}</li>" if len(diffs) > limit else ""
     return f'<ul id="lora_dataset_diff" data-count="{len(diffs)}">{rows}{more}</ul>'
