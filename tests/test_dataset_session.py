@@ -199,7 +199,7 @@ def test_autotag_cli_with_a_tiny_blip_prefills_empty_captions_and_undoes(tmp_pat
 
 def test_truncate_cuts_whole_tags_to_the_clip_token_budget(tmp_path):
     from lora_train.dataset.captions import count_tokens
-    from lora_train.tagging.session import clip_tokenizer
+    from lora_train.model.clip_files import clip_l_tokenizer
 
     folder = tmp_path / "1_x"
     folder.mkdir()
@@ -210,7 +210,7 @@ def test_truncate_cuts_whole_tags_to_the_clip_token_budget(tmp_path):
     s.load(str(tmp_path))
     s.batch("truncate to tokens", "75")
     kept = s.store.tags(0)
-    tok = clip_tokenizer()
+    tok = clip_l_tokenizer()
     assert count_tokens(", ".join(kept), tok) <= 75 < count_tokens(", ".join(tags[:len(kept) + 1]), tok)
     assert kept == tuple(tags[:len(kept)])  # whole tags, from the end
     with pytest.raises(UserError, match="whole number"):

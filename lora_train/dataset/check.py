@@ -63,12 +63,10 @@ def check_dataset(path: str | Path, o: CheckOptions, default_resolution: int = 5
         for i in plan.items
     ]
     if o.tokens:
-        from transformers import CLIPTokenizer
-
         from lora_train.dataset.captions import count_tokens, token_budget
-        from lora_train.model.clip_files import clip_l_folder
+        from lora_train.model.clip_files import clip_l_tokenizer
 
-        tokenizer = CLIPTokenizer.from_pretrained(str(clip_l_folder()))
+        tokenizer = clip_l_tokenizer()
         over = 0
         for row in report["items"]:
             n = max(count_tokens(line, tokenizer) for line in row["caption"].split("\n"))

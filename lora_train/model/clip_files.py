@@ -113,3 +113,12 @@ def cache_dir() -> Path:
 def clip_l_folder() -> Path:
     """Local stand-in for `openai/clip-vit-large-patch14` (tokenizer + config, no weights)."""
     return write_clip_folder(cache_dir() / "clip-vit-large-patch14", CLIP_L_TEXT_CONFIG)
+
+
+@lru_cache(maxsize=1)
+def clip_l_tokenizer():
+    """SD1's CLIP tokenizer from that folder (no download), built once per process: token counts
+    for the dataset check and the tag editor."""
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(str(clip_l_folder()))

@@ -62,28 +62,14 @@ def batch_fn(op: str, a: str, b: str = "", keep: int = 0, frequency=None) -> tup
         except ValueError:
             raise UserError(f"'{a}': the token budget is a whole number, e.g. 75 (sd-scripts' max_token_length 75/150/225)") from None
         from lora_train.dataset.captions import count_tokens
+        from lora_train.model.clip_files import clip_l_tokenizer
 
-        tokenizer = clip_tokenizer()
+        tokenizer = clip_l_tokenizer()
         return f"truncate to {budget} tokens", lambda t: ops.truncate(t, budget, lambda text: count_tokens(text, tokenizer))
     if op in ("sort alpha", "sort frequency"):
         by = op.split()[1]
         return f"sort tags ({by})", lambda t: ops.sort(t, by=by, keep=keep, frequency=frequency)
     raise UserError(f"unknown operation {op!r}")
-
-
-_tokenizer = None
-
-
-def clip_tokenizer():
-    """SD1's CLIP tokenizer, from the vocabulary open-clip ships (no download), built once."""
-    global _tokenizer
-    if _tokenizer is None:
-        from transformers import CLIPTokenizer
-
-        from lora_train.model.clip_files import clip_l_folder
-
-        _tokenizer = CLIPTokenizer.from_pretrained(str(clip_l_folder()))
-    return _tokenizer
 
 
 class DatasetSession:
