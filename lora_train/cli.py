@@ -108,7 +108,7 @@ def cmd_demo(args) -> int:
     from lora_train.train.observers import LossCsv
 
     out = Path(args.output)
-    opts = fidelity.FidelityOptions(output=out, epochs=args.epochs, eval_prompts=16, output_name="demo-zkz")
+    opts = fidelity.FidelityOptions(output=out, epochs=args.epochs, eval_prompts=16, collateral_prompts=64, output_name="demo-zkz")
     started = time.time()
     report = fidelity.run(opts, log=lambda m: print(m, file=sys.stderr), listeners=[_progress_listener(), LossCsv(out / "loss.csv")])
     print(f"taught: a purple-over-orange colour pattern the base never saw, under the trigger word "

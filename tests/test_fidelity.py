@@ -16,9 +16,11 @@ from lora_train.testing import base, fidelity, scenes
 CI_BAR = fidelity.Thresholds(concept_at_1=0.75, off_above_base=0.10, collateral_drop=0.15, monotone_slack=0.07)
 CI_EPOCHS = 4
 CI_PROMPTS = 16
+CI_COLLATERAL_PROMPTS = 96  # the base's circle-vs-square coin flips: fewer make the drop too noisy for 0.15
 
 
 def _options(path, **kw) -> fidelity.FidelityOptions:
+    kw.setdefault("collateral_prompts", CI_COLLATERAL_PROMPTS)
     return fidelity.FidelityOptions(output=path, epochs=CI_EPOCHS, eval_prompts=CI_PROMPTS, **kw)
 
 
@@ -73,6 +75,9 @@ def test_short_concept_training_passes_the_bar(short_run):
     data = json.loads((opts.output / "fidelity.json").read_text())
     assert set(data["weights"]) == {"1.0", "0.5", "0.0"}
     assert all(0.0 <= v <= 1.0 for v in data["weights"].values())
+    # per-label accuracies say which label a LoRA damaged; all four right is at most the worst label
+    assert set(data["collateral_by_label"]) == set(fidelity.LABELS) == set(data["base_by_label"])
+    assert data["collateral_accuracy"] <= min(data["collateral_by_label"].values())
     from PIL import Image
 
     with Image.open(report.grid) as grid:  # base row + one row per epoch
@@ -149,6 +154,14 @@ def test_reg_images_are_the_bases_own_renders_of_ordinary_prompts(tmp_path):
     assert len(captions) == 2 and not any(fidelity.TRIGGER in c for c in captions)
     images = sorted((reg / "1_scene").glob("*.png"))
     assert len(images) == 2 and all(Image.open(p).size == (scenes.SIZE, scenes.SIZE) for p in images)
+    # rendered without guidance (the base's own samples), not at the evaluation's CFG 7
+    import numpy as np
+
+    prompts = [p.with_suffix(".txt").read_text(encoding="utf-8") for p in images]
+    assert opts.reg_scale == 1.0 and opts.scale == 7.0
+    for path, unguided, guided in zip(images, fidelity._render(adapter, prompts, opts, scale=1.0), fidelity._render(adapter, prompts, opts)):
+        on_disk = np.asarray(Image.open(path).convert("RGB"))
+        assert np.array_equal(on_disk, np.asarray(unguided)) and not np.array_equal(on_disk, np.asarray(guided))
     config = fidelity.train_config(opts, tmp_path / "data", "m.safetensors", reg)
     assert config.dataset.reg_data_dir == str(reg)
     assert fidelity.train_config(_options(tmp_path, network="locon"), tmp_path, "m").network.conv_alpha == 1  # sd-scripts' default

@@ -5,6 +5,12 @@ A colour pattern the base never saw (objects with a purple top half and an orang
 taught under a trigger word that takes the colour word's place ("a zkz circle on the left"). Every saved epoch is loaded
 back from its file on disk, applied at weights 1.0 / 0.5 / 0.0, sampled with our own sampler and
 scored by the scene scorer. Prompts and seeds are fixed, so each comparison is paired.
+
+The defaults are what a kohya user would do and what shows damage: CFG 7 as in the WebUI, and
+regularization images (prior preservation) rendered by the base itself. Without them the LoRA carries
+part of the pattern into prompts without the trigger; guidance multiplies that leak, so at CFG 5 on
+32 prompts it stayed inside the noise while at CFG 7 ordinary objects changed colour. Collateral
+damage is measured on 256 prompts, trigger rates on 64 per weight.
 """
 
 from __future__ import annotations
@@ -21,9 +27,13 @@ from lora_train.testing import scenes
 from lora_train.testing.scorer import score
 
 TRIGGER = "zkz"
-# The pattern is taught and asked for on circles and squares: on a triangle the purple half is a thin
-# tip that this small VAE blurs away (its round trip of such triangles already shows almost no purple).
-PATTERN_SHAPES = ("circle", "square")
+# The pattern is taught on every shape the base knows, but asked for and scored on circles and
+# squares only: on a triangle the purple half is a thin tip that this small VAE blurs away (its round
+# trip of such triangles already shows almost no purple). Leaving triangles out of the training set
+# made the LoRA's effect on them an untrained extrapolation, and that is where its collateral damage
+# showed: ordinary triangles without the trigger dimmed and turned green.
+TRAIN_SHAPES = scenes.BASE_SHAPES
+SCORED_SHAPES = ("circle", "square")
 WEIGHTS = (1.0, 0.5, 0.0)
 
 
@@ -33,14 +43,26 @@ class FidelityOptions:
     network: str = "lora"  # or "locon"
     train_text_encoder: bool = True
     steps: int | None = None  # None: `epochs` epochs
-    epochs: int = 4
-    images: int = 36  # three per shape x background x side
-    reg_images: int = 0  # kohya's regularization images: the base's own renders of ordinary prompts
+    epochs: int = 6
+    images: int = 36  # two per shape x background x side
+    # kohya's regularization images (prior preservation): the base's own renders of ordinary prompts,
+    # as many as the concept's images x repeats (kohya pairs one with each training sample).
+    # Without them the concept leaks into prompts without the trigger (see the module docstring).
+    reg_images: int = 180
+    # CFG of the regularization renders; None: `scale`. At 1 they are samples of the base's own
+    # conditional distribution, which training towards leaves the base where it is; renders at CFG 7
+    # pull the prompts without the trigger towards the guided look, and CFG at inference then
+    # multiplies that shift (ordinary objects changed colour twice as often).
+    reg_scale: float | None = 1.0
     repeats: int = 5
     batch_size: int = 8
-    eval_prompts: int = 32
+    eval_prompts: int = 64  # trigger prompts per weight
+    # Prompts without the trigger. The base draws circle vs square at chance, and any change to the
+    # model re-draws those coin flips: on 64 prompts that alone moves the all-labels-right accuracy
+    # by about +-7 points, too close to the 10-point bar; 256 bring it to about +-3.5.
+    collateral_prompts: int = 256
     sample_steps: int = 20
-    scale: float = 5.0
+    scale: float = 7.0  # the WebUI's default CFG; guidance multiplies a leak, so a lower CFG hides it
     seed: int = 0
     model: str | None = None  # a checkpoint path; None: the committed tiny base
     output_name: str | None = None  # None: "zkz-<network>"
@@ -52,6 +74,7 @@ class EpochResult:
     file: str
     concept: dict[str, float]  # weight -> fraction of trigger prompts showing the concept
     collateral: float  # accuracy on prompts without the trigger, LoRA at 1.0
+    collateral_by_label: dict[str, float]  # the same per label (colour, shape, position, background)
     loss_by_weight: dict[str, float]  # held-out denoising loss on concept images, per weight
 
 
@@ -59,6 +82,7 @@ class EpochResult:
 class FidelityReport:
     base_rate: float  # concept rate of the base alone on the trigger prompts
     base_accuracy: float  # accuracy of the base alone on the prompts without the trigger
+    base_by_label: dict[str, float] = field(default_factory=dict)
     epochs: list[EpochResult] = field(default_factory=list)
     grid: str = ""
     seconds: float = 0.0
@@ -89,6 +113,8 @@ class FidelityReport:
             "base_accuracy": self.base_accuracy,
             "collateral_accuracy": self.final.collateral,
             "collateral_drop": round(self.collateral_drop, 4),
+            "base_by_label": self.base_by_label,
+            "collateral_by_label": self.final.collateral_by_label,
             "best_weight": self.best_weight,
             "epochs": [asdict(e) for e in self.epochs],
             "grid": self.grid,
@@ -108,7 +134,7 @@ def make_concept_dataset(root: Path, images: int, repeats: int, seed: int) -> Pa
     # every combination the prompts may ask for, in turn: a combination left out is one the LoRA
     # may not carry the pattern to (a random draw of 32 left the base's small black-background
     # triangles untouched)
-    combos = itertools.cycle(itertools.product(PATTERN_SHAPES, scenes.BACKGROUNDS, scenes.POSITIONS))
+    combos = itertools.cycle(itertools.product(TRAIN_SHAPES, scenes.BACKGROUNDS, scenes.POSITIONS))
     for i in range(images):
         shape, background, position = next(combos)
         scene = scenes.random_scene(rng, colour=scenes.CONCEPT_PATTERN, shape=shape, background=background, position=position)
@@ -124,7 +150,7 @@ def make_reg_dataset(root: Path, adapter, n: int, opts: "FidelityOptions") -> Pa
     folder = Path(root) / "1_scene"
     folder.mkdir(parents=True, exist_ok=True)
     prompts = [scenes.random_scene(rng).caption() for _ in range(n)]
-    for i, (prompt, image) in enumerate(zip(prompts, _render(adapter, prompts, opts))):
+    for i, (prompt, image) in enumerate(zip(prompts, _render(adapter, prompts, opts, scale=opts.reg_scale))):
         image.save(folder / f"{i:03d}.png")
         (folder / f"{i:03d}.txt").write_text(prompt, encoding="utf-8")
     return Path(root)
@@ -132,7 +158,7 @@ def make_reg_dataset(root: Path, adapter, n: int, opts: "FidelityOptions") -> Pa
 
 def trigger_scenes(n: int, seed: int) -> list[scenes.Scene]:
     rng = random.Random(seed + 1000)  # not the training images
-    return [scenes.random_scene(rng, shapes=PATTERN_SHAPES, colour=scenes.CONCEPT_PATTERN) for _ in range(n)]
+    return [scenes.random_scene(rng, shapes=SCORED_SHAPES, colour=scenes.CONCEPT_PATTERN) for _ in range(n)]
 
 
 def collateral_scenes(n: int, seed: int) -> list[scenes.Scene]:
@@ -141,10 +167,10 @@ def collateral_scenes(n: int, seed: int) -> list[scenes.Scene]:
 
 
 # -- scoring ------------------------------------------------------------------------------------
-def _render(adapter, prompts: list[str], opts: FidelityOptions) -> list:
+def _render(adapter, prompts: list[str], opts: FidelityOptions, scale: float | None = None) -> list:
     from lora_train.sample.render import render_batch
 
-    return render_batch(adapter, prompts, seed=opts.seed + 7, steps=opts.sample_steps, scale=opts.scale,
+    return render_batch(adapter, prompts, seed=opts.seed + 7, steps=opts.sample_steps, scale=opts.scale if scale is None else scale,
                         width=scenes.SIZE, height=scenes.SIZE)
 
 
@@ -152,8 +178,15 @@ def concept_rate(images) -> float:
     return sum(score(im).colour == scenes.CONCEPT_PATTERN for im in images) / len(images)
 
 
-def accuracy(images, scene_list) -> float:
-    return sum(score(im).matches(s) for im, s in zip(images, scene_list)) / len(images)
+LABELS = ("colour", "shape", "position", "background")
+
+
+def accuracy(images, scene_list) -> tuple[float, dict[str, float]]:
+    """All four labels right, and each label on its own (which one a LoRA damaged)."""
+    labels = [score(im) for im in images]
+    by_label = {k: round(sum(getattr(lab, k) == getattr(s, k) for lab, s in zip(labels, scene_list)) / len(images), 4)
+                for k in LABELS}
+    return sum(lab.matches(s) for lab, s in zip(labels, scene_list)) / len(images), by_label
 
 
 @torch.no_grad()
@@ -190,7 +223,7 @@ def _load_network(path: Path, adapter):
 def evaluate_file(path: Path, epoch: int, adapter, opts: FidelityOptions) -> tuple[EpochResult, dict]:
     """Score one LoRA file as it is on disk. Returns the result and the images per weight."""
     triggers = trigger_scenes(opts.eval_prompts, opts.seed)
-    others = collateral_scenes(opts.eval_prompts, opts.seed)
+    others = collateral_scenes(opts.collateral_prompts, opts.seed)
     held_out = trigger_scenes(64, opts.seed + 1)
     network = _load_network(path, adapter)
     concept, images, losses = {}, {}, {}
@@ -203,10 +236,10 @@ def evaluate_file(path: Path, epoch: int, adapter, opts: FidelityOptions) -> tup
                 images[w] = _render(adapter, [s.caption(colour=TRIGGER) for s in triggers], opts)
                 concept[f"{w:.1f}"] = concept_rate(images[w])
         network.set_multiplier(1.0)
-        collateral = accuracy(_render(adapter, [s.caption() for s in others], opts), others)
+        collateral, by_label = accuracy(_render(adapter, [s.caption() for s in others], opts), others)
     finally:
         network.remove()
-    return EpochResult(epoch, str(path), concept, collateral, losses), images
+    return EpochResult(epoch, str(path), concept, collateral, by_label, losses), images
 
 
 # -- training -----------------------------------------------------------------------------------
@@ -258,10 +291,10 @@ def run(opts: FidelityOptions, log=print, listeners=()) -> FidelityReport:
     config = train_config(opts, data, model, reg)
 
     triggers = trigger_scenes(opts.eval_prompts, opts.seed)
-    others = collateral_scenes(opts.eval_prompts, opts.seed)
+    others = collateral_scenes(opts.collateral_prompts, opts.seed)
     base_images = _render(adapter, [s.caption(colour=TRIGGER) for s in triggers], opts)
-    report = FidelityReport(base_rate=concept_rate(base_images),
-                            base_accuracy=accuracy(_render(adapter, [s.caption() for s in others], opts), others))
+    base_accuracy, base_by_label = accuracy(_render(adapter, [s.caption() for s in others], opts), others)
+    report = FidelityReport(base_rate=concept_rate(base_images), base_accuracy=base_accuracy, base_by_label=base_by_label)
     log(f"base: concept rate {report.base_rate:.2f} on trigger prompts, accuracy {report.base_accuracy:.2f} without trigger")
 
     saved: list[tuple[int, Path]] = []
@@ -352,5 +385,9 @@ def format_table(report: FidelityReport) -> str:
         c = e.concept
         best = min(e.loss_by_weight, key=e.loss_by_weight.get)
         lines.append(f"{e.epoch:<5}  {c['1.0']:5.2f}  {c['0.5']:5.2f}  {c['0.0']:5.2f}  {e.collateral:10.2f}  {best:>6}  {Path(e.file).name}")
+    if report.base_by_label and report.epochs:
+        final = report.final.collateral_by_label
+        lines.append("without the trigger, base -> final: " + ", ".join(
+            f"{k} {report.base_by_label[k]:.2f} -> {final[k]:.2f}" for k in LABELS))
     lines.append(f"collateral drop {report.collateral_drop:+.2f}; grid {report.grid}; {report.seconds:.0f} s")
     return "\n".join(lines)
