@@ -14,14 +14,14 @@ from lora_train.testing import base, fidelity, scenes
 # Shorter than the default run, so the bar is lower than the acceptance bar (0.9 / 0.1 / 0.1);
 # it still fails on a broken trainer (see the two tests at the end).
 CI_BAR = fidelity.Thresholds(concept_at_1=0.75, off_above_base=0.10, collateral_drop=0.15, monotone_slack=0.07)
-CI_EPOCHS = 4
+CI_EPOCHS = 6  # the default: at 4 the cosine schedule ends before the concept is reliably there
 CI_PROMPTS = 16
-CI_COLLATERAL_PROMPTS = 96  # the base's circle-vs-square coin flips: fewer make the drop too noisy for 0.15
+CI_COLLATERAL_PROMPTS = 128  # the base draws circle vs square at chance: fewer prompts make the drop too noisy for 0.15
 
 
 def _options(path, **kw) -> fidelity.FidelityOptions:
-    kw.setdefault("collateral_prompts", CI_COLLATERAL_PROMPTS)
-    return fidelity.FidelityOptions(output=path, epochs=CI_EPOCHS, eval_prompts=CI_PROMPTS, **kw)
+    kw = {"epochs": CI_EPOCHS, "eval_prompts": CI_PROMPTS, "collateral_prompts": CI_COLLATERAL_PROMPTS, **kw}
+    return fidelity.FidelityOptions(output=path, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +70,8 @@ def test_base_draws_its_scenes_and_not_the_pattern(short_run):
 def test_short_concept_training_passes_the_bar(short_run):
     opts, report = short_run
     assert fidelity.failures(report, CI_BAR) == [], fidelity.format_table(report)
-    assert len(report.epochs) == CI_EPOCHS  # every saved epoch is scored, from its file
+    # every saved epoch is scored, from its file (past 4 epochs the test saves every second one)
+    assert [e.epoch for e in report.epochs] == list(range(2, CI_EPOCHS + 1, 2))
     assert all(e.file.endswith(".safetensors") for e in report.epochs)
     data = json.loads((opts.output / "fidelity.json").read_text())
     assert set(data["weights"]) == {"1.0", "0.5", "0.0"}
@@ -81,7 +82,7 @@ def test_short_concept_training_passes_the_bar(short_run):
     from PIL import Image
 
     with Image.open(report.grid) as grid:  # base row + one row per epoch
-        assert grid.height >= (CI_EPOCHS + 1) * scenes.SIZE * 2
+        assert grid.height >= (len(report.epochs) + 1) * scenes.SIZE * 2
 
 
 def test_weight_zero_is_the_base_exactly(short_run):
@@ -122,7 +123,8 @@ def test_swapped_target_fails_the_bar(tmp_path, monkeypatch):
         return original(latents, noise, alphas_t, "v" if prediction_type == "epsilon" else "epsilon")
 
     monkeypatch.setattr(loss, "target", swapped)
-    report = fidelity.run(dataclasses.replace(_options(tmp_path), epochs=2), log=lambda m: None)
+    # fewer regularization and collateral renders: a broken target fails on the concept rate itself
+    report = fidelity.run(_options(tmp_path, epochs=2, reg_images=36, collateral_prompts=32), log=lambda m: None)
     assert fidelity.failures(report, CI_BAR), fidelity.format_table(report)
 
 
