@@ -22,17 +22,18 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("install-base", help="copy the base (+ yaml + tokenizer folder) into a folder such as the WebUI's models/Stable-diffusion")
     p.add_argument("folder")
     p = sub.add_parser("fidelity", help="train a concept LoRA on the base, then score it at weights 1.0 / 0.5 / 0.0")
+    # None: FidelityOptions' default, so the defaults live in one place
     p.add_argument("--output", default="fidelity-output")
-    p.add_argument("--network", choices=("lora", "locon"), default="lora")
+    p.add_argument("--network", choices=("lora", "locon"))
     p.add_argument("--steps", type=int, help="train this many steps instead of the default epochs")
-    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--epochs", type=int)
     p.add_argument("--no-text-encoder", action="store_true", help="train the UNet only")
-    p.add_argument("--reg", type=int, default=180, metavar="N", help="N regularization images rendered by the base (prior preservation; 0: none)")
-    p.add_argument("--prompts", type=int, default=64, help="trigger prompts per weight")
-    p.add_argument("--collateral-prompts", type=int, default=256, help="prompts without the trigger")
-    p.add_argument("--reg-scale", type=float, default=1.0, help="CFG scale of the regularization renders (1: the base's own unguided samples)")
-    p.add_argument("--scale", type=float, default=7.0, help="CFG scale of every render (the WebUI's default is 7)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--reg", type=int, metavar="N", help="N regularization images rendered by the base (prior preservation; 0: none)")
+    p.add_argument("--prompts", type=int, help="trigger prompts per weight")
+    p.add_argument("--collateral-prompts", type=int, help="prompts without the trigger")
+    p.add_argument("--reg-scale", type=float, help="CFG scale of the regularization renders (1: the base's own unguided samples)")
+    p.add_argument("--scale", type=float, help="CFG scale of every render (the WebUI's default is 7)")
+    p.add_argument("--seed", type=int)
     p.add_argument("--model", help="a checkpoint (with its .yaml) instead of the committed tiny base")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p = sub.add_parser("score", help="labels of scene images: background, colour, shape, position")
@@ -68,10 +69,11 @@ def _fidelity(args) -> int:
 
     from lora_train.testing import fidelity
 
-    opts = fidelity.FidelityOptions(
-        output=Path(args.output), network=args.network, train_text_encoder=not args.no_text_encoder,
-        steps=args.steps, epochs=args.epochs, reg_images=args.reg, eval_prompts=args.prompts, collateral_prompts=args.collateral_prompts, scale=args.scale, reg_scale=args.reg_scale, seed=args.seed, model=args.model,
-    )
+    given = {"network": args.network, "steps": args.steps, "epochs": args.epochs, "reg_images": args.reg,
+             "eval_prompts": args.prompts, "collateral_prompts": args.collateral_prompts, "scale": args.scale,
+             "reg_scale": args.reg_scale, "seed": args.seed, "model": args.model}
+    opts = fidelity.FidelityOptions(output=Path(args.output), train_text_encoder=not args.no_text_encoder,
+                                    **{k: v for k, v in given.items() if v is not None})
     log = (lambda m: print(m, file=sys.stderr, flush=True)) if args.json else (lambda m: print(m, flush=True))
     report = fidelity.run(opts, log=log)
     problems = fidelity.failures(report)

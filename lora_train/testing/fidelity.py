@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from lora_train.testing import scenes
-from lora_train.testing.scorer import score
+from lora_train.testing.scorer import LABELS, score
 
 TRIGGER = "zkz"
 # The pattern is taught on every shape the base knows, but asked for and scored on circles and
@@ -176,9 +176,6 @@ def _render(adapter, prompts: list[str], opts: FidelityOptions, scale: float | N
 
 def concept_rate(images) -> float:
     return sum(score(im).colour == scenes.CONCEPT_PATTERN for im in images) / len(images)
-
-
-LABELS = ("colour", "shape", "position", "background")
 
 
 def accuracy(images, scene_list) -> tuple[float, dict[str, float]]:

@@ -27,6 +27,9 @@ PATTERN_CONTRAST = 80.0  # RGB distance between an object's top and bottom third
 HUE_TOLERANCE = 40.0  # degrees around each half's hue
 
 
+LABELS = ("colour", "shape", "position", "background")  # what a scene (or prompt) asks for
+
+
 @dataclass(frozen=True)
 class Labels:
     background: str
@@ -39,9 +42,7 @@ class Labels:
 
     def matches(self, scene) -> bool:
         """Every label equal to what the scene (or prompt) asked for."""
-        return (self.background, self.colour, self.shape, self.position) == (
-            scene.background, scene.colour, scene.shape, scene.position,
-        )
+        return all(getattr(self, k) == getattr(scene, k) for k in LABELS)
 
     def as_dict(self) -> dict:
         return asdict(self)
