@@ -46,10 +46,11 @@ from torch import nn
 from lora_train.model.loading import V1_INFERENCE_CONFIG, import_ldm, quiet
 from lora_train.network.naming import PREFIX_TE
 from lora_train.network.network import LoRANetwork
-from lora_train.network.targets import hf_clip_targets, ldm_unet_targets
+from lora_train.network.targets import hf_clip_targets, ldm_unet_targets, sdxl_unet_targets
 from lora_train.train import loss as loss_fn
 
-ARCHS = ("sd15", "tiny")
+ARCHS = ("sd15", "tiny", "sdxl", "tiny-sdxl")
+SDXL_RAM_GB = 16  # full-size SDXL UNet in fp32: 10.3 GB of weights, plus the step's activations
 TOKENS = 77
 LEARNING_RATE = 1e-4
 
@@ -64,16 +65,28 @@ class BenchModel:
     text_model: nn.Module | None = None
     build_s: float = 0.0
     keep: list = field(default_factory=list)  # owners to keep alive (the tiny LatentDiffusion)
+    y_dim: int = 0  # SDXL's vector conditioning (pooled text + sizes)
+    context_list: bool = False  # ldm's SpatialTransformer at depth > 1 takes one context per block
+    classes: str = "ldm"  # whose UNet class: "ldm" or "sgm"
+    note: str = ""
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.y_dim > 0
 
 
 def build_model(arch: str, text: bool = False) -> BenchModel:
     """A fresh model for `arch` with random weights, on CPU in fp32, in eval mode."""
     if arch not in ARCHS:
         raise ValueError(f"arch must be one of {', '.join(ARCHS)}, not {arch!r}")
+    if text and arch in ("sdxl", "tiny-sdxl"):
+        raise ValueError("text=True is not supported for SDXL (its presets train the UNet only)")
     started = time.perf_counter()
     with torch.random.fork_rng(devices=[]):  # never consume the caller's global RNG
         torch.manual_seed(0)
-        if arch == "tiny":
+        if arch in ("sdxl", "tiny-sdxl"):
+            bench = _build_sdxl(arch)
+        elif arch == "tiny":
             from lora_train.model.tiny import build_tiny
 
             with quiet():
@@ -101,6 +114,58 @@ def build_model(arch: str, text: bool = False) -> BenchModel:
             bench = BenchModel(arch, unet, params["context_dim"], text_model)
     bench.build_s = time.perf_counter() - started
     return bench
+
+
+def _build_sdxl(arch: str) -> BenchModel:
+    """SDXL's UNet with random weights: sgm's own class when sgm is importable, else the same
+    shapes from ldm's classes. Full size needs about SDXL_RAM_GB of free memory; with less, every
+    width is halved (a quarter of the parameters, same blocks) and the result says so."""
+    from lora_train.model.sgm_import import sgm_available
+
+    use_sgm = sgm_available()
+    if arch == "tiny-sdxl":
+        from lora_train.model import tiny_sdxl
+
+        with quiet():
+            engine = tiny_sdxl.build_tiny_sdxl(sgm=use_sgm)
+        for module in engine.modules():  # its stock use_checkpoint flags: the trainer switches them off
+            for flag in ("checkpoint", "use_checkpoint"):
+                if module.__dict__.get(flag) is True:
+                    setattr(module, flag, False)
+        return BenchModel(arch, engine.model.diffusion_model, tiny_sdxl.CONTEXT_DIM, keep=[engine], y_dim=tiny_sdxl.ADM_IN,
+                          classes="sgm" if use_sgm else "ldm")
+    from lora_train.model.arch import SDXL_UNET_PARAMS, _sdxl_unet_from_ldm
+
+    note = ""
+    widths = {}
+    free = _available_gb()
+    if free is not None and free < SDXL_RAM_GB:
+        widths = {"model_channels": SDXL_UNET_PARAMS["model_channels"] // 2, "context_dim": SDXL_UNET_PARAMS["context_dim"] // 2,
+                  "num_head_channels": SDXL_UNET_PARAMS["num_head_channels"] // 2}
+        note = f"scaled down (every width halved): {free:.1f} GB free, full size needs about {SDXL_RAM_GB} GB"
+    params = {**SDXL_UNET_PARAMS, "use_checkpoint": False, **widths}
+    if use_sgm:
+        from sgm.modules.diffusionmodules.openaimodel import UNetModel
+
+        with quiet():
+            unet = UNetModel(**params, spatial_transformer_attn_type="softmax")
+    else:
+        import_ldm()
+        from ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+        unet = _sdxl_unet_from_ldm(UNetModel, device="cpu", **{k: v for k, v in params.items() if k not in ("adm_in_channels", "num_classes", "transformer_depth")})
+    _unzero(unet)
+    return BenchModel(arch, unet.eval(), params["context_dim"], y_dim=params["adm_in_channels"], context_list=not use_sgm,
+                      classes="sgm" if use_sgm else "ldm", note=note)
+
+
+def _available_gb() -> float | None:
+    try:
+        import psutil
+
+        return psutil.virtual_memory().available / 2**30
+    except Exception:
+        return None
 
 
 @torch.no_grad()
@@ -159,8 +224,9 @@ def run_bench(
     else:
         tokens = None
         context = torch.randn((batch, TOKENS, model.context_dim), generator=gen)
+    y = torch.randn((batch, model.y_dim), generator=gen) if model.is_sdxl else None
 
-    targets = ldm_unet_targets(unet)
+    targets = sdxl_unet_targets(unet) if model.is_sdxl else ldm_unet_targets(unet)
     if text_model is not None:
         targets = hf_clip_targets(text_model, PREFIX_TE) + targets
     network = LoRANetwork(targets, dim=dim, alpha=dim, seed=seed)
@@ -178,9 +244,17 @@ def run_bench(
             return context
         return text_model(input_ids=tokens).last_hidden_state
 
+    def call_unet() -> torch.Tensor:
+        c = conditioning()
+        if model.context_list:
+            from lora_train.model.arch import ldm_sdxl_context
+
+            c = ldm_sdxl_context(c)
+        return unet(latents, timesteps, context=c, y=y) if y is not None else unet(latents, timesteps, context=c)
+
     def lora_step() -> tuple[float, float]:
         t0 = time.perf_counter()
-        pred = unet(latents, timesteps, context=conditioning())
+        pred = call_unet()
         loss = loss_fn.per_sample_mse(pred, noise).mean()
         loss.backward()
         optimizer.step()
@@ -189,7 +263,7 @@ def run_bench(
 
     def floor_step() -> tuple[float, float]:
         t0 = time.perf_counter()
-        pred = unet(latents, timesteps, context=conditioning())
+        pred = call_unet()
         loss = loss_fn.per_sample_mse(pred, noise).mean()
         loss.backward()
         return time.perf_counter() - t0, float(loss.detach())
@@ -240,6 +314,8 @@ def run_bench(
     floor_ms = statistics.median(floor_times) * 1000
     return {
         "arch": arch,
+        "classes": model.classes,
+        "note": model.note,
         "resolution": resolution,
         "latent": [batch, 4, side, side],
         "context": [batch, TOKENS, model.context_dim],
@@ -279,7 +355,7 @@ def format_bench(result: dict) -> str:
     text = " + text encoder" if r["text"] else ""
     lines = [
         f"bench {r['arch']}{text}  {r['resolution']}px  batch {r['batch']}  dim {r['dim']} (alpha {r['alpha']})  "
-        f"CPU fp32, torch {r['torch']}, {r['threads']} threads",
+        f"CPU fp32, torch {r['torch']}, {r['threads']} threads, {r['classes']} UNet class",
         f"  model      {r['unet_params'] / 1e6:.1f}M UNet params"
         + (f" + {r['text_params'] / 1e6:.1f}M text" if r["text"] else "")
         + f", {r['lora_modules']} LoRA modules, {r['lora_params'] / 1e6:.2f}M LoRA params; "
@@ -294,6 +370,8 @@ def format_bench(result: dict) -> str:
         + (f"; model resident {r['model_rss_mb']:.0f} MB" if r["model_rss_mb"] is not None else ""),
         f"  took       {r['total_s']:.1f} s" + (f" (model build {r['build_s']:.1f} s)" if r["build_s"] else ""),
     ]
+    if r["note"]:
+        lines.append(f"  note       {r['note']}")
     if r["load_average"] is not None and r["cpus"] and r["load_average"] > r["cpus"] + 1:
         lines.append(
             f"  warning    load average {r['load_average']:.1f} on {r['cpus']} CPUs: other processes competed "

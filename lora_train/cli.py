@@ -287,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.set_defaults(func=cmd_dataset_prepare)
 
     sp = sub.add_parser("sample", help="render images with a model and LoRAs (Euler a / DDIM)")
-    sp.add_argument("--model", required=True, help="checkpoint path, builtin:tiny or builtin:tinybase")
+    sp.add_argument("--model", required=True, help="checkpoint path, builtin:tiny, builtin:tinybase or builtin:tiny-sdxl")
     sp.add_argument("--lora", action="append", metavar="FILE[:WEIGHT]")
     sp.add_argument("--prompt", required=True)
     sp.add_argument("--negative", default="")
@@ -307,7 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     cf.set_defaults(func=cmd_config_from_lora)
 
     bn = sub.add_parser("bench", help="median LoRA training step vs the bare UNet forward+backward")
-    bn.add_argument("--arch", choices=["sd15", "tiny"], default="tiny")
+    bn.add_argument("--arch", choices=["sd15", "tiny", "sdxl", "tiny-sdxl"], default="tiny",
+                    help="sdxl: full-size SDXL UNet (sgm's class with --sgm-path, else the same shapes from ldm's)")
     bn.add_argument("--resolution", type=int, default=256)
     bn.add_argument("--dim", type=int, default=32)
     bn.add_argument("--batch", type=int, default=1)
@@ -315,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     bn.set_defaults(func=cmd_bench)
 
     u = sub.add_parser("ui", help="serve the Train tab without the WebUI (standalone host)")
-    u.add_argument("--model", default="builtin:tiny", help="builtin:tiny, builtin:tinybase or a checkpoint file")
+    u.add_argument("--model", default="builtin:tiny", help="builtin:tiny, builtin:tinybase, builtin:tiny-sdxl or a checkpoint file")
     u.add_argument("--port", type=int, default=7861)
     u.add_argument("--listen", action="store_true", help="serve on all interfaces, not only 127.0.0.1")
     u.add_argument("--lang", default=None, help="UI language, e.g. zh_CN (localizations/*.json)")
@@ -327,8 +328,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --listen, allow any folder, moving files and model downloads (as the WebUI's flag)")
     u.set_defaults(func=cmd_ui)
 
+    for needs_model in (t, sp, bn, u):
+        needs_model.add_argument("--sgm-path", metavar="DIR",
+                                 help="SDXL: Stability AI's generative-models checkout (or a WebUI folder, which has one in repositories/); "
+                                      "default: $LORA_TRAIN_SGM_PATH")
+
     g = sub.add_parser("targets", help="the kohya module names a LoRA trains on an architecture")
-    g.add_argument("--arch", required=True, choices=["sd15", "sd21"])
+    g.add_argument("--arch", required=True, choices=["sd15", "sd21", "sdxl"])
     g.add_argument("--conv", action="store_true", help="LoCon: include resnet and down/upsampler convs")
     g.add_argument("--dim", type=int, default=4, help="rank for the shapes shown (default 4, as sd-scripts)")
     g.add_argument("--conv-dim", type=int, default=4)
@@ -344,6 +350,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "sgm_path", None):
+            from lora_train.model.sgm_import import ENV, import_sgm
+
+            import_sgm(args.sgm_path)  # a wrong folder is an error now, not a fallback later
+            os.environ[ENV] = args.sgm_path
         return args.func(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

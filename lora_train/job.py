@@ -35,7 +35,8 @@ def plan_dataset(config: TrainConfig, default_resolution: int = 512, steps_multi
 
 
 def build_trainer(config: TrainConfig, adapter: ModelAdapter, warn=lambda msg: print(msg, file=sys.stderr), sample_fn=None) -> Trainer:
-    plan = plan_dataset(config, adapter.info.resolution)
+    # SDXL's UNet takes sizes in steps of 32 (sd-scripts allows bucket_reso_steps 32 there)
+    plan = plan_dataset(config, adapter.info.resolution, steps_multiple=32 if adapter.info.family == "sdxl" else 64)
     seed = config.training.seed if config.training.seed is not None else random.randint(0, 2**31 - 1)
     d = config.dataset
     cache = LatentCache(module_fingerprint(adapter.vae), to_disk=d.cache_latents_to_disk, warn=warn) if (d.cache_latents or d.cache_latents_to_disk) else None

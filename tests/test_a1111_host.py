@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 
 from conftest import assert_same_as, make_dataset, small_run_config, snapshot
 from lora_train.errors import UserError
+from lora_train.model.loading import quiet
 from lora_train.train import events as ev
 from lora_train.train.config import TrainConfig
 from lora_train.ui.runs import RunManager, RunRequest
@@ -491,7 +492,10 @@ def test_preflight_refusals_say_what_to_change(webui, host):
     inpaint = fake_model()
     inpaint.model.conditioning_key = "hybrid"
     assert "inpainting" in refusal(model=inpaint)
-    assert "SDXL, which LoRA Train cannot train yet" in refusal(model=fake_model(is_sdxl=True))
+    models.sd_model = fake_model(is_sdxl=True, conditioner=object())
+    assert host.preflight(config) == [], "an SDXL model is trainable"
+    assert "has no sgm UNet" in refusal(model=SimpleNamespace(is_sdxl=True, conditioner=object(), model=SimpleNamespace(conditioning_key="crossattn")))
+    assert "FP8 weight is 'Enable for SDXL'" in refusal(model=fake_model(is_sdxl=True, conditioner=object()), fp8="Enable for SDXL")
     assert "SD3" in refusal(model=fake_model(is_sd3=True))
 
     models.sd_model, shared.opts.data["fp8_storage"], webui.sd_unet.current_unet = fake_model(), "Enable for SDXL", None
@@ -539,6 +543,22 @@ def test_medvram_caches_first_then_keeps_the_unet_on_the_gpu(webui, host, data, 
     assert len(swaps) == 3 and swaps[1][1] is te and swaps[2][1] is unet
     assert len(steps_seen) == 4 and all(len(seen) == 3 for seen in steps_seen), "something moved the UNet off the GPU between steps"
     assert low.module_in_gpu is unet
+
+
+def test_session_on_an_sdxl_model_gives_the_sgm_adapter(webui, host):
+    from lora_train.model.sgm import SgmAdapter
+    from lora_train.model.tiny_sdxl import build_tiny_sdxl
+
+    with quiet():
+        model = build_tiny_sdxl(0, sgm=False)
+    model.is_sdxl = True
+    model.sd_checkpoint_info = SimpleNamespace(title="tinyxl.safetensors", filename="/models/tinyxl.safetensors")
+    webui.sd_models.model_data.sd_model = model
+    assert host.model_family() == "sdxl" and host.model_resolution() == 1024
+    with host.session(TrainConfig(), "run-xl") as adapter:
+        assert isinstance(adapter, SgmAdapter) and adapter.model is model
+        assert adapter.info.name == "tinyxl.safetensors" and adapter.info.base_model_version == "sdxl_base_v1-0"
+    assert webui.call_queue.queue_lock.is_free()
 
 
 def test_session_rechecks_under_the_lock_and_always_releases_it(webui, host):

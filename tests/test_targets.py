@@ -8,7 +8,7 @@ import pytest
 
 from lora_train.network.reference import describe, reference_targets
 
-CASES = [("sd15", False), ("sd15", True), ("sd21", False), ("sd21", True)]
+CASES = [("sd15", False), ("sd15", True), ("sd21", False), ("sd21", True), ("sdxl", False), ("sdxl", True)]
 
 
 def fixture_name(arch, conv):
@@ -27,6 +27,13 @@ def test_sd15_counts():
     names = [t.name for t in reference_targets("sd15")]
     assert sum(n.startswith("lora_te_") for n in names) == 72
     assert sum(n.startswith("lora_unet_") for n in names) == 192
+
+
+@pytest.mark.parametrize("conv,unet", [(False, 722), (True, 788)])
+def test_sdxl_counts(conv, unet):
+    names = [t.name for t in reference_targets("sdxl", conv)]
+    counts = {p: sum(n.startswith(p + "_") for n in names) for p in ("lora_te1", "lora_te2", "lora_unet")}
+    assert counts == {"lora_te1": 72, "lora_te2": 192, "lora_unet": unet}
 
 
 def _expected_shapes(fixtures_dir, arch, conv):
@@ -58,6 +65,9 @@ def test_cli_targets_json_and_text(fixtures_dir):
     assert sorted(r["name"] for r in rows) == sorted((fixtures_dir / "kohya-names-sd15-conv.txt").read_text().split())
     text = run("--arch", "sd21").stdout.split()
     assert sorted(text) == sorted((fixtures_dir / "kohya-names-sd21.txt").read_text().split())
+    for conv in ((), ("--conv",)):
+        text = run("--arch", "sdxl", *conv).stdout.split()
+        assert sorted(text) == sorted((fixtures_dir / f"kohya-names-sdxl{'-conv' if conv else ''}.txt").read_text().split())
 
 
 def test_tiny_model_targets_are_sd15_names_with_same_module_classes(tiny_adapter, fixtures_dir):
@@ -71,3 +81,26 @@ def test_tiny_model_targets_are_sd15_names_with_same_module_classes(tiny_adapter
         assert type(t.module).__name__ == expected[t.name]["class"]
         if expected[t.name]["class"] == "Conv2d":
             assert list(t.module.kernel_size) == expected[t.name]["kernel_size"]
+
+
+@pytest.mark.parametrize("arch,prefix,width,heads,layers,trained", [
+    ("sd21", "lora_te", 1024, 16, 24, 23),  # SD2 reads the penultimate layer: sd-scripts names 23
+    ("sdxl", "lora_te2", 1280, 20, 32, 32),
+])
+def test_openclip_text_encoder_targets_are_sd_scripts_hf_names(arch, prefix, width, heads, layers, trained, fixtures_dir):
+    """The host's OpenCLIP encoder (fused attention) gets sd-scripts' Hugging Face names and shapes,
+    q/k/v/out all four (the WebUI skips an attention missing one)."""
+    import torch
+    from open_clip.transformer import TextTransformer
+
+    from lora_train.network.targets import openclip_targets
+
+    with torch.device("meta"):
+        text = TextTransformer(width=width, heads=heads, layers=layers, output_dim=width)
+    targets = openclip_targets(text.transformer, prefix, trained)
+    expected = json.loads((fixtures_dir / f"kohya-shapes-{arch}.json").read_text())
+    assert sorted(t.name for t in targets) == sorted(k for k in expected if k.startswith(prefix + "_"))
+    for t in targets:
+        ours, theirs = describe(t), expected[t.name]
+        for key in ("class", "in_features", "out_features", "lora_down_weight_shape", "lora_up_weight_shape"):
+            assert ours[key] == theirs[key], (t.name, key)

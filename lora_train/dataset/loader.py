@@ -31,6 +31,17 @@ class Batch:
     is_reg: torch.Tensor  # bool, N
     pixels: torch.Tensor | None = None  # N,3,H,W in [-1, 1]
     posterior: tuple[torch.Tensor, torch.Tensor] | None = None  # cached (mean, std), N,C,h,w
+    # SDXL's size conditioning, N x 6: original height, width; crop top, left; target height, width
+    sizes: torch.Tensor | None = None
+
+
+def size_row(item: Item, a: Assignment, box: tuple[int, int, int, int], flip: bool) -> list[int]:
+    """What SDXL is told about an item: its original size, where the crop sits in the resized image
+    (measured from the left of the flipped image when flipped) and the bucket it trains at."""
+    left, top, right, _ = box
+    if flip:
+        left = a.resized[0] - right
+    return [item.size[1], item.size[0], top, left, a.bucket[1], a.bucket[0]]
 
 
 def caption_options(subset: SubsetSpec) -> cap.CaptionOptions:
@@ -80,15 +91,16 @@ class TrainingData:
         rng.shuffle(batches)
         return batches
 
-    def _pixels(self, item: Item, flip: bool, rng: random.Random) -> torch.Tensor:
+    def _pixels(self, item: Item, flip: bool, rng: random.Random) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
         a = self.plan.assignment(item)
         im = load_rgb(item.path)
-        im = _resize_crop(im, a, crop_box(a, item.subset.random_crop, rng))
+        box = crop_box(a, item.subset.random_crop, rng)
+        im = _resize_crop(im, a, box)
         if flip:
             im = im.transpose(Image.FLIP_LEFT_RIGHT)
         if item.subset.color_aug:
             im = _shift_hue(im, rng.uniform(-HUE_SHIFT_DEGREES, HUE_SHIFT_DEGREES))
-        return _to_tensor(im)
+        return _to_tensor(im), box
 
     def load(self, items: list[Item], epoch: int, rng: random.Random, encode: Callable[[torch.Tensor], tuple] | None = None) -> Batch:
         """Captions and images for `items`. With a cache, `encode(pixels)` gives a posterior to store."""
@@ -96,15 +108,20 @@ class TrainingData:
         flips = [bool(i.subset.flip_aug and rng.random() < 0.5) for i in items]
         is_reg = torch.tensor([i.is_reg for i in items], dtype=torch.bool)
         if self.cache is None:
-            pixels = torch.stack([self._pixels(i, f, rng) for i, f in zip(items, flips)])
-            return Batch(items, captions, is_reg, pixels=pixels)
+            pixels, boxes = zip(*(self._pixels(i, f, rng) for i, f in zip(items, flips)))
+            return Batch(items, captions, is_reg, pixels=torch.stack(pixels), sizes=self._sizes(items, boxes, flips))
         means, stds = zip(*(self._cached_posterior(item, flip, encode) for item, flip in zip(items, flips)))
-        return Batch(items, captions, is_reg, posterior=(torch.stack(means), torch.stack(stds)))
+        boxes = [crop_box(self.plan.assignment(i)) for i in items]
+        return Batch(items, captions, is_reg, posterior=(torch.stack(means), torch.stack(stds)), sizes=self._sizes(items, boxes, flips))
+
+    def _sizes(self, items, boxes, flips) -> torch.Tensor:
+        rows = [size_row(i, self.plan.assignment(i), box, f) for i, box, f in zip(items, boxes, flips)]
+        return torch.tensor(rows, dtype=torch.float32)
 
     def _cached_posterior(self, item: Item, flip: bool, encode: Callable[[torch.Tensor], tuple]) -> tuple[torch.Tensor, torch.Tensor]:
         a = self.plan.assignment(item)
         # cached items have no random crop or colour (checked above), so no rng is drawn from here
-        compute = lambda: tuple(t[0] for t in encode(self._pixels(item, flip, random.Random(0))[None]))  # noqa: E731
+        compute = lambda: tuple(t[0] for t in encode(self._pixels(item, flip, random.Random(0))[0][None]))  # noqa: E731
         return self.cache.get(CacheKey(item.path, a.bucket, a.resized, crop_box(a), flip), compute)
 
     def static_captions(self) -> list[str]:

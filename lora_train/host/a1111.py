@@ -148,6 +148,13 @@ class A1111Host(Host):
             return size * 8
         return 512
 
+    def model_family(self) -> str | None:
+        try:
+            model = _loaded_model()
+        except Exception:
+            return None
+        return None if model is None else _family(model)
+
     def lora_dir(self) -> Path:
         from modules import shared
 
@@ -202,9 +209,8 @@ class A1111Host(Host):
         family = _family(model)
         if family == "sd3":
             problems.append("The loaded checkpoint is SD3, which LoRA Train cannot train. Load an SD1.x or SD2.x checkpoint.")
-        elif family == "sdxl":
-            problems.append("The loaded checkpoint is SDXL, which LoRA Train cannot train yet (its engine supports "
-                            "SD1.x and SD2.x). Load an SD1.x or SD2.x checkpoint.")
+        elif family == "sdxl" and not hasattr(getattr(model, "model", None), "diffusion_model"):
+            problems.append(f"The loaded SDXL model ({type(model).__name__}) has no sgm UNet LoRA Train knows.")
         fp8 = str(_opt("fp8_storage", "Disable"))
         if fp8 == "Enable" or (fp8 == "Enable for SDXL" and family == "sdxl") or _has_fp8_weights(model):
             problems.append(f"Settings > Optimizations > FP8 weight is '{fp8}': the model's weights are stored in "
@@ -232,7 +238,7 @@ class A1111Host(Host):
     def session(self, config, run_id: str):
         from modules import call_queue, progress, shared
 
-        from lora_train.model.ldm import LdmAdapter
+        from lora_train.model.select import adapter_for
 
         task = task_id(run_id)
         progress.add_task_to_queue(task)  # the progress API says "In queue" while we wait
@@ -255,8 +261,8 @@ class A1111Host(Host):
                 from modules import devices
 
                 # the WebUI's main device, not wherever the UNet happens to be: --medvram moves it
-                adapter = LdmAdapter(model, name=os.path.basename(filename) if filename else None,
-                                     clip_skip=int(_opt("CLIP_stop_at_last_layers", 1) or 1), device=devices.device)
+                adapter = adapter_for(model, name=os.path.basename(filename) if filename else None,
+                                      clip_skip=int(_opt("CLIP_stop_at_last_layers", 1) or 1), device=devices.device)
                 adapter.info.path = filename
                 if _medvram(model):
                     adapter.info.notes += medvram_config(config)

@@ -27,6 +27,10 @@ class Host:
     def model_resolution(self) -> int:
         return 512
 
+    def model_family(self) -> str | None:
+        """"sd1" | "sd2" | "sdxl" of the model a run would train on, None while unknown (not loaded)."""
+        return None
+
     def lora_dir(self) -> Path:
         """Where finished LoRA files are published (the host's `models/Lora`)."""
         raise NotImplementedError

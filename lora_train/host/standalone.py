@@ -1,4 +1,4 @@
-"""The standalone host: no WebUI. Loads the model itself (a checkpoint file or `builtin:tiny`)."""
+"""The standalone host: no WebUI. Loads the model itself (a checkpoint file or a built-in tiny one)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,13 @@ from pathlib import Path
 from lora_train.access import AccessPolicy
 from lora_train.errors import UserError
 from lora_train.host.base import Host
-from lora_train.model.ldm import LdmAdapter
+from lora_train.model.adapter import ModelAdapter
+from lora_train.model.select import adapter_for
 
 BUILTIN_TINY = "builtin:tiny"  # random weights: shapes and plumbing
 BUILTIN_TINYBASE = "builtin:tinybase"  # trained on generated scenes: learning can be seen
+BUILTIN_TINY_SDXL = "builtin:tiny-sdxl"  # SDXL architecture, random weights (sgm when importable)
+BUILTINS = (BUILTIN_TINY, BUILTIN_TINYBASE, BUILTIN_TINY_SDXL)
 
 
 def load_model(spec: str):
@@ -26,19 +29,27 @@ def load_model(spec: str):
         from lora_train.testing.base import base_checkpoint
 
         return load_checkpoint(base_checkpoint())
+    if spec == BUILTIN_TINY_SDXL:
+        from lora_train.model.sgm_import import sgm_available
+        from lora_train.model.tiny_sdxl import build_tiny_sdxl
+
+        return build_tiny_sdxl(sgm=sgm_available())
     if spec.startswith("builtin:"):
-        raise UserError(f"unknown built-in model '{spec}' (known: {BUILTIN_TINY}, {BUILTIN_TINYBASE})")
+        raise UserError(f"unknown built-in model '{spec}' (known: {', '.join(BUILTINS)})")
     return load_checkpoint(spec)
 
 
-def load_adapter(spec: str, clip_skip: int | None = None) -> LdmAdapter:
-    model = load_model(spec)
-    return LdmAdapter(model, name="tiny" if spec == BUILTIN_TINY else None, clip_skip=clip_skip or 1)
+def _name(spec: str) -> str | None:
+    return spec.split(":", 1)[1] if spec in BUILTINS and spec != BUILTIN_TINYBASE else None
+
+
+def load_adapter(spec: str, clip_skip: int | None = None) -> ModelAdapter:
+    return adapter_for(load_model(spec), name=_name(spec), clip_skip=clip_skip or 1)
 
 
 def resolution_of(spec: str) -> int:
     # the built-in models are 64 px models; a file's own size is only known once it is loaded
-    return 64 if spec in (BUILTIN_TINY, BUILTIN_TINYBASE) else 512
+    return 64 if spec in BUILTINS else 512
 
 
 class StandaloneHost(Host):
@@ -54,13 +65,20 @@ class StandaloneHost(Host):
         self._work_dir = Path(work_dir)
         self._lock = threading.Lock()  # the standalone "queue lock"
         self._loaded = None
-        self.adapter: LdmAdapter | None = None
+        self.adapter: ModelAdapter | None = None
 
     def model_label(self) -> str:
         return self.model_spec
 
     def model_resolution(self) -> int:
         return resolution_of(self.model_spec)
+
+    def model_family(self) -> str | None:
+        if self.model_spec == BUILTIN_TINY_SDXL:
+            return "sdxl"
+        if self.model_spec in BUILTINS:
+            return "sd1"
+        return self.adapter.info.family if self.adapter is not None else None
 
     def lora_dir(self) -> Path:
         return self._lora_dir
@@ -79,8 +97,7 @@ class StandaloneHost(Host):
     @contextlib.contextmanager
     def session(self, config, run_id):
         with self._lock:
-            self.adapter = LdmAdapter(self._model(), name="tiny" if self.model_spec == BUILTIN_TINY else None,
-                                      clip_skip=config.model.clip_skip or 1)
+            self.adapter = adapter_for(self._model(), name=_name(self.model_spec), clip_skip=config.model.clip_skip or 1)
             yield self.adapter
 
     def sample_fn(self, config, adapter, prompts, folder):
@@ -111,4 +128,4 @@ class StandaloneHost(Host):
         from lora_train.ui.grid import render_grid
 
         with self._lock:
-            return render_grid(LdmAdapter(self._model()), files, weights, prompt, seed, out, size=self.model_resolution())
+            return render_grid(adapter_for(self._model()), files, weights, prompt, seed, out, size=self.model_resolution())

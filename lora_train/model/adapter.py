@@ -41,6 +41,14 @@ class ModelAdapter:
     """Wraps a loaded model. Subclasses provide the model-family specifics."""
 
     info: ModelInfo
+    model: nn.Module
+    # Where work happens. Fixed by a host that moves modules on and off the GPU by itself (the
+    # WebUI's --medvram): the UNet's parameters are not always there.
+    _device: torch.device | None = None
+
+    @property
+    def unet(self) -> nn.Module:
+        return self.model.model.diffusion_model  # ldm's DiffusionWrapper and sgm's OpenAIWrapper alike
 
     @property
     def alphas_cumprod(self) -> torch.Tensor:
@@ -52,7 +60,7 @@ class ModelAdapter:
 
     @property
     def device(self) -> torch.device:
-        raise NotImplementedError
+        return self._device or next(self.unet.parameters()).device
 
     def modules(self) -> list[nn.Module]:
         """Top-level modules the trainer must freeze and restore."""
@@ -73,7 +81,22 @@ class ModelAdapter:
         return self.sample_latents(*self.encode_posterior(pixels), generator)
 
     def encode_captions(self, captions: list[str]):
+        """The text encoders' output for `captions`: what a text-encoder cache keeps per caption."""
         raise NotImplementedError
+
+    def condition(self, text, sizes: torch.Tensor | None):
+        """The UNet's conditioning from `encode_captions` output plus, for models that take it
+        (SDXL), `sizes`: N x 6 (original height, width; crop top, left; target height, width)."""
+        return text
+
+    @staticmethod
+    def size_condition(width: int, height: int, n: int = 1) -> torch.Tensor:
+        """Sizes for generating a width x height image (nothing cropped)."""
+        return torch.tensor([[height, width, 0, 0, height, width]] * n, dtype=torch.float32)
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """UNet latents to pixels in about [-1, 1]."""
+        return self.model.decode_first_stage(latents.to(self.device, next(self.vae.parameters()).dtype)).float()
 
     def predict(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, cond) -> torch.Tensor:
         raise NotImplementedError
@@ -85,7 +108,8 @@ class ModelAdapter:
         return True
 
     @contextlib.contextmanager
-    def training(self, gradient_checkpointing: bool = False, generator: torch.Generator | None = None):
+    def training(self, gradient_checkpointing: bool = False, generator: torch.Generator | None = None,
+                 train_text_encoder: bool = False):
         """Whatever the model needs switched for LoRA training (checkpoint flags), restored after."""
         yield self
 

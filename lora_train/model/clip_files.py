@@ -42,6 +42,17 @@ OPENCLIP_H_TEXT_CONFIG = dict(
     projection_dim=512,
 )
 
+# SDXL's second encoder (OpenCLIP ViT-bigG-14), all 32 layers: SDXL also takes the pooled output
+OPENCLIP_BIGG_TEXT_CONFIG = dict(
+    CLIP_L_TEXT_CONFIG,
+    hidden_size=1280,
+    intermediate_size=5120,
+    num_hidden_layers=32,
+    num_attention_heads=20,
+    hidden_act="gelu",
+    projection_dim=1280,
+)
+
 HUB_CLIP_L = "openai/clip-vit-large-patch14"
 
 TOKENIZER_CONFIG = {

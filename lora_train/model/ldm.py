@@ -10,14 +10,12 @@ from torch import nn
 from lora_train.model.adapter import ModelAdapter, ModelInfo
 from lora_train.model.checkpointing import checkpointed, own_checkpoint_flags_off
 from lora_train.network.naming import PREFIX_TE
-from lora_train.network.targets import Target, hf_clip_targets, ldm_unet_targets
+from lora_train.network.targets import Target, hf_clip_targets, ldm_unet_targets, openclip_targets
 
 
 class LdmAdapter(ModelAdapter):
     def __init__(self, model, name: str | None = None, clip_skip: int = 1, device: torch.device | None = None):
         self.model = model
-        # Where work happens. Fixed by a host that moves modules on and off the GPU by itself (the
-        # WebUI's --medvram): the UNet's parameters are not always there.
         self._device = torch.device(device) if device is not None else None
         # The host wraps the text encoder (prompt emphasis, TI); the ldm embedder sits at `.wrapped`.
         self.embedder = getattr(model.cond_stage_model, "wrapped", model.cond_stage_model)
@@ -33,18 +31,6 @@ class LdmAdapter(ModelAdapter):
             name=name or (path and path.replace("\\", "/").rsplit("/", 1)[-1]),
             path=path,
         )
-        if self.is_openclip:
-            self.info.notes.append(
-                "SD2's text encoder (OpenCLIP, fused attention) is not trainable yet: this run trains the UNet only"
-            )
-
-    @property
-    def unet(self) -> nn.Module:
-        return self.model.model.diffusion_model
-
-    @property
-    def device(self) -> torch.device:
-        return self._device or next(self.unet.parameters()).device
 
     @property
     def alphas_cumprod(self) -> torch.Tensor:
@@ -56,9 +42,6 @@ class LdmAdapter(ModelAdapter):
 
     def modules(self) -> list[nn.Module]:
         return [self.model]
-
-    def can_train_text_encoder(self) -> bool:
-        return not self.is_openclip
 
     # -- encoding ---------------------------------------------------------------------------
     @property
@@ -100,7 +83,8 @@ class LdmAdapter(ModelAdapter):
         return self.model.apply_model(noisy_latents, timesteps, cond)
 
     @contextlib.contextmanager
-    def training(self, gradient_checkpointing: bool = False, generator: torch.Generator | None = None):
+    def training(self, gradient_checkpointing: bool = False, generator: torch.Generator | None = None,
+                 train_text_encoder: bool = False):
         unet = self.unet
         blocks = [*unet.input_blocks, unet.middle_block, *unet.output_blocks] if gradient_checkpointing else []
         with own_checkpoint_flags_off(self.model), checkpointed(blocks, generator):
@@ -108,7 +92,10 @@ class LdmAdapter(ModelAdapter):
 
     # -- LoRA ---------------------------------------------------------------------------------
     def lora_targets(self, conv: bool = False) -> list[Target]:
-        targets = []
-        if not self.is_openclip:
-            targets += hf_clip_targets(self.embedder.transformer, PREFIX_TE)
+        if self.is_openclip:
+            # the layers after the one SD2 reads (the penultimate) never reach the UNet
+            blocks = self.embedder.model.transformer.resblocks
+            targets = openclip_targets(self.embedder.model.transformer, PREFIX_TE, len(blocks) - int(getattr(self.embedder, "layer_idx", 0)))
+        else:
+            targets = hf_clip_targets(self.embedder.transformer, PREFIX_TE)
         return targets + ldm_unet_targets(self.unet, conv)

@@ -114,10 +114,10 @@ def _resolve_clip_version(version: str | None, base_dir: Path | None) -> str:
 
 
 @contextlib.contextmanager
-def _text_model_from_config_only():
-    """Make `CLIPTextModel.from_pretrained(dir)` build from config.json alone; weights come later
-    from the checkpoint (the host does the same during its own loading)."""
-    import ldm.modules.encoders.modules as enc
+def text_model_from_config_only(enc):
+    """Make `CLIPTextModel.from_pretrained(dir)`, as the module `enc` (ldm's or sgm's encoders)
+    calls it, build from config.json alone; weights come later from the checkpoint (the host does
+    the same during its own loading)."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
     original = enc.CLIPTextModel.__dict__.get("from_pretrained")
@@ -155,15 +155,18 @@ def instantiate(model_config: dict, base_dir: Path | None = None):
         params["device"] = "cpu"
         cond["params"] = params
         _no_openclip_download()
-    with _text_model_from_config_only(), quiet():
+    import ldm.modules.encoders.modules as enc
+
+    with text_model_from_config_only(enc), quiet():
         model = instantiate_from_config(cfg)
     return model.eval()
 
 
-def _no_openclip_download():
+def _no_openclip_download(enc=None):
     # FrozenOpenCLIPEmbedder asks open_clip for pretrained="laion2b_s32b_b79k"; weights come from the
-    # checkpoint instead, so the architecture alone is enough.
-    import ldm.modules.encoders.modules as enc
+    # checkpoint instead, so the architecture alone is enough. `enc`: ldm's or sgm's encoders module.
+    if enc is None:
+        import ldm.modules.encoders.modules as enc
 
     create = enc.open_clip.create_model_and_transforms
     if getattr(create, "_lora_train_offline", False):
@@ -192,22 +195,30 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_checkpoint(path: str | os.PathLike):
-    """Load `path` with its same-named `.yaml` (or the stock v1 config) into an ldm model."""
+    """Load `path` with its same-named `.yaml` (or the stock config) into an ldm model, or an sgm
+    one for SDXL (its yaml names sgm classes, or the file has SDXL's keys)."""
     from omegaconf import OmegaConf
+
+    from lora_train.model import sgm_loading
 
     path = Path(path)
     if not path.is_file():
         raise UserError(f"model file '{path}' does not exist")
     yaml_path = path.with_suffix(".yaml")
+    state = read_state_dict(path)
     if yaml_path.is_file():
         try:
             model_config = OmegaConf.to_container(OmegaConf.load(yaml_path).model, resolve=True)
         except Exception as e:
             raise UserError(f"{yaml_path}: not a model config with a 'model:' section ({e})") from e
+    elif sgm_loading.has_sdxl_keys(state):
+        model_config = sgm_loading.stock_sdxl_config(path)
     else:
         model_config = V1_INFERENCE_CONFIG
-    model = instantiate(model_config, base_dir=path.parent)
-    state = read_state_dict(path)
+    if sgm_loading.is_sgm_config(model_config):
+        model = sgm_loading.instantiate(model_config, base_dir=path.parent)
+    else:
+        model = instantiate(model_config, base_dir=path.parent)
     missing, unexpected = model.load_state_dict(state, strict=False)
     # The stock configs carry a few buffers that older checkpoints lack (e.g. position_ids,
     # the noise schedule); real weights missing means the config does not fit the file.
@@ -222,7 +233,7 @@ def load_checkpoint(path: str | os.PathLike):
 
 
 def _is_optional_buffer(key: str) -> bool:
-    return key.endswith("position_ids") or key.split(".")[0] in {
+    return key.endswith("position_ids") or key.startswith("denoiser.") or key.split(".")[0] in {
         "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
         "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
         "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",

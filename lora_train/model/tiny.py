@@ -52,19 +52,24 @@ def tiny_clip_folder() -> Path:
 
 def build_tiny(seed: int = 0):
     """A fresh tiny model. Same seed, same weights."""
-    devnull_rng = torch.random.get_rng_state()
+    return seeded_build(lambda: instantiate(tiny_model_config()), seed, lambda m: [m.cond_stage_model])
+
+
+def seeded_build(build, seed: int, text_roots):
+    """`build()` under `seed` (the global RNG is put back after), then `make_weights_visible`."""
+    saved = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
-        model = instantiate(tiny_model_config())
-        _make_weights_visible(model, seed)
+        model = build()
+        make_weights_visible(model, seed, text_roots(model))
     finally:
-        torch.random.set_rng_state(devnull_rng)
+        torch.random.set_rng_state(saved)
     model.checkpoint_path = None
     return model
 
 
 @torch.no_grad()
-def _make_weights_visible(model, seed: int) -> None:
+def make_weights_visible(model, seed: int, text_roots=None) -> None:
     g = torch.Generator().manual_seed(seed + 1)
     unet = model.model.diffusion_model
     # ldm zero-initialises these; a LoRA there would change nothing and tests could not see it.
@@ -72,18 +77,22 @@ def _make_weights_visible(model, seed: int) -> None:
         if name.endswith("proj_out") or name.endswith("out_layers.3") or name == "out.2":
             for p in module.parameters():
                 p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    # The host divides by the mean of the text encoder's output (prompt emphasis); a fresh
+    # The host divides by the mean of a text encoder's output (prompt emphasis); a fresh
     # LayerNorm (weight 1, bias 0) gives a mean near 0 and NaNs there.
-    text = model.cond_stage_model.transformer
-    for module in text.modules():
-        if isinstance(module, torch.nn.LayerNorm):
-            module.weight.copy_(1.0 + 0.1 * torch.randn(module.weight.shape, generator=g))
-            module.bias.copy_(0.5 + 0.1 * torch.randn(module.bias.shape, generator=g))
+    for root in text_roots if text_roots is not None else [model.cond_stage_model]:
+        for module in root.modules():
+            if isinstance(module, torch.nn.LayerNorm):
+                module.weight.copy_(1.0 + 0.1 * torch.randn(module.weight.shape, generator=g))
+                module.bias.copy_(0.5 + 0.1 * torch.randn(module.bias.shape, generator=g))
+        projection = getattr(getattr(root, "model", None), "text_projection", None)
+        if projection is not None:  # OpenCLIP's pooled output (SDXL's vector), left empty at init
+            projection.copy_(torch.randn(projection.shape, generator=g) / projection.shape[0] ** 0.5)
 
 
-def save_checkpoint(model, path: str | os.PathLike) -> Path:
+def save_checkpoint(model, path: str | os.PathLike, config_for=None) -> Path:
     """Write `NAME.safetensors`, `NAME.yaml` and the text encoder's tokenizer folder `NAME.clip/`,
-    the layout the WebUI loads (the yaml names the folder by absolute path)."""
+    the layout the WebUI loads (the yaml names the folder by absolute path). `config_for(clip_dir)`
+    gives the yaml's `model:` node (default: the tiny SD1 config)."""
     import safetensors.torch
     from omegaconf import OmegaConf
 
@@ -94,6 +103,6 @@ def save_checkpoint(model, path: str | os.PathLike) -> Path:
     tmp = path.with_name(path.name + ".tmp")
     safetensors.torch.save_file(state, str(tmp))
     os.replace(tmp, path)
-    yaml_text = OmegaConf.to_yaml(OmegaConf.create({"model": tiny_model_config(str(clip_dir.resolve()))}))
+    yaml_text = OmegaConf.to_yaml(OmegaConf.create({"model": (config_for or tiny_model_config)(str(clip_dir.resolve()))}))
     path.with_suffix(".yaml").write_text(yaml_text, encoding="utf-8")
     return path

@@ -1,7 +1,8 @@
 """One LoRA / LoCon module: a low-rank delta added to the output of a Linear or Conv2d.
 
 It never replaces the host module: `attach` registers a forward hook and `detach` removes it, so
-module names, weights and the host's own LoRA patching are untouched.
+module names, weights and the host's own LoRA patching are untouched. A q/k/v/out part of a fused
+`nn.MultiheadAttention` joins that attention's own forward instead (`network/fused.py`).
 """
 
 from __future__ import annotations
@@ -11,13 +12,22 @@ import math
 import torch
 from torch import nn
 
+from lora_train.network import fused
+
 
 class LoRAModule(nn.Module):
-    def __init__(self, name: str, org: nn.Module, dim: int, alpha: float | None, generator: torch.Generator | None = None):
+    def __init__(self, name: str, org: nn.Module, dim: int, alpha: float | None, generator: torch.Generator | None = None,
+                 part: str | None = None):
         super().__init__()
         self.lora_name = name
         self.lora_dim = int(dim)
-        if isinstance(org, nn.Conv2d):
+        self.part = part  # "q" | "k" | "v" | "out" when `org` is a fused MultiheadAttention
+        if isinstance(org, nn.MultiheadAttention):
+            if part not in fused.PARTS:
+                raise TypeError(f"{name}: a MultiheadAttention target needs its part (q, k, v or out)")
+            self.lora_down = nn.Linear(org.embed_dim, dim, bias=False)
+            self.lora_up = nn.Linear(dim, org.embed_dim, bias=False)
+        elif isinstance(org, nn.Conv2d):
             self.lora_down = nn.Conv2d(org.in_channels, dim, org.kernel_size, org.stride, org.padding, bias=False)
             self.lora_up = nn.Conv2d(dim, org.out_channels, (1, 1), (1, 1), bias=False)
         elif isinstance(org, nn.Linear):
@@ -88,7 +98,11 @@ class LoRAModule(nn.Module):
     def attach(self, org: nn.Module) -> None:
         if self._handle is not None:
             raise RuntimeError(f"{self.lora_name} is already attached")
-        self._handle = org.register_forward_hook(self._hook)
+        if self.part is not None:
+            fused.attach(org, self.part, self)
+            self._handle = _FusedHandle(org, self.part)
+        else:
+            self._handle = org.register_forward_hook(self._hook)
 
     def detach(self) -> None:
         if self._handle is not None:
@@ -98,3 +112,11 @@ class LoRAModule(nn.Module):
     @property
     def attached(self) -> bool:
         return self._handle is not None
+
+
+class _FusedHandle:
+    def __init__(self, mha: nn.MultiheadAttention, part: str):
+        self.mha, self.part = mha, part
+
+    def remove(self) -> None:
+        fused.detach(self.mha, self.part)

@@ -8,7 +8,8 @@ LDM layout (`input_blocks.4.1...`). The inverse of the host's `convert_diffusers
 from __future__ import annotations
 
 PREFIX_UNET = "lora_unet"
-PREFIX_TE = "lora_te"  # SD1/SD2; SDXL uses lora_te1 / lora_te2
+PREFIX_TE = "lora_te"  # SD1/SD2
+PREFIX_TE1, PREFIX_TE2 = "lora_te1", "lora_te2"  # SDXL's two text encoders
 PREFIXES = ("lora_unet", "lora_te", "lora_te1", "lora_te2")
 
 # ldm ResBlock child -> diffusers ResnetBlock2D child

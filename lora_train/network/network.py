@@ -63,7 +63,7 @@ class LoRANetwork(nn.Module):
                 rank, a = dim, alpha
             if not rank:
                 continue  # no conv_dim, or a block given rank 0
-            self.add_module(t.name, LoRAModule(t.name, t.module, rank, a, generator))
+            self.add_module(t.name, LoRAModule(t.name, t.module, rank, a, generator, part=t.part))
             self._targets[t.name] = t.module
         self.set_dropout(dropout, rank_dropout, module_dropout)
 
@@ -178,7 +178,8 @@ class LoRANetwork(nn.Module):
             if down is None or "lora_up.weight" not in parts:
                 raise KeyError(f"{name}: lora_down/lora_up pair incomplete")
             alpha = parts.get("alpha")
-            module = LoRAModule(name, by_name[name].module, down.shape[0], float(alpha) if alpha is not None else None)
+            module = LoRAModule(name, by_name[name].module, down.shape[0], float(alpha) if alpha is not None else None,
+                                part=by_name[name].part)
             net.add_module(name, module)
             net._targets[name] = by_name[name].module
         net.load_kohya_state_dict({k: v for k, v in state.items() if KEY_RE.match(k)} | _missing_alphas(net, state))

@@ -2,6 +2,8 @@
 
 A target is a Linear or Conv2d inside a module of a target class: the UNet's transformer blocks
 (plus, with `conv_dim`, its resnets and down/upsamplers), and the text encoder's attention and MLP.
+OpenCLIP text encoders (SD2, SDXL's second) are named as sd-scripts names them, in the Hugging Face
+layout, with the fused attention split into its q/k/v/out parts.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ class Target:
     name: str  # kohya name
     module: nn.Module
     path: str  # path in the model it was found in
+    part: str | None = None  # q/k/v/out of a fused nn.MultiheadAttention (OpenCLIP)
 
     @property
     def is_conv3x3(self) -> bool:
@@ -44,6 +47,10 @@ def _collect(root: nn.Module, block_classes: tuple[str, ...], name_of: Callable[
     return list(found.values())
 
 
+def _filter_conv(targets: list[Target], conv: bool) -> list[Target]:
+    return [t for t in targets if conv or not t.is_conv3x3]
+
+
 def ldm_unet_targets(unet: nn.Module, conv: bool = False) -> list[Target]:
     """Targets in an ldm `UNetModel` (SD1/SD2), with sd-scripts' diffusers-style names."""
     blocks = UNET_BLOCKS + (UNET_CONV_BLOCKS if conv else ())
@@ -51,10 +58,37 @@ def ldm_unet_targets(unet: nn.Module, conv: bool = False) -> list[Target]:
     def name_of(block_path: str, cls: str, child_path: str) -> str:
         return kohya_name(PREFIX_UNET, ldm_unet_path_to_diffusers(block_path, cls, child_path))
 
-    targets = _collect(unet, blocks, name_of)
-    return [t for t in targets if conv or not t.is_conv3x3]
+    return _filter_conv(_collect(unet, blocks, name_of), conv)
+
+
+def sdxl_unet_targets(unet: nn.Module, conv: bool = False) -> list[Target]:
+    """Targets in an SDXL `UNetModel`: sd-scripts keeps SDXL's own LDM paths as names."""
+    blocks = UNET_BLOCKS + (UNET_CONV_BLOCKS if conv else ())
+    return _filter_conv(_collect(unet, blocks, lambda block_path, cls, child: kohya_name(PREFIX_UNET, f"{block_path}.{child}")), conv)
 
 
 def hf_clip_targets(text_model: nn.Module, prefix: str) -> list[Target]:
     """Targets in a Hugging Face `CLIPTextModel`; names are its own module paths."""
     return _collect(text_model, TEXT_BLOCKS, lambda block_path, cls, child: kohya_name(prefix, f"{block_path}.{child}"))
+
+
+# OpenCLIP residual block child -> Hugging Face CLIP encoder layer child
+_OPENCLIP_MLP = {"mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
+_ATTN_PARTS = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "out": "out_proj"}
+
+
+def openclip_targets(transformer: nn.Module, prefix: str, layers: int | None = None) -> list[Target]:
+    """Targets in an OpenCLIP text `Transformer` (`.resblocks`), under sd-scripts' Hugging Face names.
+
+    `layers` limits them to the first N blocks: SD2 reads the penultimate layer, so sd-scripts
+    leaves the last block out (23 of 24 layers)."""
+    targets = []
+    blocks = list(transformer.resblocks)
+    for i, block in enumerate(blocks[:layers] if layers is not None else blocks):
+        base = f"text_model.encoder.layers.{i}"
+        for part, hf in _ATTN_PARTS.items():
+            targets.append(Target(kohya_name(prefix, f"{base}.self_attn.{hf}"), block.attn, f"resblocks.{i}.attn", part))
+        for path, hf in _OPENCLIP_MLP.items():
+            module = block.get_submodule(path)
+            targets.append(Target(kohya_name(prefix, f"{base}.{hf}"), module, f"resblocks.{i}.{path}"))
+    return targets

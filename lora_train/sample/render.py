@@ -72,21 +72,20 @@ def generate_latents(adapter, prompt: SamplePrompt, default_seed: int | None = N
     p = resolve_prompt(prompt, default_seed)
     generator = torch.Generator().manual_seed(p.seed)
     with _eval_mode(adapter):
-        cond = adapter.encode_captions([p.prompt])
-        uncond = adapter.encode_captions([p.negative]) if p.scale != 1.0 else None
+        sizes = adapter.size_condition(p.width, p.height)
+        cond = adapter.condition(adapter.encode_captions([p.prompt]), sizes)
+        uncond = adapter.condition(adapter.encode_captions([p.negative]), sizes) if p.scale != 1.0 else None
         eps = guided_eps(adapter, cond, uncond, p.scale)
         return run_sampler(p.sampler, adapter, eps, latent_shape(adapter, p.width, p.height), p.steps, generator)
 
 
 @torch.no_grad()
 def decode_latents(adapter, latents: torch.Tensor) -> list:
-    """UNet latents to RGB PIL images, through the model's own first stage (ldm models)."""
+    """UNet latents to RGB PIL images, through the model's own first stage."""
     from PIL import Image
 
-    model = adapter.model
-    dtype = next(model.first_stage_model.parameters()).dtype
     with _eval_mode(adapter):
-        pixels = model.decode_first_stage(latents.to(adapter.device, dtype)).float()
+        pixels = adapter.decode_latents(latents)
     pixels = torch.nan_to_num(pixels, 0.0).clamp(-1, 1)
     arrays = ((pixels + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray(a, "RGB") for a in arrays]
@@ -112,8 +111,9 @@ def render_batch(adapter, prompts: list[str], seed: int, steps: int = 20, scale:
     generator = torch.Generator().manual_seed(int(seed))
     n = len(prompts)
     with _eval_mode(adapter):
-        cond = adapter.encode_captions(list(prompts))
-        uncond = adapter.encode_captions([negative] * n) if scale != 1.0 else None
+        sizes = adapter.size_condition(width, height, n)
+        cond = adapter.condition(adapter.encode_captions(list(prompts)), sizes)
+        uncond = adapter.condition(adapter.encode_captions([negative] * n), sizes) if scale != 1.0 else None
         eps = guided_eps(adapter, cond, uncond, scale)
         shape = (n,) + latent_shape(adapter, width, height)[1:]
         latents = run_sampler(sampler, adapter, eps, shape, steps, generator)

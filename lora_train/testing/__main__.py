@@ -1,4 +1,4 @@
-"""`python -m lora_train.testing build-base | fidelity | score | install-base`."""
+"""`python -m lora_train.testing build-base | fidelity | score | install-base | install-tiny-sdxl`."""
 
 from __future__ import annotations
 
@@ -21,6 +21,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p = sub.add_parser("install-base", help="copy the base (+ yaml + tokenizer folder) into a folder such as the WebUI's models/Stable-diffusion")
     p.add_argument("folder")
+    p = sub.add_parser("install-tiny-sdxl", help="write a tiny SDXL-architecture checkpoint (random weights, + yaml + tokenizer "
+                                                 "folder) that the WebUI loads as SDXL; needs sgm")
+    p.add_argument("folder")
+    p.add_argument("--name", default="tinyxl")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sgm-path", help="generative-models checkout or WebUI folder (default: $LORA_TRAIN_SGM_PATH)")
     p = sub.add_parser("fidelity", help="train a concept LoRA on the base, then score it at weights 1.0 / 0.5 / 0.0")
     # None: FidelityOptions' default, so the defaults live in one place
     p.add_argument("--output", default="fidelity-output")
@@ -48,6 +54,16 @@ def main(argv: list[str] | None = None) -> int:
             from lora_train.testing.base import install_base
 
             print(install_base(args.folder))
+        elif args.command == "install-tiny-sdxl":
+            from pathlib import Path
+
+            from lora_train.model.sgm_import import ENV, import_sgm
+            from lora_train.model.tiny_sdxl import build_tiny_sdxl, save_tiny_sdxl
+
+            import_sgm(args.sgm_path)
+            if args.sgm_path:
+                os.environ[ENV] = args.sgm_path
+            print(save_tiny_sdxl(build_tiny_sdxl(args.seed, sgm=True), Path(args.folder) / f"{args.name}.safetensors"))
         elif args.command == "score":
             import json
 

@@ -19,6 +19,7 @@ import torch
 
 from lora_train.dataset.loader import TrainingData
 from lora_train.errors import UserError
+from lora_train.model import cond as cond_ops
 from lora_train.model.adapter import ModelAdapter
 from lora_train.network.files import save_lora
 from lora_train.network.network import LoRANetwork
@@ -85,7 +86,8 @@ class Trainer:
         targets = {t.name: t.module for t in self.adapter.lora_targets(conv=True)}
         t = self.config.training
         try:
-            with self.adapter.frozen(), self.adapter.training(t.gradient_checkpointing, self.network.dropout_generator), \
+            with self.adapter.frozen(), \
+                    self.adapter.training(t.gradient_checkpointing, self.network.dropout_generator, train_text_encoder=self.train_te), \
                     self.network.applied({n: targets[n] for n in self.network.lora_modules}):
                 cancelled = self._loop(emit, cancel)
         except TrainingDiverged as e:
@@ -289,7 +291,7 @@ class Trainer:
             return torch.zeros((), device=latents.device)
         latents, noise, noisy, t = latents[mine], noise[mine], noisy[mine], t[mine]
         with self._autocast():
-            cond = self._conditioning(batch.captions[mine], te_cache)
+            cond = self.adapter.condition(self._conditioning(batch.captions[mine], te_cache), batch.sizes[mine])
             pred = self.adapter.predict(noisy, t, cond)
         tgt = loss_fn.target(latents, noise, alphas[t], self.adapter.prediction_type)
         per_sample = loss_fn.per_sample_loss(pred.float(), tgt.float(), t, alphas, self.adapter.prediction_type, self.loss_options,
@@ -306,9 +308,9 @@ class Trainer:
         missing = [c for c in dict.fromkeys(captions) if c not in te_cache]
         if missing:
             with torch.no_grad():
-                for c, cond in zip(missing, self.adapter.encode_captions(missing)):
-                    te_cache[c] = cond.detach()
-        return torch.stack([te_cache[c] for c in captions])
+                for c, text in zip(missing, cond_ops.split(self.adapter.encode_captions(missing))):
+                    te_cache[c] = text
+        return cond_ops.stack([te_cache[c] for c in captions])
 
     def _optimizer_step(self, params) -> None:
         max_norm = self.config.optimizer.max_grad_norm

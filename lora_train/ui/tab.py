@@ -91,7 +91,8 @@ def create_train_tab(manager: RunManager, host: Host, t: Optional[Translator] = 
                 model_label = gr.HTML(_model_html(host, t))
                 with gr.Row():
                     subject = gr.Dropdown(label=t("Preset: subject"), choices=list(presets.SUBJECTS), value="concept", elem_id="lora_train_preset_subject")
-                    base = gr.Dropdown(label=t("Preset: base"), choices=list(presets.BASES), value="SD1.5", elem_id="lora_train_preset_base")
+                    base = gr.Dropdown(label=t("Preset: base"), choices=list(presets.BASES),
+                                       value="SDXL" if host.model_family() == "sdxl" else "SD1.5", elem_id="lora_train_preset_base")
                     apply_preset = gr.Button(t("Apply preset"), elem_id="lora_train_apply_preset")
                 mode = gr.Radio(label=t("Mode"), choices=[t("Basic"), t("Expert")], value=t("Basic"), elem_id="lora_train_mode")
                 with gr.Group():
@@ -192,7 +193,8 @@ def create_train_tab(manager: RunManager, host: Host, t: Optional[Translator] = 
 
             try:
                 config, _ = build(values)
-                return chart.plan_html(job.plan_dataset(config, host.model_resolution()), t)
+                steps = 32 if host.model_family() == "sdxl" else 64  # as the run itself plans it (job.build_trainer)
+                return chart.plan_html(job.plan_dataset(config, host.model_resolution(), steps_multiple=steps), t)
             except UserError as e:
                 return chart.error_html(str(e))
 
