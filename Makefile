@@ -34,7 +34,7 @@ browser:
 
 test: setup browser
 	$(VENV)/bin/ruff check --select F,E9 lora_train tests benchmarks install.py
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=25 tests
 
 clean:
 	rm -rf demo-output fidelity-output .pytest_cache

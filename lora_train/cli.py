@@ -108,7 +108,9 @@ def cmd_demo(args) -> int:
     from lora_train.train.observers import LossCsv
 
     out = Path(args.output)
-    opts = fidelity.FidelityOptions(output=out, epochs=args.epochs, eval_prompts=16, collateral_prompts=64, output_name="demo-zkz")
+    reg = {} if args.reg is None else {"reg_images": args.reg}
+    opts = fidelity.FidelityOptions(output=out, epochs=args.epochs, eval_prompts=args.prompts, collateral_prompts=args.collateral_prompts,
+                                    output_name="demo-zkz", **reg)
     started = time.time()
     report = fidelity.run(opts, log=lambda m: print(m, file=sys.stderr), listeners=[_progress_listener(), LossCsv(out / "loss.csv")])
     print(f"taught: a purple-over-orange colour pattern the base never saw, under the trigger word "
@@ -253,6 +255,10 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="teach the built-in tiny base a new shape, and show it before and after")
     d.add_argument("--output", default="demo-output", help="folder for the dataset, LoRA, loss log and grid")
     d.add_argument("--epochs", type=int, default=4)
+    # smaller numbers make a quick smoke run of the same pipeline (the scores then mean little)
+    d.add_argument("--prompts", type=int, default=16, help="trigger prompts scored per LoRA weight")
+    d.add_argument("--collateral-prompts", type=int, default=64, help="prompts without the trigger scored per epoch")
+    d.add_argument("--reg", type=int, default=None, metavar="N", help="regularization images (default: as the fidelity test)")
     d.set_defaults(func=cmd_demo)
 
     i = sub.add_parser("info", help="metadata and key check of a LoRA file")

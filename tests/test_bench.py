@@ -80,7 +80,7 @@ def test_bench_builds_its_own_tiny_model_and_formats():
 
 def test_bench_rejects_bad_arguments(tiny_model):
     with pytest.raises(ValueError, match="arch"):
-        build_model("sdxl")
+        build_model("sd3")
     with pytest.raises(ValueError, match="multiple of 8"):
         run_bench("tiny", 60, 4, model=tiny_bench_model(tiny_model))
     with pytest.raises(ValueError, match="built for"):

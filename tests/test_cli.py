@@ -15,7 +15,8 @@ def run_cli(*args, cwd=None):
 
 
 def test_demo_then_info(tmp_path, capsys):
-    assert main(["demo", "--output", str(tmp_path), "--epochs", "2"]) == 0
+    # the whole pipeline on few renders; whether it teaches is test_fidelity's job
+    assert main(["demo", "--output", str(tmp_path), "--epochs", "2", "--prompts", "2", "--collateral-prompts", "4", "--reg", "8"]) == 0
     out = capsys.readouterr().out
     lora = tmp_path / "demo-zkz.safetensors"
     assert f"LoRA:      {lora}" in out

@@ -258,6 +258,10 @@ def test_training_run_writes_an_sdxl_lora_and_leaves_the_model_as_it_was(xl, xl_
     prefixes = {n.split("_text_model")[0] if "_text_model" in n else "lora_unet" for n in names}
     assert prefixes == ({"lora_te1", "lora_te2", "lora_unet"} if train_te else {"lora_unet"})
     assert unmatched_modules(path, xl) == []
+    from lora_train.network.inspect import inspect_lora
+
+    report = inspect_lora(path)  # every key is a module sd-scripts trains on SDXL
+    assert report["architecture"] == "sdxl" and report["valid"], report.get("problems")
     assert metadata["ss_base_model_version"] == "sdxl_base_v1-0"
     assert metadata["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
     assert metadata["ss_v2"] == "False"
@@ -352,3 +356,30 @@ def test_bench_runs_on_the_tiny_sdxl_unet():
     r = run_bench("tiny-sdxl", 64, 4, steps=1, warmup=0)
     assert r["lora_modules"] > 0 and r["ratio"] > 0 and r["context"][2] == 320
     assert "tiny-sdxl" in format_bench(r)
+
+
+def test_fp16_vae_encodes_in_fp32_and_goes_back_exactly(xl, xl_model):
+    from lora_train.errors import UserError
+
+    vae = xl_model.first_stage_model
+    pixels = torch.rand(1, 3, 64, 64) * 2 - 1
+    want = xl.encode_posterior(pixels)
+    fp32 = {k: v.clone() for k, v in vae.state_dict().items()}
+    vae.half()
+    try:
+        before = {k: v.clone() for k, v in vae.state_dict().items()}
+        mean, std = xl.encode_posterior(pixels)
+        assert mean.dtype == torch.float32 and torch.isfinite(mean).all()
+        # fp16 weights upcast exactly, so the latents are the fp32 VAE's (to fp16 weight rounding)
+        assert torch.allclose(mean, want[0], atol=5e-2)
+        after = vae.state_dict()
+        assert all(after[k].dtype == torch.float16 and torch.equal(after[k], before[k]) for k in before)
+        real = vae.encoder.forward
+        vae.encoder.forward = lambda x: real(x) * float("nan")
+        with pytest.raises(UserError, match="non-finite latents"):
+            xl.encode_posterior(pixels)
+        del vae.encoder.forward
+    finally:
+        vae.encoder.__dict__.pop("forward", None)
+        vae.float()
+        vae.load_state_dict(fp32)  # the module-wide model as it was

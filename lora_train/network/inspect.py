@@ -30,6 +30,8 @@ def _known_names(arch: str) -> frozenset[str]:
 
 def _arch_of(metadata: dict[str, str]) -> str | None:
     version = metadata.get("ss_base_model_version", "")
+    if version.startswith("sdxl_"):
+        return "sdxl"
     if version.startswith("sd_v1"):
         return "sd15"
     if version.startswith("sd_v2") or metadata.get("ss_v2") == "True":
