@@ -383,3 +383,18 @@ def test_fp16_vae_encodes_in_fp32_and_goes_back_exactly(xl, xl_model):
         vae.encoder.__dict__.pop("forward", None)
         vae.float()
         vae.load_state_dict(fp32)  # the module-wide model as it was
+
+
+@pytest.mark.parametrize("subject", ["character", "style", "concept"])
+def test_sdxl_presets_are_accepted_by_the_trainer(xl, tmp_path, subject):
+    """The SDXL base preset caches text-encoder outputs, which needs captions that never change:
+    it must not also shuffle them (found by hand in the WebUI)."""
+    from conftest import make_dataset
+    from lora_train import job
+    from lora_train.train.config import TrainConfig
+    from lora_train.ui import presets
+
+    values = {**presets.preset(subject, "SDXL"), "train_data_dir": str(make_dataset(tmp_path / "d", count=2)),
+              "resolution": "64", "min_bucket_reso": 32, "max_bucket_reso": 128}
+    trainer = job.build_trainer(TrainConfig().update(values, source="preset"), xl)
+    assert trainer.config.training.cache_text_encoder_outputs and not trainer.train_te

@@ -29,7 +29,8 @@ _BASE = {
     # SDXL: UNet only with cached text-encoder outputs is what fits in consumer VRAM
     "SDXL": {"resolution": "1024", "train_batch_size": 1, "min_bucket_reso": 512, "max_bucket_reso": 2048,
              "bucket_reso_steps": 32, "network_train_unet_only": True, "cache_text_encoder_outputs": True,
-             "gradient_checkpointing": True, "clip_skip": None},
+             # cached text-encoder outputs need captions that do not change between steps
+             "gradient_checkpointing": True, "clip_skip": None, "shuffle_caption": False},
 }
 _SDXL_LR = {"character": 1e-4, "style": 1e-4, "concept": 1e-4}
 
