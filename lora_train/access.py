@@ -47,6 +47,20 @@ class AccessPolicy:
 
     def folder(self, text: str | os.PathLike, *, must_exist: bool = True) -> Path:
         """The real folder `text` names, or UserError saying why it may not be used."""
+        real, raw = self.path(text)
+        if must_exist and not real.is_dir():
+            raise UserError(f"{raw}: no such folder" + (f" (it resolves to {real})" if str(real) != raw else ""))
+        return real
+
+    def file(self, text: str | os.PathLike, *, must_exist: bool = True) -> Path:
+        """The real file `text` names, or UserError saying why it may not be used."""
+        real, raw = self.path(text)
+        if must_exist and not real.is_file():
+            raise UserError(f"{raw}: no such file" + (f" (it resolves to {real})" if str(real) != raw else ""))
+        return real
+
+    def path(self, text: str | os.PathLike) -> tuple[Path, str]:
+        """(the real path `text` names, the text as typed); UserError when it may not be used."""
         raw = str(text).strip()
         if not raw:
             raise UserError("no folder given")
@@ -62,9 +76,7 @@ class AccessPolicy:
         if self.roots_only and not any(real == r or r in real.parents for r in self.roots):
             roots = ", ".join(str(r) for r in self.roots) or "(none set)"
             raise UserError(f"{raw}: outside the allowed folders ({roots}); {self._why()}. To use it, {HOW_TO_ALLOW}")
-        if must_exist and not real.is_dir():
-            raise UserError(f"{raw}: no such folder" + (f" (it resolves to {real})" if str(real) != raw else ""))
-        return real
+        return real, raw
 
     def check_changes_files(self, what: str) -> None:
         """Moving, renaming or deleting files, and downloading models."""

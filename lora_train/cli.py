@@ -49,8 +49,8 @@ def _is_main_process() -> bool:
 
 
 def _run_training(config, loss_csv: Path) -> Path | None:
-    from lora_train import job
-    from lora_train.host.standalone import load_adapter
+    from lora_train.app import job
+    from lora_train.model.registry import load_adapter
     from lora_train.sample.previews import preview_fn
     from lora_train.train.observers import LossCsv, tensorboard_or_note
 
@@ -136,7 +136,7 @@ def cmd_ui(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from lora_train.network.inspect import inspect_lora
+    from lora_train.tools.inspect import inspect_lora
 
     report = inspect_lora(args.file)
     if args.json:
@@ -165,7 +165,7 @@ def cmd_info(args) -> int:
 
 
 def cmd_targets(args) -> int:
-    from lora_train.network.reference import describe, reference_targets
+    from lora_train.model.reference import describe, reference_targets
 
     targets = reference_targets(args.arch, conv=args.conv)
     rows = [describe(t, args.dim, args.conv_dim) for t in targets]
@@ -182,8 +182,16 @@ def cmd_targets(args) -> int:
     return 0
 
 
+def sample_command(model_spec: str, loras: list[tuple[str, float]], prompt: str, **options) -> list[Path]:
+    """`python -m lora_train sample`: load the model, then render with the LoRA files applied."""
+    from lora_train.model import registry
+    from lora_train.sample.render import sample_with_loras
+
+    return sample_with_loras(registry.load_adapter(model_spec), loras, prompt, **options)
+
+
 def cmd_sample(args) -> int:
-    from lora_train.sample.render import parse_lora_arg, sample_command
+    from lora_train.sample.render import parse_lora_arg
 
     paths = sample_command(args.model, [parse_lora_arg(x) for x in args.lora or []], args.prompt, n=args.n, seed=args.seed,
                            output_dir=args.output, steps=args.steps, width=args.width, height=args.height, scale=args.scale,
@@ -322,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     bn.set_defaults(func=cmd_bench)
 
     u = sub.add_parser("ui", help="serve the Train tab without the WebUI (standalone host)")
-    u.add_argument("--model", default="builtin:tiny", help="builtin:tiny, builtin:tinybase, builtin:tiny-sdxl or a checkpoint file")
+    u.add_argument("--model", required=True, help="builtin:tiny, builtin:tinybase, builtin:tiny-sdxl or a checkpoint file")
     u.add_argument("--port", type=int, default=7861)
     u.add_argument("--listen", action="store_true", help="serve on all interfaces, not only 127.0.0.1")
     u.add_argument("--lang", default=None, help="UI language, e.g. zh_CN (localizations/*.json)")

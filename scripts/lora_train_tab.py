@@ -30,7 +30,8 @@ def _ensure_importable() -> None:
 
 _ensure_importable()
 
-from lora_train.host import a1111  # noqa: E402  (needs the path above)
+from lora_train.app import runs  # noqa: E402  (needs the path above)
+from lora_train.host import a1111  # noqa: E402
 
 SECTION = ("lora_train", "LoRA Train", "training")
 
@@ -40,7 +41,7 @@ def on_ui_tabs():
     from lora_train.ui import i18n
     from lora_train.ui.tabs import create_tabs
 
-    manager = a1111.manager()
+    manager = runs.process_manager(a1111.A1111Host)
     # Built in the chosen language: the WebUI's page script only translates whole texts, and the tab
     # composes some ("Model: ...", status rows), so the server side does it as the standalone UI does.
     lang = getattr(shared.opts, "localization", "None")
@@ -81,7 +82,7 @@ def on_before_ui():
 def on_unload():
     """UI reload (or the script being unloaded): stop the run so it saves its state and releases the
     model before the WebUI re-imports everything; the manager itself survives for the new tab."""
-    manager = a1111._manager
+    manager = runs.existing_process_manager()
     if manager is not None:
         manager.shutdown()
 

@@ -1,4 +1,4 @@
-"""The WebUI host (`lora_train/host/a1111.py`) with the WebUI mocked at its boundary: a fake `modules`
+"""The WebUI host (`lora_train/host/a1111/`) with the WebUI mocked at its boundary: a fake `modules`
 package (queue lock, shared.state, progress, processing ...) and a fake built-in Lora extension
 (`networks`) in `sys.modules`, but the real tiny ldm model, so runs through `RunManager` really train.
 """
@@ -24,7 +24,7 @@ from lora_train.errors import UserError
 from lora_train.model.loading import quiet
 from lora_train.train import events as ev
 from lora_train.train.config import TrainConfig
-from lora_train.ui.runs import RunManager, RunRequest
+from lora_train.app.runs import RunManager, RunRequest
 
 
 # -- the fake WebUI ----------------------------------------------------------------------------------
@@ -647,9 +647,9 @@ def test_self_test_reports_unmatched_keys_and_never_raises(webui, host, tmp_path
     (msg,) = host.after_publish(path)
     assert msg.startswith("self-test FAILED") and "lora_unet_gone" in msg
 
-    from lora_train.host import a1111
+    from lora_train.host.a1111 import xyz
 
-    assert a1111.xyz_lora_name() == "probe", "the XYZ axes follow the last published LoRA"
+    assert xyz.xyz_lora_name() == "probe", "the XYZ axes follow the last published LoRA"
 
     nets.load_error = AssertionError("Could not find a module type")
     (msg,) = host.after_publish(path)
@@ -670,13 +670,13 @@ def test_grid_uses_txt2img_with_lora_tags_and_waits_for_no_run(webui, host, tmp_
     assert webui.annotations == (["weight 0", "weight 1"], ["a-000001", "a"])
     assert webui.call_queue.queue_lock.is_free()
 
-    host._owner = 12345  # a run holds the model
+    host.owner_thread = 12345  # a run holds the model
     with pytest.raises(UserError, match="training run"):
         host.xyz_grid(files, [1.0], "zkz", 7, tmp_path / "g2.png")
 
 
 def test_xyz_axes_register_once_and_edit_the_lora_tag(webui, tmp_path, monkeypatch):
-    from lora_train.host import a1111
+    from lora_train.host.a1111 import xyz as axes
 
     xyz = types.ModuleType("xyz_grid.py")
 
@@ -689,8 +689,8 @@ def test_xyz_axes_register_once_and_edit_the_lora_tag(webui, tmp_path, monkeypat
     script_class = type("Script", (), {"__module__": "xyz_grid.py"})
     webui.scripts.scripts_data.append(SimpleNamespace(script_class=script_class, module=xyz))
 
-    assert a1111.install_xyz_axes() is True
-    assert a1111.install_xyz_axes() is False  # UI reload: not twice
+    assert axes.install_xyz_axes() is True
+    assert axes.install_xyz_axes() is False  # UI reload: not twice
     labels = [o.label for o in xyz.axis_options]
     assert labels == ["Seed", "[LoRA Train] LoRA weight", "[LoRA Train] LoRA checkpoint"]
     weight, checkpoint = xyz.axis_options[1], xyz.axis_options[2]
@@ -723,7 +723,7 @@ def test_xyz_axes_register_once_and_edit_the_lora_tag(webui, tmp_path, monkeypat
     assert p.prompt == "a cat <lora:mine-000001:0.5>"
 
     webui.shared.opts.data["lora_train_xyz_lora"] = ""
-    monkeypatch.setattr(a1111, "_last_published", None)
+    monkeypatch.setattr(axes, "_last_published", None)
     p = SimpleNamespace(prompt="a dog <lora:Other:1>")
     weight.apply(p, 0.3, [0.3])
     assert p.prompt == "a dog <lora:Other:0.3>", "no LoRA chosen: the prompt's only tag"
@@ -732,7 +732,7 @@ def test_xyz_axes_register_once_and_edit_the_lora_tag(webui, tmp_path, monkeypat
 
 
 def test_parses_the_webui_didnt_match_log_line():
-    from lora_train.host.a1111 import parse_didnt_match
+    from lora_train.host.a1111.selftest import parse_didnt_match
 
     # logged by the real v1.10.1 loader for a file with one bogus module
     line = ("Network /work/a1111/webui/models/Lora/bogus.safetensors didn't match keys: "

@@ -4,7 +4,7 @@ import torch
 from conftest import make_dataset
 from PIL import Image
 
-from lora_train import job
+from lora_train.app import job
 from lora_train.dataset.cache import CACHE_DIR, CacheKey, LatentCache, module_fingerprint
 from lora_train.dataset.images import load_rgb
 from lora_train.network.files import load_lora

@@ -57,9 +57,10 @@ def _assert_clean_error(result, *needles):
         assert needle in result.stderr, result.stderr
 
 
-def _cfg(tmp_path, data_dir, extra=""):
+def _cfg(tmp_path, data_dir, extra="", model="builtin:tiny"):
     p = tmp_path / "c.toml"
-    p.write_text(f'train_data_dir = "{Path(data_dir).as_posix()}"\noutput_dir = "{(tmp_path / "o").as_posix()}"\nresolution = "64"\nmax_train_steps = 1\n{extra}', encoding="utf-8")
+    model_line = f'pretrained_model_name_or_path = "{model}"\n' if model else ""
+    p.write_text(f'{model_line}train_data_dir = "{Path(data_dir).as_posix()}"\noutput_dir = "{(tmp_path / "o").as_posix()}"\nresolution = "64"\nmax_train_steps = 1\n{extra}', encoding="utf-8")
     return str(p)
 
 
@@ -86,7 +87,7 @@ def test_images_directly_in_train_data_dir(tmp_path):
 def test_undecodable_image_is_named_and_skipped(tmp_path):
     data = make_dataset(tmp_path / "data", count=2)
     (data / "1_zkz" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nthis is not a png")
-    r = run_cli("train", "--config", _cfg(tmp_path, data, 'pretrained_model_name_or_path = "builtin:tiny"\n'))
+    r = run_cli("train", "--config", _cfg(tmp_path, data))
     assert r.returncode == 0, r.stderr
     assert "Traceback" not in r.stderr
     assert "broken.png: truncated PNG" in r.stderr
@@ -109,6 +110,13 @@ def test_bad_resolution_and_model(tmp_path):
     data = make_dataset(tmp_path / "data", count=1)
     _assert_clean_error(run_cli("train", "--config", _cfg(tmp_path, data), "--set", "resolution=100"), "multiple of 64")
     _assert_clean_error(run_cli("train", "--config", _cfg(tmp_path, data), "--set", f"pretrained_model_name_or_path={tmp_path / 'x.safetensors'}"), "x.safetensors", "does not exist")
+
+
+def test_a_config_without_a_model_says_what_to_put_there(tmp_path):
+    data = make_dataset(tmp_path / "data", count=1)
+    result = run_cli("train", "--config", _cfg(tmp_path, data, model=None))
+    _assert_clean_error(result, "pretrained_model_name_or_path is not set", "builtin:tinybase", "--set pretrained_model_name_or_path=")
+    assert not (tmp_path / "o").exists(), "nothing trained, nothing written"
 
 
 def test_info_on_a_non_lora_file(tmp_path):

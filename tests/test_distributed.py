@@ -15,7 +15,7 @@ ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
 def train_args(data, out, batch):
     # SGD, because Adam divides by the gradient's own size and so magnifies float-order noise in
     # near-zero gradients; with SGD the comparison is of the gradients themselves
-    return ["-m", "lora_train", "train", "--set", f"train_data_dir={data}", "--set", f"output_dir={out}", "--set", "resolution=64",
+    return ["-m", "lora_train", "train", "--set", "pretrained_model_name_or_path=builtin:tiny", "--set", f"train_data_dir={data}", "--set", f"output_dir={out}", "--set", "resolution=64",
             "--set", "max_train_steps=4", "--set", f"train_batch_size={batch}", "--set", "seed=3", "--set", "learning_rate=0.5",
             "--set", "optimizer_type=SGD", "--set", "shuffle_caption=true", "--set", "noise_offset=0.05"]
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import assert_same_as, make_dataset, snapshot
-from lora_train import job
+from lora_train.app import job
 from lora_train.errors import UserError
 from lora_train.network.files import load_lora
 from lora_train.train import events as ev
@@ -128,7 +128,7 @@ def test_nan_stops_and_keeps_the_last_good_save(tiny_adapter, tmp_path, monkeypa
 def test_cli_sigint_saves_interrupted_and_state(tmp_path):
     data = make_dataset(tmp_path / "data", count=4, repeats=4)
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-m", "lora_train", "train", "--set", f"train_data_dir={data}", "--set", f"output_dir={out}",
+    proc = subprocess.Popen([sys.executable, "-m", "lora_train", "train", "--set", "pretrained_model_name_or_path=builtin:tiny", "--set", f"train_data_dir={data}", "--set", f"output_dir={out}",
                              "--set", "resolution=64", "--set", "max_train_steps=100000", "--set", "output_name=sig", "--set", "seed=1"],
                             stderr=subprocess.PIPE, text=True)
     try:
@@ -146,7 +146,7 @@ def test_cli_sigint_saves_interrupted_and_state(tmp_path):
     assert steps >= 3
     assert load_state(out / "sig-interrupted-state")["step"] == steps
     assert not no_temp_files(out)
-    r = subprocess.run([sys.executable, "-m", "lora_train", "train", "--set", f"train_data_dir={data}", "--set", f"output_dir={out}",
+    r = subprocess.run([sys.executable, "-m", "lora_train", "train", "--set", "pretrained_model_name_or_path=builtin:tiny", "--set", f"train_data_dir={data}", "--set", f"output_dir={out}",
                         "--set", "resolution=64", "--set", f"max_train_steps={steps + 2}", "--set", "output_name=sig", "--set", "seed=1",
                         "--set", f"resume={out / 'sig-interrupted-state'}"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
@@ -275,7 +275,7 @@ def test_tensorboard_and_samples_from_cli(tmp_path):
     data = make_dataset(tmp_path / "data", count=2, repeats=1)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("# preview\nzkz, a red circle --w 64 --h 64 --d 7 --s 3 --l 5\n", encoding="utf-8")
-    r = subprocess.run([sys.executable, "-m", "lora_train", "train", "--set", f"train_data_dir={data}", "--set", f"output_dir={tmp_path / 'o'}",
+    r = subprocess.run([sys.executable, "-m", "lora_train", "train", "--set", "pretrained_model_name_or_path=builtin:tiny", "--set", f"train_data_dir={data}", "--set", f"output_dir={tmp_path / 'o'}",
                         "--set", "resolution=64", "--set", "max_train_epochs=2", "--set", f"logging_dir={tmp_path / 'logs'}",
                         "--set", f"sample_prompts={prompts}", "--set", "sample_every_n_epochs=1"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
@@ -293,7 +293,7 @@ def test_tensorboard_and_samples_from_cli(tmp_path):
 def test_sample_and_config_from_lora_commands(tmp_path):
     from conftest import make_dataset as md_
     data = md_(tmp_path / "data", count=2)
-    r = subprocess.run([sys.executable, "-m", "lora_train", "train", "--set", f"train_data_dir={data}", "--set", f"output_dir={tmp_path}",
+    r = subprocess.run([sys.executable, "-m", "lora_train", "train", "--set", "pretrained_model_name_or_path=builtin:tiny", "--set", f"train_data_dir={data}", "--set", f"output_dir={tmp_path}",
                         "--set", "resolution=64", "--set", "max_train_steps=2", "--set", "network_dim=2", "--set", "output_name=cfl",
                         "--set", "min_snr_gamma=5", "--set", "optimizer_args=weight_decay=0.05"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr

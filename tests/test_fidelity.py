@@ -104,7 +104,7 @@ def test_doubled_scale_at_load_fails_the_bar(short_run, monkeypatch):
         return out
 
     monkeypatch.setattr(LoRANetwork, "load_kohya_state_dict", doubled)
-    from lora_train.host.standalone import load_adapter
+    from lora_train.model.registry import load_adapter
 
     adapter = load_adapter(str(base.base_checkpoint()))
     broken, _ = fidelity.evaluate_file(Path(report.final.file), report.final.epoch, adapter, opts)
@@ -137,7 +137,7 @@ def test_scoring_reads_the_file_not_the_trained_network(short_run, tmp_path):
     zeroed = {k: (torch.zeros_like(v) if "lora_up" in k else v) for k, v in tensors.items()}
     path = tmp_path / "zeroed.safetensors"
     safetensors.torch.save_file(zeroed, str(path))
-    from lora_train.host.standalone import load_adapter
+    from lora_train.model.registry import load_adapter
 
     adapter = load_adapter(str(base.base_checkpoint()))
     result, _ = fidelity.evaluate_file(path, 0, adapter, opts)
@@ -147,7 +147,7 @@ def test_scoring_reads_the_file_not_the_trained_network(short_run, tmp_path):
 def test_reg_images_are_the_bases_own_renders_of_ordinary_prompts(tmp_path):
     from PIL import Image
 
-    from lora_train.host.standalone import load_adapter
+    from lora_train.model.registry import load_adapter
 
     adapter = load_adapter(str(base.base_checkpoint()))
     opts = _options(tmp_path, reg_images=2, sample_steps=4)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from lora_train.ui import chart, form, i18n
-from lora_train.ui.runs import RunStatus
+from lora_train.app.runs import RunStatus
 
 ROOT = Path(__file__).resolve().parents[1]
 ZH_CN = ROOT / "localizations" / "zh_CN.json"
@@ -107,7 +107,7 @@ def _webui_labels(path: Path) -> set[str]:
                 out.add(f"({text(node.args[0])})")
             elif name == "t" and node.args:
                 out.add(text(node.args[0]))
-    from lora_train.host import a1111
+    from lora_train.host.a1111 import xyz as a1111
 
     out.update(v for k, v in vars(a1111).items() if k.startswith("XYZ_") and k != "XYZ_PREFIX" and isinstance(v, str))
     return {s for s in out if s}

@@ -9,7 +9,7 @@ import torch
 from conftest import assert_same_as, snapshot
 
 from lora_train.network.files import load_lora, payload_sha256, save_lora
-from lora_train.network.inspect import inspect_lora
+from lora_train.tools.inspect import inspect_lora
 from lora_train.network.network import LoRANetwork
 
 

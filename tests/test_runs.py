@@ -14,7 +14,7 @@ from conftest import assert_same_as, make_dataset, small_run_config, snapshot
 from lora_train.host.standalone import StandaloneHost
 from lora_train.train import events as ev
 from lora_train.train.config import TrainConfig
-from lora_train.ui.runs import RunManager, RunRequest
+from lora_train.app.runs import RunManager, RunRequest
 
 
 class TinyHost(StandaloneHost):

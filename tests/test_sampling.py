@@ -9,6 +9,7 @@ import torch
 from conftest import assert_same_as, snapshot
 from PIL import Image
 
+from lora_train.cli import sample_command
 from lora_train.errors import UserError
 from lora_train.network.files import save_lora
 from lora_train.network.network import LoRANetwork
@@ -21,7 +22,6 @@ from lora_train.sample.render import (
     parse_lora_arg,
     render,
     resolve_prompt,
-    sample_command,
     save_sample,
 )
 from lora_train.sample.samplers import ddim_timesteps, euler_schedule, guided_eps, resolve_sampler, sample_ddim, sample_euler
@@ -271,9 +271,9 @@ def lora_file(tiny_adapter, tmp_path):
 
 
 def test_sample_command_writes_n_files_and_restores_model(tiny_model, tiny_adapter, lora_file, tmp_path, monkeypatch):
-    import lora_train.host.standalone as standalone
+    from lora_train.model import registry
 
-    monkeypatch.setattr(standalone, "load_adapter", lambda spec: tiny_adapter)
+    monkeypatch.setattr(registry, "load_adapter", lambda spec: tiny_adapter)
     before = snapshot(tiny_model)
     out = tmp_path / "out"
     paths = sample_command(
@@ -309,9 +309,9 @@ def test_sample_command_writes_n_files_and_restores_model(tiny_model, tiny_adapt
 
 
 def test_sample_command_removes_networks_when_rendering_fails(tiny_model, tiny_adapter, lora_file, tmp_path, monkeypatch):
-    import lora_train.host.standalone as standalone
+    from lora_train.model import registry
 
-    monkeypatch.setattr(standalone, "load_adapter", lambda spec: tiny_adapter)
+    monkeypatch.setattr(registry, "load_adapter", lambda spec: tiny_adapter)
 
     def boom(*a, **k):
         raise RuntimeError("boom")
@@ -332,9 +332,9 @@ def test_sample_command_removes_networks_when_rendering_fails(tiny_model, tiny_a
 
 
 def test_sample_command_rejects_a_lora_for_another_model(tiny_adapter, tmp_path, monkeypatch):
-    import lora_train.host.standalone as standalone
+    from lora_train.model import registry
 
-    monkeypatch.setattr(standalone, "load_adapter", lambda spec: tiny_adapter)
+    monkeypatch.setattr(registry, "load_adapter", lambda spec: tiny_adapter)
     bad = save_lora(
         tmp_path / "other.safetensors",
         {"lora_unet_nowhere.lora_down.weight": torch.zeros(1, 4), "lora_unet_nowhere.lora_up.weight": torch.zeros(4, 1)},

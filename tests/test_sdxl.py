@@ -178,7 +178,7 @@ def test_vector_is_pooled_text_then_original_crop_target_sizes(xl):
 
 def _plan(tmp_path, random_crop=False, flip_aug=False):
     from lora_train.train.config import TrainConfig
-    from lora_train.job import plan_dataset
+    from lora_train.app.job import plan_dataset
 
     data = tmp_path / "data" / "1_thing"
     data.mkdir(parents=True)
@@ -240,7 +240,7 @@ def test_cached_text_part_gives_the_same_conditioning(xl):
 @pytest.mark.parametrize("train_te", [True, False])
 def test_training_run_writes_an_sdxl_lora_and_leaves_the_model_as_it_was(xl, xl_model, tmp_path, train_te):
     from conftest import make_dataset, small_run_config
-    from lora_train import job
+    from lora_train.app import job
     from lora_train.network.files import load_lora
     from lora_train.network.selftest import unmatched_modules
     from lora_train.train import events as ev
@@ -258,7 +258,7 @@ def test_training_run_writes_an_sdxl_lora_and_leaves_the_model_as_it_was(xl, xl_
     prefixes = {n.split("_text_model")[0] if "_text_model" in n else "lora_unet" for n in names}
     assert prefixes == ({"lora_te1", "lora_te2", "lora_unet"} if train_te else {"lora_unet"})
     assert unmatched_modules(path, xl) == []
-    from lora_train.network.inspect import inspect_lora
+    from lora_train.tools.inspect import inspect_lora
 
     report = inspect_lora(path)  # every key is a module sd-scripts trains on SDXL
     assert report["architecture"] == "sdxl" and report["valid"], report.get("problems")
@@ -278,7 +278,7 @@ def test_sd2_text_encoder_trains_through_the_fused_attention(tmp_path):
     """The same fused-attention LoRA makes SD2's OpenCLIP text encoder trainable; names stop at
     the penultimate layer, as sd-scripts'."""
     from conftest import make_dataset, small_run_config
-    from lora_train import job
+    from lora_train.app import job
     from lora_train.model.ldm import LdmAdapter
     from lora_train.model.loading import instantiate
     from lora_train.model.tiny import make_weights_visible, tiny_model_config
@@ -390,7 +390,7 @@ def test_sdxl_presets_are_accepted_by_the_trainer(xl, tmp_path, subject):
     """The SDXL base preset caches text-encoder outputs, which needs captions that never change:
     it must not also shuffle them (found by hand in the WebUI)."""
     from conftest import make_dataset
-    from lora_train import job
+    from lora_train.app import job
     from lora_train.train.config import TrainConfig
     from lora_train.ui import presets
 

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from lora_train.network.reference import describe, reference_targets
+from lora_train.model.reference import describe, reference_targets
 
 CASES = [("sd15", False), ("sd15", True), ("sd21", False), ("sd21", True), ("sdxl", False), ("sdxl", True)]
 

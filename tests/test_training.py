@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import assert_same_as, make_dataset, snapshot
 
-from lora_train import job
+from lora_train.app import job
 from lora_train.network.files import load_lora
 from lora_train.train import events as ev
 from lora_train.train import loss as loss_fn

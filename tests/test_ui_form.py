@@ -9,7 +9,7 @@ from lora_train.errors import UserError
 from lora_train.train.config import TrainConfig
 from lora_train.ui import chart, form, presets
 from lora_train.ui.i18n import Translator
-from lora_train.ui.runs import RunStatus
+from lora_train.app.runs import RunStatus
 
 
 def test_every_engine_key_is_a_field_with_its_sd_scripts_name():

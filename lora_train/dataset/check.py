@@ -10,7 +10,7 @@ from lora_train.dataset.images import ImageError, load_rgb
 from lora_train.dataset.plan import DatasetPlan, make_plan
 from lora_train.dataset.scan import Problem, scan
 from lora_train.dataset.source import spec_from_config
-from lora_train.train.config import DatasetConfig
+from lora_train.dataset.spec import DatasetConfig
 
 
 @dataclass

@@ -9,6 +9,7 @@ from lora_train.dataset.scan import require_training_folder
 from lora_train.dataset.spec import (
     ASCENDABLE,
     BucketOptions,
+    DatasetConfig,
     DatasetBlock,
     DatasetSpec,
     SubsetSpec,
@@ -17,7 +18,6 @@ from lora_train.dataset.spec import (
     subsets_from_folders,
 )
 from lora_train.errors import UserError
-from lora_train.train.config import DatasetConfig
 
 BLOCK_FROM_ARGS = [f.name for f in dataclasses.fields(BucketOptions)]
 

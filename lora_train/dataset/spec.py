@@ -62,6 +62,20 @@ class BucketOptions:
 
 
 @dataclass
+class DatasetConfig(SubsetOptions, BucketOptions):
+    """Where the images are, and (inherited) the caption and augmentation keys for all subsets.
+    caption_extension None means ".txt", else ".caption" (sd-scripts' default is ".caption",
+    lora-scripts' ".txt")."""
+
+    train_data_dir: Optional[str] = None
+    reg_data_dir: Optional[str] = None
+    dataset_config: Optional[str] = None  # sd-scripts dataset TOML; replaces the two folders above
+    resolution: Optional[str] = None  # "512" or "512,768" (width,height); None = the model's own
+    cache_latents: bool = False
+    cache_latents_to_disk: bool = False
+
+
+@dataclass
 class DatasetBlock(BucketOptions):
     resolution: Optional[tuple[int, int]] = None
     batch_size: Optional[int] = None

@@ -1,6 +1,6 @@
 """What the Train tab needs from wherever it runs: the WebUI (`a1111.py`) or nothing (`standalone.py`).
 
-The run manager (`lora_train/ui/runs.py`) talks to a Host only through this class, so the same tab
+The run manager (`lora_train/app/runs.py`) talks to a Host only through this class, so the same tab
 and the same tests serve both. A host never sees gradio; the tab never sees the host's modules.
 """
 
@@ -23,6 +23,10 @@ class Host:
     def model_label(self) -> str:
         """The model the run would train on, as the tab shows it."""
         raise NotImplementedError
+
+    def model_spec(self) -> str | None:
+        """What `pretrained_model_name_or_path` names the host's model by (a file, a built-in name)."""
+        return None
 
     def model_resolution(self) -> int:
         return 512

@@ -7,49 +7,10 @@ import threading
 from pathlib import Path
 
 from lora_train.access import AccessPolicy
-from lora_train.errors import UserError
 from lora_train.host.base import Host
 from lora_train.model.adapter import ModelAdapter
+from lora_train.model.registry import display_name, family_of, load_model, resolution_of
 from lora_train.model.select import adapter_for
-
-BUILTIN_TINY = "builtin:tiny"  # random weights: shapes and plumbing
-BUILTIN_TINYBASE = "builtin:tinybase"  # trained on generated scenes: learning can be seen
-BUILTIN_TINY_SDXL = "builtin:tiny-sdxl"  # SDXL architecture, random weights (sgm when importable)
-BUILTINS = (BUILTIN_TINY, BUILTIN_TINYBASE, BUILTIN_TINY_SDXL)
-
-
-def load_model(spec: str):
-    from lora_train.model.loading import load_checkpoint
-
-    if spec == BUILTIN_TINY:
-        from lora_train.model.tiny import build_tiny
-
-        return build_tiny()
-    if spec == BUILTIN_TINYBASE:
-        from lora_train.testing.base import base_checkpoint
-
-        return load_checkpoint(base_checkpoint())
-    if spec == BUILTIN_TINY_SDXL:
-        from lora_train.model.sgm_import import sgm_available
-        from lora_train.model.tiny_sdxl import build_tiny_sdxl
-
-        return build_tiny_sdxl(sgm=sgm_available())
-    if spec.startswith("builtin:"):
-        raise UserError(f"unknown built-in model '{spec}' (known: {', '.join(BUILTINS)})")
-    return load_checkpoint(spec)
-
-
-def _name(spec: str) -> str | None:
-    return spec.split(":", 1)[1] if spec in BUILTINS and spec != BUILTIN_TINYBASE else None
-
-
-def load_adapter(spec: str, clip_skip: int | None = None) -> ModelAdapter:
-    return adapter_for(load_model(spec), name=_name(spec), clip_skip=clip_skip or 1)
-
-
-def resolution_of(spec: str) -> int:
-    # the built-in models are 64 px models; a file's own size is only known once it is loaded
-    return 64 if spec in BUILTINS else 512
 
 
 class StandaloneHost(Host):
@@ -59,7 +20,7 @@ class StandaloneHost(Host):
     name = "standalone"
 
     def __init__(self, model: str, lora_dir: Path, work_dir: Path, access: AccessPolicy | None = None):
-        self.model_spec = model
+        self._spec = model
         self._access = access or AccessPolicy()
         self._lora_dir = Path(lora_dir)
         self._work_dir = Path(work_dir)
@@ -68,17 +29,19 @@ class StandaloneHost(Host):
         self.adapter: ModelAdapter | None = None
 
     def model_label(self) -> str:
-        return self.model_spec
+        return self._spec
+
+    def model_spec(self) -> str:
+        return self._spec
 
     def model_resolution(self) -> int:
-        return resolution_of(self.model_spec)
+        return resolution_of(self._spec)
 
     def model_family(self) -> str | None:
-        if self.model_spec == BUILTIN_TINY_SDXL:
-            return "sdxl"
-        if self.model_spec in BUILTINS:
-            return "sd1"
-        return self.adapter.info.family if self.adapter is not None else None
+        family = family_of(self._spec)
+        if family is None and self.adapter is not None:
+            family = self.adapter.info.family
+        return family
 
     def lora_dir(self) -> Path:
         return self._lora_dir
@@ -91,13 +54,13 @@ class StandaloneHost(Host):
 
     def _model(self):
         if self._loaded is None:  # loaded once, on first use, like the WebUI keeps its checkpoint
-            self._loaded = load_model(self.model_spec)
+            self._loaded = load_model(self._spec)
         return self._loaded
 
     @contextlib.contextmanager
     def session(self, config, run_id):
         with self._lock:
-            self.adapter = adapter_for(self._model(), name=_name(self.model_spec), clip_skip=config.model.clip_skip or 1)
+            self.adapter = adapter_for(self._model(), name=display_name(self._spec), clip_skip=config.model.clip_skip or 1)
             yield self.adapter
 
     def sample_fn(self, config, adapter, prompts, folder):
@@ -125,7 +88,7 @@ class StandaloneHost(Host):
         return [self_test_message(path, unmatched_modules(path, self.adapter))]
 
     def xyz_grid(self, files, weights, prompt, seed, out):
-        from lora_train.ui.grid import render_grid
+        from lora_train.sample.grid import render_grid
 
         with self._lock:
             return render_grid(adapter_for(self._model()), files, weights, prompt, seed, out, size=self.model_resolution())

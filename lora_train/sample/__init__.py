@@ -4,7 +4,7 @@ classifier-free guidance, sd-scripts' sample prompt files, and PNGs with A1111 i
 from lora_train.sample.prompts import SamplePrompt, load_prompts, parse_prompt_line
 
 # `render` the function is not re-exported here: it would shadow the `render` module.
-from lora_train.sample.render import decode_latents, generate_latents, sample_command, save_sample
+from lora_train.sample.render import decode_latents, generate_latents, sample_with_loras, save_sample
 
 __all__ = [
     "SamplePrompt",
@@ -12,6 +12,6 @@ __all__ = [
     "generate_latents",
     "load_prompts",
     "parse_prompt_line",
-    "sample_command",
+    "sample_with_loras",
     "save_sample",
 ]

@@ -195,7 +195,7 @@ def save_sample(image, path: str | os.PathLike, prompt: SamplePrompt, extra: dic
     return save_png(image, path, infotext(prompt, extra, seed=image.info.get("seed"), size=image.size))
 
 
-# -- the `sample` command ---------------------------------------------------------------------
+# -- sampling with LoRA files (the `sample` command) ---------------------------------------------------------------------
 def parse_lora_arg(text: str) -> tuple[str, float]:
     """`FILE[:WEIGHT]`; the weight is whatever follows the last colon when it is a number, so
     Windows drive letters and colons in file names survive."""
@@ -214,8 +214,8 @@ def _next_index(folder: Path) -> int:
     return max(numbers, default=-1) + 1
 
 
-def sample_command(
-    model_spec: str,
+def sample_with_loras(
+    adapter,
     loras: list[tuple[str, float]],
     prompt: str,
     n: int = 1,
@@ -228,12 +228,10 @@ def sample_command(
     sampler: str = "ddim",
     negative: str = "",
 ) -> list[Path]:
-    """`python -m lora_train sample`: render `n` images with seeds seed..seed+n-1, LoRAs applied."""
-    from lora_train.host.standalone import load_adapter
+    """Render `n` images with seeds seed..seed+n-1, LoRAs applied (the `sample` command's work)."""
     from lora_train.network.files import load_lora
     from lora_train.network.network import LoRANetwork
 
-    adapter = load_adapter(model_spec)
     targets = adapter.lora_targets(conv=True)
     networks = []
     for path, weight in loras:

@@ -15,22 +15,18 @@ import json
 import math
 import os
 import random
-import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from lora_train.errors import UserError
 from lora_train.model import clip_files
 from lora_train.model.loading import instantiate
-from lora_train.model.tiny import TINY_TEXT_CONFIG, tiny_model_config
+from lora_train.model.tiny import tiny_model_config
+from lora_train.model.tinybase import ASSETS, NAME, TEXT_CONFIG, base_checkpoint, install_base, sha256, verify_assets  # noqa: F401 (the kit's names)
 from lora_train.testing import scenes
 
-NAME = "tinybase"
-ASSETS = Path(__file__).with_name("assets")
-TEXT_CONFIG = dict(TINY_TEXT_CONFIG, intermediate_size=256)  # the built-in tiny text model, wider MLP
 
 
 def base_config(clip_version: str = f"{NAME}.clip", scale_factor: float = 1.0) -> dict:
@@ -296,53 +292,6 @@ def save_base(model, path: Path, scale_factor: float) -> Path:
     cfg = base_config(f"{NAME}.clip", scale_factor)
     path.with_suffix(".yaml").write_text(OmegaConf.to_yaml(OmegaConf.create({"model": cfg})), encoding="utf-8")
     (path.parent / f"{NAME}.sha256").write_text(
-        "".join(f"{_sha256(f)}  {f.name}\n" for f in (path, path.with_suffix(".yaml"))), encoding="utf-8"
+        "".join(f"{sha256(f)}  {f.name}\n" for f in (path, path.with_suffix(".yaml"))), encoding="utf-8"
     )
     return path
-
-
-def _sha256(path: Path) -> str:
-    from lora_train.dataset.cache import file_digest
-
-    return file_digest(path, "sha256")
-
-
-def verify_assets(folder: Path = ASSETS) -> None:
-    sums = folder / f"{NAME}.sha256"
-    if not sums.is_file():
-        raise UserError(f"{sums} is missing; rebuild the base with: python -m lora_train.testing build-base --output {folder}")
-    for line in sums.read_text(encoding="utf-8").splitlines():
-        digest, name = line.split()
-        f = folder / name
-        if not f.is_file():
-            raise UserError(f"{f} is missing (git lfs? a partial checkout?)")
-        if _sha256(f) != digest:
-            raise UserError(f"{f}: checksum differs from {sums.name}; the file is damaged or was rebuilt without updating the sums")
-
-
-def install_base(folder: str | os.PathLike, source: Path = ASSETS) -> Path:
-    """Copy the base into `folder` (e.g. the WebUI's models/Stable-diffusion) with its yaml and
-    tokenizer folder; the yaml names the folder by absolute path, which the host needs."""
-    from omegaconf import OmegaConf
-
-    verify_assets(source)
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    target = folder / f"{NAME}.safetensors"
-    shutil.copyfile(source / target.name, target)
-    clip_dir = clip_files.write_clip_folder(folder / f"{NAME}.clip", TEXT_CONFIG)
-    cfg = OmegaConf.load(source / f"{NAME}.yaml")
-    cfg.model.params.cond_stage_config.params.version = str(clip_dir.resolve())
-    target.with_suffix(".yaml").write_text(OmegaConf.to_yaml(cfg), encoding="utf-8")
-    return target
-
-
-def base_checkpoint() -> Path:
-    """The committed base, installed once into the cache (tokenizer folder beside it) and checked."""
-    cache = clip_files.cache_dir() / NAME
-    target = cache / f"{NAME}.safetensors"
-    stamp = cache / f"{NAME}.sha256"
-    if not (target.is_file() and stamp.is_file() and stamp.read_bytes() == (ASSETS / stamp.name).read_bytes()):
-        install_base(cache)
-        shutil.copyfile(ASSETS / stamp.name, stamp)
-    return target

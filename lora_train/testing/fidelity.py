@@ -274,9 +274,9 @@ def train_config(opts: FidelityOptions, data: Path, model: str, reg: Path | None
 
 def run(opts: FidelityOptions, log=print, listeners=()) -> FidelityReport:
     """Train, then score every saved epoch. `listeners` get the trainer's events (progress, loss log)."""
-    from lora_train import job
-    from lora_train.host.standalone import load_adapter
-    from lora_train.testing.base import base_checkpoint
+    from lora_train.app import job
+    from lora_train.model.registry import load_adapter
+    from lora_train.model.tinybase import base_checkpoint
     from lora_train.train import events as ev
 
     started = time.time()

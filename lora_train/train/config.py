@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from lora_train.dataset.spec import BucketOptions, SubsetOptions
+from lora_train.dataset.spec import DatasetConfig
 from lora_train.errors import UserError, close_match_hint
 from lora_train.tomlfile import parse_toml_value, read_toml, write_toml
 from lora_train.train.loss import LossOptions
@@ -24,7 +24,8 @@ from lora_train.train.noise import NoiseOptions
 
 @dataclass
 class ModelConfig:
-    pretrained_model_name_or_path: str = "builtin:tiny"
+    # no default: a run names its model (a file, or a built-in test model), never a silent stand-in
+    pretrained_model_name_or_path: Optional[str] = None
     clip_skip: Optional[int] = None
 
 
@@ -89,20 +90,6 @@ class TrainingConfig(NoiseOptions, LossOptions):
     cache_text_encoder_outputs: bool = False
     # how often the loss is read back from the device (a sync); NaN/inf is noticed then
     loss_readback_steps: int = 1
-
-
-@dataclass
-class DatasetConfig(SubsetOptions, BucketOptions):
-    """Where the images are, and (inherited) the caption and augmentation keys for all subsets.
-    caption_extension None means ".txt", else ".caption" (sd-scripts' default is ".caption",
-    lora-scripts' ".txt")."""
-
-    train_data_dir: Optional[str] = None
-    reg_data_dir: Optional[str] = None
-    dataset_config: Optional[str] = None  # sd-scripts dataset TOML; replaces the two folders above
-    resolution: Optional[str] = None  # "512" or "512,768" (width,height); None = the model's own
-    cache_latents: bool = False
-    cache_latents_to_disk: bool = False
 
 
 @dataclass

@@ -17,7 +17,7 @@ def create_app(host, lang: Optional[str] = None):
     import gradio as gr
 
     from lora_train.ui.i18n import Translator
-    from lora_train.ui.runs import RunManager
+    from lora_train.app.runs import RunManager
     from lora_train.ui.tabs import create_tabs
 
     t = Translator(lang)

@@ -9,11 +9,12 @@ from typing import Optional
 
 import gradio as gr
 
+from lora_train.app import guard
+from lora_train.app.runs import RunManager, RunRequest
 from lora_train.errors import UserError
 from lora_train.host.base import Host
 from lora_train.ui import chart, form, presets
 from lora_train.ui.i18n import Translator
-from lora_train.ui.runs import RunManager, RunRequest
 
 NETWORK_TYPES = ("LoRA", "LoCon")
 DEFAULT_WEIGHTS = "1, 0.75, 0.5, 0.25, 0"
@@ -189,12 +190,11 @@ def create_train_tab(manager: RunManager, host: Host, t: Optional[Translator] = 
                 return [*values, _message(str(e), True)]
 
         def on_plan(*values):
-            from lora_train import job
+            from lora_train.app import job
 
             try:
                 config, _ = build(values)
-                steps = 32 if host.model_family() == "sdxl" else 64  # as the run itself plans it (job.build_trainer)
-                return chart.plan_html(job.plan_dataset(config, host.model_resolution(), steps_multiple=steps), t)
+                return chart.plan_html(job.plan_on_host(config, host), t)
             except UserError as e:
                 return chart.error_html(str(e))
 
@@ -248,10 +248,8 @@ def create_train_tab(manager: RunManager, host: Host, t: Optional[Translator] = 
             return str(path), _message(str(path))
 
         def on_load_config(path, *values):
-            from lora_train.train.config import TrainConfig
-
             try:
-                config = TrainConfig.from_toml(path)
+                config = guard.load_config(host.access(), path)
                 return [*form.values_from_config(flds, config), _message(t("Loaded") + f": {path}")]
             except (UserError, OSError) as e:
                 return [*values, _message(str(e), True)]
@@ -259,7 +257,7 @@ def create_train_tab(manager: RunManager, host: Host, t: Optional[Translator] = 
         def on_save_config(path, *values):
             try:
                 config, _ = build(values)
-                written = config.save_toml(path)
+                written = guard.save_config(host.access(), config, path)
                 return _message(t("Saved") + f": {written}")
             except (UserError, OSError) as e:
                 return _message(str(e), True)

@@ -1,6 +1,6 @@
 """A training job from a config: dataset plan, model, network and trainer put together.
 
-Shared by the CLI and (later) the UI; the host decides where the model comes from.
+Shared by the CLI, the run manager and the tab; the host decides where the model comes from.
 """
 
 from __future__ import annotations
@@ -9,13 +9,15 @@ import os
 import random
 import sys
 
+from lora_train.app.guard import guard_config
 from lora_train.dataset.cache import LatentCache, module_fingerprint
 from lora_train.dataset.loader import TrainingData
 from lora_train.dataset.plan import DatasetPlan, make_plan
 from lora_train.dataset.scan import scan
 from lora_train.dataset.source import spec_from_config
-from lora_train.model.adapter import ModelAdapter
 from lora_train.errors import UserError
+from lora_train.host.base import Host
+from lora_train.model.adapter import ModelAdapter
 from lora_train.network.blocks import LrWeights
 from lora_train.network.files import load_lora
 from lora_train.network.network import LoRANetwork
@@ -34,9 +36,19 @@ def plan_dataset(config: TrainConfig, default_resolution: int = 512, steps_multi
                      steps_multiple=steps_multiple)
 
 
-def build_trainer(config: TrainConfig, adapter: ModelAdapter, warn=lambda msg: print(msg, file=sys.stderr), sample_fn=None) -> Trainer:
+def steps_multiple(family: str | None) -> int:
     # SDXL's UNet takes sizes in steps of 32 (sd-scripts allows bucket_reso_steps 32 there)
-    plan = plan_dataset(config, adapter.info.resolution, steps_multiple=32 if adapter.info.family == "sdxl" else 64)
+    return 32 if family == "sdxl" else 64
+
+
+def plan_on_host(config: TrainConfig, host: Host) -> DatasetPlan:
+    """The plan the tab shows before Start: the same folder guard and bucket steps as the run."""
+    guard_config(config, host.access())  # the plan lists the folder's files
+    return plan_dataset(config, host.model_resolution(), steps_multiple(host.model_family()))
+
+
+def build_trainer(config: TrainConfig, adapter: ModelAdapter, warn=lambda msg: print(msg, file=sys.stderr), sample_fn=None) -> Trainer:
+    plan = plan_dataset(config, adapter.info.resolution, steps_multiple(adapter.info.family))
     seed = config.training.seed if config.training.seed is not None else random.randint(0, 2**31 - 1)
     d = config.dataset
     cache = LatentCache(module_fingerprint(adapter.vae), to_disk=d.cache_latents_to_disk, warn=warn) if (d.cache_latents or d.cache_latents_to_disk) else None

@@ -23,7 +23,7 @@ LYCORIS_SUFFIXES = {"hada_w1_a": "LoHa", "lokr_w1": "LoKr", "lokr_w1_a": "LoKr",
 
 @lru_cache(maxsize=4)
 def _known_names(arch: str) -> frozenset[str]:
-    from lora_train.network.reference import reference_targets
+    from lora_train.model.reference import reference_targets
 
     return frozenset(t.name for t in reference_targets(arch, conv=True))
 

@@ -18,8 +18,9 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
+from lora_train.app.guard import guard_config
 from lora_train.errors import UserError
 from lora_train.host.base import Host
 from lora_train.network.card import SD_VERSION, Card, free_stem, publish, set_preview, unique_name
@@ -83,10 +84,11 @@ class RunManager:
     # -- commands --------------------------------------------------------------------------------
     def submit(self, request: RunRequest, start: bool = True) -> RunStatus:
         """Queue a run; with `start`, also un-pause the queue. Its name is made unique now."""
+        config = copy.deepcopy(request.config)
+        guard_config(config, self.host.access())  # before anything is queued, read or written
         with self._lock:
             taken = {r.name for r in self._runs if r.phase not in ENDED}
             name = unique_name(self.host.lora_dir(), request.config.saving.output_name or "lora", taken)
-            config = copy.deepcopy(request.config)
             config.saving.output_name = name
             config.saving.output_dir = str(self.host.work_dir() / name)
             config.saving.resume = None
@@ -222,7 +224,7 @@ class RunManager:
                     self._idle.notify_all()
 
     def _run_one(self, status: RunStatus, request: RunRequest) -> None:
-        from lora_train import job
+        from lora_train.app import job
 
         config = request.config
         status.phase = "preparing"
@@ -235,6 +237,8 @@ class RunManager:
         trainer = None
         try:
             with self.host.session(config, status.id) as adapter:
+                # the run's TOML names the model it trained on, so the CLI can train it again
+                config.model.pretrained_model_name_or_path = adapter.info.path or self.host.model_spec()
                 folder = Path(config.saving.output_dir)
                 folder.mkdir(parents=True, exist_ok=True)
                 prompts = (request.preview_prompts or ([request.trigger] if request.trigger else [])) if request.previews else []
@@ -340,3 +344,22 @@ class _Publisher:
             self.status.published.append(str(path))
             self.status.checks[str(path)] = "; ".join(messages)
             self.status.messages += [m for m in messages if check_failed(m)]
+
+
+_process_manager: Optional[RunManager] = None
+_process_manager_lock = threading.Lock()
+
+
+def process_manager(make_host: Callable[[], Host]) -> RunManager:
+    """The one RunManager of this process, made with `make_host()` on first use. It outlives the
+    WebUI's UI reloads (this module stays in `sys.modules` when the WebUI re-imports the extension's
+    script), so a reload never starts a second manager beside a run that is still going."""
+    global _process_manager
+    with _process_manager_lock:
+        if _process_manager is None:
+            _process_manager = RunManager(make_host())
+        return _process_manager
+
+
+def existing_process_manager() -> Optional[RunManager]:
+    return _process_manager

@@ -1,0 +1,65 @@
+"""One guard for every path the Train tab's page can send: the host's folder policy (`access.py`), the
+same rule and message the Dataset tab uses.
+
+A WebUI reachable from other machines without --enable-insecure-extension-access lets anyone who
+reaches the page type a path, so a run may read and write only under the allowed folders. Paths
+come back resolved (`..` and links followed), and the config is rewritten to them, so what was
+checked is what the trainer opens.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from lora_train.access import AccessPolicy
+from lora_train.errors import UserError
+from lora_train.train.config import TrainConfig
+
+FOLDER, FILE = "folder", "file"
+# every key of the config tree that names something on disk (sd-scripts' names), and what it names
+PATH_KEYS = (
+    ("train_data_dir", FOLDER),
+    ("reg_data_dir", FOLDER),
+    ("dataset_config", FILE),
+    ("network_weights", FILE),
+    ("resume", FOLDER),
+    ("output_dir", FOLDER),
+    ("logging_dir", FOLDER),
+    ("sample_prompts", FILE),
+)
+
+
+def guarded_path(access: AccessPolicy, text: str | os.PathLike, what: str) -> Path:
+    """The real path `text` names, if the policy allows it; existence is checked where it is used."""
+    try:
+        real, _ = access.path(text)
+    except UserError as e:
+        raise UserError(f"{what}: {e}") from None
+    return real
+
+
+def guard_config(config: TrainConfig, access: AccessPolicy) -> None:
+    """Check every path of `config` against `access` and rewrite it to the resolved path; UserError
+    for the first one refused. A dataset TOML's subset folders are checked too: the file is read here."""
+    for key, _kind in PATH_KEYS:
+        value = config.get(key)
+        if value is not None and str(value).strip():
+            config.set(key, str(guarded_path(access, value, key)))
+    if config.dataset.dataset_config and access.roots_only:
+        from lora_train.dataset.spec import load_dataset_toml
+
+        spec = load_dataset_toml(config.dataset.dataset_config)
+        for subset in spec.subsets:
+            if subset.image_dir:  # relative to the working folder, as the trainer opens it
+                guarded_path(access, os.path.abspath(subset.image_dir), f"{Path(config.dataset.dataset_config).name}: image_dir")
+
+
+def load_config(access: AccessPolicy, text: str) -> TrainConfig:
+    """The tab's Config file > Load."""
+    return TrainConfig.from_toml(guarded_path(access, text, "config file"))
+
+
+def save_config(access: AccessPolicy, config: TrainConfig, text: str) -> Path:
+    """The tab's Config file > Save."""
+    return config.save_toml(guarded_path(access, text, "config file"))

@@ -1,0 +1,66 @@
+"""Which model a name means, outside a host that holds one: a checkpoint file, or a built-in tiny model.
+
+The CLI, the standalone host and the test kit load models only through here, so the `builtin:*`
+names mean the same thing everywhere.
+"""
+
+from __future__ import annotations
+
+from lora_train.errors import UserError
+from lora_train.model.adapter import ModelAdapter
+from lora_train.model.select import adapter_for
+
+BUILTIN_TINY = "builtin:tiny"  # random weights: shapes and plumbing
+BUILTIN_TINYBASE = "builtin:tinybase"  # trained on generated scenes: learning can be seen
+BUILTIN_TINY_SDXL = "builtin:tiny-sdxl"  # SDXL architecture, random weights (sgm when importable)
+BUILTINS = (BUILTIN_TINY, BUILTIN_TINYBASE, BUILTIN_TINY_SDXL)
+
+
+MODEL_MISSING = ("pretrained_model_name_or_path is not set: name the checkpoint to train on, a .safetensors or "
+                 ".ckpt file (with its .yaml beside it for SD2/SDXL), or a built-in test model ("
+                 + ", ".join(BUILTINS) + "); in the config's [model] section, or with "
+                 "--set pretrained_model_name_or_path=PATH")
+
+
+def load_model(spec: str | None):
+    from lora_train.model.loading import load_checkpoint
+
+    if not spec:
+        raise UserError(MODEL_MISSING)
+    if spec == BUILTIN_TINY:
+        from lora_train.model.tiny import build_tiny
+
+        return build_tiny()
+    if spec == BUILTIN_TINYBASE:
+        from lora_train.model.tinybase import base_checkpoint
+
+        return load_checkpoint(base_checkpoint())
+    if spec == BUILTIN_TINY_SDXL:
+        from lora_train.model.sgm_import import sgm_available
+        from lora_train.model.tiny_sdxl import build_tiny_sdxl
+
+        return build_tiny_sdxl(sgm=sgm_available())
+    if spec.startswith("builtin:"):
+        raise UserError(f"unknown built-in model '{spec}' (known: {', '.join(BUILTINS)})")
+    return load_checkpoint(spec)
+
+
+def display_name(spec: str) -> str | None:
+    """The name a built-in model gives its adapter (and so ss_sd_model_name); None = the file's own."""
+    return spec.split(":", 1)[1] if spec in BUILTINS and spec != BUILTIN_TINYBASE else None
+
+
+def load_adapter(spec: str | None, clip_skip: int | None = None) -> ModelAdapter:
+    return adapter_for(load_model(spec), name=display_name(spec), clip_skip=clip_skip or 1)
+
+
+def resolution_of(spec: str) -> int:
+    # the built-in models are 64 px models; a file's own size is only known once it is loaded
+    return 64 if spec in BUILTINS else 512
+
+
+def family_of(spec: str) -> str | None:
+    """"sd1" | "sdxl" for the built-in models; None for a file until it is loaded."""
+    if spec == BUILTIN_TINY_SDXL:
+        return "sdxl"
+    return "sd1" if spec in BUILTINS else None
