@@ -22,7 +22,8 @@ KEY_RE = re.compile(r"^(lora_(?:unet|te|te1|te2)_[A-Za-z0-9_]+)\.(lora_down\.wei
 class LoRANetwork(nn.Module):
     """LoRA on Linear and 1x1 conv (`dim`/`alpha`), LoCon on larger convs (`conv_dim`/`conv_alpha`).
 
-    Modules are registered under their kohya names, so `state_dict()` is the file's key set.
+    Modules are registered under their kohya names, so `state_dict()` is the file's key set. Block-wise
+    ranks and LR weights follow the block layout of the targets' names (SD1/SD2 or SDXL).
     A network rebuilt from a file (`from_state_dict`) holds whichever algorithm each module's keys
     belong to (`network/algorithms.py`).
     """
@@ -53,12 +54,16 @@ class LoRANetwork(nn.Module):
         self.lr_weights = lr_weights
         generator = torch.Generator().manual_seed(seed)
         self.dropout_generator = torch.Generator().manual_seed(seed + 1)
+        targets = list(targets)
+        self.layout = blocks.layout_of(t.name for t in targets)
         dims, alphas, conv_dims, conv_alphas = blocks.dims_and_alphas(
-            block_dims, block_alphas, alpha, conv_block_dims, conv_block_alphas, conv_dim, conv_alpha
+            block_dims, block_alphas, alpha, conv_block_dims, conv_block_alphas, conv_dim, conv_alpha, layout=self.layout
         )
+        if lr_weights is not None:
+            lr_weights.bind(self.layout)  # SDXL has 9 blocks a side: a count for SD1/SD2 is an error here
         self._targets: dict[str, nn.Module] = {}
         for t in targets:
-            idx = blocks.block_index(t.name) if t.name.startswith("lora_unet_") else -1
+            idx = self.layout.index(t.name) if t.name.startswith("lora_unet_") else -1
             if t.is_conv3x3:
                 rank, a = (conv_dims[idx], conv_alphas[idx]) if (idx >= 0 and conv_dims) else (conv_dim, conv_alpha)
             elif idx >= 0 and dims is not None:
