@@ -77,7 +77,7 @@ def test_scale_is_alpha_over_dim(tiny_adapter):
     x = torch.randn(3, target.module.in_features)
     expected = (x @ m.lora_down.weight.T @ m.lora_up.weight.T) * (2 / 8)
     with torch.no_grad():
-        assert torch.allclose(m.delta(x), expected, atol=1e-6)
+        assert torch.allclose(m.forward_delta(x), expected, atol=1e-6)
         with net.applied():
             assert torch.allclose(target.module(x), torch.nn.functional.linear(x, target.module.weight, target.module.bias) + expected, atol=1e-6)
 

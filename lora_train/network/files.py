@@ -10,6 +10,7 @@ import hashlib
 import os
 import struct
 import tempfile
+import threading
 from pathlib import Path
 
 import torch
@@ -56,11 +57,39 @@ def with_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> d
     return out
 
 
+_umask_lock = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process umask. Linux reports it in /proc; elsewhere it can only be read by setting it, so
+    that happens under a lock, through a restrictive value (a file another thread creates meanwhile
+    gets fewer permissions, never more)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    with _umask_lock:
+        mask = os.umask(0o077)
+        os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `path` all at once. The file gets the mode a plain `open(path, "wb")` of a new file would
+    give it (0o666 less the umask: usually 0644), not mkstemp's private 0600, so a published LoRA,
+    card or image is readable by whoever may read that folder (a WebUI run by another user)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
+            mode = 0o666 & ~current_umask()
+            if hasattr(os, "fchmod"):
+                os.fchmod(f.fileno(), mode)
+            else:  # Windows: only the read-only bit exists
+                os.chmod(tmp, mode)
             f.write(data)
             f.flush()
             os.fsync(f.fileno())

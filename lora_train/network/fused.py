@@ -6,8 +6,11 @@ WebUI's Lora loader applies a file to a MultiheadAttention only when all four ar
 MultiheadAttention never calls its projections as modules (one fused `in_proj_weight`, and
 `out_proj.weight` read directly), so no forward hook can reach them. While any part is attached we
 give the attention an instance `forward` that computes the projections itself, each with its
-LoRA delta added; the module, its weights and its name stay as they are, and detaching the last
-part deletes the instance attribute again.
+module's `forward_delta` added; the module, its weights and its name stay as they are, and
+detaching the last part deletes the instance attribute again.
+
+A module's `delta()` on a part is the change to that part's weight (`part_weight`), [embed_dim,
+embed_dim]: q, k and v are the three row blocks of `in_proj_weight`, out is `out_proj.weight`.
 """
 
 from __future__ import annotations
@@ -20,6 +23,15 @@ from torch import nn
 
 PARTS = ("q", "k", "v", "out")
 _SLOT = "_lora_train_parts"
+
+
+def part_weight(mha: nn.MultiheadAttention, part: str) -> torch.Tensor:
+    """The weight of one projection (a view into the attention's own parameters)."""
+    if part == "out":
+        return mha.out_proj.weight
+    if part not in PARTS:
+        raise ValueError(f"unknown attention part '{part}' (known: {', '.join(PARTS)})")
+    return mha.in_proj_weight.chunk(3)["qkv".index(part)]
 
 
 def attach(mha: nn.MultiheadAttention, part: str, lora: nn.Module) -> None:
@@ -51,7 +63,7 @@ def detach(mha: nn.MultiheadAttention, part: str) -> None:
 def _with_delta(y: torch.Tensor, x: torch.Tensor, lora: nn.Module | None) -> torch.Tensor:
     if lora is None:
         return y
-    delta = lora.delta(x)
+    delta = lora.forward_delta(x)
     return y if delta is None else y + delta.to(y.dtype)
 
 

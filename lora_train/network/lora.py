@@ -1,8 +1,7 @@
-"""One LoRA / LoCon module: a low-rank delta added to the output of a Linear or Conv2d.
+"""LoRA: a low-rank delta `up @ down` on a Linear, a 1x1 Conv2d or a q/k/v/out part of a fused
+attention. kohya keys: `lora_down.weight`, `lora_up.weight`, `alpha`; scale = alpha / rank.
 
-It never replaces the host module: `attach` registers a forward hook and `detach` removes it, so
-module names, weights and the host's own LoRA patching are untouched. A q/k/v/out part of a fused
-`nn.MultiheadAttention` joins that attention's own forward instead (`network/fused.py`).
+The same module with a spatial `lora_down` kernel is LoCon (`locon.py`), which subclasses this one.
 """
 
 from __future__ import annotations
@@ -12,42 +11,40 @@ import math
 import torch
 from torch import nn
 
-from lora_train.network import fused
+from lora_train.network.module import NetworkModule
 
 
-class LoRAModule(nn.Module):
+def is_spatial_conv(org: nn.Module) -> bool:
+    return isinstance(org, nn.Conv2d) and tuple(org.kernel_size) != (1, 1)
+
+
+class LoRA(NetworkModule):
+    algorithm = "LoRA"
+    suffixes = ("lora_down.weight", "lora_up.weight", "alpha")
+
     def __init__(self, name: str, org: nn.Module, dim: int, alpha: float | None, generator: torch.Generator | None = None,
                  part: str | None = None):
-        super().__init__()
-        self.lora_name = name
-        self.lora_dim = int(dim)
-        self.part = part  # "q" | "k" | "v" | "out" when `org` is a fused MultiheadAttention
+        super().__init__(name, org, dim, alpha, part)
         if isinstance(org, nn.MultiheadAttention):
-            if part not in fused.PARTS:
-                raise TypeError(f"{name}: a MultiheadAttention target needs its part (q, k, v or out)")
             self.lora_down = nn.Linear(org.embed_dim, dim, bias=False)
             self.lora_up = nn.Linear(dim, org.embed_dim, bias=False)
         elif isinstance(org, nn.Conv2d):
+            # the down conv takes the target's kernel, stride and padding (LoCon); up is always 1x1
             self.lora_down = nn.Conv2d(org.in_channels, dim, org.kernel_size, org.stride, org.padding, bias=False)
             self.lora_up = nn.Conv2d(dim, org.out_channels, (1, 1), (1, 1), bias=False)
-        elif isinstance(org, nn.Linear):
+        else:
             self.lora_down = nn.Linear(org.in_features, dim, bias=False)
             self.lora_up = nn.Linear(dim, org.out_features, bias=False)
-        else:
-            raise TypeError(f"{name}: LoRA needs a Linear or Conv2d, not {type(org).__name__}")
-        if alpha is None or alpha == 0:
-            alpha = dim  # sd-scripts: no alpha means scale 1
-        self.register_buffer("alpha", torch.tensor(float(alpha)))
-        self.alpha_value = float(alpha)  # a Python copy: reading the buffer each step would sync a GPU
-        self.multiplier = 1.0
-        # sd-scripts' dropouts, active only in training mode; masks come from `dropout_generator`
-        # (set by the network) so the host's global RNG is never consumed
-        self.dropout: float | None = None
-        self.rank_dropout: float | None = None
-        self.module_dropout: float | None = None
-        self.dropout_generator: torch.Generator | None = None
         self.reset_parameters(generator)
-        self._handle = None
+
+    @classmethod
+    def accepts(cls, org: nn.Module, part: str | None = None) -> bool:
+        return isinstance(org, (nn.Linear, nn.MultiheadAttention)) or (isinstance(org, nn.Conv2d) and not is_spatial_conv(org))
+
+    @classmethod
+    def from_weights(cls, name: str, org: nn.Module, weights: dict[str, torch.Tensor], part: str | None = None) -> "LoRA":
+        alpha = weights.get("alpha")
+        return cls(name, org, weights["lora_down.weight"].shape[0], float(alpha) if alpha is not None else None, part=part)
 
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
@@ -59,20 +56,8 @@ class LoRAModule(nn.Module):
         w.uniform_(-bound, bound, generator=generator)
         self.lora_up.weight.zero_()
 
-    @property
-    def scale(self) -> float:
-        return self.alpha_value / self.lora_dim
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self.alpha_value = float(self.alpha)
-
-    def _rand(self, shape, device) -> torch.Tensor:
-        return torch.rand(shape, generator=self.dropout_generator).to(device)
-
-    def delta(self, x: torch.Tensor) -> torch.Tensor | None:
-        """The LoRA's contribution to the output, or None when module dropout skips it this time."""
-        if self.training and self.module_dropout and float(self._rand((1,), "cpu")) < self.module_dropout:
+    def forward_delta(self, x: torch.Tensor) -> torch.Tensor | None:
+        if self._skipped():
             return None
         lx = self.lora_down(x.to(self.lora_down.weight.dtype))
         # The scale goes on the rank-r tensor, not the full-size output: same result, less work.
@@ -91,32 +76,12 @@ class LoRAModule(nn.Module):
             scale = scale / (1.0 - self.rank_dropout)
         return self.lora_up(lx if scale == 1.0 else lx * scale)
 
-    def _hook(self, module, args, output):
-        delta = self.delta(args[0])
-        return output if delta is None else output + delta.to(output.dtype)
-
-    def attach(self, org: nn.Module) -> None:
-        if self._handle is not None:
-            raise RuntimeError(f"{self.lora_name} is already attached")
-        if self.part is not None:
-            fused.attach(org, self.part, self)
-            self._handle = _FusedHandle(org, self.part)
-        else:
-            self._handle = org.register_forward_hook(self._hook)
-
-    def detach(self) -> None:
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
-
-    @property
-    def attached(self) -> bool:
-        return self._handle is not None
+    def delta(self) -> torch.Tensor:
+        # up is (out, rank[, 1, 1]), down (rank, in[, kh, kw]): their product over the rank is the
+        # weight change, with the down kernel's spatial shape (1x1 for LoRA, kxk for LoCon)
+        up = self.lora_up.weight.flatten(1)
+        down = self.lora_down.weight.flatten(1)
+        return (up @ down).reshape(self.target_shape) * (self.multiplier * self.scale)
 
 
-class _FusedHandle:
-    def __init__(self, mha: nn.MultiheadAttention, part: str):
-        self.mha, self.part = mha, part
-
-    def remove(self) -> None:
-        fused.detach(self.mha, self.part)
+LoRAModule = LoRA  # the name the rest of LoRA Train (and its tests) have used since the start

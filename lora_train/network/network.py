@@ -9,9 +9,11 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from lora_train.network import blocks
+from lora_train.network import algorithms, blocks
 from lora_train.network.blocks import LrWeights
-from lora_train.network.lora import LoRAModule
+from lora_train.network.locon import LoCon
+from lora_train.network.lora import LoRA
+from lora_train.network.module import NetworkModule
 from lora_train.network.targets import Target
 
 KEY_RE = re.compile(r"^(lora_(?:unet|te|te1|te2)_[A-Za-z0-9_]+)\.(lora_down\.weight|lora_up\.weight|alpha)$")
@@ -20,7 +22,10 @@ KEY_RE = re.compile(r"^(lora_(?:unet|te|te1|te2)_[A-Za-z0-9_]+)\.(lora_down\.wei
 class LoRANetwork(nn.Module):
     """LoRA on Linear and 1x1 conv (`dim`/`alpha`), LoCon on larger convs (`conv_dim`/`conv_alpha`).
 
-    Modules are registered under their kohya names, so `state_dict()` is the file's key set.
+    Modules are registered under their kohya names, so `state_dict()` is the file's key set. Block-wise
+    ranks and LR weights follow the block layout of the targets' names (SD1/SD2 or SDXL).
+    A network rebuilt from a file (`from_state_dict`) holds whichever algorithm each module's keys
+    belong to (`network/algorithms.py`).
     """
 
     def __init__(
@@ -49,12 +54,16 @@ class LoRANetwork(nn.Module):
         self.lr_weights = lr_weights
         generator = torch.Generator().manual_seed(seed)
         self.dropout_generator = torch.Generator().manual_seed(seed + 1)
+        targets = list(targets)
+        self.layout = blocks.layout_of(t.name for t in targets)
         dims, alphas, conv_dims, conv_alphas = blocks.dims_and_alphas(
-            block_dims, block_alphas, alpha, conv_block_dims, conv_block_alphas, conv_dim, conv_alpha
+            block_dims, block_alphas, alpha, conv_block_dims, conv_block_alphas, conv_dim, conv_alpha, layout=self.layout
         )
+        if lr_weights is not None:
+            lr_weights.bind(self.layout)  # SDXL has 9 blocks a side: a count for SD1/SD2 is an error here
         self._targets: dict[str, nn.Module] = {}
         for t in targets:
-            idx = blocks.block_index(t.name) if t.name.startswith("lora_unet_") else -1
+            idx = self.layout.index(t.name) if t.name.startswith("lora_unet_") else -1
             if t.is_conv3x3:
                 rank, a = (conv_dims[idx], conv_alphas[idx]) if (idx >= 0 and conv_dims) else (conv_dim, conv_alpha)
             elif idx >= 0 and dims is not None:
@@ -63,17 +72,18 @@ class LoRANetwork(nn.Module):
                 rank, a = dim, alpha
             if not rank:
                 continue  # no conv_dim, or a block given rank 0
-            self.add_module(t.name, LoRAModule(t.name, t.module, rank, a, generator, part=t.part))
+            algorithm = LoCon if t.is_conv3x3 else LoRA
+            self.add_module(t.name, algorithm(t.name, t.module, rank, a, generator, part=t.part))
             self._targets[t.name] = t.module
         self.set_dropout(dropout, rank_dropout, module_dropout)
 
     @property
-    def lora_modules(self) -> dict[str, LoRAModule]:
+    def lora_modules(self) -> dict[str, NetworkModule]:
         return dict(self.named_children())
 
     @property
     def is_locon(self) -> bool:
-        return any(isinstance(m.lora_down, nn.Conv2d) and m.lora_down.kernel_size != (1, 1) for m in self.children())
+        return any(isinstance(m, LoCon) for m in self.children())
 
     # -- hooking -----------------------------------------------------------------------------
     def apply(self, targets: dict[str, nn.Module] | None = None) -> None:
@@ -143,7 +153,9 @@ class LoRANetwork(nn.Module):
 
     def load_kohya_state_dict(self, state: dict[str, torch.Tensor], strict: bool = True) -> None:
         """Copy weights in. Not strict (sd-scripts' network_weights): keys on one side only are
-        skipped, but a key on both sides must have the same shape."""
+        skipped, but a key on both sides must have the same shape, and a key of an algorithm LoRA
+        Train cannot load is an error (skipping it would train on something else than the file)."""
+        algorithms.check_keys(state)
         own = self.state_dict()
         unknown = sorted(set(state) - set(own))
         missing = sorted(set(own) - set(state))
@@ -158,31 +170,27 @@ class LoRANetwork(nn.Module):
                 if k in own:
                     own[k].copy_(v.to(own[k].dtype))
         for m in self.children():
-            m.alpha_value = float(m.alpha)
+            m.refresh()
 
     @classmethod
     def from_state_dict(cls, state: dict[str, torch.Tensor], targets: Iterable[Target]) -> "LoRANetwork":
-        """Rebuild a network from a kohya state dict: dims and alphas per module come from the file."""
+        """Rebuild a network from a kohya state dict: each module's algorithm comes from its keys, its
+        rank and alpha from the file. A key no algorithm here loads is an error naming it and the
+        algorithm it belongs to (DoRA, LoHa, ...), never dropped."""
+        algorithms.check_keys(state)
         by_name = {t.name: t for t in targets}
-        modules = {}
-        for key in state:
-            m = KEY_RE.match(key)
-            if m:
-                modules.setdefault(m.group(1), {})[m.group(2)] = state[key]
+        modules = algorithms.group(state)
         unmatched = [n for n in modules if n not in by_name]
         if unmatched:
             raise KeyError(f"{len(unmatched)} modules in the file have no target in this model (first: {unmatched[0]})")
         net = cls([], dim=1)
-        for name, parts in modules.items():
-            down = parts.get("lora_down.weight")
-            if down is None or "lora_up.weight" not in parts:
-                raise KeyError(f"{name}: lora_down/lora_up pair incomplete")
-            alpha = parts.get("alpha")
-            module = LoRAModule(name, by_name[name].module, down.shape[0], float(alpha) if alpha is not None else None,
-                                part=by_name[name].part)
-            net.add_module(name, module)
-            net._targets[name] = by_name[name].module
-        net.load_kohya_state_dict({k: v for k, v in state.items() if KEY_RE.match(k)} | _missing_alphas(net, state))
+        for name, suffixes in modules.items():
+            target = by_name[name]
+            algorithm = algorithms.module_class(name, suffixes, target.module, target.part)
+            weights = {suffix: state[f"{name}.{suffix}"] for suffix in suffixes}
+            net.add_module(name, algorithm.from_weights(name, target.module, weights, part=target.part))
+            net._targets[name] = target.module
+        net.load_kohya_state_dict(dict(state) | _missing_alphas(net, state))
         return net
 
 

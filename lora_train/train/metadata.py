@@ -1,5 +1,6 @@
 """kohya `ss_*` and `modelspec.*` metadata for a saved LoRA. Every value is a string, as sd-scripts
-writes them; unset values are the string "None", also as sd-scripts does."""
+writes them; unset values are the string "None", also as sd-scripts does, except `ss_network_args`,
+which sd-scripts leaves out when there are none."""
 
 from __future__ import annotations
 
@@ -86,7 +87,6 @@ def training_metadata(
         "ss_network_dim": _s(network.dim),
         "ss_network_alpha": _s(network.alpha if network.alpha else network.dim),
         "ss_network_dropout": _s(c.network.network_dropout),
-        "ss_network_args": json.dumps(network_args) if network_args else "None",
         "ss_mixed_precision": c.training.mixed_precision,
         "ss_min_timestep": _s(t.min_timestep),
         "ss_max_timestep": _s(t.max_timestep),
@@ -148,6 +148,8 @@ def training_metadata(
         "ss_vae_hash": "None",
         "ss_new_vae_hash": "None",
     }
+    if network_args:  # sd-scripts leaves the key out when there are none (older LoRA Train files have "None")
+        md["ss_network_args"] = json.dumps(network_args)
     if not train_te:
         md["ss_text_encoder_lr"] = "0"  # how kohya marks a UNet-only run
     if not train_unet:

@@ -1,0 +1,119 @@
+"""Which algorithm a file's module belongs to, read from its key suffixes.
+
+A LoRA file holds `<module name>.<suffix>` keys. Each algorithm LoRA Train can load (a
+`NetworkModule` subclass, one file each) lists the suffixes it owns; a module is built by the first
+algorithm in `ALGORITHMS` whose required keys are there and that trains that target. A key no
+listed algorithm owns is an error naming the key and, when it is known, the algorithm it belongs to:
+dropping it would render a DoRA, LoHa, ... file as something else, silently.
+
+Adding an algorithm is one file (its `NetworkModule` subclass) and one entry in `ALGORITHMS`; its
+suffixes then stop being reported by `NOT_YET`.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+from torch import nn
+
+from lora_train.errors import UserError
+from lora_train.network.locon import LoCon
+from lora_train.network.lora import LoRA
+from lora_train.network.module import NetworkModule
+
+# The first algorithm that claims a module's keys (`claims`) and trains its target (`accepts`) builds it: LoRA and LoCon
+# share their keys and split the targets (LoCon: convs with a kernel larger than 1x1).
+ALGORITHMS: tuple[type[NetworkModule], ...] = (LoRA, LoCon)
+
+# Suffixes of algorithms LoRA Train cannot load yet (LyCORIS' module classes, kohya's OFT, and what
+# the WebUI's network_*.py loaders claim), with what they belong to.
+NOT_YET: dict[str, str] = {
+    "dora_scale": "DoRA",
+    **dict.fromkeys(("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"), "LoHa"),
+    **dict.fromkeys(("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t1", "lokr_t2"), "LoKr"),
+    # kohya's OFT and LyCORIS' diagonal OFT / BOFT write oft_blocks; older LyCORIS wrote oft_diag
+    **dict.fromkeys(("oft_blocks", "oft_diag", "rescale"), "OFT"),
+    **dict.fromkeys(("diff", "diff_b"), "full fine-tuning (LyCORIS full)"),
+    **dict.fromkeys(("weight", "on_input"), "IA3"),
+    **dict.fromkeys(("a1.weight", "a2.weight", "b1.weight", "b2.weight", "bm.weight"), "GLoRA"),
+    **dict.fromkeys(("w_norm", "b_norm"), "norm layer training (LyCORIS norm)"),
+    "lora_mid.weight": "LoCon with Tucker/CP decomposition",
+    **dict.fromkeys(("lora_A.weight", "lora_B.weight"), "LoRA in PEFT/diffusers key names (lora_A/lora_B)"),
+    "scale": "a per-module scale that overrides alpha/rank",
+    "bias": "a bias difference",
+}
+UNKNOWN = "no network algorithm LoRA Train knows"
+BUNDLED_EMBEDDING = "bundle_emb."  # the WebUI's textual-inversion embeddings bundled in a LoRA file
+
+
+class UnsupportedKeyError(UserError, KeyError):
+    """A file key LoRA Train cannot load. A KeyError (what loaders of a file that does not fit catch)
+    and a UserError (what the CLI and UI print without a traceback)."""
+
+    def __str__(self) -> str:  # KeyError's str() would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+def split_key(key: str) -> tuple[str, str]:
+    """(module name, suffix) of a file key: `lora_unet_x.lora_down.weight` -> (`lora_unet_x`, `lora_down.weight`)."""
+    name, _, suffix = key.partition(".")
+    return name, suffix
+
+
+def owner(suffix: str) -> type[NetworkModule] | None:
+    return next((cls for cls in ALGORITHMS if suffix in cls.suffixes), None)
+
+
+def what_owns(key: str) -> str | None:
+    """What a key belongs to when no algorithm LoRA Train loads owns it (None when one does)."""
+    if key.startswith(BUNDLED_EMBEDDING):
+        return "a bundled textual-inversion embedding"
+    name, suffix = split_key(key)
+    if name and owner(suffix) is not None:
+        return None
+    return NOT_YET.get(suffix, UNKNOWN)
+
+
+def unsupported(key: str, kind: str, others: int = 0) -> UnsupportedKeyError:
+    more = f" ({others} more key{'s' if others != 1 else ''} like it)" if others else ""
+    known = ", ".join(cls.algorithm for cls in ALGORITHMS)
+    if kind == UNKNOWN:
+        return UnsupportedKeyError(f"key '{key}' belongs to {kind} (it loads {known}){more}")
+    return UnsupportedKeyError(f"key '{key}' belongs to {kind}, which LoRA Train cannot load yet (it loads {known}){more}")
+
+
+def check_keys(keys: Iterable[str]) -> None:
+    """Raise for the first key no loadable algorithm owns, naming it and what it belongs to."""
+    bad = [(k, kind) for k in keys if (kind := what_owns(k)) is not None]
+    if bad:
+        # name a known algorithm rather than an unknown key when a file has both
+        key, kind = min(bad, key=lambda b: b[1] == UNKNOWN)
+        raise unsupported(key, kind, len(bad) - 1)
+
+
+def group(state: Iterable[str]) -> dict[str, set[str]]:
+    """The suffixes of each module in a file's keys."""
+    modules: dict[str, set[str]] = {}
+    for key in state:
+        name, suffix = split_key(key)
+        modules.setdefault(name, set()).add(suffix)
+    return modules
+
+
+def module_class(name: str, suffixes: set[str], org: nn.Module, part: str | None = None) -> type[NetworkModule]:
+    """The algorithm that builds module `name` from its file keys `suffixes`, on target `org`."""
+    for cls in ALGORITHMS:
+        if cls.claims(suffixes) and cls.accepts(org, part):
+            extra = sorted(suffixes - set(cls.suffixes))
+            check_keys(f"{name}.{s}" for s in extra)
+            if extra:  # keys of another algorithm LoRA Train loads
+                raise UnsupportedKeyError(f"key '{name}.{extra[0]}' is {owner(extra[0]).algorithm}'s, but {name} also has "
+                                          f"{cls.algorithm}'s keys: one module holds one algorithm")
+            return cls
+    check_keys(f"{name}.{s}" for s in sorted(suffixes))
+    partial = next((cls for cls in ALGORITHMS if suffixes & set(cls.suffixes) and cls.accepts(org, part)), None)
+    if partial is not None:
+        needs = [s for s in partial.suffixes if s not in partial.optional]
+        missing = [s for s in needs if s not in suffixes]
+        raise KeyError(f"{name}: {' and '.join(missing)} missing ({partial.algorithm} needs {' and '.join(needs)})")
+    raise KeyError(f"{name}: no algorithm LoRA Train loads trains a {type(org).__name__} ({', '.join(cls.algorithm for cls in ALGORITHMS)})")

@@ -1,0 +1,146 @@
+"""What every network algorithm's module shares: its kohya name, multiplier, alpha and scale, sd-scripts'
+three dropouts, and attaching to its target.
+
+A module never replaces the host module: `attach` registers a forward hook and `detach` removes it,
+so module names, weights and the host's own LoRA patching are untouched. A q/k/v/out part of a fused
+`nn.MultiheadAttention` joins that attention's own forward instead (`network/fused.py`).
+
+An algorithm (one file each: `lora.py`, `locon.py`, ...) subclasses `NetworkModule` and gives:
+- `suffixes` (and `optional`, `claims`): the state-dict keys it owns under the module's name
+  (`lora_down.weight`, ...), which is how `network/algorithms.py` tells which algorithm a file's
+  module belongs to, and `from_weights` to build a module shaped for a file's weights;
+- `accepts(target)`: which target modules it trains;
+- `forward_delta(x)`: what it adds to the target's output for input `x` (the training and sampling
+  path; it must stay as cheap as the algorithm allows, never a materialised weight when a
+  low-rank path exists);
+- `delta()`: the change it makes to the target's WEIGHT, shaped like that weight (for a fused
+  attention part, like that part's [embed_dim, embed_dim] slice), scale and multiplier included,
+  so that target(x) with the module == the target with `weight + delta()` for every input. Fused
+  attention, block weights, merging and resizing build on it for every algorithm.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from lora_train.network import fused
+
+
+def target_weight_shape(org: nn.Module) -> torch.Size:
+    """The shape of the weight a module on `org` changes: for a fused attention's q/k/v/out part, its
+    [embed_dim, embed_dim] slice (`fused.part_weight`)."""
+    if isinstance(org, nn.MultiheadAttention):
+        return torch.Size((org.embed_dim, org.embed_dim))
+    return org.weight.shape
+
+
+class NetworkModule(nn.Module):
+    algorithm: ClassVar[str] = "?"  # the name users know it by, used in messages
+    suffixes: ClassVar[tuple[str, ...]] = ()  # state-dict keys under the module name; `alpha` included
+    optional: ClassVar[tuple[str, ...]] = ("alpha",)  # of those, the ones a file may leave out
+
+    def __init__(self, name: str, org: nn.Module, dim: int, alpha: float | None, part: str | None = None):
+        super().__init__()
+        if isinstance(org, nn.MultiheadAttention) and part not in fused.PARTS:
+            raise TypeError(f"{name}: a MultiheadAttention target needs its part (q, k, v or out)")
+        if not self.accepts(org, part):
+            raise TypeError(f"{name}: {self.algorithm} does not train a {type(org).__name__}{self._kernel_text(org)}")
+        self.lora_name = name
+        self.lora_dim = int(dim)
+        self.part = part  # "q" | "k" | "v" | "out" when `org` is a fused MultiheadAttention
+        self.target_shape = target_weight_shape(org)
+        if alpha is None or alpha == 0:
+            alpha = dim  # sd-scripts: no alpha means scale 1
+        self.register_buffer("alpha", torch.tensor(float(alpha)))
+        self.alpha_value = float(alpha)  # a Python copy: reading the buffer each step would sync a GPU
+        self.multiplier = 1.0
+        # sd-scripts' dropouts, active only in training mode; masks come from `dropout_generator`
+        # (set by the network) so the host's global RNG is never consumed
+        self.dropout: float | None = None
+        self.rank_dropout: float | None = None
+        self.module_dropout: float | None = None
+        self.dropout_generator: torch.Generator | None = None
+        self._handle = None
+
+    # -- what an algorithm defines -------------------------------------------------------------
+    @classmethod
+    def claims(cls, suffixes: set[str]) -> bool:
+        """Whether a module's file keys (their suffixes) are this algorithm's."""
+        return set(cls.suffixes) - set(cls.optional) <= suffixes
+
+    @classmethod
+    def accepts(cls, org: nn.Module, part: str | None = None) -> bool:
+        """Whether this algorithm trains `org` (a q/k/v/out `part` of it, for a fused attention)."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_weights(cls, name: str, org: nn.Module, weights: dict[str, torch.Tensor], part: str | None = None) -> "NetworkModule":
+        """A module shaped for a file's weights of this algorithm (`weights` by suffix); the values
+        are copied in afterwards."""
+        raise NotImplementedError
+
+    def forward_delta(self, x: torch.Tensor) -> torch.Tensor | None:
+        """What the module adds to its target's output for input `x`, or None when module dropout
+        skips it this time."""
+        raise NotImplementedError
+
+    def delta(self) -> torch.Tensor:
+        """The change to the target's weight (shaped like it), scale and multiplier included."""
+        raise NotImplementedError
+
+    # -- shared --------------------------------------------------------------------------------
+    @property
+    def scale(self) -> float:
+        return self.alpha_value / self.lora_dim
+
+    def refresh(self) -> None:
+        """Re-read Python copies of buffers after their values were copied in."""
+        self.alpha_value = float(self.alpha)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.refresh()
+
+    def _rand(self, shape, device) -> torch.Tensor:
+        return torch.rand(shape, generator=self.dropout_generator).to(device)
+
+    def _skipped(self) -> bool:
+        """sd-scripts' module dropout: in training, leave the whole module out this time."""
+        return bool(self.training and self.module_dropout and float(self._rand((1,), "cpu")) < self.module_dropout)
+
+    def _hook(self, module, args, output):
+        delta = self.forward_delta(args[0])
+        return output if delta is None else output + delta.to(output.dtype)
+
+    def attach(self, org: nn.Module) -> None:
+        if self._handle is not None:
+            raise RuntimeError(f"{self.lora_name} is already attached")
+        if self.part is not None:
+            fused.attach(org, self.part, self)
+            self._handle = _FusedHandle(org, self.part)
+        else:
+            self._handle = org.register_forward_hook(self._hook)
+
+    def detach(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    @property
+    def attached(self) -> bool:
+        return self._handle is not None
+
+    @staticmethod
+    def _kernel_text(org: nn.Module) -> str:
+        return f" with a {'x'.join(map(str, org.kernel_size))} kernel" if isinstance(org, nn.Conv2d) else ""
+
+
+class _FusedHandle:
+    def __init__(self, mha: nn.MultiheadAttention, part: str):
+        self.mha, self.part = mha, part
+
+    def remove(self) -> None:
+        fused.detach(self.mha, self.part)
