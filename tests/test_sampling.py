@@ -343,3 +343,23 @@ def test_sample_command_rejects_a_lora_for_another_model(tiny_adapter, tmp_path,
     with pytest.raises(UserError, match="does not fit this model"):
         sample_command("builtin:tiny", [(str(bad), 1.0)], "a cat", output_dir=tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_sample_and_grid_refuse_a_dora_file_naming_file_key_and_algorithm(tiny_adapter, lora_file, tmp_path, monkeypatch):
+    """A DoRA magnitude is not dropped: the file would render as plain LoRA."""
+    from safetensors.torch import load_file
+
+    from lora_train.model import registry
+    from lora_train.sample.grid import render_grid
+
+    monkeypatch.setattr(registry, "load_adapter", lambda spec: tiny_adapter)
+    tensors = load_file(str(lora_file))
+    name = next(k for k in tensors if k.endswith(".lora_up.weight")).partition(".")[0]
+    tensors[f"{name}.dora_scale"] = torch.ones(tensors[f"{name}.lora_up.weight"].shape[0], 1)
+    dora = save_lora(tmp_path / "dora.safetensors", tensors, {})
+    for attempt in (lambda: sample_command("builtin:tiny", [(str(dora), 1.0)], "a cat", output_dir=tmp_path / "out"),
+                    lambda: render_grid(tiny_adapter, [dora], [1.0], "a cat", 1, tmp_path / "grid.png", size=64, steps=1)):
+        with pytest.raises(UserError) as e:
+            attempt()
+        assert "dora.safetensors" in str(e.value) and f"{name}.dora_scale" in str(e.value) and "DoRA" in str(e.value)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "grid.png").exists()

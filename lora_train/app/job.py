@@ -20,7 +20,7 @@ from lora_train.host.base import Host
 from lora_train.model.adapter import ModelAdapter
 from lora_train.network.blocks import LrWeights
 from lora_train.network.files import load_lora
-from lora_train.network.network import LoRANetwork
+from lora_train.network.network import LoRANetwork, network_from_file
 from lora_train.train.config import TrainConfig
 from lora_train.train.loop import Trainer
 
@@ -64,13 +64,11 @@ def build_network(config: TrainConfig, adapter: ModelAdapter, seed: int) -> LoRA
         targets = [t for t in targets if t.name.startswith("lora_unet_")]
     elif n.network_train_text_encoder_only:
         targets = [t for t in targets if not t.name.startswith("lora_unet_")]
-    weights = None
-    if n.network_weights:
-        weights, _ = load_lora(n.network_weights)
-    if weights is not None and n.dim_from_weights:
+    if n.network_weights and n.dim_from_weights:
         # sd-scripts' dim_from_weights: every module's rank and alpha come from the file
-        network = LoRANetwork.from_state_dict(weights, targets)
+        network = network_from_file(n.network_weights, targets)
     else:
+        weights = load_lora(n.network_weights)[0] if n.network_weights else None
         lr_weights = LrWeights(n.down_lr_weight, n.mid_lr_weight, n.up_lr_weight, n.block_lr_zero_threshold)
         network = LoRANetwork(
             targets, n.network_dim or 4, n.network_alpha, n.conv_dim, n.conv_alpha if n.conv_alpha is not None else 1.0, seed=seed,

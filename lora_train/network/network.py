@@ -196,3 +196,17 @@ class LoRANetwork(nn.Module):
 
 def _missing_alphas(net: LoRANetwork, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {f"{n}.alpha": m.alpha.clone() for n, m in net.lora_modules.items() if f"{n}.alpha" not in state}
+
+
+def network_from_file(path, targets: Iterable[Target]) -> "LoRANetwork":
+    """A network rebuilt from a LoRA file (ranks and alphas from the file) over `targets`; a file
+    that does not fit this model, or holds an algorithm LoRA Train cannot load, names itself."""
+    from lora_train.errors import UserError
+    from lora_train.network.files import load_lora
+
+    tensors, _ = load_lora(path)
+    try:
+        return LoRANetwork.from_state_dict(tensors, targets)
+    except KeyError as e:
+        raise UserError(f"'{path}' does not fit this model: {e.args[0] if e.args else e}") from e
+

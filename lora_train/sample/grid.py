@@ -10,8 +10,7 @@ def render_grid(adapter, files: list[Path], weights: list[float], prompt: str, s
                 steps: int = 20) -> Path:
     from PIL import Image, ImageDraw
 
-    from lora_train.network.files import load_lora
-    from lora_train.network.network import LoRANetwork
+    from lora_train.network.network import network_from_file
     from lora_train.sample.render import render_batch
 
     targets = adapter.lora_targets(conv=True)
@@ -21,8 +20,7 @@ def render_grid(adapter, files: list[Path], weights: list[float], prompt: str, s
     for j, w in enumerate(weights):
         draw.text((label_w + j * size + 4, 6), f"weight {w:g}", fill="black")
     for i, path in enumerate(files):
-        tensors, _ = load_lora(path)
-        net = LoRANetwork.from_state_dict(tensors, targets).to(adapter.device)
+        net = network_from_file(path, targets).to(adapter.device)
         draw.text((4, head_h + i * size + size // 2 - 6), Path(path).stem[-24:], fill="black")
         try:
             net.apply()

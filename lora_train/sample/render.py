@@ -13,7 +13,6 @@ from pathlib import Path
 
 import torch
 
-from lora_train.errors import UserError
 from lora_train.sample.prompts import MAX_STEPS, SamplePrompt
 from lora_train.sample.samplers import SAMPLER_LABELS, guided_eps, resolve_sampler, run_sampler
 
@@ -229,17 +228,12 @@ def sample_with_loras(
     negative: str = "",
 ) -> list[Path]:
     """Render `n` images with seeds seed..seed+n-1, LoRAs applied (the `sample` command's work)."""
-    from lora_train.network.files import load_lora
-    from lora_train.network.network import LoRANetwork
+    from lora_train.network.network import network_from_file
 
     targets = adapter.lora_targets(conv=True)
     networks = []
     for path, weight in loras:
-        tensors, _metadata = load_lora(path)
-        try:
-            net = LoRANetwork.from_state_dict(tensors, targets).to(adapter.device)
-        except KeyError as e:
-            raise UserError(f"'{path}' does not fit this model: {e.args[0] if e.args else e}") from e
+        net = network_from_file(path, targets).to(adapter.device)
         net.set_multiplier(float(weight))
         networks.append((Path(path).stem, float(weight), net))
     if seed is None:

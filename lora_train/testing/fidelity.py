@@ -210,11 +210,9 @@ def held_out_loss(adapter, scene_list, seed: int) -> float:
 
 
 def _load_network(path: Path, adapter):
-    from lora_train.network.files import load_lora
-    from lora_train.network.network import LoRANetwork
+    from lora_train.network.network import network_from_file
 
-    tensors, _ = load_lora(path)
-    return LoRANetwork.from_state_dict(tensors, adapter.lora_targets(conv=True)).to(adapter.device)
+    return network_from_file(path, adapter.lora_targets(conv=True)).to(adapter.device)
 
 
 def evaluate_file(path: Path, epoch: int, adapter, opts: FidelityOptions) -> tuple[EpochResult, dict]:

@@ -44,11 +44,13 @@ class NetworkConfig:
     conv_alpha: Optional[float] = None
     rank_dropout: Optional[float] = None
     module_dropout: Optional[float] = None
-    block_dims: Optional[str] = None  # 25 comma-separated values for SD1/SD2 (IN00-IN11, MID, OUT00-OUT11)
+    # 25 comma-separated values for SD1/SD2 (IN00-IN11, MID, OUT00-OUT11), 23 for SDXL (BASE, IN00-IN08,
+    # MID00-MID02, OUT00-OUT08, OUT)
+    block_dims: Optional[str] = None
     block_alphas: Optional[str] = None
     conv_block_dims: Optional[str] = None
     conv_block_alphas: Optional[str] = None
-    down_lr_weight: Optional[str] = None  # 12 values or a preset: sine, cosine, linear, reverse_linear, zeros (+offset)
+    down_lr_weight: Optional[str] = None  # 12 values (9 on SDXL) or a preset: sine, cosine, linear, reverse_linear, zeros (+offset)
     mid_lr_weight: Optional[float] = None
     up_lr_weight: Optional[str] = None
     block_lr_zero_threshold: float = 0.0
