@@ -76,7 +76,8 @@ def layer_violations(package: Path = PACKAGE) -> list[str]:
 
 
 def test_layers_import_downward_only():
-    assert layer_violations() == []
+    bad = layer_violations()
+    assert not bad, "imports against the map's one-way rule:\n" + "\n".join(bad)
 
 
 def test_the_layer_check_sees_imports_in_functions_and_every_forbidden_direction(tmp_path):

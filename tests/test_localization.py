@@ -114,7 +114,9 @@ def _webui_labels(path: Path) -> set[str]:
 
 
 def _needed(recorded: set[str]) -> set[str]:
-    needed = set(recorded) | {"LoRA Train"} | set(chart.PHASE_LABELS.values())
+    from lora_train.ui.tab import END_MESSAGES
+
+    needed = set(recorded) | {"LoRA Train", chart.STOPPING} | set(chart.PHASE_LABELS.values()) | set(END_MESSAGES.values())
     needed |= set(form.HELP.values()) | set(form.SECTION_TITLES.values())
     for path in UI_SOURCES:
         needed |= _t_literals(path)

@@ -69,7 +69,9 @@ def test_run_publishes_every_save_with_card_preview_and_self_test(host, data, ti
         assert (lora_dir / f"{stem}.preview.png").is_file()
         with safe_open(str(lora_dir / f"{stem}.safetensors"), "pt") as f:
             meta = f.metadata()
-        assert meta["ss_output_name"] == stem and meta["ss_base_model_version"] == "sd_v1"
+        # every epoch file carries the run's name, as sd-scripts writes it; ss_epoch tells them apart
+        assert meta["ss_output_name"] == meta["modelspec.title"] == "runlora" and meta["ss_base_model_version"] == "sd_v1"
+        assert meta["ss_epoch"] == ("1" if stem.endswith("-000001") else "2")
     assert len(run.checks) == 2 and all("every module matched" in c for c in run.checks.values())
     assert not list(lora_dir.rglob("*.pt")), "state files must stay out of the LoRA folder"
     assert (Path(run.work_dir) / "runlora.toml").is_file() and (Path(run.work_dir) / "runlora-loss.csv").is_file()
@@ -110,6 +112,9 @@ def test_stop_save_now_and_resume_continue_the_same_run(host, data, tiny_model):
     assert manager.wait(120)
     run = manager.run(queued.id)
     assert run.phase == "cancelled"
+    # the stopped run's status is about the stop only: when, and nothing of the running or stopping run
+    assert run.ended_at and not run.stopping and run.eta_seconds is None
+    assert not [m for m in run.messages if "stopping" in m.lower()], run.messages
     names = sorted(Path(p).name for p in run.published)
     assert any(n.startswith("runlora-step") for n in names) and "runlora-interrupted.safetensors" in names
     assert run.resume_state and Path(run.resume_state).is_dir()
@@ -132,7 +137,12 @@ def test_stop_save_now_and_resume_continue_the_same_run(host, data, tiny_model):
     trained = runs[0][1] + runs[1][1]
     assert trained == list(range(1, 7)), "resume continues after the last trained step, no step twice"
     assert [s for s, _ in done.losses] == trained, "the resumed run shows the whole loss history"
-    assert set(run.published) <= set(done.published)
+    # the finished run replaces its interrupted save: gone from the LoRA folder and the list, kept in the work folder
+    interrupted = [p for p in run.published if "-interrupted" in p]
+    assert set(run.published) - set(interrupted) <= set(done.published)
+    assert not [p for p in done.published if "-interrupted" in p], done.published
+    assert not list(host.lora_dir().glob("runlora-interrupted*")), sorted(p.name for p in host.lora_dir().iterdir())
+    assert (Path(done.work_dir) / "runlora-interrupted.safetensors").is_file()
     assert done.step == 6
     assert manager.run(second.id).phase == "finished", "Resume un-pauses the queue"
     assert (host.lora_dir() / "runlora.safetensors").is_file()

@@ -70,6 +70,50 @@ def test_loss_chart_and_status_show_the_run():
     assert 'width:25.0%' in html
 
 
+def test_status_tells_the_current_state_only():
+    import time
+
+    t = Translator()
+    ended = time.mktime((2026, 12, 4, 21, 7, 5, 0, 0, -1))
+    base = dict(id="run-1", name="grntri", step=13, total_steps=460, epoch=1, epochs=4, losses=[(13, 0.2)], steps_per_second=2.0)
+    stopping = chart.status_html(RunStatus(phase="training", eta_seconds=6.0, stopping=True, **base), t)
+    assert "Stopping: saving after the current step" in stopping and "Training in progress" not in stopping
+    assert "ETA" not in stopping, "no ETA once Stop was pressed"
+    for phase, label in (("cancelled", "Stopped by user"), ("finished", "Training finished"), ("failed", "Training failed")):
+        html = chart.status_html(RunStatus(phase=phase, ended_at=ended, **base), t)
+        assert label in html and "Ended" in html and "21:07:05" in html, phase
+        assert "ETA" not in html and "it/s" not in html and "stopping" not in html.lower(), phase
+
+
+def test_the_start_message_becomes_how_the_run_ended():
+    import time
+
+    from lora_train.ui.tab import _message, _message_after
+
+    class Manager:
+        def __init__(self, run):
+            self.r = run
+
+        def run(self, run_id):
+            if run_id != self.r.id:
+                raise KeyError(run_id)
+            return self.r
+
+    ended = time.mktime((2026, 12, 4, 21, 7, 5, 0, 0, -1))
+    started = _message("Started: grntri", run_id="run-3")
+    running = RunStatus(id="run-3", name="grntri", phase="training")
+    assert _message_after(started, Manager(running), Translator()) is None, "still running: the message stays"
+    assert _message_after(_message("a folder error", True), Manager(running), Translator()) is None, "not about a run"
+    for phase, text, zh in (("finished", "Finished: grntri (21:07:05)", "已完成: grntri (21:07:05)"),
+                            ("cancelled", "Stopped: grntri (21:07:05)", "已停止: grntri (21:07:05)"),
+                            ("failed", "Failed: grntri (21:07:05)", "失败: grntri (21:07:05)")):
+        run = RunStatus(id="run-3", name="grntri", phase=phase, ended_at=ended)
+        after = _message_after(started, Manager(run), Translator())
+        assert text in after and "Started" not in after and 'data-run=""' in after
+        assert zh in _message_after(started, Manager(run), Translator("zh_CN"))
+        assert ('data-error="1"' in after) == (phase == "failed")
+
+
 def test_bucket_bounds_follow_a_small_resolution():
     from lora_train.ui.tab import _fit_buckets
 

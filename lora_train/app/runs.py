@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import itertools
+import re
 import threading
 import time
 import traceback
@@ -23,7 +24,7 @@ from typing import Callable, Optional
 from lora_train.app.guard import guard_config
 from lora_train.errors import UserError
 from lora_train.host.base import Host
-from lora_train.network.card import SD_VERSION, Card, free_stem, publish, set_preview, unique_name
+from lora_train.network.card import SD_VERSION, Card, free_stem, publish, set_preview, unique_name, unpublish
 from lora_train.network.selftest import check_failed
 from lora_train.train import events as ev
 from lora_train.train.config import TrainConfig
@@ -60,6 +61,12 @@ class RunStatus:
     error: str = ""
     work_dir: str = ""
     resume_state: Optional[str] = None  # the state folder Resume continues from
+    stopping: bool = False  # Stop was pressed; the run saves after the current step
+    ended_at: Optional[float] = None  # time.time() when it finished, stopped, failed or was refused
+
+    @property
+    def ended(self) -> bool:
+        return self.phase in ENDED
 
     @property
     def last_loss(self) -> Optional[float]:
@@ -124,7 +131,7 @@ class RunManager:
             if self._current is None:
                 return False
             self._cancel.set()
-            self._current.messages.append("stopping after the current step ...")
+            self._current.stopping = True
             return True
 
     def save_now(self) -> bool:
@@ -143,7 +150,7 @@ class RunManager:
         with self._lock:
             n = len(self._queue)
             for status, _ in self._queue:
-                status.phase, status.error = "cancelled", "removed from the queue"
+                status.phase, status.error, status.ended_at = "cancelled", "removed from the queue", time.time()
             self._queue.clear()
             return n
 
@@ -219,6 +226,8 @@ class RunManager:
                 self._run_one(status, request)
             finally:
                 with self._lock:
+                    # the status tells the state the run ended in, and when; nothing of the running one
+                    status.stopping, status.eta_seconds, status.ended_at = False, None, time.time()
                     self._current = None
                     self._trainer = None
                     self._idle.notify_all()
@@ -270,11 +279,27 @@ class RunManager:
             status.error = f"{type(e).__name__}: {e}"
             status.messages.append(traceback.format_exc(limit=8))
         finally:
+            if status.phase == "finished":
+                self._drop_interrupted(status)
             if trainer is not None and trainer.last_save is not None and status.phase in ("failed", "cancelled"):
                 publisher.publish(trainer.last_save)
                 state = trainer.last_save.with_name(trainer.last_save.stem + "-state")
                 if state.is_dir():
                     status.resume_state = str(state)
+
+    def _drop_interrupted(self, status: RunStatus) -> None:
+        """A run that finished after a Resume: its `-interrupted` saves leave the LoRA folder (the work
+        folder keeps them) and the file list; only the finished run's files are offered."""
+        stale = [p for p in status.published if re.fullmatch(rf"{re.escape(status.name)}-interrupted(_\d+)?", Path(p).stem)]
+        if not stale:
+            return
+        for path in stale:
+            unpublish(Path(path))
+        with self._lock:
+            status.published = [p for p in status.published if p not in stale]
+            for path in stale:
+                status.checks.pop(path, None)
+        self.host.lora_files_changed()
 
     def _observe(self, status: RunStatus, e) -> None:
         with self._lock:
@@ -297,7 +322,7 @@ class RunManager:
             elif isinstance(e, ev.Samples):
                 status.previews += e.paths
             elif isinstance(e, ev.Finished):
-                status.phase, status.eta_seconds = "finished", 0.0
+                status.phase = "finished"
             elif isinstance(e, ev.Cancelled):
                 status.phase = "cancelled"
             elif isinstance(e, ev.Failed):

@@ -76,6 +76,9 @@ class Host:
         loads there. Returns messages for the user (unmatched keys, ...)."""
         return []
 
+    def lora_files_changed(self) -> None:
+        """Files were removed from `lora_dir()`: refresh the host's list of LoRA files."""
+
     def xyz_grid(self, files: list[Path], weights: list[float], prompt: str, seed: int, out: Path) -> Optional[Path]:
         """Render an epochs x weights comparison grid; None when the host cannot."""
         return None

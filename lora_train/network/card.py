@@ -83,6 +83,17 @@ def publish(src: Path, folder: Path, stem: str, card: Card) -> Path:
     return dst
 
 
+def unpublish(lora: Path) -> list[Path]:
+    """Remove a published LoRA with its card and preview; the paths removed."""
+    lora = Path(lora)
+    gone = []
+    for path in (lora, lora.with_suffix(".json"), lora.with_name(lora.stem + ".preview.png")):
+        if path.is_file():
+            path.unlink()
+            gone.append(path)
+    return gone
+
+
 def set_preview(lora: Path, image_path: Path) -> Path:
     """`<stem>.preview.png` beside the LoRA (the card's image in the WebUI): a copy of a PNG sample."""
     dst = lora.with_name(lora.stem + ".preview.png")

@@ -115,7 +115,7 @@ class Trainer:
         if not getattr(self, "dist", Distributed()).is_main:
             return path  # rank 0 writes; every rank holds the same weights
         dtype = SAVE_DTYPES[self.config.saving.save_precision]
-        metadata = save_time_metadata(self.metadata, self.epoch, self.step, name)
+        metadata = save_time_metadata(self.metadata, self.epoch, self.step)
         path = save_lora(path, self.network.kohya_state_dict(dtype), metadata)
         if with_state:
             save_state(self.output_dir / f"{name}-state", self._state(), {"step": self.step, "epoch": self.epoch,

@@ -172,11 +172,12 @@ def training_metadata(
     return md
 
 
-def save_time_metadata(metadata: dict[str, str], epoch: int, step: int, output_name: str) -> dict[str, str]:
+def save_time_metadata(metadata: dict[str, str], epoch: int, step: int) -> dict[str, str]:
+    """What differs between the saves of one run. ss_output_name and modelspec.title stay the run's
+    name in every file (epoch, step and interrupted saves alike), as sd-scripts writes them: tools
+    group a run's epochs by it."""
     out = dict(metadata)
     out["ss_training_finished_at"] = _s(time.time())
     out["ss_steps"] = _s(step)
     out["ss_epoch"] = _s(epoch)
-    out["ss_output_name"] = output_name
-    out["modelspec.title"] = output_name
     return out

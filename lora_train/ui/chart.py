@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import html
 import math
+import time
 from pathlib import Path
 from typing import Optional
 
+from lora_train.app.runs import ENDED
 from lora_train.network.selftest import check_failed
 
 
@@ -70,19 +72,32 @@ PHASE_LABELS = {
 }
 
 
+STOPPING = "Stopping: saving after the current step"
+
+
+def ended_time(at: Optional[float]) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(at)) if at else "-"
+
+
 def status_html(status, t, queued: list[str] | None = None, paused: bool = False) -> str:
     if status is None:
         return f'<div id="lora_train_state" data-phase="idle">{html.escape(t("Idle: set a dataset folder and press Start."))}</div>'
     phase = status.phase
+    ended = phase in ENDED
+    state = STOPPING if status.stopping and not ended else PHASE_LABELS.get(phase, phase)
     rows = [
         (t("Run name"), status.name),
-        (t("State"), t(PHASE_LABELS.get(phase, phase))),
+        (t("State"), t(state)),
         (t("Step"), f"{status.step} / {status.total_steps or '?'}"),
         (t("Epoch"), f"{status.epoch} / {status.epochs or '?'}"),
-        (t("Speed"), f"{status.steps_per_second:.2f} it/s" if status.steps_per_second else "-"),
-        (t("ETA"), _fmt_time(status.eta_seconds)),
-        (t("Loss"), f"{status.last_loss:.4f}" if status.last_loss is not None else "-"),
+        (t("Speed"), f"{status.steps_per_second:.2f} it/s" if status.steps_per_second and not ended else "-"),
     ]
+    # only what is true now: an ETA while training goes on, the time it ended once it has
+    if ended:
+        rows.append((t("Ended"), ended_time(status.ended_at)))
+    elif phase == "training" and not status.stopping:
+        rows.append((t("ETA"), _fmt_time(status.eta_seconds)))
+    rows.append((t("Loss"), f"{status.last_loss:.4f}" if status.last_loss is not None else "-"))
     if queued:
         rows.append((t("Queued"), ", ".join(queued) + (f" ({t('queue paused')})" if paused else "")))
     pct = 100.0 * status.step / status.total_steps if status.total_steps else 0.0

@@ -4,6 +4,7 @@ render it; everything it does goes through a RunManager and a Host."""
 from __future__ import annotations
 
 import html
+import re
 from pathlib import Path
 from typing import Optional
 
@@ -20,9 +21,29 @@ NETWORK_TYPES = ("LoRA", "LoCon")
 DEFAULT_WEIGHTS = "1, 0.75, 0.5, 0.25, 0"
 
 
-def _message(text: str, error: bool = False) -> str:
+def _message(text: str, error: bool = False, run_id: str = "") -> str:
+    """The message under the buttons. One about a run (Started, Queued, Resuming, Stopping) carries its
+    id, so the refresh can replace it with how the run ended."""
     cls = "lora-train-error" if error else "lora-train-note"
-    return f'<div class="{cls}" data-error="{int(error)}">{html.escape(text)}</div>'
+    return f'<div class="{cls}" data-error="{int(error)}" data-run="{html.escape(run_id)}">{html.escape(text)}</div>'
+
+
+_MESSAGE_RUN = re.compile(r'data-run="([^"]+)"')
+END_MESSAGES = {"finished": "Finished", "cancelled": "Stopped", "failed": "Failed", "refused": "Cannot start"}
+
+
+def _message_after(message_html: str, manager: RunManager, t) -> Optional[str]:
+    """The message once the run it speaks of has ended (how, and when), else None (leave it)."""
+    m = _MESSAGE_RUN.search(message_html or "")
+    if not m:
+        return None
+    try:
+        run = manager.run(html.unescape(m.group(1)))
+    except KeyError:
+        return None
+    if not run.ended:
+        return None
+    return _message(f"{t(END_MESSAGES[run.phase])}: {run.name} ({chart.ended_time(run.ended_at)})", error=run.phase in ("failed", "refused"))
 
 
 def _fit_buckets(config) -> None:
@@ -203,12 +224,15 @@ def create_train_tab(manager: RunManager, host: Host, t: Optional[Translator] = 
                 _, request = build(values)
                 s = manager.submit(request, start=start_now)
                 what = t("Started") if start_now else t("Queued")
-                return _message(f"{what}: {s.name}")
+                return _message(f"{what}: {s.name}", run_id=s.id)
             except UserError as e:
                 return _message(str(e), True)
 
         def on_stop():
-            return _message(t("Stopping: the run saves and publishes its last state.") if manager.stop() else t("Nothing is running."))
+            current = manager.latest()
+            if not manager.stop():
+                return _message(t("Nothing is running."))
+            return _message(t("Stopping: the run saves and publishes its last state."), run_id=current.id if current else "")
 
         def on_save_now():
             return _message(t("A save is written after the current step.") if manager.save_now() else t("Nothing is running."))
@@ -216,18 +240,19 @@ def create_train_tab(manager: RunManager, host: Host, t: Optional[Translator] = 
         def on_resume():
             try:
                 s = manager.resume()
-                return _message(f"{t('Resuming')}: {s.name}")
+                return _message(f"{t('Resuming')}: {s.name}", run_id=s.id)
             except UserError as e:
                 return _message(str(e), True)
 
-        def on_refresh():
+        def on_refresh(message_html):
             snap = manager.snapshot()
             current = snap["latest"]
             previews_value = [(p, _preview_caption(p, t)) for p in (current.previews[-8:] if current else [])]
             return (_model_html(host, t), chart.status_html(current, t, snap["queue"], snap["paused"]),
                     chart.loss_chart(current.losses if current else [], t),
                     previews_value,
-                    chart.files_html(current, t))
+                    chart.files_html(current, t),
+                    _message_after(message_html, manager, t) or gr.update())
 
         def on_grid(weights_text, prompt, trig):
             latest = manager.latest()
@@ -276,7 +301,7 @@ def create_train_tab(manager: RunManager, host: Host, t: Optional[Translator] = 
         stop.click(on_stop, [], [message])
         save_now.click(on_save_now, [], [message])
         resume.click(on_resume, [], [message])
-        refresh.click(on_refresh, [], [model_label, status, loss, previews, files], show_progress=False)
+        refresh.click(on_refresh, [message], [model_label, status, loss, previews, files, message], show_progress=False)
         grid_button.click(on_grid, [grid_weights, grid_prompt, trigger], [grid_image, message])
         load_config.click(on_load_config, [config_path, *field_comps], [*field_comps, message])
         save_config.click(on_save_config, [config_path, *all_inputs], [message])

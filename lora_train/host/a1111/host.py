@@ -119,6 +119,14 @@ class A1111Host(Host):
 
             return [f"{FAILED}: the WebUI's Lora loader fails on {path.name}: {type(e).__name__}: {e}"]
 
+    def lora_files_changed(self) -> None:
+        try:
+            import networks  # the built-in Lora extension's module
+
+            networks.list_available_networks()
+        except Exception:  # a list refreshed on the next publish is fine too
+            pass
+
     @contextlib.contextmanager
     def _model_lock(self):
         """queue_lock, unless this thread holds it already for a run (it is not re-entrant)."""
