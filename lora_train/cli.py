@@ -361,7 +361,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# Notices from libraries under ours that a user can do nothing about, printed before our own output:
+# ldm imports open_clip, which imports timm's old module path; lightning_fabric and torch repeat
+# advice meant for their own users. Only these are silenced; our own warnings still print.
+KNOWN_WARNINGS = (
+    (FutureWarning, r"Importing from timm\.models\.(layers|registry|helpers) is deprecated", "timm"),
+    (UserWarning, r"", "lightning_fabric"),
+    (UserWarning, r"", "pytorch_lightning"),
+    (FutureWarning, r"You are using `torch\.load` with `weights_only=False`", ""),
+)
+
+
+def silence_known_warnings() -> None:
+    import warnings
+
+    for category, message, module in KNOWN_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category, module=module)
+
+
 def main(argv: list[str] | None = None) -> int:
+    silence_known_warnings()
     args = build_parser().parse_args(argv)
     try:
         if getattr(args, "sgm_path", None):
