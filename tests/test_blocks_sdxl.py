@@ -10,7 +10,7 @@ from lora_train.errors import UserError
 from lora_train.network import blocks
 from lora_train.network.blocks import LrWeights
 from lora_train.network.network import LoRANetwork
-from lora_train.network.reference import reference_targets
+from lora_train.model.reference import reference_targets
 
 SDXL_LABELS = "BASE, IN00-IN08, MID00-MID02, OUT00-OUT08, OUT"
 

@@ -14,7 +14,7 @@ from lora_train.dataset.scan import scan
 from lora_train.dataset.source import spec_from_config
 from lora_train.model.adapter import ModelInfo
 from lora_train.network.files import atomic_write_bytes, load_lora, save_lora
-from lora_train.network.inspect import inspect_lora
+from lora_train.tools.inspect import inspect_lora
 from lora_train.network.network import LoRANetwork
 from lora_train.train.from_metadata import config_from_metadata
 from lora_train.train.metadata import training_metadata
