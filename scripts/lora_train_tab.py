@@ -90,5 +90,6 @@ def on_unload():
 script_callbacks.on_ui_tabs(on_ui_tabs)
 script_callbacks.on_ui_settings(on_ui_settings)
 script_callbacks.on_before_ui(on_before_ui)
+script_callbacks.on_model_loaded(a1111.on_model_loaded)  # the tab follows the checkpoint the WebUI loads
 script_callbacks.on_before_reload(on_unload)
 script_callbacks.on_script_unloaded(on_unload)

@@ -741,3 +741,48 @@ def test_parses_the_webui_didnt_match_log_line():
             "'lora_unet_no_such_block.lora_up.weight': 'diffusion_model_no_such_block'}")
     assert parse_didnt_match(line) == {"lora_unet_no_such_block"}
     assert parse_didnt_match("Network x loaded") == set()
+
+
+def test_the_tab_follows_the_checkpoint_the_webui_loads(webui, host, tiny_model):
+    """The WebUI builds the tab before its checkpoint has loaded, and users switch checkpoints: the
+    model-loaded callback moves the host's model version, and the tab's refresh fits the form to it."""
+    from lora_train.host import a1111
+    from lora_train.model.tiny_sdxl import build_tiny_sdxl
+    from lora_train.ui import form
+    from lora_train.ui.i18n import Translator
+    from lora_train.ui.tab import follow_model, initial_config
+
+    flds = form.fields()
+    t = Translator("zh_CN")
+    loaded = webui.sd_models.model_data.sd_model
+    webui.sd_models.model_data.sd_model = None  # start-up: the tab is built first
+    seen = host.model_version()
+    values = form.values_from_config(flds, initial_config(host))
+    assert host.model_label().endswith("(not loaded yet)") and dict(zip([f.key for f in flds], values))["resolution"] == "512"
+
+    # the checkpoint finishes loading: the 64 px base
+    webui.sd_models.model_data.sd_model = loaded
+    a1111.on_model_loaded(loaded)
+    version, base, new_values, message = follow_model(host, flds, seen, "concept", "SD1.5", values, t)
+    assert version == seen + 1 and base == "SD1.5"
+    assert dict(zip([f.key for f in flds], new_values))["resolution"] == "64"
+    assert "WebUI 已加载 tiny.safetensors [0123abcd]" in message and "分辨率设为 64" in message
+    assert follow_model(host, flds, version, "concept", "SD1.5", new_values, t) == (version, None, None, None), "once"
+
+    # the user switches to an SDXL checkpoint: the SDXL preset and its size
+    with quiet():
+        xl = build_tiny_sdxl(0, sgm=False)
+    xl.is_sdxl = True
+    xl.sd_checkpoint_info = SimpleNamespace(title="tinyxl.safetensors", filename="/models/tinyxl.safetensors")
+    webui.sd_models.model_data.sd_model = xl
+    a1111.on_model_loaded(xl)
+    v2, base, xl_values, message = follow_model(host, flds, version, "concept", "SD1.5", new_values, t)
+    fields = dict(zip([f.key for f in flds], xl_values))
+    assert v2 == version + 1 and base == "SDXL"
+    assert fields["resolution"] == "1024" and fields["network_train_unet_only"] is True and fields["cache_text_encoder_outputs"] is True
+    assert "已套用预设 概念 / SDXL" in message and "分辨率设为 1024" in message and "tinyxl.safetensors" in message
+
+    # a run started while no checkpoint is loaded is refused with the reason
+    webui.sd_models.model_data.sd_model = None
+    (reason,) = host.preflight(TrainConfig())
+    assert "No checkpoint is loaded" in reason

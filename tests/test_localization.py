@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from lora_train.ui import chart, form, i18n
+from lora_train.ui import chart, form, i18n, presets
 from lora_train.app.runs import RunStatus
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,7 +71,9 @@ def _t_literals(path: Path) -> set[str]:
     """t("...") calls with a literal argument, including those only made in event handlers."""
     out = set()
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "t" and node.args:
+        is_t = isinstance(node, ast.Call) and ((isinstance(node.func, ast.Name) and node.func.id == "t") or (
+            isinstance(node.func, ast.Attribute) and node.func.attr == "format" and getattr(node.func.value, "id", "") == "t"))
+        if is_t and node.args:
             arg = node.args[0]
             if isinstance(arg, ast.Constant) and isinstance(arg.value, str):
                 out.add(arg.value)
@@ -117,6 +119,7 @@ def _needed(recorded: set[str]) -> set[str]:
     from lora_train.ui.tab import END_MESSAGES
 
     needed = set(recorded) | {"LoRA Train", chart.STOPPING} | set(chart.PHASE_LABELS.values()) | set(END_MESSAGES.values())
+    needed |= set(presets.SUBJECTS)  # the preset's subject, named in messages
     needed |= set(form.HELP.values()) | set(form.SECTION_TITLES.values())
     for path in UI_SOURCES:
         needed |= _t_literals(path)

@@ -24,6 +24,10 @@ class Host:
         """The model the run would train on, as the tab shows it."""
         raise NotImplementedError
 
+    def model_version(self) -> int:
+        """Changes whenever the host loads a checkpoint (the tab then re-reads family and resolution)."""
+        return 0
+
     def model_spec(self) -> str | None:
         """What `pretrained_model_name_or_path` names the host's model by (a file, a built-in name)."""
         return None

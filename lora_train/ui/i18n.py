@@ -31,3 +31,8 @@ class Translator:
     def __call__(self, text: str) -> str:
         self.seen.add(text)
         return self.table.get(text, text)
+
+    def format(self, text: str, **values) -> str:
+        """A message with numbers, names or paths in it: the template is translated, then filled,
+        so word order can follow the language ("{name}" stays where the translation puts it)."""
+        return self(text).format(**values)

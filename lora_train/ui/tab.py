@@ -72,17 +72,53 @@ def _preview_caption(path: str, t) -> str:
     return f"{t('Epoch')} {at[0]} · {t('Step')} {at[1]}" if at else Path(path).stem
 
 
+def base_for(host: Host) -> str:
+    """The preset base that fits the host's model."""
+    return "SDXL" if host.model_family() == "sdxl" else "SD1.5"
+
+
+def fit_model(config, host: Host, subject: str, base: str) -> str:
+    """Apply the preset `subject` x `base` (when given) and the model's own resolution to `config`."""
+    if base:
+        config.update(presets.preset(subject, base), source="preset")
+    config.set("resolution", str(host.model_resolution()))
+    _fit_buckets(config)  # the built-in 64 px models
+    return base
+
+
 def initial_config(host: Host):
     from lora_train.train.config import TrainConfig
 
     config = TrainConfig()
     # sd-scripts' bare defaults train 1600 steps at lr 2e-6: useless for a LoRA. Start from the
-    # concept preset, which is what the tab shows before anyone touches it.
-    config.update(presets.preset("concept", "SD1.5"), source="preset")
-    config.set("resolution", str(host.model_resolution()))
-    _fit_buckets(config)  # the built-in 64 px models
+    # concept preset for the model's family, which is what the tab shows before anyone touches it.
+    fit_model(config, host, "concept", base_for(host))
     config.set("output_name", "my_lora")
     return config
+
+
+def follow_model(host: Host, flds: list, seen: int, subject: str, base: str, values: list, t):
+    """After the host loaded a checkpoint (its model version moved past `seen`): the form's base preset
+    and resolution for it, and a message saying what changed. -> (version, base, field values, message)
+    with None for what stays."""
+    version = host.model_version()
+    if version == seen:
+        return seen, None, None, None
+    if host.model_family() is None:  # still loading: look again on the next refresh
+        return seen, None, None, None
+    config = form.config_from_values(flds, values)
+    want = base_for(host)
+    before = config.dataset.resolution
+    fit_model(config, host, subject, want if want != base else "")
+    changes = []
+    if want != base:
+        changes.append(t.format("preset {subject} / {base} applied", subject=t(subject), base=want))
+    if config.dataset.resolution != before:
+        changes.append(t.format("resolution set to {resolution}", resolution=config.dataset.resolution))
+    if not changes:
+        return version, None, None, None
+    message = t.format("The WebUI loaded {model}: {changes}", model=host.model_label(), changes=" · ".join(changes))
+    return version, want, form.values_from_config(flds, config), message
 
 
 def create_train_tab(manager: RunManager, host: Host, t: Optional[Translator] = None) -> gr.Blocks:
@@ -114,7 +150,7 @@ def create_train_tab(manager: RunManager, host: Host, t: Optional[Translator] = 
                 with gr.Row():
                     subject = gr.Dropdown(label=t("Preset: subject"), choices=list(presets.SUBJECTS), value="concept", elem_id="lora_train_preset_subject")
                     base = gr.Dropdown(label=t("Preset: base"), choices=list(presets.BASES),
-                                       value="SDXL" if host.model_family() == "sdxl" else "SD1.5", elem_id="lora_train_preset_base")
+                                       value=base_for(host), elem_id="lora_train_preset_base")
                     apply_preset = gr.Button(t("Apply preset"), elem_id="lora_train_apply_preset")
                 mode = gr.Radio(label=t("Mode"), choices=[t("Basic"), t("Expert")], value=t("Basic"), elem_id="lora_train_mode")
                 with gr.Group():
@@ -172,6 +208,7 @@ def create_train_tab(manager: RunManager, host: Host, t: Optional[Translator] = 
                     grid_image = gr.Image(label=t("Grid"), type="filepath", interactive=False, elem_id="lora_train_grid_image")
 
         field_comps = [comps[f.key] for f in flds]
+        model_seen = gr.State(host.model_version())  # the checkpoint the form was fitted to
         # txt2img_params last: the page's loraTrainReadTxt2img fills the last input
         extra = [trigger, network_type, preview_prompts, preview_every_epoch, preferred_weight, use_txt2img, txt2img_params]
 
@@ -254,6 +291,15 @@ def create_train_tab(manager: RunManager, host: Host, t: Optional[Translator] = 
                     chart.files_html(current, t),
                     _message_after(message_html, manager, t) or gr.update())
 
+        def on_model(seen, subj, b, *values):
+            try:
+                version, new_base, new_values, text = follow_model(host, flds, seen, subj, b, list(values), t)
+            except (UserError, KeyError):  # a field the user is typing into: try on the next refresh
+                return [seen, gr.update(), *[gr.update()] * len(values), gr.update()]
+            if text is None:
+                return [version, gr.update(), *[gr.update()] * len(values), gr.update()]
+            return [version, new_base, *new_values, _message(text)]
+
         def on_grid(weights_text, prompt, trig):
             latest = manager.latest()
             if latest is None or not latest.published:
@@ -301,7 +347,8 @@ def create_train_tab(manager: RunManager, host: Host, t: Optional[Translator] = 
         stop.click(on_stop, [], [message])
         save_now.click(on_save_now, [], [message])
         resume.click(on_resume, [], [message])
-        refresh.click(on_refresh, [message], [model_label, status, loss, previews, files, message], show_progress=False)
+        refresh.click(on_refresh, [message], [model_label, status, loss, previews, files, message], show_progress=False).then(
+            on_model, [model_seen, subject, base, *field_comps], [model_seen, base, *field_comps, message], show_progress=False)
         grid_button.click(on_grid, [grid_weights, grid_prompt, trigger], [grid_image, message])
         load_config.click(on_load_config, [config_path, *field_comps], [*field_comps, message])
         save_config.click(on_save_config, [config_path, *all_inputs], [message])

@@ -27,7 +27,7 @@ What a run does to the WebUI (see the reference notes, "Design checklist"):
 """
 
 from lora_train.host.a1111.host import A1111Host
-from lora_train.host.a1111.webui import SETTING_ALLOWED_DIRS, SETTING_PREVIEW_STEPS, SETTING_XYZ_LORA, task_id
+from lora_train.host.a1111.webui import SETTING_ALLOWED_DIRS, SETTING_PREVIEW_STEPS, SETTING_XYZ_LORA, on_model_loaded, task_id
 from lora_train.host.a1111.xyz import install_xyz_axes
 
-__all__ = ["A1111Host", "SETTING_ALLOWED_DIRS", "SETTING_PREVIEW_STEPS", "SETTING_XYZ_LORA", "install_xyz_axes", "task_id"]
+__all__ = ["A1111Host", "SETTING_ALLOWED_DIRS", "SETTING_PREVIEW_STEPS", "SETTING_XYZ_LORA", "install_xyz_axes", "on_model_loaded", "task_id"]

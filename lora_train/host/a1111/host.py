@@ -11,7 +11,7 @@ from lora_train.host.a1111.previews import sample_fn
 from lora_train.host.a1111.refusals import preflight
 from lora_train.host.a1111.selftest import self_test
 from lora_train.host.a1111.session import report_progress, session
-from lora_train.host.a1111.webui import SETTING_ALLOWED_DIRS, family, loaded_model, lora_dir, opt
+from lora_train.host.a1111.webui import SETTING_ALLOWED_DIRS, family, loaded_model, lora_dir, model_version, opt
 from lora_train.host.a1111.xyz import remember_published, render_grid
 from lora_train.host.base import Host
 
@@ -36,6 +36,9 @@ class A1111Host(Host):
             return f"{chosen} (not loaded yet)" if chosen else "no checkpoint loaded"
         info = getattr(model, "sd_checkpoint_info", None)
         return getattr(info, "title", None) or getattr(info, "name", None) or str(opt("sd_model_checkpoint", "") or "(unnamed checkpoint)")
+
+    def model_version(self) -> int:
+        return model_version()
 
     def model_resolution(self) -> int:
         try:

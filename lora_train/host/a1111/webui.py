@@ -10,6 +10,18 @@ SETTING_ALLOWED_DIRS = "lora_train_allowed_dirs"  # Dataset tab roots beyond the
 SETTING_PREVIEW_STEPS = "lora_train_preview_steps"  # sampling steps of previews whose line has no --s
 LORA_EXTENSIONS = (".safetensors", ".pt", ".ckpt")
 
+_model_version = 0  # how many checkpoints the WebUI has loaded; the tab follows each
+
+
+def on_model_loaded(sd_model) -> None:
+    """The WebUI's model-loaded callback: at start (after the UI is built) and on every switch."""
+    global _model_version
+    _model_version += 1
+
+
+def model_version() -> int:
+    return _model_version
+
 
 def task_id(run_id: str) -> str:
     """The id the WebUI's progress API knows a run by (what `progress.create_task_id` would make)."""
