@@ -14,10 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from lora_train.errors import UserError
+from lora_train.errors import UserError, msg
 
 HOW_TO_ALLOW = ("start the WebUI with --enable-insecure-extension-access to allow it, "
                 "or move the folder under one of the allowed folders")
+REMOTE = "the WebUI is reachable from other machines (--listen, --share or --server-name)"
+HIDDEN = "the WebUI runs with --hide-ui-dir-config"
 
 
 @dataclass(frozen=True)
@@ -42,30 +44,31 @@ class AccessPolicy:
         return self.restricted or self.hide_dirs
 
     def _why(self) -> str:
-        return ("the WebUI is reachable from other machines (--listen, --share or --server-name)" if self.restricted
-                else "the WebUI runs with --hide-ui-dir-config")
+        return msg(REMOTE) if self.restricted else msg(HIDDEN)
 
     def folder(self, text: str | os.PathLike, *, must_exist: bool = True) -> Path:
         """The real folder `text` names, or UserError saying why it may not be used."""
         real, raw = self.path(text)
         if must_exist and not real.is_dir():
-            raise UserError(f"{raw}: no such folder" + (f" (it resolves to {real})" if str(real) != raw else ""))
+            raise UserError(msg("{path}: no such folder (it resolves to {real})", path=raw, real=real) if str(real) != raw
+                            else msg("{path}: no such folder", path=raw))
         return real
 
     def file(self, text: str | os.PathLike, *, must_exist: bool = True) -> Path:
         """The real file `text` names, or UserError saying why it may not be used."""
         real, raw = self.path(text)
         if must_exist and not real.is_file():
-            raise UserError(f"{raw}: no such file" + (f" (it resolves to {real})" if str(real) != raw else ""))
+            raise UserError(msg("{path}: no such file (it resolves to {real})", path=raw, real=real) if str(real) != raw
+                            else msg("{path}: no such file", path=raw))
         return real
 
     def path(self, text: str | os.PathLike) -> tuple[Path, str]:
         """(the real path `text` names, the text as typed); UserError when it may not be used."""
         raw = str(text).strip()
         if not raw:
-            raise UserError("no folder given")
+            raise UserError(msg("no folder given"))
         if "\x00" in raw:
-            raise UserError(f"{raw!r}: not a valid path")
+            raise UserError(msg("{path}: not a valid path", path=repr(raw)))
         path = Path(raw).expanduser()
         if not path.is_absolute():
             if self.roots_only:
@@ -75,10 +78,12 @@ class AccessPolicy:
         real = path.resolve()
         if self.roots_only and not any(real == r or r in real.parents for r in self.roots):
             roots = ", ".join(str(r) for r in self.roots) or "(none set)"
-            raise UserError(f"{raw}: outside the allowed folders ({roots}); {self._why()}. To use it, {HOW_TO_ALLOW}")
+            raise UserError(msg("{path}: outside the allowed folders ({roots}); {why}. To use it, {how}",
+                                path=raw, roots=roots, why=self._why(), how=msg(HOW_TO_ALLOW)))
         return real, raw
 
     def check_changes_files(self, what: str) -> None:
         """Moving, renaming or deleting files, and downloading models."""
         if self.restricted:
-            raise UserError(f"{what} is not allowed: {self._why()}. Start the WebUI with --enable-insecure-extension-access to allow it.")
+            raise UserError(msg("{what} is not allowed: {why}. Start the WebUI with --enable-insecure-extension-access to allow it.",
+                                what=what, why=self._why()))

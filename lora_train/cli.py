@@ -11,7 +11,7 @@ import threading
 import time
 from pathlib import Path
 
-from lora_train.errors import UserError
+from lora_train.errors import UserError, msg
 
 
 def _progress_listener():
@@ -64,11 +64,11 @@ def _run_training(config, loss_csv: Path) -> Path | None:
         listeners.append(board)
     plan = trainer.plan
     for problem in plan.scan.problems + plan.problems:
-        print(f"warning: skipped {problem}", file=sys.stderr)
+        print(f"{t('warning')}: {t.text(msg('skipped {problem}', problem=problem))}", file=sys.stderr)
     for note in plan.scan.notes:
-        print(f"note: {note}", file=sys.stderr)
+        print(f"{t('note')}: {t.text(note)}", file=sys.stderr)
     for warning in plan.warnings:
-        print(f"warning: {warning}", file=sys.stderr)
+        print(f"{t('warning')}: {t.text(warning)}", file=sys.stderr)
     config.save_toml(Path(config.saving.output_dir) / f"{config.saving.output_name}.toml")
     cancel = threading.Event()
     previous = signal.getsignal(signal.SIGINT)
@@ -361,6 +361,43 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _language() -> str | None:
+    """The CLI's language: LORA_TRAIN_LANG (e.g. zh_CN), else the locale's when a translation exists."""
+    from lora_train.ui import i18n
+
+    wanted = os.environ.get("LORA_TRAIN_LANG") or os.environ.get("LC_ALL") or os.environ.get("LC_MESSAGES") or os.environ.get("LANG") or ""
+    wanted = wanted.split(".")[0]
+    if wanted in i18n.available():
+        return wanted
+    return next((lang for lang in i18n.available() if wanted and lang.split("_")[0] == wanted.split("_")[0]), None)
+
+
+class _Messages:
+    """Errors, warnings and notes in the user's language (the same table as the tabs)."""
+
+    def __init__(self):
+        self._t = None
+
+    def _translator(self):
+        if self._t is None:
+            from lora_train.ui.i18n import Translator
+
+            try:
+                self._t = Translator(_language())
+            except UserError:
+                self._t = Translator()
+        return self._t
+
+    def __call__(self, text: str) -> str:
+        return self._translator()(text)
+
+    def text(self, message) -> str:
+        return self._translator().text(message)
+
+
+t = _Messages()
+
+
 # Notices from libraries under ours that a user can do nothing about, printed before our own output:
 # ldm imports open_clip, which imports timm's old module path; lightning_fabric and torch repeat
 # advice meant for their own users. Only these are silenced; our own warnings still print.
@@ -390,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
             os.environ[ENV] = args.sgm_path
         return args.func(args)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"{t('error')}: {t.text(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

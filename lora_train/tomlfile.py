@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from lora_train.errors import UserError
+from lora_train.errors import UserError, msg
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -18,7 +18,7 @@ else:  # pragma: no cover - Python 3.10 hosts
 def read_toml(path: str | os.PathLike, what: str = "file") -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{what} '{path}' does not exist")
+        raise UserError(msg("{what} '{path}' does not exist", what=what, path=path))
     try:
         return tomllib.loads(path.read_text(encoding="utf-8-sig"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:

@@ -17,7 +17,8 @@ from lora_train.app.runs import RunStatus
 
 ROOT = Path(__file__).resolve().parents[1]
 ZH_CN = ROOT / "localizations" / "zh_CN.json"
-UI_SOURCES = [ROOT / "lora_train" / "ui" / name for name in ("tab.py", "chart.py", "app.py", "tabs.py", "dataset_tab.py")]
+UI_SOURCES = [ROOT / "lora_train" / "ui" / name for name in ("tab.py", "chart.py", "app.py", "tabs.py", "dataset_tab.py")] + [
+    ROOT / "lora_train" / "cli.py"]
 WEBUI_SCRIPT = ROOT / "scripts" / "lora_train_tab.py"  # settings and XYZ labels the WebUI shows
 PHASES = tuple(chart.PHASE_LABELS)
 CJK = re.compile(r"[\u4e00-\u9fff]")
@@ -134,7 +135,7 @@ def test_every_ui_string_has_a_chinese_entry(recorded):
 
 
 def test_no_stale_entries(recorded):
-    stale = sorted(set(_table()) - _needed(recorded))
+    stale = sorted(set(_table()) - _needed(recorded) - set(_msg_templates()))
     assert not stale, "zh_CN.json has entries no UI string uses any more:\n" + "\n".join(stale)
 
 
@@ -149,7 +150,9 @@ def test_file_is_flat_utf8_json_of_strings():
         # the WebUI matches trimmed text nodes exactly
         assert key == key.strip() and key, repr(key)
         assert value == value.strip() and value, f"{key!r} -> {value!r}"
-        assert CJK.search(value), f"{key!r} is not translated: {value!r}"
+        # "{path}: {reason}" and "network_weights '{path}': {reason}" have no words of their own to translate
+        if re.search(r"[A-Za-z]", TOKENS.sub("", re.sub(r"\{\w+\}", "", key))):
+            assert CJK.search(value), f"{key!r} is not translated: {value!r}"
 
 
 # What users copy from a help text into a field or a prompt line must survive translation.
@@ -203,3 +206,69 @@ def test_standalone_tab_is_built_in_chinese(tmp_path):
     accordions = {c["props"].get("label") for c in app.config["components"] if c["type"] == "accordion"}
     assert table["Optimizer and learning rate"] in accordions and table["Dataset plan"] in accordions
     assert by_id["lora_train_mode"]["value"] == table["Basic"]
+
+
+def _msg_templates() -> dict[str, str]:
+    """Every `msg("...")` template in lora_train/ (messages with numbers, names and paths), and where."""
+    out = {}
+    for path in sorted((ROOT / "lora_train").rglob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        constants = {t.id: node.value for node in tree.body if isinstance(node, ast.Assign) for t in node.targets if isinstance(t, ast.Name)}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "msg" and node.args:
+                arg = constants.get(node.args[0].id, node.args[0]) if isinstance(node.args[0], ast.Name) else node.args[0]
+                assert isinstance(arg, ast.Constant) and isinstance(arg.value, str), f"{path}:{node.lineno}: msg() needs a literal template"
+                out[arg.value] = f"{path.relative_to(ROOT)}:{node.lineno}"
+    return out
+
+
+def test_every_message_has_a_chinese_entry_with_the_same_placeholders():
+    import string
+
+    def names(text):
+        return sorted(n for _, n, _, _ in string.Formatter().parse(text) if n)
+
+    table = _table()
+    templates = _msg_templates()
+    assert len(templates) > 60, "the scan finds the messages"
+    missing = sorted(f"{where}: {tpl}" for tpl, where in templates.items() if not table.get(tpl, "").strip())
+    assert not missing, "zh_CN.json lacks entries for these messages:\n" + "\n".join(missing)
+    wrong = sorted(tpl for tpl in templates if names(table[tpl]) != names(tpl))
+    assert not wrong, "translations must keep every {placeholder}:\n" + "\n".join(wrong)
+
+
+def test_messages_are_translated_after_they_are_filled_in_and_joined():
+    """The core hands the UI finished English (joined, listed, nested); the UI still shows Chinese."""
+    from lora_train.access import AccessPolicy
+    from lora_train.errors import UserError
+
+    t = i18n.Translator("zh_CN")
+    with pytest.raises(UserError) as e:
+        AccessPolicy.build(["/data"], remote=True).folder("/srv/photos")
+    shown = t.text(e.value)
+    assert "/srv/photos" in shown and "/data" in shown and "--enable-insecure-extension-access" in shown
+    assert not re.search(r"[A-Za-z]{4,} [a-z]{3,} [a-z]{3,}", shown.replace("--enable-insecure-extension-access", "")
+                         .replace("--listen, --share", "").replace("--server-name", "")), shown
+    plan = "images x repeats x 4 = 320; the usual guideline is 1000-2000\n/x/a.png: image folder does not exist"
+    assert t.text(plan) == "图片数 × 重复次数 × 4 = 320；一般建议 1000-2000\n/x/a.png：图片文件夹不存在"
+    assert t.text("8 images in /srv/train/5_zkz") == "/srv/train/5_zkz 中有 8 张图片"
+    assert i18n.Translator().text(plan) == plan, "English stays as it is"
+
+
+def test_cli_messages_follow_the_language(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    def run(lang):
+        env = {k: v for k, v in os.environ.items() if k not in ("LANG", "LC_ALL", "LC_MESSAGES", "LORA_TRAIN_LANG")}
+        env.update(lang)
+        return subprocess.run([sys.executable, "-m", "lora_train", "train", "--set", "pretrained_model_name_or_path=builtin:tiny",
+                               "--set", f"train_data_dir={tmp_path / 'nope'}"], capture_output=True, text=True, env=env, cwd=ROOT)
+
+    english = run({})
+    assert english.returncode == 2 and english.stderr.startswith("error: ") and "does not exist" in english.stderr
+    for lang in ({"LORA_TRAIN_LANG": "zh_CN"}, {"LANG": "zh_CN.UTF-8"}):
+        chinese = run(lang)
+        assert chinese.returncode == 2 and chinese.stderr.startswith("错误: "), chinese.stderr
+        assert str(tmp_path / "nope") in chinese.stderr

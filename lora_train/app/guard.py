@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 
 from lora_train.access import AccessPolicy
-from lora_train.errors import UserError
+from lora_train.errors import UserError, msg
 from lora_train.train.config import TrainConfig
 
 FOLDER, FILE = "folder", "file"
@@ -35,7 +35,7 @@ def guarded_path(access: AccessPolicy, text: str | os.PathLike, what: str) -> Pa
     try:
         real, _ = access.path(text)
     except UserError as e:
-        raise UserError(f"{what}: {e}") from None
+        raise UserError(msg("{what}: {reason}", what=what, reason=e)) from None
     return real
 
 

@@ -15,7 +15,7 @@ from lora_train.dataset.loader import TrainingData
 from lora_train.dataset.plan import DatasetPlan, make_plan
 from lora_train.dataset.scan import scan
 from lora_train.dataset.source import spec_from_config
-from lora_train.errors import UserError
+from lora_train.errors import UserError, msg
 from lora_train.host.base import Host
 from lora_train.model.adapter import ModelAdapter
 from lora_train.network.blocks import LrWeights
@@ -80,6 +80,6 @@ def build_network(config: TrainConfig, adapter: ModelAdapter, seed: int) -> LoRA
             try:
                 network.load_kohya_state_dict(weights, strict=False)
             except KeyError as e:
-                raise UserError(f"network_weights '{n.network_weights}': {e}") from e
+                raise UserError(msg("network_weights '{path}': {reason}", path=n.network_weights, reason=e)) from e
     network.set_dropout(n.network_dropout, n.rank_dropout, n.module_dropout)  # also for a network rebuilt from a file
     return network

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from lora_train.app.guard import guard_config
-from lora_train.errors import UserError
+from lora_train.errors import UserError, msg
 from lora_train.host.base import Host
 from lora_train.network.card import SD_VERSION, Card, free_stem, publish, set_preview, unique_name, unpublish
 from lora_train.network.selftest import check_failed
@@ -108,15 +108,14 @@ class RunManager:
         with self._lock:
             candidates = [r for r in self._runs if r.resume_state and (run_id is None or r.id == run_id)]
             if not candidates:
-                raise UserError("nothing to resume: no stopped or failed run has a saved state"
-                                + (f" (run {run_id})" if run_id else ""))
+                raise UserError(msg("nothing to resume: no stopped or failed run has a saved state"))
             old = candidates[-1]
             if any(r.name == old.name and r.phase not in ENDED for r in self._runs):
-                raise UserError(f"'{old.name}' is already queued or running")
+                raise UserError(msg("'{name}' is already queued or running", name=old.name))
             request = copy.deepcopy(self._requests[old.id])
             request.config.saving.resume = old.resume_state
             status = RunStatus(id=self._new_id(), name=old.name, work_dir=old.work_dir)
-            status.messages.append(f"resuming from {old.resume_state}")
+            status.messages.append(msg("resuming from {state}", state=old.resume_state))
             # one history for the whole training: what the stopped run trained and saved stays in view
             status.losses = list(old.losses)
             status.published, status.checks, status.previews = list(old.published), dict(old.checks), list(old.previews)
@@ -150,7 +149,7 @@ class RunManager:
         with self._lock:
             n = len(self._queue)
             for status, _ in self._queue:
-                status.phase, status.error, status.ended_at = "cancelled", "removed from the queue", time.time()
+                status.phase, status.error, status.ended_at = "cancelled", msg("removed from the queue"), time.time()
             self._queue.clear()
             return n
 
@@ -257,7 +256,7 @@ class RunManager:
                 trainer = job.build_trainer(config, adapter, warn=status.messages.append, sample_fn=sample_fn)
                 publisher.card.sd_version = SD_VERSION.get(adapter.info.family, "SD1")
                 plan = trainer.plan
-                status.messages += [f"skipped {p}" for p in plan.scan.problems + plan.problems]
+                status.messages += [msg("skipped {problem}", problem=p) for p in plan.scan.problems + plan.problems]
                 status.messages += list(plan.warnings)
                 config.save_toml(folder / f"{status.name}.toml")
                 with self._lock:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from lora_train.dataset.buckets import Assignment, BucketConfig, Buckets
 from lora_train.dataset.scan import Item, Problem, Scan
 from lora_train.dataset.spec import DatasetBlock, DatasetSpec
-from lora_train.errors import UserError
+from lora_train.errors import UserError, msg
 
 # The community guideline (lora-scripts / Chinese guides): images x repeats x 2 with flip_aug, x 4
 # without, should land in this range.
@@ -119,7 +119,7 @@ def make_plan(
     steps_multiple: int = 64,
 ) -> DatasetPlan:
     if batch_size < 1:
-        raise UserError("train_batch_size must be at least 1")
+        raise UserError(msg("train_batch_size must be at least 1"))
     problems: list[Problem] = []
     warnings: list[str] = []
     blocks: list[BlockPlan] = []
@@ -137,7 +137,7 @@ def make_plan(
         block_repeats = {id(i): i.repeats for i in train}
         block_repeats.update(balance_reg_repeats(train, reg))
         if reg and not train:
-            warnings.append("a dataset has regularization images but no training images: they are not used")
+            warnings.append(msg("a dataset has regularization images but no training images: they are not used"))
         buckets = Buckets(cfg)
         for item in items:
             if id(item) not in block_repeats:
@@ -155,7 +155,7 @@ def make_plan(
     batches = sum(b.buckets.steps_per_epoch(b.batch_size) for b in blocks if len(b.buckets))
     per_epoch = math.ceil(batches / gradient_accumulation_steps)
     if per_epoch == 0:
-        raise UserError("no usable training images")
+        raise UserError(msg("no usable training images"))
     if max_train_epochs:
         epochs, total = max_train_epochs, max_train_epochs * per_epoch
     else:
@@ -164,13 +164,14 @@ def make_plan(
     reg_used = [i for i in used if i.is_reg]
     guideline = sum(i.repeats * (2 if i.subset.flip_aug else 4) for i in train_used)
     if not GUIDELINE_RANGE[0] <= guideline <= GUIDELINE_RANGE[1]:
-        warnings.append(f"images x repeats x {'2 (flip)' if any(i.subset.flip_aug for i in train_used) else '4'} = {guideline}; "
-                        f"the usual guideline is {GUIDELINE_RANGE[0]}-{GUIDELINE_RANGE[1]}")
+        warnings.append(msg("images x repeats x {factor} = {total}; the usual guideline is {low}-{high}",
+                            factor="2 (flip)" if any(i.subset.flip_aug for i in train_used) else "4", total=guideline,
+                            low=GUIDELINE_RANGE[0], high=GUIDELINE_RANGE[1]))
     ratio = _main_closeup_ratio(train_used)
     if ratio is not None and not 3.0 <= ratio <= 5.0:
-        warnings.append(f"main-visual : close-up = {ratio:.1f} : 1; the usual guideline is about 4 : 1")
+        warnings.append(msg("main-visual : close-up = {ratio} : 1; the usual guideline is about 4 : 1", ratio=f"{ratio:.1f}"))
     if upscaled:
-        warnings.append(f"{len(upscaled)} images are smaller than their bucket and will be upscaled")
+        warnings.append(msg("{count} images are smaller than their bucket and will be upscaled", count=len(upscaled)))
     return DatasetPlan(
         scan, blocks, used, repeats_of,
         train_images=len(train_used), reg_images=len(reg_used),

@@ -13,7 +13,7 @@ from pathlib import Path
 from lora_train.dataset import captions as cap
 from lora_train.dataset.images import IMAGE_EXTENSIONS, ImageError, probe
 from lora_train.dataset.spec import DatasetSpec, SubsetSpec
-from lora_train.errors import UserError
+from lora_train.errors import UserError, msg
 from lora_train.tomlfile import read_toml
 
 # Per-image repeats (online trainers let users set them): a `repeats.toml` in the image folder,
@@ -48,7 +48,7 @@ class Problem:
     reason: str
 
     def __str__(self) -> str:
-        return f"{self.path}: {self.reason}"
+        return msg("{path}: {reason}", path=self.path, reason=self.reason)
 
 
 @dataclass
@@ -101,14 +101,14 @@ def _per_image_repeats(folder: Path, problems: list[Problem]) -> dict[str, int]:
     try:
         data = read_toml(path)
     except UserError as e:
-        problems.append(Problem(path, f"{e}; folder repeats used"))
+        problems.append(Problem(path, msg("{error}; folder repeats used", error=e)))
         return {}
     out = {}
     for name, value in data.items():
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            problems.append(Problem(path, f"'{name}': repeats must be a whole number >= 0"))
+            problems.append(Problem(path, msg("'{name}': repeats must be a whole number >= 0", name=name)))
         elif not (folder / name).is_file():
-            problems.append(Problem(path, f"'{name}': no such image in {folder}"))
+            problems.append(Problem(path, msg("'{name}': no such image in {folder}", name=name, folder=folder)))
         else:
             out[name.replace("\\", "/")] = value
     return out
@@ -117,7 +117,7 @@ def _per_image_repeats(folder: Path, problems: list[Problem]) -> dict[str, int]:
 def scan_subset(subset: SubsetSpec, problems: list[Problem], notes: list[Problem]) -> list[Item]:
     folder = Path(subset.image_dir)
     if not folder.is_dir():
-        problems.append(Problem(folder, "image folder does not exist"))
+        problems.append(Problem(folder, msg("image folder does not exist")))
         return []
     overrides = _per_image_repeats(folder, problems)
     items = []
@@ -128,7 +128,7 @@ def scan_subset(subset: SubsetSpec, problems: list[Problem], notes: list[Problem
             problems.append(Problem(path, str(e)))
             continue
         if info.frames > 1:
-            notes.append(Problem(path, f"animated ({info.frames} frames): the first frame is used"))
+            notes.append(Problem(path, msg("animated ({frames} frames): the first frame is used", frames=info.frames)))
         caption, caption_file, encoding = subset.class_tokens or "", cap.caption_path(path, subset.caption_extension), None
         if caption_file is not None:
             try:
@@ -136,15 +136,15 @@ def scan_subset(subset: SubsetSpec, problems: list[Problem], notes: list[Problem
                 encoding = text.encoding
                 caption = cap.caption_from_text(text.text, wildcard=subset.enable_wildcard) or caption
                 if encoding not in ("utf-8", "ascii"):
-                    notes.append(Problem(caption_file, f"caption encoding {encoding}"))
+                    notes.append(Problem(caption_file, msg("caption encoding {encoding}", encoding=encoding)))
             except cap.CaptionError as e:
-                problems.append(Problem(caption_file, f"{e}; the folder's class token is used instead"))
+                problems.append(Problem(caption_file, msg("{error}; the folder's class token is used instead", error=e)))
         repeats = overrides.get(path.relative_to(folder).as_posix(), subset.num_repeats)
         if repeats == 0:
             continue
         items.append(Item(path, info.size, caption, repeats, subset, caption_file, encoding, info.has_alpha, info.frames))
     if not items and not any(p.path == folder for p in problems):
-        problems.append(Problem(folder, "no images (png/jpg/jpeg/webp/bmp/gif) in this folder"))
+        problems.append(Problem(folder, msg("no images (png/jpg/jpeg/webp/bmp/gif) in this folder")))
     return items
 
 
@@ -155,7 +155,8 @@ def scan(spec: DatasetSpec, folder_problems: list[tuple[Path, str]] = ()) -> Sca
     if not any(not i.is_reg for i in items):
         roots = sorted({str(Path(s.image_dir).parent) for s in spec.subsets if not s.is_reg} | {str(p.path.parent) for p in problems})
         details = "".join(f"\n  {p}" for p in problems)
-        raise UserError(f"no training images found in {', '.join(repr(r) for r in roots) or 'the dataset'}.{details}")
+        where = ", ".join(repr(r) for r in roots) or msg("the dataset")
+        raise UserError(msg("no training images found in {where}.", where=where) + details)
     return Scan(spec.subsets, items, problems, notes)
 
 

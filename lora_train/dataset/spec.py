@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from lora_train.errors import UserError, close_match_hint
+from lora_train.errors import UserError, close_match_hint, msg
 from lora_train.tomlfile import read_toml, write_toml
 
 REPEATS_DIR = re.compile(r"^(\d+)_(.*)$")
@@ -209,7 +209,7 @@ def subsets_from_folders(root: str | os.PathLike, is_reg: bool, template: Subset
     root = Path(root)
     what = "reg_data_dir" if is_reg else "train_data_dir"
     if not root.exists():
-        raise UserError(f"{what} '{root}' does not exist")
+        raise UserError(msg("{what} '{path}' does not exist", what=what, path=root))
     if not root.is_dir():
         raise UserError(f"{what} '{root}' is not a folder")
     subsets, problems = [], []

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from lora_train.errors import UserError
+from lora_train.errors import UserError, msg
 from lora_train.model import clip_files
 
 V1_INFERENCE_CONFIG = {
@@ -203,7 +203,7 @@ def load_checkpoint(path: str | os.PathLike):
 
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"model file '{path}' does not exist")
+        raise UserError(msg("model file '{path}' does not exist", path=path))
     yaml_path = path.with_suffix(".yaml")
     state = read_state_dict(path)
     if yaml_path.is_file():

@@ -6,7 +6,7 @@ names mean the same thing everywhere.
 
 from __future__ import annotations
 
-from lora_train.errors import UserError
+from lora_train.errors import UserError, msg
 from lora_train.model.adapter import ModelAdapter
 from lora_train.model.select import adapter_for
 
@@ -17,8 +17,8 @@ BUILTINS = (BUILTIN_TINY, BUILTIN_TINYBASE, BUILTIN_TINY_SDXL)
 
 
 MODEL_MISSING = ("pretrained_model_name_or_path is not set: name the checkpoint to train on, a .safetensors or "
-                 ".ckpt file (with its .yaml beside it for SD2/SDXL), or a built-in test model ("
-                 + ", ".join(BUILTINS) + "); in the config's [model] section, or with "
+                 ".ckpt file (with its .yaml beside it for SD2/SDXL), or a built-in test model (builtin:tiny, "
+                 "builtin:tinybase, builtin:tiny-sdxl); in the config's [model] section, or with "
                  "--set pretrained_model_name_or_path=PATH")
 
 
@@ -26,7 +26,7 @@ def load_model(spec: str | None):
     from lora_train.model.loading import load_checkpoint
 
     if not spec:
-        raise UserError(MODEL_MISSING)
+        raise UserError(msg(MODEL_MISSING))
     if spec == BUILTIN_TINY:
         from lora_train.model.tiny import build_tiny
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from lora_train.errors import UserError
+from lora_train.errors import UserError, msg
 
 
 def payload_sha256(data: bytes) -> str:
@@ -114,7 +114,7 @@ def load_lora(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[st
 
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"'{path}' does not exist")
+        raise UserError(msg("'{path}' does not exist", path=path))
     if path.suffix != ".safetensors":
         raise UserError(f"'{path}' is not a .safetensors file")
     try:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lora_train.errors import UserError
+from lora_train.errors import UserError, msg
 from lora_train.sample.samplers import DEFAULT_SAMPLER
 
 log = logging.getLogger(__name__)
@@ -106,7 +106,7 @@ def prompt_from_dict(d: dict[str, Any], default_sampler: str = DEFAULT_SAMPLER, 
 def load_prompts(path: str | os.PathLike, default_sampler: str = DEFAULT_SAMPLER) -> list[SamplePrompt]:
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"sample prompts file '{path}' does not exist")
+        raise UserError(msg("sample prompts file '{path}' does not exist", path=path))
     suffix = path.suffix.lower()
     if suffix == ".txt":
         entries: list = _read_txt(path)

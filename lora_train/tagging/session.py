@@ -12,7 +12,7 @@ from typing import Callable
 from PIL import Image, ImageOps
 
 from lora_train.access import AccessPolicy
-from lora_train.errors import UserError
+from lora_train.errors import UserError, msg
 from lora_train.tagging import journal, ops
 from lora_train.tagging.store import Change, TagStore
 
@@ -42,34 +42,35 @@ def batch_fn(op: str, a: str, b: str = "", keep: int = 0, frequency=None) -> tup
     if op in ("add front", "add back", "remove"):
         tags = ops.split_tags(a or "")
         if not tags:
-            raise UserError("type the tag(s) first")
+            raise UserError(msg("type the tag(s) first"))
         if op == "remove":
-            return f"remove {a!r}", lambda t: ops.remove(t, tags)
+            return msg("remove {tags}", tags=repr(a)), lambda t: ops.remove(t, tags)
         front = op == "add front"
-        return f"add {a!r} at the {'front' if front else 'end'}", (lambda t: ops.add_front(t, tags)) if front else (lambda t: ops.add_back(t, tags))
+        label = msg("add {tags} at the front", tags=repr(a)) if front else msg("add {tags} at the end", tags=repr(a))
+        return label, (lambda t: ops.add_front(t, tags)) if front else (lambda t: ops.add_back(t, tags))
     if op in ("replace", "replace regex"):
         if not (a or "").strip():
-            raise UserError("type the tag (or pattern) to replace")
+            raise UserError(msg("type the tag (or pattern) to replace"))
         regex = op == "replace regex"
         if regex:
             ops.compile_pattern(a)
-        return f"replace {a!r} with {b!r}", lambda t: ops.replace(t, a.strip(), (b or "").strip(), regex=regex)
+        return msg("replace {old} with {new}", old=repr(a), new=repr(b)), lambda t: ops.replace(t, a.strip(), (b or "").strip(), regex=regex)
     if op == "dedupe":
-        return "remove duplicate tags", ops.dedupe
+        return msg("remove duplicate tags"), ops.dedupe
     if op == "truncate to tokens":
         try:
             budget = int(str(a).strip() or 75)
         except ValueError:
-            raise UserError(f"'{a}': the token budget is a whole number, e.g. 75 (sd-scripts' max_token_length 75/150/225)") from None
+            raise UserError(msg("'{value}': the token budget is a whole number, e.g. 75 (sd-scripts' max_token_length 75/150/225)", value=a)) from None
         from lora_train.dataset.captions import count_tokens
         from lora_train.model.clip_files import clip_l_tokenizer
 
         tokenizer = clip_l_tokenizer()
-        return f"truncate to {budget} tokens", lambda t: ops.truncate(t, budget, lambda text: count_tokens(text, tokenizer))
+        return msg("truncate to {budget} tokens", budget=budget), lambda t: ops.truncate(t, budget, lambda text: count_tokens(text, tokenizer))
     if op in ("sort alpha", "sort frequency"):
         by = op.split()[1]
-        return f"sort tags ({by})", lambda t: ops.sort(t, by=by, keep=keep, frequency=frequency)
-    raise UserError(f"unknown operation {op!r}")
+        return msg("sort tags ({by})", by=by), lambda t: ops.sort(t, by=by, keep=keep, frequency=frequency)
+    raise UserError(msg("unknown operation {op}", op=repr(op)))
 
 
 class DatasetSession:
@@ -88,12 +89,12 @@ class DatasetSession:
         self.store = TagStore.load(path, caption_extension or ".txt")
         self.filter, self.page, self.selected = Filter(), 0, (0 if len(self.store) else None)
         self._thumbs.clear()
-        msg = f"{len(self.store)} images in {path}"
-        return msg + "".join(f"\n{p}" for p in self.store.problems[:20])
+        text = msg("{count} images in {folder}", count=len(self.store), folder=path)
+        return text + "".join(f"\n{p}" for p in self.store.problems[:20])
 
     def require(self) -> TagStore:
         if self.store is None:
-            raise UserError("load a folder first")
+            raise UserError(msg("load a folder first"))
         return self.store
 
     def set_filter(self, all_of=None, any_of=None, none_of=None, search: str = "") -> list[int]:
@@ -165,50 +166,50 @@ class DatasetSession:
         label, fn = batch_fn(op, a, b, keep, store.frequencies() if op == "sort frequency" else None)
         if dry_run:
             diffs = store.preview(fn, self.visible())
-            return f"{label}: {len(diffs)} of {len(self.visible())} filtered caption(s) would change", diffs
+            return msg("{operation}: {changed} of {filtered} filtered caption(s) would change", operation=label, changed=len(diffs), filtered=len(self.visible())), diffs
         change = store.apply(label, fn, self.visible())
         n = len(change.diffs) if change else 0
         # (index, tags before, tags after), as the preview gives them
-        return f"{label}: {n} caption(s) changed (not saved yet)", [(i, b.tags, a.tags) for i, b, a in (change.diffs if change else [])]
+        return msg("{operation}: {changed} caption(s) changed (not saved yet)", operation=label, changed=n), [(i, b.tags, a.tags) for i, b, a in (change.diffs if change else [])]
 
     def set_caption(self, text: str) -> str:
         store = self.require()
         if self.selected is None:
-            raise UserError("pick an image first")
+            raise UserError(msg("pick an image first"))
         change = store.set_caption(self.selected, text or "")
-        return "caption changed (not saved yet)" if change else "no change"
+        return msg("caption changed (not saved yet)") if change else msg("no change")
 
     def undo(self) -> str:
         change = self.require().undo()
-        return f"undone: {change.label}" if change else "nothing to undo"
+        return msg("undone: {operation}", operation=change.label) if change else msg("nothing to undo")
 
     def redo(self) -> str:
         change = self.require().redo()
-        return f"redone: {change.label}" if change else "nothing to redo"
+        return msg("redone: {operation}", operation=change.label) if change else msg("nothing to redo")
 
     def move(self, folder: str) -> str:
-        self.access.check_changes_files("moving images")
+        self.access.check_changes_files(msg("moving images"))
         change = self.require().move(self.visible(), folder)
-        return change.label + " (on save)" if change else "no change"
+        return msg("{operation} (on save)", operation=change.label) if change else msg("no change")
 
     def set_repeats(self, folder: str, repeats: int) -> str:
-        self.access.check_changes_files("renaming folders")
+        self.access.check_changes_files(msg("renaming folders"))
         change = self.require().set_repeats(folder, int(repeats))
-        return change.label + " (on save)" if change else "no change"
+        return msg("{operation} (on save)", operation=change.label) if change else msg("no change")
 
     def save(self) -> str:
         store = self.require()
         n = len(store.dirty)
         entry = store.save()
-        return f"saved {n} image(s); 'Undo last save' puts them back" if entry else "nothing to save"
+        return msg("saved {count} image(s); 'Undo last save' puts them back", count=n) if entry else msg("nothing to save")
 
     def undo_save(self) -> str:
         store = self.require()
         if store.dirty:
-            raise UserError("save or undo the unsaved edits first: undoing a save reloads the folder")
+            raise UserError(msg("save or undo the unsaved edits first: undoing a save reloads the folder"))
         manifest = journal.undo(store.root)
         self.load(str(store.root), store.caption_extension)
-        return f"undid the save '{manifest['label']}'"
+        return msg("undid the save '{operation}'", operation=manifest["label"])
 
     def check(self, resolution: str = "512", trigger: str = "", tokens: bool = True) -> str:
         """The dataset QA of `dataset check` (problems, buckets, duplicates, token lengths) for the
@@ -220,7 +221,7 @@ class DatasetSession:
         try:
             side = min(int(v) for v in str(resolution).replace("x", ",").split(",") if v.strip())
         except ValueError:
-            raise UserError(f"resolution '{resolution}': a number like 512 or 512,768") from None
+            raise UserError(msg("resolution '{value}': a number like 512 or 512,768", value=resolution)) from None
         # bucket bounds around small sizes too (the 256 default is for 512 px and up)
         options = CheckOptions(resolution=str(resolution), caption_extension=store.caption_extension, tokens=tokens,
                                min_bucket_reso=min(256, side), max_bucket_reso=max(1024, side))
@@ -230,9 +231,10 @@ class DatasetSession:
         if trigger:
             first = sum(store.tags(i)[:1] == (trigger,) for i in range(len(store)))
             anywhere = len(store.images_with(trigger))
-            text += f"\ntrigger '{trigger}': first tag in {first} of {len(store)} captions, present in {anywhere}"
+            text += "\n" + msg("trigger '{trigger}': first tag in {first} of {total} captions, present in {anywhere}",
+                               trigger=trigger, first=first, total=len(store), anywhere=anywhere)
         if store.dirty:
-            text += f"\n(checked the saved files: {len(store.dirty)} image(s) have unsaved edits)"
+            text += "\n" + msg("(checked the saved files: {count} image(s) have unsaved edits)", count=len(store.dirty))
         return text
 
     def prepare(self, destination: str, size: str, crop: str = "center", progress=None) -> str:
@@ -242,12 +244,12 @@ class DatasetSession:
 
         store = self.require()
         if store.dirty:
-            raise UserError("save the caption edits first: the copy takes the captions from the files")
+            raise UserError(msg("save the caption edits first: the copy takes the captions from the files"))
         dst = self.access.folder(destination, must_exist=False)
         report = prepare(store.root, dst, size, crop=crop, progress=progress)
         summary = report.summary()
         self.load(str(dst), store.caption_extension)
-        return f"{summary}\nloaded {dst}"
+        return summary + "\n" + msg("loaded {folder}", folder=dst)
 
     def autotag(self, tag_images: Callable[[list[Image.Image]], list[list[str]]], mode: str, *,
                 batch_size: int = 8, progress=None, cancel=None) -> Change | None:
@@ -259,7 +261,7 @@ class DatasetSession:
         generated: dict[int, list[str]] = {}
         for start in range(0, len(indices), batch_size):
             if cancel is not None and cancel():
-                raise UserError(f"auto-tagging cancelled after {start} of {len(indices)} images; nothing was changed")
+                raise UserError(msg("auto-tagging cancelled after {done} of {total} images; nothing was changed", done=start, total=len(indices)))
             chunk = indices[start:start + batch_size]
             images = [_open(store.image_path(i)) for i in chunk]
             for i, tags in zip(chunk, tag_images(images)):
@@ -275,4 +277,4 @@ def _open(path: Path) -> Image.Image:
             im = ImageOps.exif_transpose(im)
             return im.convert("RGBA") if im.mode in ("RGBA", "LA", "P") else im.convert("RGB")
     except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise UserError(f"{path}: cannot read this image ({e})") from None
+        raise UserError(msg("{path}: cannot read this image ({error})", path=path, error=e)) from None

@@ -107,9 +107,9 @@ def status_html(status, t, queued: list[str] | None = None, paused: bool = False
         _table(rows),
     ]
     if status.error:
-        parts.append(f'<pre class="lora-train-error">{html.escape(status.error)}</pre>')
+        parts.append(f'<pre class="lora-train-error">{html.escape(t.text(status.error))}</pre>')
     if status.messages:
-        items = "".join(f"<li>{html.escape(m.splitlines()[0] if m else m)}</li>" for m in status.messages[-6:])
+        items = "".join(f"<li>{html.escape(t.text(m.splitlines()[0]) if m else m)}</li>" for m in status.messages[-6:])
         parts.append(f'<ul class="lora-train-messages">{items}</ul>')
     parts.append("</div>")
     return "".join(parts)
@@ -145,7 +145,7 @@ def plan_html(plan, t) -> str:
              _table(rows)]
     if buckets:
         parts.append(f"<p>{html.escape(t('Buckets'))}: {html.escape(', '.join(buckets))}</p>")
-    notes = [f"⚠ {w}" for w in plan.warnings] + [f"✖ {p}" for p in plan.scan.problems + plan.problems]
+    notes = [f"⚠ {t.text(w)}" for w in plan.warnings] + [f"✖ {t.text(p)}" for p in plan.scan.problems + plan.problems]
     if notes:
         parts.append('<ul class="lora-train-warnings">' + "".join(f"<li>{html.escape(str(n))}</li>" for n in notes[:20]) + "</ul>")
     parts.append("</div>")

@@ -12,7 +12,7 @@ import html
 import gradio as gr
 
 from lora_train.dataset.prepare import PRESETS
-from lora_train.errors import UserError
+from lora_train.errors import UserError, msg
 from lora_train.tagging.session import BATCH_OPS, DatasetSession
 from lora_train.ui.i18n import Translator
 
@@ -178,9 +178,9 @@ def build_dataset_tab(host, t: Translator | None = None, train_fields: dict | No
             s = session_of(s)
             try:
                 text = fn(s, *args)
-                return [s, _message(text or ""), *view(s)]
+                return [s, _message(t.text(text or "")), *view(s)]
             except UserError as e:
-                return [s, _message(str(e), True), *view(s)]
+                return [s, _message(t.text(e), True), *view(s)]
         return run
 
     outs = [state, message, *view_outputs]
@@ -219,9 +219,9 @@ def build_dataset_tab(host, t: Translator | None = None, train_fields: dict | No
         s = session_of(s)
         try:
             text, diffs = s.batch(o, a, b, int(k or 0), dry_run=True)
-            return s, _message(text), _diff_html(s, diffs)
+            return s, _message(t.text(text)), _diff_html(s, diffs)
         except UserError as e:
-            return s, _message(str(e), True), ""
+            return s, _message(t.text(e), True), ""
     preview.click(on_preview, [state, op, arg_a, arg_b, keep], [state, message, diff])
 
     def on_apply(s, o, a, b, k):
@@ -238,7 +238,8 @@ def build_dataset_tab(host, t: Translator | None = None, train_fields: dict | No
         change = s.autotag(tag_images, m, progress=lambda done, total: progress((done, total), desc=t("Tagging")),
                            cancel=lambda: getattr(s, "cancelled", False))
         warning = getattr(tag_images, "warning", None)
-        return f"{t('Tagged')}: {len(change.diffs) if change else 0} caption(s) changed (not saved yet)" + (f"\n{warning}" if warning else "")
+        return msg("{operation}: {changed} caption(s) changed (not saved yet)", operation=t("Tagged"),
+                   changed=len(change.diffs) if change else 0) + (f"\n{warning}" if warning else "")
     def on_tagger(name):
         from lora_train.tagging.wd14 import MODELS
 
@@ -256,9 +257,9 @@ def build_dataset_tab(host, t: Translator | None = None, train_fields: dict | No
     def on_check(s, resolution, trigger):
         s = session_of(s)
         try:
-            return s, s.check(resolution, trigger)
+            return s, t.text(s.check(resolution, trigger))
         except UserError as e:
-            return s, str(e)
+            return s, t.text(e)
     check.click(on_check, [state, check_resolution, check_trigger], [state, report])
 
     def on_prepare(s, dst, sz, how, progress=gr.Progress()):
@@ -275,7 +276,7 @@ def build_dataset_tab(host, t: Translator | None = None, train_fields: dict | No
             try:
                 root, trigger = send_to_train_values(s)
             except UserError as e:
-                return [_message(str(e), True), gr.update(), gr.update()] + ([gr.update()] if tabs is not None else [])
+                return [_message(t.text(e), True), gr.update(), gr.update()] + ([gr.update()] if tabs is not None else [])
             if s.store.dirty:
                 note = t("Sent; the folder has unsaved edits: save them before training")
             else:

@@ -5,6 +5,9 @@ while building the tab, so both show the same words."""
 from __future__ import annotations
 
 import json
+import re
+import string
+from functools import cached_property
 from pathlib import Path
 from typing import Optional
 
@@ -36,3 +39,45 @@ class Translator:
         """A message with numbers, names or paths in it: the template is translated, then filled,
         so word order can follow the language ("{name}" stays where the translation puts it)."""
         return self(text).format(**values)
+
+    def text(self, message) -> str:
+        """A message from the core (`errors.msg`, an error, a list of problems) in this language: each
+        line is looked up as it is, else matched against the templates with {placeholders}, whose
+        values are translated the same way where they are messages themselves (a path is not)."""
+        if isinstance(message, BaseException):
+            message = message.args[0] if len(message.args) == 1 else str(message)
+        message = str(message)
+        if not self.table:
+            return message
+        return "\n".join(self._line(line, 0) for line in message.split("\n"))
+
+    def _line(self, line: str, depth: int) -> str:
+        if line in self.table:
+            return self.table[line]
+        if depth < 3:
+            for template, pattern in self._templates:
+                m = pattern.fullmatch(line)
+                if m:
+                    values = {k: self._line(v, depth + 1) for k, v in m.groupdict().items()}
+                    return self.table[template].format(**values)
+        return line
+
+    @cached_property
+    def _templates(self) -> list[tuple[str, "re.Pattern"]]:
+        """(template, regex) for every entry with placeholders; the most literal text first, so a
+        specific message wins over a general one like "{what}: {why}"."""
+        out = []
+        for template in self.table:
+            parts = list(string.Formatter().parse(template))
+            if not any(name for _, name, _, _ in parts):
+                continue
+            regex, seen = "", set()
+            for literal, name, _, _ in parts:
+                regex += re.escape(literal)
+                if name:
+                    regex += f"(?P={name})" if name in seen else f"(?P<{name}>.+?)"
+                    seen.add(name)
+            literal_len = sum(len(lit) for lit, _, _, _ in parts)
+            out.append((literal_len, template, re.compile(regex, re.S)))
+        out.sort(key=lambda x: -x[0])
+        return [(template, pattern) for _, template, pattern in out]

@@ -61,7 +61,7 @@ def _fit_buckets(config) -> None:
 
 def _model_html(host: Host, t) -> str:
     # read again on every refresh: the WebUI may load or switch its checkpoint after the tab is built
-    return f'<div id="lora_train_model">{html.escape(t("Model"))}: <b>{html.escape(host.model_label())}</b></div>'
+    return f'<div id="lora_train_model">{html.escape(t("Model"))}: <b>{html.escape(t.text(host.model_label()))}</b></div>'
 
 
 def _preview_caption(path: str, t) -> str:
@@ -117,7 +117,7 @@ def follow_model(host: Host, flds: list, seen: int, subject: str, base: str, val
         changes.append(t.format("resolution set to {resolution}", resolution=config.dataset.resolution))
     if not changes:
         return version, None, None, None
-    message = t.format("The WebUI loaded {model}: {changes}", model=host.model_label(), changes=" · ".join(changes))
+    message = t.format("The WebUI loaded {model}: {changes}", model=t.text(host.model_label()), changes=" · ".join(changes))
     return version, want, form.values_from_config(flds, config), message
 
 
@@ -245,7 +245,7 @@ def create_train_tab(manager: RunManager, host: Host, t: Optional[Translator] = 
                 config.update(presets.preset(subj, b), source="preset")
                 return [*form.values_from_config(flds, config), _message(t("Preset applied") + f": {subj} / {b}")]
             except (UserError, KeyError) as e:
-                return [*values, _message(str(e), True)]
+                return [*values, _message(t.text(e), True)]
 
         def on_plan(*values):
             from lora_train.app import job
@@ -254,7 +254,7 @@ def create_train_tab(manager: RunManager, host: Host, t: Optional[Translator] = 
                 config, _ = build(values)
                 return chart.plan_html(job.plan_on_host(config, host), t)
             except UserError as e:
-                return chart.error_html(str(e))
+                return chart.error_html(t.text(e))
 
         def submit(start_now: bool, *values):
             try:
@@ -263,7 +263,7 @@ def create_train_tab(manager: RunManager, host: Host, t: Optional[Translator] = 
                 what = t("Started") if start_now else t("Queued")
                 return _message(f"{what}: {s.name}", run_id=s.id)
             except UserError as e:
-                return _message(str(e), True)
+                return _message(t.text(e), True)
 
         def on_stop():
             current = manager.latest()
@@ -279,7 +279,7 @@ def create_train_tab(manager: RunManager, host: Host, t: Optional[Translator] = 
                 s = manager.resume()
                 return _message(f"{t('Resuming')}: {s.name}", run_id=s.id)
             except UserError as e:
-                return _message(str(e), True)
+                return _message(t.text(e), True)
 
         def on_refresh(message_html):
             snap = manager.snapshot()
@@ -313,7 +313,7 @@ def create_train_tab(manager: RunManager, host: Host, t: Optional[Translator] = 
             try:
                 path = host.xyz_grid(files or [Path(latest.published[-1])], weights, (prompt or trig or "").strip() or latest.name, 1234, out)
             except UserError as e:
-                return None, _message(str(e), True)
+                return None, _message(t.text(e), True)
             if path is None:
                 return None, _message(t("This host cannot render a grid"), True)
             return str(path), _message(str(path))
@@ -323,7 +323,7 @@ def create_train_tab(manager: RunManager, host: Host, t: Optional[Translator] = 
                 config = guard.load_config(host.access(), path)
                 return [*form.values_from_config(flds, config), _message(t("Loaded") + f": {path}")]
             except (UserError, OSError) as e:
-                return [*values, _message(str(e), True)]
+                return [*values, _message(t.text(e), True)]
 
         def on_save_config(path, *values):
             try:
@@ -331,7 +331,7 @@ def create_train_tab(manager: RunManager, host: Host, t: Optional[Translator] = 
                 written = guard.save_config(host.access(), config, path)
                 return _message(t("Saved") + f": {written}")
             except (UserError, OSError) as e:
-                return _message(str(e), True)
+                return _message(t.text(e), True)
 
         mode.change(on_mode, [mode], [expert])
         apply_preset.click(on_preset, [subject, base, *field_comps], [*field_comps, message])

@@ -7,6 +7,7 @@ import threading
 from pathlib import Path
 from typing import Optional
 
+from lora_train.errors import msg
 from lora_train.host.a1111.previews import sample_fn
 from lora_train.host.a1111.refusals import preflight
 from lora_train.host.a1111.selftest import self_test
@@ -30,12 +31,12 @@ class A1111Host(Host):
         try:
             model = loaded_model()
         except Exception:
-            return "(WebUI model unavailable)"
+            return msg("(WebUI model unavailable)")
         if model is None:  # the WebUI loads its checkpoint in the background after building the UI
             chosen = str(opt("sd_model_checkpoint", "") or "")
-            return f"{chosen} (not loaded yet)" if chosen else "no checkpoint loaded"
+            return msg("{checkpoint} (not loaded yet)", checkpoint=chosen) if chosen else msg("no checkpoint loaded")
         info = getattr(model, "sd_checkpoint_info", None)
-        return getattr(info, "title", None) or getattr(info, "name", None) or str(opt("sd_model_checkpoint", "") or "(unnamed checkpoint)")
+        return getattr(info, "title", None) or getattr(info, "name", None) or str(opt("sd_model_checkpoint", "") or msg("(unnamed checkpoint)"))
 
     def model_version(self) -> int:
         return model_version()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from lora_train.errors import msg
 from lora_train.host.a1111.webui import family, loaded_model, opt
 
 
@@ -11,22 +12,22 @@ def preflight(config) -> list[str]:
     problems = []
     cmd = shared.cmd_opts
     if getattr(cmd, "lowvram", False):
-        problems.append("The WebUI runs with --lowvram: it moves each UNet block off the GPU right after its "
-                        "forward pass, which breaks training's backward pass. Restart the WebUI without --lowvram.")
+        problems.append(msg("The WebUI runs with --lowvram: it moves each UNet block off the GPU right after its "
+                            "forward pass, which breaks training's backward pass. Restart the WebUI without --lowvram."))
     model = loaded_model()
     if model is None:
-        problems.append("No checkpoint is loaded: choose one in the 'Stable Diffusion checkpoint' list at the top "
-                        "of the page (and wait until it has loaded), then start again.")
+        problems.append(msg("No checkpoint is loaded: choose one in the 'Stable Diffusion checkpoint' list at the top "
+                            "of the page (and wait until it has loaded), then start again."))
         return problems
     kind = family(model)
     if kind == "sd3":
-        problems.append("The loaded checkpoint is SD3, which LoRA Train cannot train. Load an SD1.x or SD2.x checkpoint.")
+        problems.append(msg("The loaded checkpoint is SD3, which LoRA Train cannot train. Load an SD1.x, SD2.x or SDXL checkpoint."))
     elif kind == "sdxl" and not hasattr(getattr(model, "model", None), "diffusion_model"):
-        problems.append(f"The loaded SDXL model ({type(model).__name__}) has no sgm UNet LoRA Train knows.")
+        problems.append(msg("The loaded SDXL model ({kind}) has no sgm UNet LoRA Train knows.", kind=type(model).__name__))
     fp8 = str(opt("fp8_storage", "Disable"))
     if fp8 == "Enable" or (fp8 == "Enable for SDXL" and kind == "sdxl") or _has_fp8_weights(model):
-        problems.append(f"Settings > Optimizations > FP8 weight is '{fp8}': the model's weights are stored in "
-                        "8-bit floats, which cannot be trained on. Set it to 'Disable' (the model reloads), then start again.")
+        problems.append(msg("Settings > Optimizations > FP8 weight is '{fp8}': the weights of the model are stored in "
+                            "8-bit floats, which cannot be trained on. Set it to 'Disable' (the model reloads), then start again.", fp8=fp8))
     try:
         from modules import sd_unet
 
@@ -35,14 +36,16 @@ def preflight(config) -> list[str]:
         unet = None
     if unet is not None:
         label = getattr(getattr(unet, "option", None), "label", type(unet).__name__)
-        problems.append(f"A replacement UNet is active ({label}, Settings > Stable Diffusion > SD Unet): it "
-                        "bypasses the model's own UNet, so nothing could be trained. Set SD Unet to 'None'.")
+        problems.append(msg("A replacement UNet is active ({unet}, Settings > Stable Diffusion > SD Unet): it "
+                            "bypasses the UNet of the model, so nothing could be trained. Set SD Unet to 'None'.", unet=label))
     conditioning = getattr(getattr(model, "model", None), "conditioning_key", None)
     if conditioning in ("hybrid", "concat") or getattr(model, "is_sdxl_inpaint", False):
-        problems.append(f"The loaded checkpoint is an inpainting/instruct-pix2pix/depth model (conditioning "
-                        f"'{conditioning}'): LoRA Train trains text-to-image models only. Load a normal checkpoint.")
+        problems.append(msg("The loaded checkpoint is an inpainting/instruct-pix2pix/depth model (conditioning "
+                            "'{conditioning}'): LoRA Train trains text-to-image models only. Load a normal checkpoint.",
+                            conditioning=conditioning))
     if kind in ("sd1", "sd2") and not (hasattr(model, "cond_stage_model") and hasattr(model, "model")):
-        problems.append(f"The loaded model ({type(model).__name__}) is not a Stable Diffusion 1.x/2.x model LoRA Train knows.")
+        problems.append(msg("The loaded model ({kind}) is not a Stable Diffusion 1.x/2.x model LoRA Train knows.",
+                            kind=type(model).__name__))
     return problems
 
 
