@@ -43,7 +43,8 @@ class AccessPolicy:
         """Folders outside the roots are refused."""
         return self.restricted or self.hide_dirs
 
-    def _why(self) -> str:
+    def why(self) -> str:
+        """Why paths are limited here (the reason in messages)."""
         return msg(REMOTE) if self.restricted else msg(HIDDEN)
 
     def folder(self, text: str | os.PathLike, *, must_exist: bool = True) -> Path:
@@ -79,11 +80,11 @@ class AccessPolicy:
         if self.roots_only and not any(real == r or r in real.parents for r in self.roots):
             roots = ", ".join(str(r) for r in self.roots) or "(none set)"
             raise UserError(msg("{path}: outside the allowed folders ({roots}); {why}. To use it, {how}",
-                                path=raw, roots=roots, why=self._why(), how=msg(HOW_TO_ALLOW)))
+                                path=raw, roots=roots, why=self.why(), how=msg(HOW_TO_ALLOW)))
         return real, raw
 
     def check_changes_files(self, what: str) -> None:
         """Moving, renaming or deleting files, and downloading models."""
         if self.restricted:
             raise UserError(msg("{what} is not allowed: {why}. Start the WebUI with --enable-insecure-extension-access to allow it.",
-                                what=what, why=self._why()))
+                                what=what, why=self.why()))

@@ -260,7 +260,18 @@ def test_d_resume_trains_to_the_end_and_publishes_the_card(page, server):
     assert card["activation text"] == TRIGGER
     assert (server.lora_dir / f"{NAME}.preview.png").is_file(), "previews are on (Preview every epoch) by default"
     wait_for(page, "a preview in the gallery", lambda: page.locator("#lora_train_previews img").count() > 0, 30)
+    # the finished run replaced its interrupted save, and the message says how the run ended
+    assert not (server.lora_dir / f"{NAME}-interrupted.safetensors").exists()
+    wait_for(page, "the interrupted file gone from the list", lambda: not any("-interrupted" in p for p in published(page)), 30)
+    wait_for(page, "the Finished message", lambda: page.locator("#lora_train_message").first.inner_text().startswith(f"Finished: {NAME}"), 30)
+    assert "ETA" not in page.locator("#lora_train_status").first.inner_text()
     shot(page, "d1-finished")
+
+
+def test_e0_a_checkbox_comes_before_its_help(page):
+    box = page.locator("#lora_train_use_txt2img label").first.bounding_box()
+    help_text = page.locator("#lora_train_use_txt2img").first.get_by_text("In the WebUI: prompt").bounding_box()
+    assert box["y"] + box["height"] <= help_text["y"] + 1, (box, help_text)
 
 
 def test_e_expert_mode_shows_every_knob(page):
@@ -293,6 +304,7 @@ def test_f_zh_cn_labels(browser, zh_server, dataset):
         wait_for(pg, "the plan", lambda: pg.locator("#lora_train_plan_info").count(), 30)
         plan = pg.locator("#lora_train_plan").first.inner_text()
         assert table["Total steps"] in plan and "Total steps" not in plan, plan
+        assert "一般建议 1000-2000" in plan and "the usual guideline" not in plan, plan  # a message with numbers
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         pg.screenshot(path=str(ARTIFACTS / "f-zh_CN.png"), full_page=True)
     finally:

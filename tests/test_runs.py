@@ -60,6 +60,7 @@ def test_run_publishes_every_save_with_card_preview_and_self_test(host, data, ti
     run = manager.run(status.id)
     assert run.phase == "finished", run.error
     assert run.step == run.total_steps == 4 and run.epochs == 2
+    assert run.trigger == "zkz", "the grid's default prompt, also after a page reload"
     assert [s for s, _ in run.losses] == [1, 2, 3, 4]
     lora_dir = host.lora_dir()
     assert sorted(p.name for p in lora_dir.glob("*.safetensors")) == ["runlora-000001.safetensors", "runlora.safetensors"]

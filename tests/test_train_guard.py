@@ -176,3 +176,23 @@ def test_the_plan_before_start_is_guarded(webui, tiny_model):
         job.plan_on_host(small_run_config(outside / "photos", "plan", epochs=1), listening)
     local = TinyHost(tiny_model, root, policy(root, remote=False))
     assert job.plan_on_host(small_run_config(outside / "photos", "plan", epochs=1), local).scan.items
+
+
+def test_listening_saves_configs_only_as_toml_and_never_over_other_files(webui):
+    """The WebUI's own folder is an allowed root: Save must not become a way to write webui-user.sh,
+    an extension's code or any other file there (found by hand in the real WebUI with --listen)."""
+    root, outside = webui
+    listening, local = policy(root, remote=True), policy(root, remote=False)
+    config = small_run_config(root / "train", "cfg", epochs=1)
+    config.set("output_name", "$(touch /tmp/pwned)")
+    (root / "webui-user.sh").write_text("#!/bin/bash\n", encoding="utf-8")
+    (root / "pyproject.toml").write_text('[project]\nname = "webui"\n', encoding="utf-8")
+    for name in ("webui-user.sh", "evil.sh", "train/x.py", "pyproject.toml"):
+        before = (root / name).read_bytes() if (root / name).exists() else None
+        with pytest.raises(UserError, match="config file: "):
+            guard.save_config(listening, config, name)
+        assert ((root / name).read_bytes() if (root / name).exists() else None) == before, name
+    # a new .toml, and a LoRA Train config over itself, are fine; locally the user's own choice goes
+    assert guard.save_config(listening, config, "train/mine.toml").is_file()
+    assert guard.save_config(listening, config, "train/mine.toml").is_file()
+    assert guard.save_config(local, config, str(root / "evil.sh")).is_file()

@@ -61,6 +61,7 @@ class RunStatus:
     error: str = ""
     work_dir: str = ""
     resume_state: Optional[str] = None  # the state folder Resume continues from
+    trigger: str = ""  # the run's trigger word (the grid's default prompt)
     stopping: bool = False  # Stop was pressed; the run saves after the current step
     ended_at: Optional[float] = None  # time.time() when it finished, stopped, failed or was refused
 
@@ -99,7 +100,7 @@ class RunManager:
             config.saving.output_name = name
             config.saving.output_dir = str(self.host.work_dir() / name)
             config.saving.resume = None
-            status = RunStatus(id=self._new_id(), name=name, work_dir=config.saving.output_dir)
+            status = RunStatus(id=self._new_id(), name=name, work_dir=config.saving.output_dir, trigger=request.trigger)
             self._enqueue(status, dataclasses.replace(request, config=config, preview_prompts=list(request.preview_prompts)), start)
             return status
 
@@ -114,7 +115,7 @@ class RunManager:
                 raise UserError(msg("'{name}' is already queued or running", name=old.name))
             request = copy.deepcopy(self._requests[old.id])
             request.config.saving.resume = old.resume_state
-            status = RunStatus(id=self._new_id(), name=old.name, work_dir=old.work_dir)
+            status = RunStatus(id=self._new_id(), name=old.name, work_dir=old.work_dir, trigger=old.trigger)
             status.messages.append(msg("resuming from {state}", state=old.resume_state))
             # one history for the whole training: what the stopped run trained and saved stays in view
             status.losses = list(old.losses)

@@ -107,7 +107,9 @@ def build_dataset_tab(host, t: Translator | None = None, train_fields: dict | No
                 caption = gr.Textbox(label=t("Caption"), lines=3, elem_id="lora_dataset_caption")
                 apply_caption = gr.Button(t("Apply caption"), elem_id="lora_dataset_apply_caption")
             with gr.Accordion(t("Batch edit (the filtered images)"), open=True):
-                op = gr.Dropdown(label=t("Operation"), choices=list(BATCH_OPS), value="add front", elem_id="lora_dataset_op")
+                # shown in the user's language; the handlers get the index (gradio 3.41 dropdowns have no label/value pairs)
+                op = gr.Dropdown(label=t("Operation"), choices=[t(o) for o in BATCH_OPS], value=t("add front"), type="index",
+                                 elem_id="lora_dataset_op")
                 with gr.Row():
                     arg_a = gr.Textbox(label=t("Tags / find"), elem_id="lora_dataset_arg_a", max_lines=1,
                                        info=t("Tags, comma-separated; for replace the tag or pattern; for truncate the token budget (75)"))
@@ -125,7 +127,7 @@ def build_dataset_tab(host, t: Translator | None = None, train_fields: dict | No
                     character = gr.Slider(0, 1, value=0.85, step=0.01, label=t("Character threshold"), elem_id="lora_dataset_character")
                 undesired = gr.Textbox(label=t("Undesired tags"), elem_id="lora_dataset_undesired", max_lines=1)
                 with gr.Row():
-                    mode = gr.Radio(label=t("Mode"), choices=list(MODES), value="prefill", elem_id="lora_dataset_mode")
+                    mode = gr.Radio(label=t("Mode"), choices=[(t(m), m) for m in MODES], value="prefill", elem_id="lora_dataset_mode")
                     rating = gr.Checkbox(label=t("Rating tags"), value=False, elem_id="lora_dataset_rating")
                     escape = gr.Checkbox(label=t("Escape brackets"), value=False, elem_id="lora_dataset_escape")
                     blip = gr.Checkbox(label=t("BLIP caption instead"), value=False, elem_id="lora_dataset_blip")
@@ -151,7 +153,7 @@ def build_dataset_tab(host, t: Translator | None = None, train_fields: dict | No
                 with gr.Row():
                     size = gr.Dropdown(label=t("Size"), choices=list(PRESETS), value="sd15-512x512", allow_custom_value=True,
                                        elem_id="lora_dataset_size", info=t("A preset or WIDTHxHEIGHT, multiples of 64"))
-                    crop = gr.Radio(label=t("Crop"), choices=["center", "focus"], value="focus", elem_id="lora_dataset_crop",
+                    crop = gr.Radio(label=t("Crop"), choices=[(t("center"), "center"), (t("focus"), "focus")], value="focus", elem_id="lora_dataset_crop",
                                     info=t("focus keeps the most salient part (the subject) in frame"))
                 destination = gr.Textbox(label=t("New folder"), elem_id="lora_dataset_destination", max_lines=1)
                 prepare = gr.Button(t("Crop and resize"), elem_id="lora_dataset_prepare")
@@ -218,14 +220,14 @@ def build_dataset_tab(host, t: Translator | None = None, train_fields: dict | No
     def on_preview(s, o, a, b, k):
         s = session_of(s)
         try:
-            text, diffs = s.batch(o, a, b, int(k or 0), dry_run=True)
+            text, diffs = s.batch(_op(o), a, b, int(k or 0), dry_run=True)
             return s, _message(t.text(text)), _diff_html(s, diffs)
         except UserError as e:
             return s, _message(t.text(e), True), ""
     preview.click(on_preview, [state, op, arg_a, arg_b, keep], [state, message, diff])
 
     def on_apply(s, o, a, b, k):
-        text, _ = s.batch(o, a, b, int(k or 0))
+        text, _ = s.batch(_op(o), a, b, int(k or 0))
         return text
     apply.click(guarded(on_apply), [state, op, arg_a, arg_b, keep], outs).then(lambda: "", None, [diff])
 
@@ -284,6 +286,13 @@ def build_dataset_tab(host, t: Translator | None = None, train_fields: dict | No
             out = [_message(f"{note}: {root}"), root, trigger or gr.update()]
             return out + [gr.update(selected=train_tab_id)] if tabs is not None else out
         send.click(on_send, [state], [message, train_fields["train_data_dir"], train_fields["trigger"], *([tabs] if tabs is not None else [])])
+
+
+def _op(index) -> str:
+    """The batch operation the dropdown (type="index") chose."""
+    if isinstance(index, int) and 0 <= index < len(BATCH_OPS):
+        return BATCH_OPS[index]
+    raise UserError(msg("choose an operation"))
 
 
 def _general_default() -> float:

@@ -72,6 +72,11 @@ def _preview_caption(path: str, t) -> str:
     return f"{t('Epoch')} {at[0]} · {t('Step')} {at[1]}" if at else Path(path).stem
 
 
+def _subject(index) -> str:
+    """The preset subject the dropdown (type="index") chose; the concept preset when none is."""
+    return presets.SUBJECTS[index] if isinstance(index, int) and 0 <= index < len(presets.SUBJECTS) else "concept"
+
+
 def base_for(host: Host) -> str:
     """The preset base that fits the host's model."""
     return "SDXL" if host.model_family() == "sdxl" else "SD1.5"
@@ -148,7 +153,9 @@ def create_train_tab(manager: RunManager, host: Host, t: Optional[Translator] = 
             with gr.Column(scale=3, elem_id="lora_train_settings"):
                 model_label = gr.HTML(_model_html(host, t))
                 with gr.Row():
-                    subject = gr.Dropdown(label=t("Preset: subject"), choices=list(presets.SUBJECTS), value="concept", elem_id="lora_train_preset_subject")
+                    # shown in the user's language; handlers get the index (gradio 3.41 dropdowns have no label/value pairs)
+                    subject = gr.Dropdown(label=t("Preset: subject"), choices=[t(s) for s in presets.SUBJECTS], value=t("concept"),
+                                          type="index", elem_id="lora_train_preset_subject")
                     base = gr.Dropdown(label=t("Preset: base"), choices=list(presets.BASES),
                                        value=base_for(host), elem_id="lora_train_preset_base")
                     apply_preset = gr.Button(t("Apply preset"), elem_id="lora_train_apply_preset")
@@ -241,9 +248,10 @@ def create_train_tab(manager: RunManager, host: Host, t: Optional[Translator] = 
 
         def on_preset(subj, b, *values):
             try:
+                subj = _subject(subj)
                 config = form.config_from_values(flds, values)
                 config.update(presets.preset(subj, b), source="preset")
-                return [*form.values_from_config(flds, config), _message(t("Preset applied") + f": {subj} / {b}")]
+                return [*form.values_from_config(flds, config), _message(t("Preset applied") + f": {t(subj)} / {b}")]
             except (UserError, KeyError) as e:
                 return [*values, _message(t.text(e), True)]
 
@@ -293,7 +301,7 @@ def create_train_tab(manager: RunManager, host: Host, t: Optional[Translator] = 
 
         def on_model(seen, subj, b, *values):
             try:
-                version, new_base, new_values, text = follow_model(host, flds, seen, subj, b, list(values), t)
+                version, new_base, new_values, text = follow_model(host, flds, seen, _subject(subj), b, list(values), t)
             except (UserError, KeyError):  # a field the user is typing into: try on the next refresh
                 return [seen, gr.update(), *[gr.update()] * len(values), gr.update()]
             if text is None:
@@ -311,7 +319,7 @@ def create_train_tab(manager: RunManager, host: Host, t: Optional[Translator] = 
             files = sorted((Path(p) for p in latest.published if "-interrupted" not in p), key=lambda p: p.stat().st_mtime)
             out = Path(latest.work_dir) / "grid.png"
             try:
-                path = host.xyz_grid(files or [Path(latest.published[-1])], weights, (prompt or trig or "").strip() or latest.name, 1234, out)
+                path = host.xyz_grid(files or [Path(latest.published[-1])], weights, (prompt or trig or latest.trigger or "").strip() or latest.name, 1234, out)
             except UserError as e:
                 return None, _message(t.text(e), True)
             if path is None:
