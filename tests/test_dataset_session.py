@@ -116,6 +116,18 @@ def test_moves_are_refused_when_listening_and_folders_outside_the_roots_too(tmp_
     assert len(list((elsewhere / "5_other").glob("*.png"))) == 3 and len(list((elsewhere / "5_other").glob("*.txt"))) == 3
 
 
+def test_listening_saves_captions_only_with_caption_extensions(tmp_path):
+    """Captions are written as <image name><extension>: where strangers type paths, '.sh' is no caption."""
+    root = _make(tmp_path / "train")
+    s = DatasetSession(AccessPolicy.build([root], remote=True))
+    for ext in (".sh", ".py", ".bat"):
+        with pytest.raises(UserError, match=f"caption extension '{ext}'"):
+            s.load(str(root), ext)
+    assert s.store is None and not list(root.rglob("*.sh"))
+    s.load(str(root), ".caption")
+    assert "images in" in DatasetSession(AccessPolicy.build([root])).load(str(root), ".sh"), "locally the user's own choice"
+
+
 def test_send_to_train_gives_the_folder_above_the_concept_folders_and_a_shared_first_tag(tmp_path):
     _make(tmp_path)
     s = DatasetSession()

@@ -19,6 +19,7 @@ from lora_train.tagging.store import Change, TagStore
 THUMB = 192
 PAGE = 48
 THUMBS_KEPT = 480  # ten pages: about 50 MB of 192 px thumbnails, however many images the folder has
+SAFE_CAPTION_EXTENSIONS = (".txt", ".caption", ".tags")  # what may be written where strangers type paths
 BATCH_OPS = ("add front", "add back", "remove", "replace", "replace regex", "dedupe", "sort alpha", "sort frequency",
              "truncate to tokens")
 
@@ -86,7 +87,12 @@ class DatasetSession:
     # -- loading and viewing ----------------------------------------------------------------------
     def load(self, folder: str, caption_extension: str = ".txt") -> str:
         path = self.access.folder(folder)
-        self.store = TagStore.load(path, caption_extension or ".txt")
+        caption_extension = caption_extension or ".txt"
+        if self.access.roots_only and caption_extension.lower() not in SAFE_CAPTION_EXTENSIONS:
+            # captions are saved as <image name><extension>: a visitor may not choose '.sh' or '.py'
+            raise UserError(msg("caption extension '{ext}': only {allowed} here; {why}", ext=caption_extension,
+                                allowed=", ".join(SAFE_CAPTION_EXTENSIONS), why=self.access.why()))
+        self.store = TagStore.load(path, caption_extension)
         self.filter, self.page, self.selected = Filter(), 0, (0 if len(self.store) else None)
         self._thumbs.clear()
         text = msg("{count} images in {folder}", count=len(self.store), folder=path)
