@@ -653,7 +653,7 @@ def test_self_test_reports_unmatched_keys_and_never_raises(webui, host, tmp_path
 
     nets.load_error = AssertionError("Could not find a module type")
     (msg,) = host.after_publish(path)
-    assert "self-test FAILED: the WebUI's Lora loader fails on probe.safetensors" in msg and "Could not find a module type" in msg
+    assert "self-test FAILED: the Lora loader of the WebUI fails on probe.safetensors" in msg and "Could not find a module type" in msg
 
     monkeypatch.setitem(sys.modules, "networks", None)  # built-in Lora extension disabled
     (msg,) = host.after_publish(path)

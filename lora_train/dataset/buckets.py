@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Iterator, Sequence
 
-from lora_train.errors import UserError
+from lora_train.errors import UserError, msg
 
 Size = tuple[int, int]
 
@@ -39,22 +39,19 @@ class BucketConfig:
         if not self.enable_bucket:
             # sd-scripts ignores the bucket keys here; an off-grid size only fails later in the UNet
             if any(s % steps_multiple for s in res):
-                raise UserError(
-                    f"resolution {res[0]}x{res[1]} must be a multiple of {steps_multiple} on each side "
-                    f"when enable_bucket is off (e.g. 512 or 512,768)"
-                )
+                raise UserError(msg("resolution {size} must be a multiple of {step} on each side when enable_bucket is off "
+                                    "(e.g. 512 or 512,768)", size=f"{res[0]}x{res[1]}", step=steps_multiple))
             return notes
         lo, hi = _limits(self)
         if self.bucket_reso_steps % steps_multiple:
-            raise UserError(
-                f"bucket_reso_steps is {self.bucket_reso_steps}; it must be divisible by {steps_multiple} for this model"
-            )
+            raise UserError(msg("bucket_reso_steps is {steps}; it must be divisible by {step} for this model",
+                                steps=self.bucket_reso_steps, step=steps_multiple))
         if lo != self.min_bucket_reso:
-            notes.append(f"min_bucket_reso {self.min_bucket_reso} rounded down to {lo}, a multiple of bucket_reso_steps")
+            notes.append(msg("min_bucket_reso {value} rounded down to {rounded}, a multiple of bucket_reso_steps", value=self.min_bucket_reso, rounded=lo))
         if hi != self.max_bucket_reso:
-            notes.append(f"max_bucket_reso {self.max_bucket_reso} rounded up to {hi}, a multiple of bucket_reso_steps")
+            notes.append(msg("max_bucket_reso {value} rounded up to {rounded}, a multiple of bucket_reso_steps", value=self.max_bucket_reso, rounded=hi))
         if self.bucket_no_upscale and (self.min_bucket_reso, self.max_bucket_reso) != (256, 1024):
-            notes.append("min_bucket_reso and max_bucket_reso have no effect with bucket_no_upscale")
+            notes.append(msg("min_bucket_reso and max_bucket_reso have no effect with bucket_no_upscale"))
         return notes
 
 
@@ -70,9 +67,9 @@ def _resolution(cfg: BucketConfig) -> Size:
     try:
         w, h = (r, r) if isinstance(r, int) else (int(v) for v in r)
     except (TypeError, ValueError):
-        raise UserError(f"resolution {r!r} must be a size or (width, height)") from None
+        raise UserError(msg("resolution {value} must be a size or (width, height)", value=repr(r))) from None
     if w <= 0 or h <= 0:
-        raise UserError(f"resolution {w}x{h} must be positive")
+        raise UserError(msg("resolution {size} must be positive", size=f"{w}x{h}"))
     return w, h
 
 
@@ -81,25 +78,21 @@ def _limits(cfg: BucketConfig) -> Size:
     res = _resolution(cfg)
     steps, lo, hi = cfg.bucket_reso_steps, cfg.min_bucket_reso, cfg.max_bucket_reso
     if steps <= 0:
-        raise UserError(f"bucket_reso_steps must be positive, got {steps}")
+        raise UserError(msg("bucket_reso_steps must be positive, got {steps}", steps=steps))
     # sd-scripts rounds off-grid limits outwards (with a warning) rather than refusing them
     lo -= lo % steps
     if hi % steps:
         hi += steps - hi % steps
     if lo > hi:
-        raise UserError(f"min_bucket_reso ({cfg.min_bucket_reso}) is larger than max_bucket_reso ({cfg.max_bucket_reso})")
+        raise UserError(msg("min_bucket_reso ({low}) is larger than max_bucket_reso ({high})", low=cfg.min_bucket_reso, high=cfg.max_bucket_reso))
     if min(res) < lo:
-        raise UserError(
-            f"min_bucket_reso ({cfg.min_bucket_reso}) is larger than the shorter side of resolution "
-            f"{res[0]}x{res[1]}; lower min_bucket_reso or raise resolution"
-        )
+        raise UserError(msg("min_bucket_reso ({low}) is larger than the shorter side of resolution {size}; "
+                            "lower min_bucket_reso or raise resolution", low=cfg.min_bucket_reso, size=f"{res[0]}x{res[1]}"))
     if max(res) > hi:
-        raise UserError(
-            f"max_bucket_reso ({cfg.max_bucket_reso}) is smaller than the longer side of resolution "
-            f"{res[0]}x{res[1]}; raise max_bucket_reso or lower resolution"
-        )
+        raise UserError(msg("max_bucket_reso ({high}) is smaller than the longer side of resolution {size}; "
+                            "raise max_bucket_reso or lower resolution", high=cfg.max_bucket_reso, size=f"{res[0]}x{res[1]}"))
     if lo < steps and not cfg.bucket_no_upscale:
-        raise UserError(f"min_bucket_reso ({cfg.min_bucket_reso}) must be at least bucket_reso_steps ({steps})")
+        raise UserError(msg("min_bucket_reso ({low}) must be at least bucket_reso_steps ({steps})", low=cfg.min_bucket_reso, steps=steps))
     return lo, hi
 
 

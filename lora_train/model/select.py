@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from lora_train.errors import msg
 from lora_train.model.adapter import ModelAdapter
 
 
@@ -14,7 +15,7 @@ def adapter_for(model, name: str | None = None, clip_skip: int | None = 1, devic
         adapter = SgmAdapter(model, name=name, device=device)
         if clip_skip and clip_skip > 1:
             # sd-scripts ignores it for SDXL too: SDXL is trained on fixed layers of both encoders
-            adapter.info.notes.append(f"clip_skip {clip_skip} is ignored on SDXL (it always reads the encoders' penultimate layers)")
+            adapter.info.notes.append(msg("clip_skip {value} is ignored on SDXL (it always reads the penultimate layers of the encoders)", value=clip_skip))
         return adapter
     from lora_train.model.ldm import LdmAdapter
 

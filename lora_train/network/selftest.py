@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from lora_train.errors import msg
 from lora_train.network.files import load_lora
 
 
@@ -26,6 +27,6 @@ def check_failed(message: str) -> bool:
 def self_test_message(path: str | Path, unmatched: list[str]) -> str:
     name = Path(path).name
     if not unmatched:
-        return f"self-test: {name} loads onto the model with every module matched"
+        return msg("self-test: {file} loads onto the model with every module matched", file=name)
     shown = ", ".join(unmatched[:5]) + (" ..." if len(unmatched) > 5 else "")
-    return f"{FAILED}: {name} has {len(unmatched)} module(s) the model does not have: {shown}"
+    return msg("self-test FAILED: {file} has {count} module(s) the model does not have: {modules}", file=name, count=len(unmatched), modules=shown)

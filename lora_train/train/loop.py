@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from lora_train.dataset.loader import TrainingData
-from lora_train.errors import UserError
+from lora_train.errors import UserError, msg
 from lora_train.model import cond as cond_ops
 from lora_train.model.adapter import ModelAdapter
 from lora_train.network.files import save_lora
@@ -195,7 +195,7 @@ class Trainer:
     def _resume(self, folder: str) -> None:
         state = load_state(folder)
         if state.get("seed") != self.seed:
-            self.notes.append(f"resume: the state was trained with seed {state.get('seed')}; continuing with it")
+            self.notes.append(msg("resume: the state was trained with seed {seed}; continuing with it", seed=state.get("seed")))
             self.seed = state["seed"]
             self.data.seed = self.seed
         try:
@@ -210,7 +210,7 @@ class Trainer:
         self.network.dropout_generator.set_state(state["dropout_generator"])
         self.caption_rng.setstate(_decode_random_state(state["caption_rng"]))
         self.step, self.epoch, self.batches_done = state["step"], state["epoch"], state["batches_done"]
-        self.notes.append(f"resumed from '{folder}' at step {self.step} (epoch {self.epoch})")
+        self.notes.append(msg("resumed from '{folder}' at step {step} (epoch {epoch})", folder=folder, step=self.step, epoch=self.epoch))
 
     def _save_interrupted(self) -> Path | None:
         if self.step == 0:

@@ -123,7 +123,7 @@ def files_html(status, t) -> str:
     for p in status.published:
         check = status.checks.get(p, "")
         mark = "✖" if check_failed(check) else ("✔" if check else "")
-        items.append(f'<li title="{html.escape(check)}">{mark} <code>{html.escape(Path(p).name)}</code></li>')
+        items.append(f'<li title="{html.escape(t.text(check))}">{mark} <code>{html.escape(Path(p).name)}</code></li>')
     return (f'<div id="lora_train_published" data-count="{len(status.published)}">'
             f'<div class="lora-train-folder">{html.escape(t("LoRA folder"))}: <code>{html.escape(folder)}</code></div>'
             f'<ul>{"".join(items)}</ul></div>')

@@ -119,9 +119,8 @@ class A1111Host(Host):
             with self._model_lock():
                 return [self_test(path)]
         except Exception as e:  # never let a check break the run
-            from lora_train.network.selftest import FAILED
-
-            return [f"{FAILED}: the WebUI's Lora loader fails on {path.name}: {type(e).__name__}: {e}"]
+            return [msg("self-test FAILED: the Lora loader of the WebUI fails on {file}: {error}", file=path.name,
+                        error=f"{type(e).__name__}: {e}")]
 
     def lora_files_changed(self) -> None:
         try:

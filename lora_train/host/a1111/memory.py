@@ -3,7 +3,7 @@ merges, and --medvram (what a run changes, and the UNet pinned on the GPU)."""
 
 from __future__ import annotations
 
-from lora_train.errors import UserError
+from lora_train.errors import UserError, msg
 
 
 def medvram(model) -> bool:
@@ -22,21 +22,21 @@ def medvram_config(config) -> list[str]:
     notes = []
     if not n.network_train_unet_only:
         n.network_train_unet_only, n.network_train_text_encoder_only = True, False
-        notes.append("--medvram: training the UNet only (the text encoder would be swapped onto the GPU at every step)")
+        notes.append(msg("--medvram: training the UNet only (the text encoder would be swapped onto the GPU at every step)"))
     if not (d.cache_latents or d.cache_latents_to_disk):
         if d.random_crop or d.color_aug:
             notes.append("--medvram: random_crop / color_aug change the pixels every step, so latents cannot be cached: "
                          "the VAE is swapped in at every step, which is slow")
         else:
             d.cache_latents = True
-            notes.append("--medvram: latents are cached before the first step")
+            notes.append(msg("--medvram: latents are cached before the first step"))
     if not t.cache_text_encoder_outputs:
         if captions_change(d) or d.dataset_config:
             notes.append("--medvram: captions change between steps (shuffle, dropout, wildcards) or come from a dataset "
                          "config, so text-encoder outputs are not cached: the text encoder is swapped in at every step, which is slow")
         else:
             t.cache_text_encoder_outputs = True
-            notes.append("--medvram: text-encoder outputs are cached before the first step")
+            notes.append(msg("--medvram: text-encoder outputs are cached before the first step"))
     return notes
 
 

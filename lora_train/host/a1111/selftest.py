@@ -6,6 +6,7 @@ import ast
 import re
 from pathlib import Path
 
+from lora_train.errors import msg
 from lora_train.host.a1111.webui import loaded_model
 
 
@@ -16,11 +17,11 @@ def self_test(path: Path) -> str:
     try:
         import networks  # the built-in Lora extension's module (kept in sys.modules by the WebUI)
     except ImportError:
-        return (f"self-test skipped: the WebUI's built-in Lora extension is not loaded, so {path.name} "
-                "cannot be used in prompts here")
+        return msg("self-test skipped: the built-in Lora extension of the WebUI is not loaded, so {file} cannot be used in prompts here",
+                   file=path.name)
     networks.list_available_networks()
     if loaded_model() is None:
-        return f"self-test skipped: no checkpoint is loaded to test {path.name} against"
+        return msg("self-test skipped: no checkpoint is loaded to test {file} against", file=path.name)
     on_disk = networks.available_networks.get(path.stem)
     if on_disk is None:
         import network
