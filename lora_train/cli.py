@@ -237,7 +237,7 @@ def cmd_dataset_check(args) -> int:
         duplicates=not args.no_duplicates, verify=args.verify, tokens=args.tokens,
     )
     _, report = check_dataset(args.dir, options)
-    print(json.dumps(report, indent=1, ensure_ascii=False) if args.json else format_report(report))
+    print(json.dumps(report, indent=1, ensure_ascii=False) if args.json else t.text(format_report(report)))
     return 0
 
 

@@ -11,6 +11,7 @@ from lora_train.dataset.plan import DatasetPlan, make_plan
 from lora_train.dataset.scan import Problem, scan
 from lora_train.dataset.source import spec_from_config
 from lora_train.dataset.spec import DatasetConfig
+from lora_train.errors import msg
 
 
 @dataclass
@@ -81,25 +82,29 @@ def check_dataset(path: str | Path, o: CheckOptions, default_resolution: int = 5
 
 
 def format_report(r: dict) -> str:
-    lines = [f"images: {r['images']} training ({r['train_samples']} with repeats), {r['reg_images']} regularization ({r['reg_samples']} with repeats)"]
-    lines.append("buckets:")
+    lines = [msg("images: {train} training ({train_samples} with repeats), {reg} regularization ({reg_samples} with repeats)",
+                 train=r["images"], train_samples=r["train_samples"], reg=r["reg_images"], reg_samples=r["reg_samples"])]
+    lines.append(msg("buckets:"))
     for b in r["buckets"]:
         w, h = b["resolution"]
         bar = "#" * min(40, b["count"])
-        lines.append(f"  {w:>4}x{h:<4} {b['count']:>5} samples  {b['batches']:>4} batches  waste {b['waste']:<3} {bar}")
-    lines.append(f"steps: {r['steps_per_epoch']} per epoch x {r['epochs']} epochs = {r['total_steps']} total")
-    lines.append(f"guideline: images x repeats x (2 with flip, 4 without) = {r['guideline_total']} (usual {r['guideline_range'][0]}-{r['guideline_range'][1]})")
+        lines.append("  " + msg("{size} {count} samples  {batches} batches  waste {waste} {bar}", size=f"{w:>4}x{h:<4}",
+                                count=f"{b['count']:>5}", batches=f"{b['batches']:>4}", waste=f"{b['waste']:<3}", bar=bar))
+    lines.append(msg("steps: {per_epoch} per epoch x {epochs} epochs = {total} total", per_epoch=r["steps_per_epoch"],
+                     epochs=r["epochs"], total=r["total_steps"]))
+    lines.append(msg("guideline: images x repeats x (2 with flip, 4 without) = {total} (usual {low}-{high})",
+                     total=r["guideline_total"], low=r["guideline_range"][0], high=r["guideline_range"][1]))
     if r.get("main_closeup_ratio"):
-        lines.append(f"main-visual : close-up = {r['main_closeup_ratio']:.1f} : 1")
+        lines.append(msg("main-visual : close-up = {ratio} : 1", ratio=f"{r['main_closeup_ratio']:.1f}"))
     for w in r["warnings"]:
-        lines.append(f"warning: {w}")
+        lines.append(msg("warning: {warning}", warning=w))
     if r["problems"]:
-        lines.append(f"problems ({len(r['problems'])}):")
-        lines += [f"  {p['path']}: {p['reason']}" for p in r["problems"]]
+        lines.append(msg("problems ({count}):", count=len(r["problems"])))
+        lines += ["  " + msg("{path}: {reason}", path=p["path"], reason=p["reason"]) for p in r["problems"]]
     if r["notes"]:
-        lines.append(f"notes ({len(r['notes'])}):")
-        lines += [f"  {p['path']}: {p['reason']}" for p in r["notes"]]
+        lines.append(msg("notes ({count}):", count=len(r["notes"])))
+        lines += ["  " + msg("{path}: {reason}", path=p["path"], reason=p["reason"]) for p in r["notes"]]
     if r.get("duplicates"):
-        lines.append(f"duplicates ({len(r['duplicates'])}):")
+        lines.append(msg("duplicates ({count}):", count=len(r["duplicates"])))
         lines += [f"  {d['kind']}: {d['a']} = {d['b']}" for d in r["duplicates"]]
     return "\n".join(lines)

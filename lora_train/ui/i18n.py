@@ -49,7 +49,11 @@ class Translator:
         message = str(message)
         if not self.table:
             return message
-        return "\n".join(self._line(line, 0) for line in message.split("\n"))
+        lines = []
+        for line in message.split("\n"):
+            body = line.lstrip()  # an indented line (a report's list) keeps its indent
+            lines.append(line[:len(line) - len(body)] + self._line(body, 0))
+        return "\n".join(lines)
 
     def _line(self, line: str, depth: int) -> str:
         if line in self.table:
