@@ -24,22 +24,24 @@ def _progress_listener():
     def listen(e):
         if isinstance(e, ev.Started):
             for note in e.notes:
-                print(f"note: {note}", file=sys.stderr)
-            print(f"training: {e.num_images} images, {e.epochs} epochs x {e.steps_per_epoch} steps = {e.total_steps} steps", file=sys.stderr)
+                print(f"{t('note')}: {t.text(note)}", file=sys.stderr)
+            print(t.text(msg("training: {images} images, {epochs} epochs x {per_epoch} steps = {total} steps", images=e.num_images,
+                             epochs=e.epochs, per_epoch=e.steps_per_epoch, total=e.total_steps)), file=sys.stderr)
             state["bar"] = tqdm(total=e.total_steps, unit="step", dynamic_ncols=True, file=sys.stderr)
         elif isinstance(e, ev.Step):
             bar = state["bar"]
             bar.update(1)
             bar.set_postfix(epoch=e.epoch, loss=f"{e.loss:.4f}", refresh=False)
         elif isinstance(e, ev.CheckpointSaved):
-            tqdm.write(f"saved {e.path}", file=sys.stderr)
+            tqdm.write(t.text(msg("saved {path}", path=e.path)), file=sys.stderr)
         elif isinstance(e, ev.Samples):
             tqdm.write(f"samples: {', '.join(e.paths)}", file=sys.stderr)
         elif isinstance(e, (ev.Finished, ev.Cancelled, ev.Failed)):
             if "bar" in state:
                 state["bar"].close()
             if isinstance(e, ev.Cancelled):
-                print(f"cancelled at step {e.step}" + (f"; saved {e.path}" if e.path else ""), file=sys.stderr)
+                print(t.text(msg("cancelled at step {step}; saved {path}", step=e.step, path=e.path) if e.path
+                             else msg("cancelled at step {step}", step=e.step)), file=sys.stderr)
 
     return listen
 
