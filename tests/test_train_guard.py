@@ -192,7 +192,13 @@ def test_listening_saves_configs_only_as_toml_and_never_over_other_files(webui):
         with pytest.raises(UserError, match="config file: "):
             guard.save_config(listening, config, name)
         assert ((root / name).read_bytes() if (root / name).exists() else None) == before, name
-    # a new .toml, and a LoRA Train config over itself, are fine; locally the user's own choice goes
+    # locally too: a slip of the hand must not turn webui-user.sh into a TOML
+    with pytest.raises(UserError, match="not a LoRA Train config"):
+        guard.save_config(local, config, str(root / "pyproject.toml"))
+    with pytest.raises(UserError, match="saved as a .toml file"):
+        guard.save_config(local, config, str(root / "webui-user.sh"))
+    assert (root / "webui-user.sh").read_text(encoding="utf-8") == "#!/bin/bash\n"
+    # a new .toml, and a LoRA Train config over itself, are fine; locally anywhere
     assert guard.save_config(listening, config, "train/mine.toml").is_file()
     assert guard.save_config(listening, config, "train/mine.toml").is_file()
-    assert guard.save_config(local, config, str(root / "evil.sh")).is_file()
+    assert guard.save_config(local, config, str(outside / "mine.toml")).is_file()

@@ -61,16 +61,15 @@ def load_config(access: AccessPolicy, text: str) -> TrainConfig:
 
 
 def save_config(access: AccessPolicy, config: TrainConfig, text: str) -> Path:
-    """The tab's Config file > Save. Where a stranger may type the path, it writes only `.toml` files
-    and overwrites only LoRA Train configs: the allowed folders include the WebUI's own, where a
-    config saved over `webui-user.sh` or an extension's code would be run at the next start."""
+    """The tab's Config file > Save. It writes only `.toml` files and overwrites only LoRA Train
+    configs: the allowed folders include the WebUI's own, where a config saved over `webui-user.sh`
+    or an extension's code would be run at the next start (typed by a stranger on a listening
+    WebUI, or by a slip of the user's own hand)."""
     path = guarded_path(access, text, "config file")
-    if access.roots_only:
-        if path.suffix.lower() != ".toml":
-            raise UserError(msg("config file: {path}: a config is saved as a .toml file; {why}", path=text, why=access.why()))
-        if path.exists() and not _is_a_config(path):
-            raise UserError(msg("config file: {path}: the file exists and is not a LoRA Train config, so it is not overwritten; {why}",
-                                path=text, why=access.why()))
+    if path.suffix.lower() != ".toml":
+        raise UserError(msg("config file: {path}: a config is saved as a .toml file", path=text))
+    if path.exists() and not _is_a_config(path):
+        raise UserError(msg("config file: {path}: the file exists and is not a LoRA Train config, so it is not overwritten", path=text))
     return config.save_toml(path)
 
 
