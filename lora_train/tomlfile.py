@@ -22,7 +22,7 @@ def read_toml(path: str | os.PathLike, what: str = "file") -> dict[str, Any]:
     try:
         return tomllib.loads(path.read_text(encoding="utf-8-sig"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: not valid TOML ({e})") from e
+        raise UserError(msg("{path}: not valid TOML ({error})", path=path, error=e)) from e
 
 
 def parse_toml_value(text: str) -> Any:

@@ -782,6 +782,13 @@ def test_the_tab_follows_the_checkpoint_the_webui_loads(webui, host, tiny_model)
     assert fields["resolution"] == "1024" and fields["network_train_unet_only"] is True and fields["cache_text_encoder_outputs"] is True
     assert "已套用预设 概念 / SDXL" in message and "分辨率设为 1024" in message and "tinyxl.safetensors" in message
 
+    # a page (re)loaded with the model already there: the WebUI restores the fields it stored before
+    # any model had loaded (ui-config.json), and the first refresh fits them without a load event
+    stale = form.values_from_config(flds, initial_config(host))
+    stale[[f.key for f in flds].index("resolution")] = "512"
+    first, base, fitted, message = follow_model(host, flds, -1, "concept", "SD1.5", stale, t)
+    assert first == v2 and base == "SDXL" and dict(zip([f.key for f in flds], fitted))["resolution"] == "1024", message
+
     # a run started while no checkpoint is loaded is refused with the reason
     webui.sd_models.model_data.sd_model = None
     (reason,) = host.preflight(TrainConfig())

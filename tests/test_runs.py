@@ -11,6 +11,7 @@ import pytest
 from safetensors import safe_open
 
 from conftest import assert_same_as, make_dataset, small_run_config, snapshot
+from lora_train.errors import UserError
 from lora_train.host.standalone import StandaloneHost
 from lora_train.train import events as ev
 from lora_train.train.config import TrainConfig
@@ -183,10 +184,14 @@ def test_refusal_and_bad_dataset_are_reported_not_raised(host, tmp_path):
 
     manager = RunManager(host)
     missing = tmp_path / "no-such-folder"
-    s = manager.submit(RunRequest(config_for(missing)))
+    with pytest.raises(UserError, match="no-such-folder' does not exist"):  # refused at Start, nothing queued
+        manager.submit(RunRequest(config_for(missing)))
+    empty = tmp_path / "empty-folder"
+    (empty / "5_zkz").mkdir(parents=True)
+    s = manager.submit(RunRequest(config_for(empty)))
     assert manager.wait(60)
     run = manager.run(s.id)
-    assert run.phase == "failed" and "no-such-folder" in run.error
+    assert run.phase == "failed" and "no images" in run.error and "5_zkz" in run.error
     assert not list(host.lora_dir().glob("*.safetensors")) if host.lora_dir().exists() else True
 
 

@@ -202,3 +202,20 @@ def test_listening_saves_configs_only_as_toml_and_never_over_other_files(webui):
     assert guard.save_config(listening, config, "train/mine.toml").is_file()
     assert guard.save_config(listening, config, "train/mine.toml").is_file()
     assert guard.save_config(local, config, str(outside / "mine.toml")).is_file()
+
+
+def test_a_missing_dataset_is_refused_at_start_not_queued(webui, tiny_model):
+    root, _ = webui
+    host = TinyHost(tiny_model, root, policy(root, remote=False))
+    manager = RunManager(host)
+    with pytest.raises(UserError, match=r"train_data_dir '.*nope' does not exist"):
+        manager.submit(RunRequest(small_run_config(root / "nope", "nope", epochs=1)))
+    assert manager.latest() is None and host.events == []
+
+
+def test_listening_loads_only_toml_configs(webui):
+    root, _ = webui
+    (root / "webui-user.sh").write_text("# export COMMANDLINE_ARGS=\n", encoding="utf-8")
+    with pytest.raises(UserError, match="a config is a .toml file"):
+        guard.load_config(policy(root, remote=True), "webui-user.sh")
+    assert guard.load_config(policy(root, remote=False), str(root / "webui-user.sh")).network.network_dim is None

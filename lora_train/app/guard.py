@@ -56,8 +56,12 @@ def guard_config(config: TrainConfig, access: AccessPolicy) -> None:
 
 
 def load_config(access: AccessPolicy, text: str) -> TrainConfig:
-    """The tab's Config file > Load."""
-    return TrainConfig.from_toml(guarded_path(access, text, "config file"))
+    """The tab's Config file > Load. Where a stranger may type the path, only `.toml` files: the
+    form would show what another file's lines hold."""
+    path = guarded_path(access, text, msg("config file"))
+    if access.roots_only and path.suffix.lower() != ".toml":
+        raise UserError(msg("config file: {path}: a config is a .toml file", path=text))
+    return TrainConfig.from_toml(path)
 
 
 def save_config(access: AccessPolicy, config: TrainConfig, text: str) -> Path:
@@ -65,7 +69,7 @@ def save_config(access: AccessPolicy, config: TrainConfig, text: str) -> Path:
     configs: the allowed folders include the WebUI's own, where a config saved over `webui-user.sh`
     or an extension's code would be run at the next start (typed by a stranger on a listening
     WebUI, or by a slip of the user's own hand)."""
-    path = guarded_path(access, text, "config file")
+    path = guarded_path(access, text, msg("config file"))
     if path.suffix.lower() != ".toml":
         raise UserError(msg("config file: {path}: a config is saved as a .toml file", path=text))
     if path.exists() and not _is_a_config(path):

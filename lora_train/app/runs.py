@@ -94,6 +94,7 @@ class RunManager:
         """Queue a run; with `start`, also un-pause the queue. Its name is made unique now."""
         config = copy.deepcopy(request.config)
         guard_config(config, self.host.access())  # before anything is queued, read or written
+        _require_dataset(config)
         with self._lock:
             taken = {r.name for r in self._runs if r.phase not in ENDED}
             name = unique_name(self.host.lora_dir(), request.config.saving.output_name or "lora", taken)
@@ -369,6 +370,17 @@ class _Publisher:
             self.status.published.append(str(path))
             self.status.checks[str(path)] = "; ".join(messages)
             self.status.messages += [m for m in messages if check_failed(m)]
+
+
+def _require_dataset(config: TrainConfig) -> None:
+    """A run whose dataset folder or TOML is missing is refused at Start, not queued to fail."""
+    d = config.dataset
+    for key, path, exists in (("dataset_config", d.dataset_config, Path.is_file), ("train_data_dir", d.train_data_dir, Path.is_dir),
+                              ("reg_data_dir", d.reg_data_dir, Path.is_dir)):
+        if path and not exists(Path(path)):
+            raise UserError(msg("{what} '{path}' does not exist", what=key, path=path))
+        if key == "dataset_config" and path:
+            return  # a dataset TOML replaces the folders
 
 
 _process_manager: Optional[RunManager] = None

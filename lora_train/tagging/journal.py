@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lora_train.dataset.captions import CaptionError, write_caption_bytes
-from lora_train.errors import UserError
+from lora_train.errors import UserError, msg
 
 JOURNAL_DIR = Path(".lora_train") / "journal"
 KEEP = 200  # entries kept per folder; the oldest go first
@@ -144,7 +144,7 @@ def undo(root: Path) -> dict:
     root = Path(root)
     entry = last_undoable(root)
     if entry is None:
-        raise UserError(f"nothing to undo in {root}: no saved edit left to undo in {_journal(root)}")
+        raise UserError(msg("nothing to undo in {folder}: no saved edit left to undo in {journal}", folder=root, journal=_journal(root)))
     manifest = load_manifest(entry)
     moves = [a for a in manifest["actions"] if a["kind"] == "move"]
     writes = [a for a in manifest["actions"] if a["kind"] == "write"]

@@ -70,7 +70,8 @@ def batch_fn(op: str, a: str, b: str = "", keep: int = 0, frequency=None) -> tup
         return msg("truncate to {budget} tokens", budget=budget), lambda t: ops.truncate(t, budget, lambda text: count_tokens(text, tokenizer))
     if op in ("sort alpha", "sort frequency"):
         by = op.split()[1]
-        return msg("sort tags ({by})", by=by), lambda t: ops.sort(t, by=by, keep=keep, frequency=frequency)
+        label = msg("sort tags by frequency") if by == "frequency" else msg("sort tags alphabetically")
+        return label, lambda t: ops.sort(t, by=by, keep=keep, frequency=frequency)
     raise UserError(msg("unknown operation {op}", op=repr(op)))
 
 

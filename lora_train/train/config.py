@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from lora_train.dataset.spec import DatasetConfig
-from lora_train.errors import UserError, close_match_hint
+from lora_train.errors import UserError, close_match_hint, msg
 from lora_train.tomlfile import parse_toml_value, read_toml, write_toml
 from lora_train.train.loss import LossOptions
 from lora_train.train.noise import NoiseOptions
@@ -193,7 +193,7 @@ class TrainConfig:
 
     @classmethod
     def from_toml(cls, path: str | os.PathLike) -> "TrainConfig":
-        return cls().update(flatten_one_level(read_toml(path, "config file")), source=str(path))
+        return cls().update(flatten_one_level(read_toml(path, msg("config file"))), source=str(path))
 
 
 _SECTION_TYPES = {

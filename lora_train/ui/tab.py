@@ -215,7 +215,9 @@ def create_train_tab(manager: RunManager, host: Host, t: Optional[Translator] = 
                     grid_image = gr.Image(label=t("Grid"), type="filepath", interactive=False, elem_id="lora_train_grid_image")
 
         field_comps = [comps[f.key] for f in flds]
-        model_seen = gr.State(host.model_version())  # the checkpoint the form was fitted to
+        # -1: fit the form on the first refresh of every page, since the WebUI restores its fields from
+        # ui-config.json (stored when the tab was first built, before any checkpoint had loaded)
+        model_seen = gr.State(-1)
         # txt2img_params last: the page's loraTrainReadTxt2img fills the last input
         extra = [trigger, network_type, preview_prompts, preview_every_epoch, preferred_weight, use_txt2img, txt2img_params]
 
@@ -258,6 +260,8 @@ def create_train_tab(manager: RunManager, host: Host, t: Optional[Translator] = 
         def on_plan(*values):
             from lora_train.app import job
 
+            if not str(values[[f.key for f in flds].index("train_data_dir")] or "").strip():
+                return _message(t("Set a dataset folder to see the plan."))  # nothing to plan yet, and no error
             try:
                 config, _ = build(values)
                 return chart.plan_html(job.plan_on_host(config, host), t)

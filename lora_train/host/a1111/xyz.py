@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 from typing import Optional
 
-from lora_train.errors import UserError
+from lora_train.errors import UserError, msg
 from lora_train.host.a1111.previews import DEFAULT_A1111_SAMPLER
 from lora_train.host.a1111.webui import LORA_EXTENSIONS, SETTING_XYZ_LORA, TASK_PREFIX, lora_dir, loaded_model, opt
 
@@ -132,7 +132,7 @@ def render_grid(host, files, weights, prompt, seed, out):
 
     files, weights, out = [Path(f) for f in files], [float(w) for w in weights], Path(out)
     if not files or not weights:
-        raise UserError("The grid needs at least one LoRA file and one weight.")
+        raise UserError(msg("The grid needs at least one LoRA file and one weight."))
     with call_queue.queue_lock:
         shared.state.begin(job=f"{TASK_PREFIX}grid")
         try:
