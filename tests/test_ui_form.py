@@ -139,3 +139,12 @@ def test_preview_line_from_the_txt2img_tab():
     assert line.endswith("--ss DPM++ 2M")
     assert parse_prompt_line(preview_line(json.dumps({**params, "seed": "42"}))).seed == 42
     assert preview_line("") is None and preview_line(json.dumps({"prompt": " "})) is None and preview_line("{bad") is None
+
+
+def test_following_the_model_keeps_an_error_the_user_has_not_read():
+    from lora_train.ui.tab import _message, model_message
+
+    refused = _message("train_data_dir '/nope' does not exist", True)
+    assert model_message(refused, "The WebUI loaded x: resolution set to 64") is None
+    started = _message("Started: x", run_id="run-1")
+    assert "resolution set to 64" in model_message(started, "The WebUI loaded x: resolution set to 64")

@@ -102,6 +102,12 @@ def initial_config(host: Host):
     return config
 
 
+def model_message(current_message: str, text: str) -> Optional[str]:
+    """The message after the form followed the model, or None to keep the current one: an error the
+    user has not read yet (a refused Start) stays; the form still follows the model."""
+    return None if 'data-error="1"' in (current_message or "") else _message(text)
+
+
 def follow_model(host: Host, flds: list, seen: int, subject: str, base: str, values: list, t):
     """After the host loaded a checkpoint (its model version moved past `seen`): the form's base preset
     and resolution for it, and a message saying what changed. -> (version, base, field values, message)
@@ -303,14 +309,15 @@ def create_train_tab(manager: RunManager, host: Host, t: Optional[Translator] = 
                     chart.files_html(current, t),
                     _message_after(message_html, manager, t) or gr.update())
 
-        def on_model(seen, subj, b, *values):
+        def on_model(seen, current_message, subj, b, *values):
             try:
                 version, new_base, new_values, text = follow_model(host, flds, seen, _subject(subj), b, list(values), t)
             except (UserError, KeyError):  # a field the user is typing into: try on the next refresh
                 return [seen, gr.update(), *[gr.update()] * len(values), gr.update()]
             if text is None:
                 return [version, gr.update(), *[gr.update()] * len(values), gr.update()]
-            return [version, new_base, *new_values, _message(text)]
+            shown = model_message(current_message, text)
+            return [version, new_base, *new_values, gr.update() if shown is None else shown]
 
         def on_grid(weights_text, prompt, trig):
             latest = manager.latest()
@@ -360,7 +367,7 @@ def create_train_tab(manager: RunManager, host: Host, t: Optional[Translator] = 
         save_now.click(on_save_now, [], [message])
         resume.click(on_resume, [], [message])
         refresh.click(on_refresh, [message], [model_label, status, loss, previews, files, message], show_progress=False).then(
-            on_model, [model_seen, subject, base, *field_comps], [model_seen, base, *field_comps, message], show_progress=False)
+            on_model, [model_seen, message, subject, base, *field_comps], [model_seen, base, *field_comps, message], show_progress=False)
         grid_button.click(on_grid, [grid_weights, grid_prompt, trigger], [grid_image, message])
         load_config.click(on_load_config, [config_path, *field_comps], [*field_comps, message])
         save_config.click(on_save_config, [config_path, *all_inputs], [message])
