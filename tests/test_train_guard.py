@@ -61,7 +61,7 @@ def outside_value(key: str, outside: Path) -> str:
     }[key])
 
 
-KEYS = [key for key, _ in guard.PATH_KEYS]
+KEYS = list(guard.PATH_KEYS)
 
 
 def test_every_path_key_of_the_config_is_guarded():

@@ -16,18 +16,9 @@ from lora_train.access import AccessPolicy
 from lora_train.errors import UserError, msg
 from lora_train.train.config import TrainConfig
 
-FOLDER, FILE = "folder", "file"
-# every key of the config tree that names something on disk (sd-scripts' names), and what it names
-PATH_KEYS = (
-    ("train_data_dir", FOLDER),
-    ("reg_data_dir", FOLDER),
-    ("dataset_config", FILE),
-    ("network_weights", FILE),
-    ("resume", FOLDER),
-    ("output_dir", FOLDER),
-    ("logging_dir", FOLDER),
-    ("sample_prompts", FILE),
-)
+# every key of the config tree that names a file or folder (sd-scripts' names)
+PATH_KEYS = ("train_data_dir", "reg_data_dir", "dataset_config", "network_weights", "resume", "output_dir", "logging_dir",
+             "sample_prompts")
 
 
 def guarded_path(access: AccessPolicy, text: str | os.PathLike, what: str) -> Path:
@@ -42,7 +33,7 @@ def guarded_path(access: AccessPolicy, text: str | os.PathLike, what: str) -> Pa
 def guard_config(config: TrainConfig, access: AccessPolicy) -> None:
     """Check every path of `config` against `access` and rewrite it to the resolved path; UserError
     for the first one refused. A dataset TOML's subset folders are checked too: the file is read here."""
-    for key, _kind in PATH_KEYS:
+    for key in PATH_KEYS:
         value = config.get(key)
         if value is not None and str(value).strip():
             config.set(key, str(guarded_path(access, value, key)))
