@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import signal
@@ -24,8 +25,8 @@ def _progress_listener():
     def listen(e):
         if isinstance(e, ev.Started):
             for note in e.notes:
-                print(f"{t('note')}: {t.text(note)}", file=sys.stderr)
-            print(t.text(msg("training: {images} images, {epochs} epochs x {per_epoch} steps = {total} steps", images=e.num_images,
+                print(f"{t('note')}: {tr(note)}", file=sys.stderr)
+            print(tr(msg("training: {images} images, {epochs} epochs x {per_epoch} steps = {total} steps", images=e.num_images,
                              epochs=e.epochs, per_epoch=e.steps_per_epoch, total=e.total_steps)), file=sys.stderr)
             state["bar"] = tqdm(total=e.total_steps, unit="step", dynamic_ncols=True, file=sys.stderr)
         elif isinstance(e, ev.Step):
@@ -33,14 +34,14 @@ def _progress_listener():
             bar.update(1)
             bar.set_postfix(epoch=e.epoch, loss=f"{e.loss:.4f}", refresh=False)
         elif isinstance(e, ev.CheckpointSaved):
-            tqdm.write(t.text(msg("saved {path}", path=e.path)), file=sys.stderr)
+            tqdm.write(tr(msg("saved {path}", path=e.path)), file=sys.stderr)
         elif isinstance(e, ev.Samples):
             tqdm.write(f"samples: {', '.join(e.paths)}", file=sys.stderr)
         elif isinstance(e, (ev.Finished, ev.Cancelled, ev.Failed)):
             if "bar" in state:
                 state["bar"].close()
             if isinstance(e, ev.Cancelled):
-                print(t.text(msg("cancelled at step {step}; saved {path}", step=e.step, path=e.path) if e.path
+                print(tr(msg("cancelled at step {step}; saved {path}", step=e.step, path=e.path) if e.path
                              else msg("cancelled at step {step}", step=e.step)), file=sys.stderr)
 
     return listen
@@ -66,11 +67,11 @@ def _run_training(config, loss_csv: Path) -> Path | None:
         listeners.append(board)
     plan = trainer.plan
     for problem in plan.scan.problems + plan.problems:
-        print(f"{t('warning')}: {t.text(msg('skipped {problem}', problem=problem))}", file=sys.stderr)
+        print(f"{t('warning')}: {tr(msg('skipped {problem}', problem=problem))}", file=sys.stderr)
     for note in plan.scan.notes:
-        print(f"{t('note')}: {t.text(note)}", file=sys.stderr)
+        print(f"{t('note')}: {tr(note)}", file=sys.stderr)
     for warning in plan.warnings:
-        print(f"{t('warning')}: {t.text(warning)}", file=sys.stderr)
+        print(f"{t('warning')}: {tr(warning)}", file=sys.stderr)
     config.save_toml(Path(config.saving.output_dir) / f"{config.saving.output_name}.toml")
     cancel = threading.Event()
     previous = signal.getsignal(signal.SIGINT)
@@ -239,7 +240,7 @@ def cmd_dataset_check(args) -> int:
         duplicates=not args.no_duplicates, verify=args.verify, tokens=args.tokens,
     )
     _, report = check_dataset(args.dir, options)
-    print(json.dumps(report, indent=1, ensure_ascii=False) if args.json else t.text(format_report(report)))
+    print(json.dumps(report, indent=1, ensure_ascii=False) if args.json else tr(format_report(report)))
     return 0
 
 
@@ -374,30 +375,25 @@ def _language() -> str | None:
     return next((lang for lang in i18n.available() if wanted and lang.split("_")[0] == wanted.split("_")[0]), None)
 
 
-class _Messages:
-    """Errors, warnings and notes in the user's language (the same table as the tabs)."""
+@functools.lru_cache(maxsize=1)
+def _translator():
+    """Errors, warnings and notes in the user's language (the same table as the tabs), made once."""
+    from lora_train.ui.i18n import Translator
 
-    def __init__(self):
-        self._t = None
-
-    def _translator(self):
-        if self._t is None:
-            from lora_train.ui.i18n import Translator
-
-            try:
-                self._t = Translator(_language())
-            except UserError:
-                self._t = Translator()
-        return self._t
-
-    def __call__(self, text: str) -> str:
-        return self._translator()(text)
-
-    def text(self, message) -> str:
-        return self._translator().text(message)
+    try:
+        return Translator(_language())
+    except UserError:
+        return Translator()
 
 
-t = _Messages()
+def t(text: str) -> str:
+    """A fixed UI word ("error", "warning") in the user's language."""
+    return _translator()(text)
+
+
+def tr(message) -> str:
+    """A message (`errors.msg`, an error) in the user's language."""
+    return _translator().text(message)
 
 
 # Notices from libraries under ours that a user can do nothing about, printed before our own output:
@@ -429,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
             os.environ[ENV] = args.sgm_path
         return args.func(args)
     except UserError as e:
-        print(f"{t('error')}: {t.text(e)}", file=sys.stderr)
+        print(f"{t('error')}: {tr(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from lora_train.app.runs import ENDED
 from lora_train.network.selftest import check_failed
 
 
@@ -83,7 +82,7 @@ def status_html(status, t, queued: list[str] | None = None, paused: bool = False
     if status is None:
         return f'<div id="lora_train_state" data-phase="idle">{html.escape(t("Idle: set a dataset folder and press Start."))}</div>'
     phase = status.phase
-    ended = phase in ENDED
+    ended = status.ended
     state = STOPPING if status.stopping and not ended else PHASE_LABELS.get(phase, phase)
     rows = [
         (t("Run name"), status.name),

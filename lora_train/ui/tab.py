@@ -82,13 +82,12 @@ def base_for(host: Host) -> str:
     return "SDXL" if host.model_family() == "sdxl" else "SD1.5"
 
 
-def fit_model(config, host: Host, subject: str, base: str) -> str:
+def fit_model(config, host: Host, subject: str, base: str) -> None:
     """Apply the preset `subject` x `base` (when given) and the model's own resolution to `config`."""
     if base:
         config.update(presets.preset(subject, base), source="preset")
     config.set("resolution", str(host.model_resolution()))
     _fit_buckets(config)  # the built-in 64 px models
-    return base
 
 
 def initial_config(host: Host):
