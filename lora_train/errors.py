@@ -22,4 +22,4 @@ class UserError(Exception):
 
 def close_match_hint(word: str, choices: Iterable[str]) -> str:
     matches = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
-    return f" (did you mean '{matches[0]}'?)" if matches else ""
+    return " " + msg("(did you mean '{match}'?)", match=matches[0]) if matches else ""

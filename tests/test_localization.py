@@ -272,3 +272,46 @@ def test_cli_messages_follow_the_language(tmp_path):
         chinese = run(lang)
         assert chinese.returncode == 2 and chinese.stderr.startswith("错误: "), chinese.stderr
         assert str(tmp_path / "nope") in chinese.stderr
+
+
+MESSAGE_LISTS = {"notes", "warnings", "problems", "messages", "skipped"}  # lists whose items a user reads
+CLI_SOURCES = [ROOT / "lora_train" / "cli.py", ROOT / "lora_train" / "tagging" / "cli.py"]
+NOT_USER_TEXT = {"testing"}  # the fidelity harness reports to developers; `make demo` prints its verdict through cli.py
+
+
+def _english_outside_msg(node) -> list[str]:
+    """Literal English words in an expression that is not a msg()/t()/tr() call."""
+    found = []
+
+    def visit(n):
+        if isinstance(n, ast.Call) and getattr(n.func, "id", getattr(n.func, "attr", "")) in ("msg", "t", "tr", "format", "dumps"):
+            return
+        if isinstance(n, ast.Constant) and isinstance(n.value, str) and re.search(r"[A-Za-z]{2,}", n.value):
+            found.append(n.value)
+            return
+        for child in ast.iter_child_nodes(n):
+            visit(child)
+
+    visit(node)
+    return found
+
+
+def test_user_messages_are_written_with_msg():
+    """Errors, notes, warnings and the CLI's output are msg() templates, so the scan above finds them and
+    zh_CN.json has each: a raw f-string here would reach a Chinese user in English."""
+    offenders = []
+    for path in sorted((ROOT / "lora_train").rglob("*.py")):
+        rel = path.relative_to(ROOT / "lora_train")
+        if rel.parts[0] in NOT_USER_TEXT:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not isinstance(node, ast.Call) or not node.args:
+                continue
+            func = node.func
+            name = func.id if isinstance(func, ast.Name) else func.attr if isinstance(func, ast.Attribute) else ""
+            owner = getattr(func.value, "id", getattr(func.value, "attr", "")) if isinstance(func, ast.Attribute) else ""
+            user_text = (name == "UserError" or (name == "append" and owner in MESSAGE_LISTS)
+                         or (name == "print" and path in CLI_SOURCES))
+            if user_text:
+                offenders += [f"{path.relative_to(ROOT)}:{node.lineno}: {text!r}" for text in _english_outside_msg(node.args[0])]
+    assert not offenders, f"{len(offenders)} user messages bypass msg():\n" + "\n".join(offenders)

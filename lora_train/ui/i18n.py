@@ -26,9 +26,9 @@ class Translator:
         if lang:
             path = LOCALIZATIONS / f"{lang}.json"
             if not path.is_file():
-                from lora_train.errors import UserError
+                from lora_train.errors import UserError, msg
 
-                raise UserError(f"no localization '{lang}' (known: {', '.join(available()) or 'none'})")
+                raise UserError(msg("no localization '{lang}' (known: {known})", lang=lang, known=", ".join(available()) or "none"))
             self.table = json.loads(path.read_text(encoding="utf-8"))
 
     def __call__(self, text: str) -> str:
@@ -56,6 +56,9 @@ class Translator:
         return "\n".join(lines)
 
     def _line(self, line: str, depth: int) -> str:
+        body = line.strip()
+        if body != line:  # a value such as " (did you mean 'x'?)" keeps the spaces around it
+            return line[:len(line) - len(line.lstrip())] + self._line(body, depth) + line[len(line.rstrip()):] if body else line
         if line in self.table:
             return self.table[line]
         if depth < 3:
@@ -79,7 +82,8 @@ class Translator:
             for literal, name, _, _ in parts:
                 regex += re.escape(literal)
                 if name:
-                    regex += f"(?P={name})" if name in seen else f"(?P<{name}>.+?)"
+                    # a value may be empty: a hint that found no close match
+                    regex += f"(?P={name})" if name in seen else f"(?P<{name}>.*?)"
                     seen.add(name)
             literal_len = sum(len(lit) for lit, _, _, _ in parts)
             out.append((literal_len, template, re.compile(regex, re.S)))
