@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from lora_train.errors import msg
 from lora_train.model.loading import V1_INFERENCE_CONFIG, import_ldm, quiet
 from lora_train.network.naming import PREFIX_TE
 from lora_train.network.network import LoRANetwork
@@ -142,7 +143,7 @@ def _build_sdxl(arch: str) -> BenchModel:
     if free is not None and free < SDXL_RAM_GB:
         widths = {"model_channels": SDXL_UNET_PARAMS["model_channels"] // 2, "context_dim": SDXL_UNET_PARAMS["context_dim"] // 2,
                   "num_head_channels": SDXL_UNET_PARAMS["num_head_channels"] // 2}
-        note = f"scaled down (every width halved): {free:.1f} GB free, full size needs about {SDXL_RAM_GB} GB"
+        note = msg("scaled down (every width halved): {free} GB free, full size needs about {need} GB", free=f"{free:.1f}", need=SDXL_RAM_GB)
     params = {**SDXL_UNET_PARAMS, "use_checkpoint": False, **widths}
     if use_sgm:
         from sgm.modules.diffusionmodules.openaimodel import UNetModel
@@ -371,12 +372,12 @@ def format_bench(result: dict) -> str:
         f"  took       {r['total_s']:.1f} s" + (f" (model build {r['build_s']:.1f} s)" if r["build_s"] else ""),
     ]
     if r["note"]:
-        lines.append(f"  note       {r['note']}")
+        lines.append("  " + msg("note       {note}", note=r["note"]))
     if r["load_average"] is not None and r["cpus"] and r["load_average"] > r["cpus"] + 1:
-        lines.append(
-            f"  warning    load average {r['load_average']:.1f} on {r['cpus']} CPUs: other processes competed "
-            "for the CPU, so these times are unreliable (compare the fastest-of-each ratio)"
-        )
+        lines.append("  " + msg(
+            "warning    load average {load} on {cpus} CPUs: other processes competed for the CPU, so these times are unreliable "
+            "(compare the fastest-of-each ratio)", load=f"{r['load_average']:.1f}", cpus=r["cpus"]
+        ))
     return "\n".join(lines)
 
 

@@ -36,7 +36,7 @@ def _progress_listener():
         elif isinstance(e, ev.CheckpointSaved):
             tqdm.write(tr(msg("saved {path}", path=e.path)), file=sys.stderr)
         elif isinstance(e, ev.Samples):
-            tqdm.write(f"samples: {', '.join(e.paths)}", file=sys.stderr)
+            tqdm.write(tr(msg("samples: {paths}", paths=", ".join(e.paths))), file=sys.stderr)
         elif isinstance(e, (ev.Finished, ev.Cancelled, ev.Failed)):
             if "bar" in state:
                 state["bar"].close()
@@ -96,12 +96,12 @@ def cmd_train(args) -> int:
     for item in args.set or []:
         key, sep, value = item.partition("=")
         if not sep:
-            raise UserError(f"--set '{item}': expected key=value")
+            raise UserError(msg("--set '{item}': expected key=value", item=item))
         config.update({key.strip(): parse_set_value(value.strip())}, source="--set")
     out = Path(config.saving.output_dir)
     path = _run_training(config, out / f"{config.saving.output_name}-loss.csv")
     if path and _is_main_process():
-        print(f"LoRA: {path}")
+        print(tr(msg("LoRA: {path}", path=path)))
     return 0
 
 
@@ -116,14 +116,16 @@ def cmd_demo(args) -> int:
                                     output_name="demo-zkz", **reg)
     started = time.time()
     report = fidelity.run(opts, log=lambda m: print(m, file=sys.stderr), listeners=[_progress_listener(), LossCsv(out / "loss.csv")])
-    print(f"taught: a purple-over-orange colour pattern the base never saw, under the trigger word "
-          f"'{fidelity.TRIGGER}' ({opts.images} images in {out / 'dataset'})")
+    print(tr(msg("taught: a purple-over-orange colour pattern the base never saw, under the trigger word '{trigger}' "
+                 "({images} images in {folder})", trigger=fidelity.TRIGGER, images=opts.images, folder=out / "dataset")))
     print(fidelity.format_table(report))
-    print(f"grid:      {report.grid}  (rows: base and each saved epoch; columns: LoRA weight 1, 0.5, 0)")
-    print(f"LoRA:      {report.final.file}")
-    print(f"config:    {out / (Path(report.final.file).stem + '.toml')}")
-    print(f"inspect:   python -m lora_train info {report.final.file}")
-    print(f"done in {time.time() - started:.0f} s")
+    print(tr("\n".join([
+        msg("grid:      {path}  (rows: base and each saved epoch; columns: LoRA weight 1, 0.5, 0)", path=report.grid),
+        msg("LoRA:      {path}", path=report.final.file),
+        msg("config:    {path}", path=out / (Path(report.final.file).stem + ".toml")),
+        msg("inspect:   {command}", command=f"python -m lora_train info {report.final.file}"),
+        msg("done in {seconds} s", seconds=f"{time.time() - started:.0f}"),
+    ])))
     return 0
 
 
@@ -145,9 +147,12 @@ def cmd_info(args) -> int:
     if args.json:
         print(json.dumps(report, indent=1, ensure_ascii=False))
         return 0 if report["valid"] else 1
-    print(f"file:          {report['file']}")
-    print(f"network:       {report['network']} ({report['modules']} modules, ranks {report['ranks']}, {report['conv_modules']} conv 3x3)")
-    print(f"architecture:  {report['architecture']}")
+    print(tr("\n".join([
+        msg("file:          {path}", path=report["file"]),
+        msg("network:       {network} ({modules} modules, ranks {ranks}, {conv} conv 3x3)", network=report["network"],
+            modules=report["modules"], ranks=report["ranks"], conv=report["conv_modules"]),
+        msg("architecture:  {architecture}", architecture=report["architecture"]),
+    ])))
     for prefix, count in report["modules_per_prefix"].items():
         print(f"  {prefix:<11} {count}")
     for key, value in report["summary"].items():
@@ -155,15 +160,15 @@ def cmd_info(args) -> int:
     if report["tag_frequency"]:
         for folder, tags in report["tag_frequency"].items():
             top = sorted(tags.items(), key=lambda kv: -kv[1])[:10]
-            print(f"tags in {folder}: " + ", ".join(f"{t} ({n})" for t, n in top))
+            print(tr(msg("tags in {folder}: {tags}", folder=folder, tags=", ".join(f"{tag} ({n})" for tag, n in top))))
     if report["hash_ok"] is False:
-        print("warning: sshs_model_hash does not match the tensor data")
+        print(tr(msg("warning: sshs_model_hash does not match the tensor data")))
     if report["valid"]:
-        print("valid: every key is a kohya LoRA name with its lora_down / lora_up / alpha")
+        print(tr(msg("valid: every key is a kohya LoRA name with its lora_down / lora_up / alpha")))
         return 0
-    print(f"INVALID: {len(report['problems'])} problems")
+    print(tr(msg("INVALID: {count} problems", count=len(report["problems"]))))
     for p in report["problems"][:50]:
-        print(f"  {p}")
+        print(f"  {tr(p)}")
     return 1
 
 
@@ -175,13 +180,14 @@ def cmd_targets(args) -> int:
     if args.json:
         print(json.dumps(rows, indent=1))
     else:
-        for r in rows:
-            print(r["name"])
+        names = [r["name"] for r in rows]
+        print("\n".join(names))
         counts: dict[str, int] = {}
         for r in rows:
             prefix = "lora_unet" if r["name"].startswith("lora_unet_") else r["name"].split("_text_model")[0]
             counts[prefix] = counts.get(prefix, 0) + 1
-        print(f"# {len(rows)} modules: " + ", ".join(f"{k} {v}" for k, v in counts.items()), file=sys.stderr)
+        print(tr(msg("# {count} modules: {counts}", count=len(rows), counts=", ".join(f"{k} {v}" for k, v in counts.items()))),
+              file=sys.stderr)
     return 0
 
 
@@ -210,12 +216,12 @@ def cmd_config_from_lora(args) -> int:
 
     _, metadata = load_lora(args.file)
     if not any(k.startswith("ss_") for k in metadata):
-        raise UserError(f"{args.file}: has no ss_* training metadata to rebuild a config from")
+        raise UserError(msg("{path}: has no ss_* training metadata to rebuild a config from", path=args.file))
     config, notes = config_from_metadata(metadata)
     for note in notes:
-        print(f"note: {note}", file=sys.stderr)
+        print(f"{t('note')}: {tr(note)}", file=sys.stderr)
     if args.output:
-        print(f"wrote {config.save_toml(args.output)}")
+        print(tr(msg("wrote {path}", path=config.save_toml(args.output))))
     else:
         import tomli_w
 
@@ -226,7 +232,7 @@ def cmd_config_from_lora(args) -> int:
 def cmd_bench(args) -> int:
     from lora_train.bench import format_bench, run_bench
 
-    print(format_bench(run_bench(args.arch, args.resolution, args.dim, batch=args.batch, steps=args.steps)))
+    print(tr(format_bench(run_bench(args.arch, args.resolution, args.dim, batch=args.batch, steps=args.steps))))
     return 0
 
 
@@ -249,8 +255,9 @@ def cmd_dataset_prepare(args) -> int:
 
     report = prepare(args.src, args.dst, parse_size(args.size), crop=args.crop, flip=args.flip)
     for path, reason in report.skipped:
-        print(f"skipped {path}: {reason}", file=sys.stderr)
-    print(f"wrote {len(report.written)} images to {args.dst} ({report.upscaled} upscaled from smaller sources)")
+        print(tr(msg("skipped {problem}", problem=msg("{path}: {reason}", path=path, reason=reason))), file=sys.stderr)
+    print(tr(msg("wrote {count} images to {folder} ({upscaled} upscaled from smaller sources)", count=len(report.written),
+                 folder=args.dst, upscaled=report.upscaled)))
     return 0
 
 
@@ -360,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from lora_train.tagging.cli import add_parsers as add_tagging_parsers
 
-    add_tagging_parsers(sub)
+    add_tagging_parsers(sub, t=t, tr=tr)
     return p
 
 
@@ -428,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{t('error')}: {tr(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print(tr(msg("interrupted")), file=sys.stderr)
         return 130
     except BrokenPipeError:  # output piped into `head`
         sys.stderr.close()

@@ -252,6 +252,15 @@ def test_messages_are_translated_after_they_are_filled_in_and_joined():
     plan = "images x repeats x 4 = 320; the usual guideline is 1000-2000\n/x/a.png: image folder does not exist"
     assert t.text(plan) == "图片数 × 重复次数 × 4 = 320；一般建议 1000-2000\n/x/a.png：图片文件夹不存在"
     assert t.text("8 images in /srv/train/5_zkz") == "/srv/train/5_zkz 中有 8 张图片"
+    # a hint is a value of its own, possibly empty; its full-width bracket needs no space before it
+    from lora_train.errors import close_match_hint, msg
+
+    def unknown(key):
+        return msg("{source}: unknown key '{key}'{hint}", source="a.toml", key=key, hint=close_match_hint(key, ["network_dim"]))
+
+    assert unknown("netwrok_dim").endswith(" (did you mean 'network_dim'?)")
+    assert t.text(unknown("netwrok_dim")) == "a.toml：未知的参数 'netwrok_dim'（是不是 'network_dim'？）"
+    assert t.text(unknown("zzz")) == "a.toml：未知的参数 'zzz'"
     assert i18n.Translator().text(plan) == plan, "English stays as it is"
 
 

@@ -143,10 +143,8 @@ def _no_upscale(cfg: BucketConfig, width: int, height: int) -> Assignment:
     res, steps = _resolution(cfg), cfg.bucket_reso_steps
     max_area = res[0] * res[1]
     ar = width / height
-    small = UserError(
-        f"image {width}x{height} is too small or too narrow for bucket_no_upscale: a side would fall "
-        f"under bucket_reso_steps ({steps}) px"
-    )
+    small = UserError(msg("image {size} is too small or too narrow for bucket_no_upscale: a side would fall under bucket_reso_steps ({steps}) px",
+                          size=f"{width}x{height}", steps=steps))
     if width * height > max_area:
         # shrink to the training area, then put one side on the grid: whichever keeps the ratio better
         rw = math.sqrt(max_area * ar)
@@ -174,7 +172,7 @@ def _no_upscale(cfg: BucketConfig, width: int, height: int) -> Assignment:
 def assign(cfg: BucketConfig, width: int, height: int) -> Assignment:
     """The bucket, the resized size and the aspect-ratio error sd-scripts gives a width x height image."""
     if width <= 0 or height <= 0:
-        raise UserError(f"image size {width}x{height} is not a valid size")
+        raise UserError(msg("image size {size} is not a valid size", size=f"{width}x{height}"))
     if not cfg.enable_bucket:
         return _from_predefined([_resolution(cfg)], width, height)
     if cfg.bucket_no_upscale:
@@ -219,7 +217,7 @@ class Buckets:
 
     def add(self, item: Any, width: int, height: int, repeats: int = 1) -> Assignment:
         if repeats < 1:
-            raise UserError(f"repeats must be at least 1, got {repeats}")
+            raise UserError(msg("repeats must be at least 1, got {repeats}", repeats=repeats))
         if id(item) in self._by_id:
             raise ValueError(f"item {item!r} was already added")
         entry = Entry(item, assign(self.cfg, width, height), repeats)
@@ -279,4 +277,4 @@ class Buckets:
 
 def _check_batch(batch_size: int) -> None:
     if batch_size < 1:
-        raise UserError(f"train_batch_size must be at least 1, got {batch_size}")
+        raise UserError(msg("train_batch_size must be at least 1, got {size}", size=batch_size))

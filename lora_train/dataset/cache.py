@@ -18,6 +18,8 @@ from typing import Callable
 
 import torch
 
+from lora_train.errors import msg
+
 CACHE_DIR = ".lora_train_cache"  # inside the image folder; scans skip hidden folders
 
 
@@ -111,7 +113,7 @@ class LatentCache:
             return mean, std
         except Exception as e:  # a corrupt or foreign file: rebuild it
             self.rebuilt += 1
-            self.warn(f"warning: latent cache {path} is unreadable ({e}); rebuilding it")
+            self.warn(msg("warning: {warning}", warning=msg("latent cache {path} is unreadable ({error}); rebuilding it", path=path, error=e)))
             return None
 
     def _write_disk(self, key: CacheKey, digest: str, value: tuple[torch.Tensor, torch.Tensor]) -> None:

@@ -12,6 +12,8 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
+from lora_train.errors import msg
+
 DEFAULT_EXTENSIONS = (".txt", ".caption")
 
 
@@ -67,7 +69,8 @@ def decode_caption(data: bytes) -> CaptionText:
             try:
                 return CaptionText(data[len(bom) :].decode(codec), name)
             except UnicodeDecodeError as e:
-                raise CaptionError(f"starts with a {name} byte-order mark but is not valid {codec} ({e.reason})") from None
+                raise CaptionError(msg("starts with a {name} byte-order mark but is not valid {codec} ({reason})", name=name, codec=codec,
+                                       reason=e.reason)) from None
     if b"\x00" in data:
         # UTF-16 without BOM: ASCII characters put their NUL high byte at odd offsets (LE) or even
         # ones (BE). CJK-only text has few NULs, but tag files always hold ", " and ASCII tags.
@@ -75,7 +78,7 @@ def decode_caption(data: bytes) -> CaptionText:
         codec = "utf-16-le" if odd > even else "utf-16-be"
         text = _decode_guess(data, codec) if len(data) % 2 == 0 else None
         if text is None:
-            raise CaptionError("contains NUL bytes but is not UTF-16 text (a binary file?)")
+            raise CaptionError(msg("contains NUL bytes but is not UTF-16 text (a binary file?)"))
         return CaptionText(text, codec)
     try:
         return CaptionText(data.decode("utf-8"), "utf-8")
@@ -87,7 +90,7 @@ def decode_caption(data: bytes) -> CaptionText:
         text = _decode_guess(data, codec)
         if text is not None:
             return CaptionText(text, codec)
-    raise CaptionError("not UTF-8, UTF-16 or GBK/GB18030 text; save it as UTF-8")
+    raise CaptionError(msg("not UTF-8, UTF-16 or GBK/GB18030 text; save it as UTF-8"))
 
 
 def read_caption_text(path: Path) -> CaptionText:
@@ -95,7 +98,7 @@ def read_caption_text(path: Path) -> CaptionText:
     try:
         data = Path(path).read_bytes()
     except OSError as e:
-        raise CaptionError(f"cannot read: {e.strerror or e}") from None
+        raise CaptionError(msg("cannot read: {reason}", reason=e.strerror or e)) from None
     return decode_caption(data)
 
 
@@ -120,9 +123,9 @@ def encode_caption(text: str, encoding: str) -> bytes:
     try:
         return ("\ufeff" + text).encode(base) if base else text.encode(encoding)
     except LookupError:
-        raise CaptionError(f"unknown encoding {encoding!r}") from None
+        raise CaptionError(msg("unknown encoding {encoding}", encoding=repr(encoding))) from None
     except UnicodeEncodeError as e:
-        raise CaptionError(f"{text[e.start:e.end]!r} cannot be written in {encoding}") from None
+        raise CaptionError(msg("{text} cannot be written in {encoding}", text=repr(text[e.start:e.end]), encoding=encoding)) from None
 
 
 def write_caption_text(path: Path, text: str, encoding: str = "utf-8") -> None:
@@ -150,7 +153,7 @@ def write_caption_bytes(path: Path, data: bytes) -> None:
     except BaseException as e:
         tmp.unlink(missing_ok=True)
         if isinstance(e, OSError):
-            raise CaptionError(f"cannot write {path}: {e.strerror or e}") from None
+            raise CaptionError(msg("cannot write {path}: {reason}", path=path, reason=e.strerror or e)) from None
         raise
 
 

@@ -74,7 +74,7 @@ def check_dataset(path: str | Path, o: CheckOptions, default_resolution: int = 5
             row["tokens"], row["token_budget"] = n, token_budget(n)
             over += n > 75
         if over:
-            report["warnings"].append(f"{over} captions are longer than 75 tokens: set max_token_length 150/225 or shorten them")
+            report["warnings"].append(msg("{count} captions are longer than 75 tokens: set max_token_length 150/225 or shorten them", count=over))
     if o.duplicates:
         dups = find_duplicates([i.path for i in plan.items])
         report["duplicates"] = [{"a": str(x.a), "b": str(x.b), "kind": x.kind, "distance": x.distance} for x in dups]
@@ -106,5 +106,6 @@ def format_report(r: dict) -> str:
         lines += ["  " + msg("{path}: {reason}", path=p["path"], reason=p["reason"]) for p in r["notes"]]
     if r.get("duplicates"):
         lines.append(msg("duplicates ({count}):", count=len(r["duplicates"])))
-        lines += [f"  {d['kind']}: {d['a']} = {d['b']}" for d in r["duplicates"]]
+        lines += ["  " + (msg("exact: {a} = {b}", a=d["a"], b=d["b"]) if d["kind"] == "exact" else msg("near: {a} = {b}", a=d["a"], b=d["b"]))
+                  for d in r["duplicates"]]
     return "\n".join(lines)

@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from lora_train.errors import msg
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 
 # Decompression-bomb guard: a 16k x 16k image is already far beyond any training resolution.
@@ -41,18 +43,19 @@ def probe(path: Path) -> ImageInfo:
     try:
         file_size = os.path.getsize(path)
     except OSError as e:
-        raise ImageError(f"cannot read file ({e.strerror})") from e
+        raise ImageError(msg("cannot read file ({reason})", reason=e.strerror)) from e
     if file_size == 0:
-        raise ImageError("empty file (0 bytes)")
+        raise ImageError(msg("empty file (0 bytes)"))
     try:
         with Image.open(path) as im:
             w, h = im.size
             fmt = im.format or "?"
             mode = im.mode
             if w < 1 or h < 1:
-                raise ImageError(f"invalid size {w}x{h}")
+                raise ImageError(msg("invalid size {size}", size=f"{w}x{h}"))
             if w * h > MAX_PIXELS:
-                raise ImageError(f"too large ({w}x{h} = {w * h / 1e6:.0f} MP; the limit is {MAX_PIXELS / 1e6:.0f} MP)")
+                raise ImageError(msg("too large ({size} = {mp} MP; the limit is {limit} MP)", size=f"{w}x{h}", mp=f"{w * h / 1e6:.0f}",
+                                     limit=f"{MAX_PIXELS / 1e6:.0f}"))
             frames = getattr(im, "n_frames", 1)
             # JPEG and WebP carry EXIF in the header; Pillow's PNG getexif() decodes the whole image
             orientation = im.getexif().get(0x0112, 1) if fmt in ("JPEG", "WEBP", "MPO") else 1
@@ -60,8 +63,8 @@ def probe(path: Path) -> ImageInfo:
     except (Image.UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         _check_complete(path, _format_from_magic(path), file_size)  # a cut-off download says so
         if isinstance(e, Image.UnidentifiedImageError):
-            raise ImageError("cannot decode: not an image, or a format Pillow cannot read") from None
-        raise ImageError(f"cannot read image header ({e})") from e
+            raise ImageError(msg("cannot decode: not an image, or a format Pillow cannot read")) from None
+        raise ImageError(msg("cannot read image header ({error})", error=e)) from e
     _check_complete(path, fmt, file_size)
     if orientation in _ROTATED:
         w, h = h, w
@@ -86,16 +89,16 @@ def _check_complete(path: Path, fmt: str | None, file_size: int) -> None:
         if fmt == "PNG":
             f.seek(max(0, file_size - 12))
             if b"IEND" not in f.read():
-                raise ImageError("truncated PNG (no IEND chunk at the end)")
+                raise ImageError(msg("truncated PNG (no IEND chunk at the end)"))
         elif fmt == "JPEG":
             f.seek(max(0, file_size - 1024))
             if b"\xff\xd9" not in f.read():
-                raise ImageError("truncated JPEG (no end-of-image marker)")
+                raise ImageError(msg("truncated JPEG (no end-of-image marker)"))
         elif fmt == "WEBP":
             header = f.read(12)
             riff_size = int.from_bytes(header[4:8], "little") + 8
             if file_size < riff_size:
-                raise ImageError(f"truncated WebP ({file_size} of {riff_size} bytes)")
+                raise ImageError(msg("truncated WebP ({size} of {expected} bytes)", size=file_size, expected=riff_size))
 
 
 def load_rgb(path: Path, keep_alpha: bool = False) -> Image.Image | tuple[Image.Image, Image.Image | None]:
@@ -107,7 +110,7 @@ def load_rgb(path: Path, keep_alpha: bool = False) -> Image.Image | tuple[Image.
             im.load()
             rgb, alpha = _to_rgb(im)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise ImageError(f"cannot decode image ({e})") from e
+        raise ImageError(msg("cannot decode image ({error})", error=e)) from e
     return (rgb, alpha) if keep_alpha else rgb
 
 

@@ -18,7 +18,7 @@ from lora_train.dataset.images import load_rgb
 from lora_train.dataset.plan import DatasetPlan
 from lora_train.dataset.scan import Item
 from lora_train.dataset.spec import SubsetSpec
-from lora_train.errors import UserError
+from lora_train.errors import UserError, msg
 
 # sd-scripts' color_aug shifts hue only, by up to 8 (OpenCV's 0-179 hue scale: about 16 degrees)
 HUE_SHIFT_DEGREES = 16
@@ -75,10 +75,10 @@ class TrainingData:
         if cache is not None:
             bad = sorted({i.folder for i in plan.items if i.subset.random_crop or i.subset.color_aug})
             if bad:
-                raise UserError(f"cache_latents cannot be used with random_crop or color_aug (set in: {', '.join(bad)}): "
-                                "their pixels change every step")
+                raise UserError(msg("cache_latents cannot be used with random_crop or color_aug (set in: {folders}): their pixels change every step",
+                                    folders=", ".join(bad)))
         if any(i.subset.alpha_mask for i in plan.items):
-            raise UserError("alpha_mask (masked loss) is not supported yet")
+            raise UserError(msg("alpha_mask (masked loss) is not supported yet"))
 
     @property
     def steps_per_epoch(self) -> int:

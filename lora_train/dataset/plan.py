@@ -165,7 +165,7 @@ def make_plan(
     guideline = sum(i.repeats * (2 if i.subset.flip_aug else 4) for i in train_used)
     if not GUIDELINE_RANGE[0] <= guideline <= GUIDELINE_RANGE[1]:
         warnings.append(msg("images x repeats x {factor} = {total}; the usual guideline is {low}-{high}",
-                            factor="2 (flip)" if any(i.subset.flip_aug for i in train_used) else "4", total=guideline,
+                            factor=msg("2 (flip)") if any(i.subset.flip_aug for i in train_used) else "4", total=guideline,
                             low=GUIDELINE_RANGE[0], high=GUIDELINE_RANGE[1]))
     ratio = _main_closeup_ratio(train_used)
     if ratio is not None and not 3.0 <= ratio <= 5.0:

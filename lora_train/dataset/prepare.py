@@ -30,7 +30,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from lora_train.dataset.images import IMAGE_EXTENSIONS, ImageError, load_rgb, probe
-from lora_train.errors import UserError, close_match_hint
+from lora_train.errors import UserError, close_match_hint, msg
 
 PRESETS = {
     "sd15-512x512": (512, 512),
@@ -58,15 +58,18 @@ def parse_size(text: str | tuple[int, int]) -> tuple[int, int]:
     else:
         m = re.fullmatch(r"\s*(\d+)\s*[x×]\s*(\d+)\s*", text, re.IGNORECASE)
         if not m:
-            raise UserError(
-                f"size '{text}' is not WIDTHxHEIGHT (e.g. 512x768) or a preset"
-                f"{close_match_hint(text.strip().lower(), PRESETS)}; presets: {', '.join(PRESETS)}"
-            )
+            raise UserError(msg("size '{size}' is not WIDTHxHEIGHT (e.g. 512x768) or a preset{hint}; presets: {presets}",
+                                size=text, hint=close_match_hint(text.strip().lower(), PRESETS), presets=", ".join(PRESETS)))
         w, h = int(m.group(1)), int(m.group(2))
-    bad = [f"{name} {v}" for name, v in (("width", w), ("height", h)) if v <= 0 or v % 64]
-    if bad:
+    bad_w, bad_h = w <= 0 or w % 64, h <= 0 or h % 64
+    if bad_w or bad_h:
         # the VAE downsamples 8x and the UNet 8x more: other sizes get cropped or fail in training
-        raise UserError(f"size {w}x{h}: {' and '.join(bad)} must be a positive multiple of 64 (e.g. {max(64, round(w / 64) * 64)}x{max(64, round(h / 64) * 64)})")
+        values = dict(size=f"{w}x{h}", width=w, height=h, suggest=f"{max(64, round(w / 64) * 64)}x{max(64, round(h / 64) * 64)}")
+        if bad_w and bad_h:
+            raise UserError(msg("size {size}: width {width} and height {height} must be a positive multiple of 64 (e.g. {suggest})", **values))
+        if bad_w:
+            raise UserError(msg("size {size}: width {width} must be a positive multiple of 64 (e.g. {suggest})", **values))
+        raise UserError(msg("size {size}: height {height} must be a positive multiple of 64 (e.g. {suggest})", **values))
     return w, h
 
 
@@ -78,8 +81,9 @@ class PrepareReport:
     images: int = 0  # source images prepared
 
     def summary(self) -> str:
-        lines = [f"{self.images} images prepared, {len(self.written)} files written, {self.upscaled} upscaled, {len(self.skipped)} skipped"]
-        lines += [f"  skipped {path}: {reason}" for path, reason in self.skipped]
+        lines = [msg("{images} images prepared, {written} files written, {upscaled} upscaled, {skipped} skipped",
+                     images=self.images, written=len(self.written), upscaled=self.upscaled, skipped=len(self.skipped))]
+        lines += ["  " + msg("skipped {path}: {reason}", path=path, reason=reason) for path, reason in self.skipped]
         return "\n".join(lines)
 
 
@@ -99,7 +103,7 @@ def prepare(
     """
     width, height = parse_size(size)
     if crop not in CROPS:
-        raise UserError(f"crop '{crop}' is not one of {', '.join(CROPS)}{close_match_hint(crop, CROPS)}")
+        raise UserError(msg("crop '{crop}' is not one of {choices}{hint}", crop=crop, choices=", ".join(CROPS), hint=close_match_hint(crop, CROPS)))
     src, dst = Path(src), Path(dst)
     real_src, real_dst = _check_folders(src, dst, overwrite)
     sources = _images_under(src)
@@ -225,19 +229,20 @@ def _blur(a: np.ndarray, sigma: float) -> np.ndarray:
 
 def _check_folders(src: Path, dst: Path, overwrite: bool) -> tuple[Path, Path]:
     if not src.is_dir():
-        raise UserError(f"source folder '{src}' {'is not a folder' if src.exists() else 'does not exist'}")
+        raise UserError(msg("source folder '{path}' is not a folder", path=src) if src.exists()
+                        else msg("source folder '{path}' does not exist", path=src))
     # resolve() follows symlinks, so a link pointing back into the source is caught too
     s, d = src.resolve(), dst.resolve()
     if d == s:
-        raise UserError(f"output folder '{dst}' is the source folder: choose a new, empty folder")
+        raise UserError(msg("output folder '{path}' is the source folder: choose a new, empty folder", path=dst))
     if d.is_relative_to(s):
-        raise UserError(f"output folder '{dst}' is inside the source folder '{src}': choose a folder outside it")
+        raise UserError(msg("output folder '{dst}' is inside the source folder '{src}': choose a folder outside it", dst=dst, src=src))
     if s.is_relative_to(d):
-        raise UserError(f"the source folder '{src}' is inside the output folder '{dst}': choose a folder outside it")
+        raise UserError(msg("the source folder '{src}' is inside the output folder '{dst}': choose a folder outside it", src=src, dst=dst))
     if d.exists() and not d.is_dir():
-        raise UserError(f"output folder '{dst}' exists and is a file")
+        raise UserError(msg("output folder '{path}' exists and is a file", path=dst))
     if d.is_dir() and any(d.iterdir()) and not overwrite:
-        raise UserError(f"output folder '{dst}' is not empty: choose a new folder (or allow overwriting)")
+        raise UserError(msg("output folder '{path}' is not empty: choose a new folder (or allow overwriting)", path=dst))
     return s, d
 
 
@@ -254,7 +259,7 @@ def _output_dir(folder: Path, real_src: Path, real_dst: Path) -> Path:
     # source. Checked before mkdir, which would otherwise create folders through the link.
     real = folder.resolve()
     if real.is_relative_to(real_src) or not real.is_relative_to(real_dst):
-        raise UserError(f"output folder '{folder}' leads to '{real}', outside the output folder: refusing to write there")
+        raise UserError(msg("output folder '{path}' leads to '{real}', outside the output folder: refusing to write there", path=folder, real=real))
     folder.mkdir(parents=True, exist_ok=True)
     return folder
 
@@ -283,5 +288,5 @@ def _atomic(path: Path, report: PrepareReport) -> Iterator[BinaryIO]:
             tmp.unlink(missing_ok=True)
             raise
     except OSError as e:  # disk full, permissions: stop with the file named, not a traceback
-        raise UserError(f"cannot write '{path}': {e.strerror or e}") from e
+        raise UserError(msg("cannot write '{path}': {reason}", path=path, reason=e.strerror or e)) from e
     report.written.append(path)

@@ -164,5 +164,6 @@ def require_training_folder(root: Path) -> str:
     """Hint for a train_data_dir that holds images directly instead of `<repeats>_<name>` folders."""
     loose = [p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS] if root.is_dir() else []
     if loose:
-        return f" The images are directly in '{root}': put them in a subfolder named '<repeats>_<name>', e.g. '{root / '10_mychar'}'."
-    return " Expected subfolders named '<repeats>_<name>', e.g. '10_mychar', holding the images."
+        return " " + msg("The images are directly in '{path}': put them in a subfolder named '<repeats>_<name>', e.g. '{example}'.",
+                         path=root, example=root / "10_mychar")
+    return " " + msg("Expected subfolders named '<repeats>_<name>', e.g. '10_mychar', holding the images.")

@@ -17,7 +17,7 @@ from lora_train.dataset.spec import (
     parse_resolution,
     subsets_from_folders,
 )
-from lora_train.errors import UserError
+from lora_train.errors import UserError, msg
 
 BLOCK_FROM_ARGS = [f.name for f in dataclasses.fields(BucketOptions)]
 
@@ -34,12 +34,13 @@ def spec_from_config(d: DatasetConfig, batch_size: int, default_resolution: int,
             block.batch_size = block.batch_size * processes if block.batch_size else batch_size
         return spec, []
     if not d.train_data_dir:
-        raise UserError("train_data_dir is not set: point it at a folder holding '<repeats>_<name>' subfolders")
+        raise UserError(msg("train_data_dir is not set: point it at a folder holding '<repeats>_<name>' subfolders"))
     template = SubsetSpec(**{k: getattr(d, k) for k in ASCENDABLE})
     subsets, problems = subsets_from_folders(d.train_data_dir, False, template)
     if not subsets:
-        details = "".join(f"\n  {p}: {r}" for p, r in problems)
-        raise UserError(f"no training images found in '{d.train_data_dir}'.{require_training_folder(Path(d.train_data_dir))}{details}")
+        details = "".join("\n  " + msg("{path}: {reason}", path=p, reason=r) for p, r in problems)
+        raise UserError(msg("no training images found in '{path}'.{hint}", path=d.train_data_dir, hint=require_training_folder(Path(d.train_data_dir)))
+                        + details)
     if d.reg_data_dir:
         reg, reg_problems = subsets_from_folders(d.reg_data_dir, True, template)
         subsets += reg

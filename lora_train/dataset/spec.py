@@ -105,11 +105,11 @@ def _apply(obj: Any, values: dict[str, Any], where: str) -> None:
             default = getattr(type(obj)(), key) if key != "subsets" else None
             expected = type(default) if default is not None else None
             if expected in (int, float) and isinstance(value, bool):
-                raise UserError(f"{where}: '{key}' must be a number, got {value!r}")
+                raise UserError(msg("{where}: '{key}' must be a number, got {value}", where=where, key=key, value=repr(value)))
             if expected is float and isinstance(value, int):
                 value = float(value)
             if expected is not None and not isinstance(value, expected):
-                raise UserError(f"{where}: '{key}' must be {expected.__name__}, got {value!r}")
+                raise UserError(msg("{where}: '{key}' must be {type}, got {value}", where=where, key=key, type=expected.__name__, value=repr(value)))
         setattr(obj, key, value)
 
 
@@ -122,7 +122,7 @@ def _resolution(value: Any, where: str) -> tuple[int, int]:
         parts = [p.strip() for p in value.replace("x", ",").split(",") if p.strip()]
         if all(p.isdigit() for p in parts) and len(parts) in (1, 2):
             return int(parts[0]), int(parts[-1])
-    raise UserError(f"{where}: resolution must be a number or [width, height], got {value!r}")
+    raise UserError(msg("{where}: resolution must be a number or [width, height], got {value}", where=where, value=repr(value)))
 
 
 def parse_resolution(text: str | None, default: int) -> tuple[int, int]:
@@ -134,18 +134,21 @@ def parse_resolution(text: str | None, default: int) -> tuple[int, int]:
     try:
         size = [int(p) for p in parts]
     except ValueError:
-        raise UserError(f"resolution '{text}' is not a number or 'width,height'") from None
+        raise UserError(msg("resolution '{text}' is not a number or 'width,height'", text=text)) from None
     if len(size) == 1:
         size = size * 2
     if len(size) != 2 or min(size) < 64 or any(s % 64 for s in size):
-        raise UserError(f"resolution '{text}' must be a multiple of 64 (e.g. 512 or 512,768)")
+        raise UserError(msg("resolution '{text}' must be a multiple of 64 (e.g. 512 or 512,768)", text=text))
     return size[0], size[1]
 
 
 def _check_keys(table: dict, allowed: set[str], where: str) -> None:
     unknown = [k for k in table if k not in allowed]
     if unknown:
-        raise UserError(f"{where}: unknown key{'s' if len(unknown) > 1 else ''} " + ", ".join(f"'{k}'{close_match_hint(k, allowed)}" for k in unknown))
+        if len(unknown) == 1:
+            raise UserError(msg("{source}: unknown key '{key}'{hint}", source=where, key=unknown[0], hint=close_match_hint(unknown[0], allowed)))
+        # one key a line, so each close-match hint is translated with its key
+        raise UserError("\n".join([msg("{source}: unknown keys:", source=where)] + [f"  '{k}'{close_match_hint(k, allowed)}" for k in unknown]))
 
 
 def load_dataset_toml(path: str | os.PathLike) -> DatasetSpec:
@@ -157,7 +160,7 @@ def load_dataset_toml(path: str | os.PathLike) -> DatasetSpec:
     _check_keys(general, ASCENDABLE | DATASET_KEYS, f"{path} [general]")
     datasets = data.get("datasets")
     if not isinstance(datasets, list) or not datasets:
-        raise UserError(f"{path}: needs at least one [[datasets]] with [[datasets.subsets]]")
+        raise UserError(msg("{path}: needs at least one [[datasets]] with [[datasets.subsets]]", path=path))
     spec = DatasetSpec()
     for i, d in enumerate(datasets):
         where = f"{path} [[datasets]] #{i + 1}"
@@ -169,7 +172,7 @@ def load_dataset_toml(path: str | os.PathLike) -> DatasetSpec:
             swhere = f"{where} subset #{j + 1}"
             _check_keys(s, SUBSET_KEYS, swhere)
             if "image_dir" not in s:
-                raise UserError(f"{swhere}: image_dir is required")
+                raise UserError(msg("{where}: image_dir is required", where=swhere))
             subset = SubsetSpec()
             _apply(subset, {k: v for k, v in general.items() if k in ASCENDABLE}, f"{path} [general]")
             _apply(subset, {k: v for k, v in d.items() if k in ASCENDABLE}, where)
@@ -178,7 +181,7 @@ def load_dataset_toml(path: str | os.PathLike) -> DatasetSpec:
             subset.image_dir = str(image_dir if image_dir.is_absolute() else (path.parent / image_dir))
             block.subsets.append(subset)
         if not block.subsets:
-            raise UserError(f"{where}: has no [[datasets.subsets]]")
+            raise UserError(msg("{where}: has no [[datasets.subsets]]", where=where))
         spec.datasets.append(block)
     return spec
 
@@ -211,16 +214,16 @@ def subsets_from_folders(root: str | os.PathLike, is_reg: bool, template: Subset
     if not root.exists():
         raise UserError(msg("{what} '{path}' does not exist", what=what, path=root))
     if not root.is_dir():
-        raise UserError(f"{what} '{root}' is not a folder")
+        raise UserError(msg("{what} '{path}' is not a folder", what=what, path=root))
     subsets, problems = [], []
     for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         m = REPEATS_DIR.match(folder.name)
         if not m:
-            problems.append((folder, "folder name has no repeats prefix like '10_name'; its images are not used"))
+            problems.append((folder, msg("folder name has no repeats prefix like '10_name'; its images are not used")))
             continue
         repeats = int(m.group(1))
         if repeats < 1:
-            problems.append((folder, "repeats must be at least 1; its images are not used"))
+            problems.append((folder, msg("repeats must be at least 1; its images are not used")))
             continue
         subsets.append(dataclasses.replace(template, image_dir=str(folder), num_repeats=repeats, is_reg=is_reg, class_tokens=m.group(2).strip() or None))
     return subsets, problems

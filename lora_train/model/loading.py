@@ -95,10 +95,10 @@ def import_ldm():
             import ldm.models.diffusion.ddpm  # noqa: F401
             import ldm.util
     except ImportError as e:  # pragma: no cover - depends on the environment
-        raise UserError(
-            f"cannot import the 'ldm' package ({e}). Inside the WebUI it comes with the host; "
-            "headless, install it with: pip install --no-deps stable-diffusion-sdkit==2.1.5"
-        ) from e
+        raise UserError(msg(
+            "cannot import the 'ldm' package ({error}). Inside the WebUI it comes with the host; "
+            "headless, install it with: pip install --no-deps stable-diffusion-sdkit==2.1.5", error=e
+        )) from e
     return ldm
 
 
@@ -110,7 +110,7 @@ def _resolve_clip_version(version: str | None, base_dir: Path | None) -> str:
         return str(p)
     if base_dir is not None and (base_dir / p.name).is_dir():  # checkpoint folder moved with its yaml
         return str(base_dir / p.name)
-    raise UserError(f"text encoder folder '{version}' named in the model config does not exist")
+    raise UserError(msg("text encoder folder '{path}' named in the model config does not exist", path=version))
 
 
 @contextlib.contextmanager
@@ -186,11 +186,11 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         try:
             return safetensors.torch.load_file(str(path), device="cpu")
         except Exception as e:
-            raise UserError(f"{path}: not a readable .safetensors file ({e})") from e
+            raise UserError(msg("{path}: not a readable .safetensors file ({error})", path=path, error=e)) from e
     try:
         data = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UserError(f"{path}: cannot read checkpoint ({e})") from e
+        raise UserError(msg("{path}: cannot read checkpoint ({error})", path=path, error=e)) from e
     return data.get("state_dict", data)
 
 
@@ -210,7 +210,7 @@ def load_checkpoint(path: str | os.PathLike):
         try:
             model_config = OmegaConf.to_container(OmegaConf.load(yaml_path).model, resolve=True)
         except Exception as e:
-            raise UserError(f"{yaml_path}: not a model config with a 'model:' section ({e})") from e
+            raise UserError(msg("{path}: not a model config with a 'model:' section ({error})", path=yaml_path, error=e)) from e
     elif sgm_loading.has_sdxl_keys(state):
         model_config = sgm_loading.stock_sdxl_config(path)
     else:
@@ -224,10 +224,10 @@ def load_checkpoint(path: str | os.PathLike):
     # the noise schedule); real weights missing means the config does not fit the file.
     weights_missing = [k for k in missing if not _is_optional_buffer(k)]
     if weights_missing:
-        raise UserError(
-            f"{path}: {len(weights_missing)} weights the config expects are not in the file "
-            f"(first: {weights_missing[0]}); is '{yaml_path.name}' the right config for it?"
-        )
+        raise UserError(msg(
+            "{path}: {count} weights the config expects are not in the file (first: {first}); is '{config}' the right config for it?",
+            path=path, count=len(weights_missing), first=weights_missing[0], config=yaml_path.name,
+        ))
     model.checkpoint_path = str(path)
     return model
 

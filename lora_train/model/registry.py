@@ -41,7 +41,7 @@ def load_model(spec: str | None):
 
         return build_tiny_sdxl(sgm=sgm_available())
     if spec.startswith("builtin:"):
-        raise UserError(f"unknown built-in model '{spec}' (known: {', '.join(BUILTINS)})")
+        raise UserError(msg("unknown built-in model '{name}' (known: {known})", name=spec, known=", ".join(BUILTINS)))
     return load_checkpoint(spec)
 
 

@@ -18,7 +18,7 @@ import contextlib
 import torch
 from torch import nn
 
-from lora_train.errors import UserError
+from lora_train.errors import UserError, msg
 from lora_train.model.adapter import ModelAdapter, ModelInfo
 from lora_train.model.checkpointing import checkpointed, own_checkpoint_flags_off
 from lora_train.network.naming import PREFIX_TE1, PREFIX_TE2
@@ -41,7 +41,7 @@ def is_sdxl(model) -> bool:
 class SgmAdapter(ModelAdapter):
     def __init__(self, model, name: str | None = None, device: torch.device | None = None):
         if not is_sdxl(model):
-            raise UserError("not an SDXL model: it has no sgm conditioner")
+            raise UserError(msg("not an SDXL model: it has no sgm conditioner"))
         self.model = model
         self._device = torch.device(device) if device is not None else None
         self.te1 = self.te2 = None
@@ -55,10 +55,10 @@ class SgmAdapter(ModelAdapter):
             else:
                 key = getattr(embedder, "input_key", None) or getattr(inner, "input_key", None)
                 if key not in SIZE_KEYS and key != "aesthetic_score":
-                    raise UserError(f"this SDXL model's conditioner has an input '{key}' that LoRA Train cannot fill")
+                    raise UserError(msg("the conditioner of this SDXL model has an input '{key}' that LoRA Train cannot fill", key=key))
                 self.size_embedders.append((inner, key))
         if self.te1 is None or self.te2 is None:
-            raise UserError("this SDXL model does not have the two text encoders SDXL base has (CLIP-L and OpenCLIP bigG)")
+            raise UserError(msg("this SDXL model does not have the two text encoders SDXL base has (CLIP-L and OpenCLIP bigG)"))
         path = getattr(model, "checkpoint_path", None) or getattr(model, "sd_checkpoint_info", None) and model.sd_checkpoint_info.filename
         self.info = ModelInfo(
             family="sdxl",
@@ -83,7 +83,7 @@ class SgmAdapter(ModelAdapter):
                 return torch.as_tensor(ac).detach().to(torch.float32)
         sigmas = getattr(getattr(self.model, "denoiser", None), "sigmas", None)
         if sigmas is None:
-            raise UserError("this SDXL model has neither alphas_cumprod nor a discrete denoiser to take the noise schedule from")
+            raise UserError(msg("this SDXL model has neither alphas_cumprod nor a discrete denoiser to take the noise schedule from"))
         ac = 1.0 / (1.0 + sigmas.detach().float() ** 2)
         return ac if ac[0] > ac[-1] else ac.flip(0)
 
@@ -115,7 +115,7 @@ class SgmAdapter(ModelAdapter):
                 vae.half()
         mean, logvar = moments.float().chunk(2, dim=1)
         if not torch.isfinite(mean).all():
-            raise UserError("the VAE gave non-finite latents for this image (an fp16 VAE overflow?): use an fp32 or the fp16-fix SDXL VAE")
+            raise UserError(msg("the VAE gave non-finite latents for this image (an fp16 VAE overflow?): use an fp32 or the fp16-fix SDXL VAE"))
         return mean, torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
 
     def sample_latents(self, mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from lora_train.errors import UserError
+from lora_train.errors import UserError, msg
 
 ENV = "LORA_TRAIN_SGM_PATH"
 
@@ -40,7 +40,7 @@ def import_sgm(path: str | os.PathLike | None = None):
             break
     else:
         if path is not None:
-            raise UserError(f"'{path}' has no sgm package: give a generative-models checkout or a WebUI folder")
+            raise UserError(msg("'{path}' has no sgm package: give a generative-models checkout or a WebUI folder", path=path))
     try:
         from lora_train.model.loading import quiet
 
@@ -48,9 +48,9 @@ def import_sgm(path: str | os.PathLike | None = None):
             import sgm  # noqa: F401
             import sgm.models.diffusion  # noqa: F401
     except ImportError as e:
-        raise UserError(
-            f"SDXL needs Stability AI's 'sgm' package (generative-models), which cannot be imported ({e}). "
-            f"It is not on PyPI: point LoRA Train at a checkout with --sgm-path or {ENV} "
-            "(an installed WebUI folder works: its repositories/generative-models)"
-        ) from None
+        raise UserError(msg(
+            "SDXL needs Stability AI's {package} package (generative-models), which cannot be imported ({error}). "
+            "It is not on PyPI: point LoRA Train at a checkout with --sgm-path or {env} "
+            "(an installed WebUI folder works: its repositories/generative-models)", package="'sgm'", error=e, env=ENV
+        )) from None
     return sys.modules["sgm"]

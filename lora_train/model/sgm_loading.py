@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lora_train.errors import UserError
+from lora_train.errors import UserError, msg
 
 # a key only SDXL single-file checkpoints have (the host tells SDXL apart by the same kind of key)
 SDXL_KEY = "conditioner.embedders.1.model.ln_final.weight"
@@ -27,8 +27,8 @@ def stock_sdxl_config(checkpoint: Path) -> dict:
     sgm = import_sgm()
     yaml = Path(sgm.__file__).resolve().parent.parent / "configs" / "inference" / "sd_xl_base.yaml"
     if not yaml.is_file():
-        raise UserError(f"{checkpoint.name} is an SDXL checkpoint without a '{checkpoint.with_suffix('.yaml').name}' beside it, "
-                        f"and the sgm checkout has no {yaml}")
+        raise UserError(msg("{name} is an SDXL checkpoint without a '{config}' beside it, and the sgm checkout has no {path}",
+                            name=checkpoint.name, config=checkpoint.with_suffix(".yaml").name, path=yaml))
     return OmegaConf.to_container(OmegaConf.load(yaml).model, resolve=True)
 
 

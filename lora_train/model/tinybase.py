@@ -12,7 +12,7 @@ import os
 import shutil
 from pathlib import Path
 
-from lora_train.errors import UserError
+from lora_train.errors import UserError, msg
 from lora_train.model import clip_files
 from lora_train.model.tiny import TINY_TEXT_CONFIG
 
@@ -32,14 +32,16 @@ def sha256(path: Path) -> str:
 def verify_assets(folder: Path = ASSETS) -> None:
     sums = folder / f"{NAME}.sha256"
     if not sums.is_file():
-        raise UserError(f"{sums} is missing; rebuild the base with: python -m lora_train.testing build-base --output {folder}")
+        raise UserError(msg("{path} is missing; rebuild the base with: {command}", path=sums,
+                            command=f"python -m lora_train.testing build-base --output {folder}"))
     for line in sums.read_text(encoding="utf-8").splitlines():
         digest, name = line.split()
         f = folder / name
         if not f.is_file():
-            raise UserError(f"{f} is missing (git lfs? a partial checkout?)")
+            raise UserError(msg("{path} is missing (git lfs? a partial checkout?)", path=f))
         if sha256(f) != digest:
-            raise UserError(f"{f}: checksum differs from {sums.name}; the file is damaged or was rebuilt without updating the sums")
+            raise UserError(msg("{path}: checksum differs from {sums}; the file is damaged or was rebuilt without updating the sums",
+                                path=f, sums=sums.name))
 
 
 def install_base(folder: str | os.PathLike, source: Path = ASSETS) -> Path:

@@ -16,7 +16,7 @@ from typing import Iterable
 
 from torch import nn
 
-from lora_train.errors import UserError
+from lora_train.errors import UserError, msg
 from lora_train.network.locon import LoCon
 from lora_train.network.lora import LoRA
 from lora_train.network.module import NetworkModule
@@ -33,16 +33,16 @@ NOT_YET: dict[str, str] = {
     **dict.fromkeys(("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t1", "lokr_t2"), "LoKr"),
     # kohya's OFT and LyCORIS' diagonal OFT / BOFT write oft_blocks; older LyCORIS wrote oft_diag
     **dict.fromkeys(("oft_blocks", "oft_diag", "rescale"), "OFT"),
-    **dict.fromkeys(("diff", "diff_b"), "full fine-tuning (LyCORIS full)"),
+    **dict.fromkeys(("diff", "diff_b"), msg("full fine-tuning (LyCORIS full)")),
     **dict.fromkeys(("weight", "on_input"), "IA3"),
     **dict.fromkeys(("a1.weight", "a2.weight", "b1.weight", "b2.weight", "bm.weight"), "GLoRA"),
-    **dict.fromkeys(("w_norm", "b_norm"), "norm layer training (LyCORIS norm)"),
-    "lora_mid.weight": "LoCon with Tucker/CP decomposition",
-    **dict.fromkeys(("lora_A.weight", "lora_B.weight"), "LoRA in PEFT/diffusers key names (lora_A/lora_B)"),
-    "scale": "a per-module scale that overrides alpha/rank",
-    "bias": "a bias difference",
+    **dict.fromkeys(("w_norm", "b_norm"), msg("norm layer training (LyCORIS norm)")),
+    "lora_mid.weight": msg("LoCon with Tucker/CP decomposition"),
+    **dict.fromkeys(("lora_A.weight", "lora_B.weight"), msg("LoRA in PEFT/diffusers key names (lora_A/lora_B)")),
+    "scale": msg("a per-module scale that overrides alpha/rank"),
+    "bias": msg("a bias difference"),
 }
-UNKNOWN = "no network algorithm LoRA Train knows"
+UNKNOWN = msg("no network algorithm LoRA Train knows")
 BUNDLED_EMBEDDING = "bundle_emb."  # the WebUI's textual-inversion embeddings bundled in a LoRA file
 
 
@@ -51,6 +51,14 @@ class UnsupportedKeyError(UserError, KeyError):
     and a UserError (what the CLI and UI print without a traceback)."""
 
     def __str__(self) -> str:  # KeyError's str() would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class NoFitError(KeyError):
+    """A file (or network) whose modules or shapes do not fit the model; its str() is the message
+    itself, unquoted, so it can be shown and translated as it is."""
+
+    def __str__(self) -> str:
         return str(self.args[0]) if self.args else ""
 
 
@@ -67,7 +75,7 @@ def owner(suffix: str) -> type[NetworkModule] | None:
 def what_owns(key: str) -> str | None:
     """What a key belongs to when no algorithm LoRA Train loads owns it (None when one does)."""
     if key.startswith(BUNDLED_EMBEDDING):
-        return "a bundled textual-inversion embedding"
+        return msg("a bundled textual-inversion embedding")
     name, suffix = split_key(key)
     if name and owner(suffix) is not None:
         return None
@@ -75,11 +83,13 @@ def what_owns(key: str) -> str | None:
 
 
 def unsupported(key: str, kind: str, others: int = 0) -> UnsupportedKeyError:
-    more = f" ({others} more key{'s' if others != 1 else ''} like it)" if others else ""
+    more = (" " + (msg("({count} more key like it)", count=others) if others == 1 else msg("({count} more keys like it)", count=others))
+            if others else "")
     known = ", ".join(cls.algorithm for cls in ALGORITHMS)
     if kind == UNKNOWN:
-        return UnsupportedKeyError(f"key '{key}' belongs to {kind} (it loads {known}){more}")
-    return UnsupportedKeyError(f"key '{key}' belongs to {kind}, which LoRA Train cannot load yet (it loads {known}){more}")
+        return UnsupportedKeyError(msg("key '{key}' belongs to {kind} (it loads {known}){more}", key=key, kind=kind, known=known, more=more))
+    return UnsupportedKeyError(msg("key '{key}' belongs to {kind}, which LoRA Train cannot load yet (it loads {known}){more}",
+                                   key=key, kind=kind, known=known, more=more))
 
 
 def check_keys(keys: Iterable[str]) -> None:
@@ -107,13 +117,15 @@ def module_class(name: str, suffixes: set[str], org: nn.Module, part: str | None
             extra = sorted(suffixes - set(cls.suffixes))
             check_keys(f"{name}.{s}" for s in extra)
             if extra:  # keys of another algorithm LoRA Train loads
-                raise UnsupportedKeyError(f"key '{name}.{extra[0]}' is {owner(extra[0]).algorithm}'s, but {name} also has "
-                                          f"{cls.algorithm}'s keys: one module holds one algorithm")
+                raise UnsupportedKeyError(msg("key '{key}' belongs to {other}, but {name} also has keys of {algorithm}: one module holds one algorithm",
+                                              key=f"{name}.{extra[0]}", other=owner(extra[0]).algorithm, name=name, algorithm=cls.algorithm))
             return cls
     check_keys(f"{name}.{s}" for s in sorted(suffixes))
     partial = next((cls for cls in ALGORITHMS if suffixes & set(cls.suffixes) and cls.accepts(org, part)), None)
     if partial is not None:
         needs = [s for s in partial.suffixes if s not in partial.optional]
         missing = [s for s in needs if s not in suffixes]
-        raise KeyError(f"{name}: {' and '.join(missing)} missing ({partial.algorithm} needs {' and '.join(needs)})")
-    raise KeyError(f"{name}: no algorithm LoRA Train loads trains a {type(org).__name__} ({', '.join(cls.algorithm for cls in ALGORITHMS)})")
+        raise NoFitError(msg("{name}: {missing} missing ({algorithm} needs {needs})", name=name, missing=" and ".join(missing),
+                             algorithm=partial.algorithm, needs=" and ".join(needs)))
+    raise NoFitError(msg("{name}: no algorithm LoRA Train loads trains a {type} ({known})", name=name, type=type(org).__name__,
+                         known=", ".join(cls.algorithm for cls in ALGORITHMS)))

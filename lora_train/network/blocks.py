@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
-from lora_train.errors import UserError
+from lora_train.errors import UserError, msg
 
 NUM_BLOCKS = 12  # per side, SD1/SD2
 NUM_ALL = 2 * NUM_BLOCKS + 1
@@ -93,11 +93,12 @@ def parse_values(text: str | None, layout: Layout, what: str, cast=float) -> lis
         return None
     parts = [p.strip() for p in str(text).split(",") if p.strip()]
     if len(parts) != layout.total:
-        raise UserError(f"{what} needs {layout.total} comma-separated values on {layout.name} ({layout.labels}), got {len(parts)}")
+        raise UserError(msg("{key} needs {count} comma-separated values on {layout} ({labels}), got {got}", key=what, count=layout.total,
+                            layout=layout.name, labels=layout.labels, got=len(parts)))
     try:
         return [cast(float(p)) for p in parts]
     except ValueError:
-        raise UserError(f"{what}: '{text}' has a value that is not a number") from None
+        raise UserError(msg("{key}: '{text}' has a value that is not a number", key=what, text=text)) from None
 
 
 def dims_and_alphas(block_dims, block_alphas, network_alpha, conv_block_dims, conv_block_alphas, conv_dim, conv_alpha,
@@ -139,13 +140,14 @@ def _side_weights(text: str | None, what: str, layout: Layout, labels: str) -> l
     try:
         values = [float(p) for p in str(text).split(",") if p.strip()]
     except ValueError:
-        raise UserError(f"{what}: '{text}' is neither {count} numbers nor one of {', '.join(PRESETS)}") from None
+        raise UserError(msg("{key}: '{text}' is neither {count} numbers nor one of {presets}", key=what, text=text, count=count,
+                            presets=", ".join(PRESETS))) from None
     if layout is SD:
         # sd-scripts pads a short list with 1.0 and cuts a long one
         return (values + [1.0] * count)[:count]
     if len(values) != count:
-        raise UserError(f"{what} needs {count} comma-separated values on {layout.name} ({labels}) or one of "
-                        f"{', '.join(PRESETS)}, got {len(values)}")
+        raise UserError(msg("{key} needs {count} comma-separated values on {layout} ({labels}) or one of {presets}, got {got}", key=what,
+                            count=count, layout=layout.name, labels=labels, presets=", ".join(PRESETS), got=len(values)))
     return values
 
 
@@ -155,11 +157,12 @@ def _mid_weights(mid, layout: Layout) -> list[float] | None:
     try:
         values = [float(p) for p in str(mid).split(",") if p.strip()]
     except ValueError:
-        raise UserError(f"mid_lr_weight: '{mid}' is not a number") from None
+        raise UserError(msg("mid_lr_weight: '{text}' is not a number", text=mid)) from None
     if len(values) == 1:
         return values * layout.mid  # on SDXL one value is the whole middle block (MID00-MID02)
     if len(values) != layout.mid:
-        raise UserError(f"mid_lr_weight needs 1 or {layout.mid} comma-separated values on {layout.name}, got {len(values)}")
+        raise UserError(msg("mid_lr_weight needs 1 or {count} comma-separated values on {layout}, got {got}", count=layout.mid, layout=layout.name,
+                            got=len(values)))
     return values
 
 

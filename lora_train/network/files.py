@@ -116,11 +116,11 @@ def load_lora(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[st
     if not path.is_file():
         raise UserError(msg("'{path}' does not exist", path=path))
     if path.suffix != ".safetensors":
-        raise UserError(f"'{path}' is not a .safetensors file")
+        raise UserError(msg("'{path}' is not a .safetensors file", path=path))
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             metadata = dict(f.metadata() or {})
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:
-        raise UserError(f"'{path}' cannot be read as safetensors ({e})") from e
+        raise UserError(msg("'{path}' cannot be read as safetensors ({error})", path=path, error=e)) from e
     return tensors, metadata

@@ -9,7 +9,9 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from lora_train.errors import msg
 from lora_train.network import algorithms, blocks
+from lora_train.network.algorithms import NoFitError
 from lora_train.network.blocks import LrWeights
 from lora_train.network.locon import LoCon
 from lora_train.network.lora import LoRA
@@ -91,7 +93,7 @@ class LoRANetwork(nn.Module):
         targets = self._targets if targets is None else targets
         missing = [name for name in self.lora_modules if name not in targets]
         if missing:
-            raise KeyError(f"{len(missing)} LoRA modules have no target in this model (first: {missing[0]})")
+            raise NoFitError(msg("{count} LoRA modules have no target in this model (first: {name})", count=len(missing), name=missing[0]))
         attached = []
         try:
             for name, module in self.lora_modules.items():
@@ -160,11 +162,12 @@ class LoRANetwork(nn.Module):
         unknown = sorted(set(state) - set(own))
         missing = sorted(set(own) - set(state))
         if strict and (unknown or missing):
-            raise KeyError(f"LoRA keys do not match this network: {len(missing)} missing (e.g. {missing[:1]}), {len(unknown)} unknown (e.g. {unknown[:1]})")
+            raise NoFitError(msg("LoRA keys do not match this network: {missing} missing (e.g. {missing_example}), {unknown} unknown (e.g. {unknown_example})",
+                                 missing=len(missing), missing_example=missing[:1], unknown=len(unknown), unknown_example=unknown[:1]))
         wrong = [k for k in state if k in own and own[k].shape != state[k].shape]
         if wrong:
-            raise KeyError(f"{len(wrong)} LoRA weights have another shape here (first: {wrong[0]} {tuple(state[wrong[0]].shape)} vs {tuple(own[wrong[0]].shape)}); "
-                           "set network_dim/conv_dim to the file's ranks or use dim_from_weights")
+            raise NoFitError(msg("{count} LoRA weights have another shape here (first: {key} {shape} vs {own}); set network_dim/conv_dim to the file's ranks or use dim_from_weights",
+                                 count=len(wrong), key=wrong[0], shape=tuple(state[wrong[0]].shape), own=tuple(own[wrong[0]].shape)))
         with torch.no_grad():
             for k, v in state.items():
                 if k in own:
@@ -182,7 +185,7 @@ class LoRANetwork(nn.Module):
         modules = algorithms.group(state)
         unmatched = [n for n in modules if n not in by_name]
         if unmatched:
-            raise KeyError(f"{len(unmatched)} modules in the file have no target in this model (first: {unmatched[0]})")
+            raise NoFitError(msg("{count} modules in the file have no target in this model (first: {name})", count=len(unmatched), name=unmatched[0]))
         net = cls([], dim=1)
         for name, suffixes in modules.items():
             target = by_name[name]
@@ -208,5 +211,5 @@ def network_from_file(path, targets: Iterable[Target]) -> "LoRANetwork":
     try:
         return LoRANetwork.from_state_dict(tensors, targets)
     except KeyError as e:
-        raise UserError(f"'{path}' does not fit this model: {e.args[0] if e.args else e}") from e
+        raise UserError(msg("'{path}' does not fit this model: {reason}", path=path, reason=e.args[0] if e.args else e)) from e
 

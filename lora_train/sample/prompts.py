@@ -73,8 +73,9 @@ def parse_prompt_line(line: str, default_sampler: str = DEFAULT_SAMPLER) -> Samp
     return prompt_from_dict(line_to_dict(line), default_sampler)
 
 
-def prompt_from_dict(d: dict[str, Any], default_sampler: str = DEFAULT_SAMPLER, where: str = "prompt") -> SamplePrompt:
+def prompt_from_dict(d: dict[str, Any], default_sampler: str = DEFAULT_SAMPLER, where: str | None = None) -> SamplePrompt:
     """sd-scripts' prompt dict to a SamplePrompt, with its defaults (512x512, 30 steps, scale 7.5)."""
+    where = where or msg("prompt")
 
     def get(key, convert, default):
         value = d.get(key)
@@ -85,12 +86,11 @@ def prompt_from_dict(d: dict[str, Any], default_sampler: str = DEFAULT_SAMPLER, 
                 raise ValueError
             return convert(value)
         except (TypeError, ValueError):
-            raise UserError(
-                f"{where}: '{key}' must be {'a whole number' if convert is int else 'a number'}, not {value!r}"
-            ) from None
+            raise UserError(msg("{where}: '{key}' must be a whole number, not {value}", where=where, key=key, value=repr(value)) if convert is int
+                            else msg("{where}: '{key}' must be a number, not {value}", where=where, key=key, value=repr(value))) from None
 
     if not isinstance(d.get("prompt", ""), str):
-        raise UserError(f"{where}: 'prompt' must be text")
+        raise UserError(msg("{where}: 'prompt' must be text", where=where))
     return SamplePrompt(
         prompt=d.get("prompt") or "",
         negative=str(d.get("negative_prompt") or ""),
@@ -115,14 +115,14 @@ def load_prompts(path: str | os.PathLike, default_sampler: str = DEFAULT_SAMPLER
     elif suffix == ".json":
         entries = _read_json(path)
     else:
-        raise UserError(f"sample prompts file '{path}' must be .txt, .toml or .json")
+        raise UserError(msg("sample prompts file '{path}' must be .txt, .toml or .json", path=path))
     prompts = []
     for i, entry in enumerate(entries):
-        where = f"{path}: prompt {i + 1}"
+        where = msg("{path}: prompt {number}", path=path, number=i + 1)
         if isinstance(entry, str):
             entry = line_to_dict(entry)
         elif not isinstance(entry, dict):
-            raise UserError(f"{where}: expected a prompt line or a table, not {type(entry).__name__}")
+            raise UserError(msg("{where}: expected a prompt line or a table, not {type}", where=where, type=type(entry).__name__))
         prompts.append(prompt_from_dict(entry, default_sampler, where))
     return prompts
 
@@ -139,13 +139,13 @@ def _read_toml(path: Path) -> list[dict]:
     data = read_toml(path, "sample prompts file")
     table = data.get("prompt")
     if not isinstance(table, dict) or not isinstance(table.get("subset"), list):
-        raise UserError(f"{path}: expected a [prompt] table with [[prompt.subset]] entries")
+        raise UserError(msg("{path}: expected a [prompt] table with [[prompt.subset]] entries", path=path))
     defaults = {k: v for k, v in table.items() if k != "subset"}
     # sd-scripts builds dict(**prompt, **subset), which fails when a subset repeats a [prompt]
     # key; here the subset's value wins.
     bad = [i + 1 for i, subset in enumerate(table["subset"]) if not isinstance(subset, dict)]
     if bad:
-        raise UserError(f"{path}: [[prompt.subset]] entry {bad[0]} is not a table")
+        raise UserError(msg("{path}: [[prompt.subset]] entry {number} is not a table", path=path, number=bad[0]))
     return [defaults | subset for subset in table["subset"]]
 
 
@@ -153,7 +153,7 @@ def _read_json(path: Path) -> list:
     try:
         data = json.loads(path.read_text(encoding="utf-8-sig"))
     except (ValueError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: not valid JSON ({e})") from e
+        raise UserError(msg("{path}: not valid JSON ({error})", path=path, error=e)) from e
     if not isinstance(data, list):
-        raise UserError(f"{path}: expected a list of prompts")
+        raise UserError(msg("{path}: expected a list of prompts", path=path))
     return data

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Callable
 
 from lora_train.access import AccessPolicy
-from lora_train.errors import UserError
+from lora_train.errors import UserError, msg
 
 TagImages = Callable[[list], list[list[str]]]
 _loaded: dict[str, tuple[str, object]] = {}
@@ -50,10 +50,10 @@ def wd14_tagger(name: str, models_dir: Path, access: AccessPolicy | None = None,
     access = access or AccessPolicy()
     name = (name or "").strip()
     if not name:
-        raise UserError("choose a tagger model")
+        raise UserError(msg("choose a tagger model"))
     spec = _local_or_name(name, access)
     if spec in wd14.MODELS and not (Path(models_dir) / spec / "model.onnx").is_file():
-        access.check_changes_files(f"downloading the tagger {spec}")
+        access.check_changes_files(msg("downloading the tagger {name}", name=spec))
     folder = wd14.resolve_model(spec, Path(models_dir), allow_download=not access.restricted)
     tagger = _cached("wd14", str(folder), lambda: wd14.WD14Tagger(folder, batch_size=batch_size))
     options = wd14.TagOptions(

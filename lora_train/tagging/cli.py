@@ -3,15 +3,21 @@ shell, so a scripted edit is undone the same way as one made in the tab."""
 
 from __future__ import annotations
 
+import functools
 import sys
+from typing import Callable
+
+from lora_train.errors import msg
 
 
-def add_parsers(sub) -> None:
-    t = sub.add_parser("tags", help="edit the caption tags of a folder (saved with undo; see --undo)",
+def add_parsers(sub, t: Callable[[str], str] = str, tr: Callable[[object], str] = str) -> None:
+    """`t` (a fixed word) and `tr` (a message) put the output in the user's language: the front end
+    passes its own (lora_train/cli.py), since the layer rules keep this room from importing it."""
+    g = sub.add_parser("tags", help="edit the caption tags of a folder (saved with undo; see --undo)",
                        description="One operation on the captions of DIR (or of the images --where selects), saved through "
                                    "the folder's journal: `tags DIR --undo` puts the files back byte for byte.")
-    t.add_argument("dir")
-    op = t.add_mutually_exclusive_group(required=True)
+    g.add_argument("dir")
+    op = g.add_mutually_exclusive_group(required=True)
     op.add_argument("--add-front", metavar="T", help="tags (comma-separated) to put first, e.g. a trigger word")
     op.add_argument("--add-back", metavar="T", help="tags to put last")
     op.add_argument("--remove", metavar="T", help="tags to remove")
@@ -20,13 +26,13 @@ def add_parsers(sub) -> None:
     op.add_argument("--sort", choices=("alpha", "frequency"), help="sort tags (after the first --keep)")
     op.add_argument("--undo", action="store_true", help="undo the last saved edit of DIR")
     op.add_argument("--list", action="store_true", help="print tag frequencies, most common first")
-    t.add_argument("--regex", action="store_true", help="--replace OLD is a regular expression")
-    t.add_argument("--keep", type=int, default=0, help="--sort leaves this many leading tags in place")
-    t.add_argument("--where", metavar="TAG", action="append", default=[], help="only images with this tag (repeatable: all of them)")
-    t.add_argument("--where-not", metavar="TAG", action="append", default=[], help="only images without this tag")
-    t.add_argument("--caption-extension", default=".txt")
-    t.add_argument("--dry-run", action="store_true", help="print what would change, write nothing")
-    t.set_defaults(func=cmd_tags)
+    g.add_argument("--regex", action="store_true", help="--replace OLD is a regular expression")
+    g.add_argument("--keep", type=int, default=0, help="--sort leaves this many leading tags in place")
+    g.add_argument("--where", metavar="TAG", action="append", default=[], help="only images with this tag (repeatable: all of them)")
+    g.add_argument("--where-not", metavar="TAG", action="append", default=[], help="only images without this tag")
+    g.add_argument("--caption-extension", default=".txt")
+    g.add_argument("--dry-run", action="store_true", help="print what would change, write nothing")
+    g.set_defaults(func=functools.partial(cmd_tags, t=t, tr=tr))
 
     a = sub.add_parser("autotag", help="tag a folder's images with a WD14 tagger (or caption them with BLIP), saved with undo")
     a.add_argument("dir")
@@ -46,10 +52,10 @@ def add_parsers(sub) -> None:
     a.add_argument("--batch-size", type=int, default=4)
     a.add_argument("--dry-run", action="store_true")
     a.add_argument("--list-models", action="store_true", help="print the known WD14 model names and exit")
-    a.set_defaults(func=cmd_autotag)
+    a.set_defaults(func=functools.partial(cmd_autotag, t=t, tr=tr))
 
 
-def cmd_tags(args) -> int:
+def cmd_tags(args, t: Callable[[str], str] = str, tr: Callable[[object], str] = str) -> int:
     from lora_train.errors import UserError
     from lora_train.tagging import journal
     from lora_train.tagging.store import TagStore
@@ -57,11 +63,12 @@ def cmd_tags(args) -> int:
     if args.undo:
         manifest = journal.undo(args.dir)
         written = sum(a["kind"] == "write" for a in manifest["actions"])
-        print(f"undid '{manifest['label']}': {written} caption(s) and {len(manifest['actions']) - written} move(s) put back")
+        print(tr(msg("undid '{operation}': {written} caption(s) and {moved} move(s) put back", operation=manifest["label"],
+                      written=written, moved=len(manifest["actions"]) - written)))
         return 0
     store = TagStore.load(args.dir, args.caption_extension)
     for problem in store.problems:
-        print(f"warning: {problem}", file=sys.stderr)
+        print(f"{t('warning')}: {tr(problem)}", file=sys.stderr)
     if args.list:
         for tag, n in store.frequencies(store.select(all_of=args.where, none_of=args.where_not)).most_common():
             print(f"{n:6d}  {tag}")
@@ -73,33 +80,34 @@ def cmd_tags(args) -> int:
         change = store.remove(args.remove, chosen)
     elif args.replace:
         if "=" not in args.replace:
-            raise UserError(f"--replace {args.replace!r}: write OLD=NEW (NEW may be empty to delete)")
+            raise UserError(msg("--replace {value}: write OLD=NEW (NEW may be empty to delete)", value=repr(args.replace)))
         old, new = args.replace.split("=", 1)
         change = store.replace(old.strip(), new.strip(), chosen, regex=args.regex)
     elif args.dedupe:
         change = store.dedupe(chosen)
     else:
         change = store.sort(chosen, by=args.sort, keep=args.keep)
-    return _finish(store, change, args, f"nothing changes ({len(chosen)} image(s) selected)")
+    return _finish(store, change, args, tr, msg("nothing changes ({count} image(s) selected)", count=len(chosen)))
 
 
-def _finish(store, change, args, unchanged: str = "nothing changes") -> int:
+def _finish(store, change, args, tr: Callable[[object], str] = str, unchanged: str | None = None) -> int:
     """Print each caption's before/after, then save (journaled) unless --dry-run."""
     if change is None:
-        print(unchanged)
+        print(tr(unchanged or msg("nothing changes")))
         return 0
     for i, before, after in change.diffs:
         print(f"{store.caption_path(i)}\n  - {', '.join(before.tags)}\n  + {', '.join(after.tags)}")
     if args.dry_run:
-        print(f"dry run: {len(change.diffs)} caption(s) would change; nothing written")
+        print(tr(msg("dry run: {count} caption(s) would change; nothing written", count=len(change.diffs))))
         return 0
     entry = store.save()
-    print(f"{change.label}: {len(change.diffs)} caption(s) written; undo with: python -m lora_train tags {args.dir} --undo (journal {entry})")
+    print(tr(msg("{operation}: {count} caption(s) written; undo with: python -m lora_train tags {folder} --undo (journal {entry})",
+                  operation=change.label, count=len(change.diffs), folder=args.dir, entry=entry)))
     return 0
 
 
 
-def cmd_autotag(args) -> int:
+def cmd_autotag(args, t: Callable[[str], str] = str, tr: Callable[[object], str] = str) -> int:
     from pathlib import Path
 
     from lora_train.errors import UserError
@@ -110,26 +118,26 @@ def cmd_autotag(args) -> int:
         from lora_train.tagging.wd14 import MODELS
 
         for name, m in MODELS.items():
-            print(f"{name:32s} {m.repo_id}  general {m.general_threshold}")
+            print(tr(msg("{name} {repo}  general {threshold}", name=f"{name:32s}", repo=m.repo_id, threshold=m.general_threshold)))
         return 0
     models_dir = Path(args.models_dir).expanduser() if args.models_dir else Path.home() / ".cache" / "lora_train" / "models"
     if args.blip:
         tag_images = autotag.blip_tagger(args.model, models_dir)
     else:
         if not args.model:
-            raise UserError("--model is required (a WD14 name from --list-models, or a folder)")
+            raise UserError(msg("--model is required (a WD14 name from --list-models, or a folder)"))
         tag_images = autotag.wd14_tagger(args.model, models_dir, general=args.general_threshold, character=args.character_threshold,
                                          undesired=args.undesired, rating=args.rating, escape=args.escape_brackets,
                                          batch_size=args.batch_size)
         if getattr(tag_images, "warning", None):
-            print(f"warning: {tag_images.warning}", file=sys.stderr)
+            print(f"{t('warning')}: {tr(tag_images.warning)}", file=sys.stderr)
     session = DatasetSession()
-    print(session.load(args.dir, args.caption_extension))
+    print(tr(session.load(args.dir, args.caption_extension)))
     session.set_filter(all_of=args.where)
 
     def progress(done: int, total: int) -> None:
-        print(f"\rtagged {done}/{total}", end="", file=sys.stderr, flush=True)
+        print("\r" + tr(msg("tagged {done}/{total}", done=done, total=total)), end="", file=sys.stderr, flush=True)
 
     change = session.autotag(tag_images, args.mode, batch_size=args.batch_size, progress=progress)
     print(file=sys.stderr)
-    return _finish(session.store, change, args)
+    return _finish(session.store, change, args, tr)

@@ -78,7 +78,7 @@ def load_manifest(entry: Path) -> dict:
     try:
         return json.loads((entry / "manifest.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
-        raise UserError(f"{entry / 'manifest.json'}: unreadable journal entry ({e})") from None
+        raise UserError(msg("{path}: unreadable journal entry ({error})", path=entry / "manifest.json", error=e)) from None
 
 
 def history(root: Path) -> list[dict]:
@@ -109,18 +109,20 @@ def commit(root: Path, plan: Plan) -> Path | None:
         manifest = {"version": 1, "label": plan.label, "time": time.time(), "state": "pending", "actions": actions}
         _write_manifest(entry, manifest)
     except CaptionError as e:
-        raise UserError(f"cannot save: the journal in {journal} is not writable ({e}); nothing was changed") from None
+        raise UserError(msg("cannot save: the journal in {journal} is not writable ({error}); nothing was changed", journal=journal,
+                            error=e)) from None
     try:
         for w in plan.writes:
             write_caption_bytes(root / w.path, w.data)
         for m in plan.moves:
             dst = root / m.dst
             if dst.exists():
-                raise UserError(f"cannot move {root / m.src} to {dst}: it exists")
+                raise UserError(msg("cannot move {src} to {dst}: it exists", src=root / m.src, dst=dst))
             dst.parent.mkdir(parents=True, exist_ok=True)
             os.replace(root / m.src, dst)
     except (CaptionError, OSError) as e:
-        raise UserError(f"save stopped part-way ({e}); `undo` puts back what was changed (journal {entry})") from None
+        raise UserError(msg("save stopped part-way ({error}); `undo` puts back what was changed (journal {entry})", error=e,
+                            entry=entry)) from None
     manifest["state"] = "done"
     _write_manifest(entry, manifest)
     _prune(root)
@@ -175,7 +177,8 @@ def undo(root: Path) -> dict:
             conflicts.append(m["dst"])
     if conflicts:
         listed = "".join(f"\n  {root / c}" for c in conflicts[:20])
-        raise UserError(f"cannot undo '{manifest['label']}': changed since that save, undoing would lose those edits:{listed}")
+        raise UserError(msg("cannot undo '{operation}': changed since that save, undoing would lose those edits:",
+                            operation=manifest["label"]) + listed)
     for m in reversed(to_move_back):
         os.replace(root / m["dst"], root / m["src"])
     for a in to_restore:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 from typing import Callable, Iterable, Sequence
 
-from lora_train.errors import UserError
+from lora_train.errors import UserError, msg
 
 Tags = tuple[str, ...]
 
@@ -44,7 +44,7 @@ def compile_pattern(pattern: str) -> re.Pattern:
     try:
         return re.compile(pattern)
     except re.error as e:
-        raise UserError(f"bad regular expression {pattern!r}: {e}") from None
+        raise UserError(msg("bad regular expression {pattern}: {error}", pattern=repr(pattern), error=e)) from None
 
 
 def replace(tags: Sequence[str], old: str, new: str, *, regex: bool = False) -> Tags:
@@ -57,7 +57,7 @@ def replace(tags: Sequence[str], old: str, new: str, *, regex: bool = False) -> 
             try:
                 out += split_tags(pattern.sub(new, t))
             except re.error as e:  # a bad group reference in `new`
-                raise UserError(f"bad replacement {new!r} for {old!r}: {e}") from None
+                raise UserError(msg("bad replacement {new} for {old}: {error}", new=repr(new), old=repr(old), error=e)) from None
     else:
         for t in tags:
             out += split_tags(new) if t == old else (t,)
@@ -74,7 +74,7 @@ def sort(tags: Sequence[str], *, by: str = "alpha", keep: int = 0, frequency: di
         freq = frequency or {}
         tail.sort(key=lambda t: (-freq.get(t, 0), t.casefold()))
     else:
-        raise UserError(f"unknown sort order {by!r}: use 'alpha' or 'frequency'")
+        raise UserError(msg("unknown sort order {order}: use 'alpha' or 'frequency'", order=repr(by)))
     return head + tuple(tail)
 
 
@@ -97,4 +97,4 @@ def merge_generated(tags: Sequence[str], generated: Sequence[str], mode: str) ->
         return dedupe(tuple(generated) + tuple(tags))
     if mode == "append":
         return dedupe(tuple(tags) + tuple(generated))
-    raise UserError(f"unknown mode {mode!r}: use prefill, overwrite, prepend or append")
+    raise UserError(msg("unknown mode {mode}: use prefill, overwrite, prepend or append", mode=repr(mode)))

@@ -17,7 +17,7 @@ from typing import Callable, Iterable, Sequence
 
 from lora_train.dataset import captions as cap
 from lora_train.dataset.images import IMAGE_EXTENSIONS
-from lora_train.errors import UserError
+from lora_train.errors import UserError, msg
 from lora_train.tagging import journal, ops
 from lora_train.tagging.ops import Tags
 
@@ -79,7 +79,7 @@ class TagStore:
     def load(cls, root: str | Path, caption_extension: str = ".txt") -> "TagStore":
         root = Path(root)
         if not root.is_dir():
-            raise UserError(f"{root}: not a folder")
+            raise UserError(msg("{path}: not a folder", path=root))
         store = cls(root.resolve(), caption_extension)
         store._scan()
         return store
@@ -95,8 +95,8 @@ class TagStore:
                 self._index.setdefault(t, set()).add(i)
         pending = [h for h in journal.history(self.root) if h.get("state") == "pending"]
         if pending:
-            self.problems.append(f"{pending[-1]['entry']}: a save was interrupted ('{pending[-1]['label']}'); "
-                                 "undo it or check the captions it names")
+            self.problems.append(msg("{entry}: a save was interrupted ('{operation}'); undo it or check the captions it names",
+                                     entry=pending[-1]["entry"], operation=pending[-1]["label"]))
 
     def _read_entry(self, folder: Path, rel_folder: str, name: str) -> Entry:
         path = folder / (Path(name).stem + self.caption_extension)
@@ -108,7 +108,7 @@ class TagStore:
             text = cap.read_caption_text(path)
         except cap.CaptionError as e:
             entry.error = str(e)
-            self.problems.append(f"{path}: {e}; this image is read-only here")
+            self.problems.append(msg("{path}: {error}; this image is read-only here", path=path, error=e))
             return entry
         head, line, rest = _FIRST_LINE.match(text.text).groups()
         entry.head, entry.rest, entry.encoding = head, rest, text.encoding
@@ -215,33 +215,36 @@ class TagStore:
     def add(self, tags: Sequence[str], indices=None, *, front: bool = True) -> Change | None:
         tags = _clean(tags)
         fn = (lambda t: ops.add_front(t, tags)) if front else (lambda t: ops.add_back(t, tags))
-        return self.apply(f"add {ops.join_tags(tags)!r} at the {'front' if front else 'end'}", fn, indices)
+        listed = repr(ops.join_tags(tags))
+        label = msg("add {tags} at the front", tags=listed) if front else msg("add {tags} at the end", tags=listed)
+        return self.apply(label, fn, indices)
 
     def remove(self, tags: Sequence[str], indices=None) -> Change | None:
         tags = _clean(tags)
-        return self.apply(f"remove {ops.join_tags(tags)!r}", lambda t: ops.remove(t, tags), indices)
+        return self.apply(msg("remove {tags}", tags=repr(ops.join_tags(tags))), lambda t: ops.remove(t, tags), indices)
 
     def replace(self, old: str, new: str, indices=None, *, regex: bool = False) -> Change | None:
         if regex:
             ops.compile_pattern(old)  # a bad pattern fails before anything is recorded
-        return self.apply(f"replace {old!r} with {new!r}", lambda t: ops.replace(t, old, new, regex=regex), indices)
+        return self.apply(msg("replace {old} with {new}", old=repr(old), new=repr(new)), lambda t: ops.replace(t, old, new, regex=regex),
+                          indices)
 
     def dedupe(self, indices=None) -> Change | None:
-        return self.apply("remove duplicate tags", ops.dedupe, indices)
+        return self.apply(msg("remove duplicate tags"), ops.dedupe, indices)
 
     def sort(self, indices=None, *, by: str = "alpha", keep: int = 0) -> Change | None:
         freq = self.frequencies() if by == "frequency" else None
         ops.sort((), by=by)  # an unknown order fails before anything is recorded
-        return self.apply(f"sort tags ({by})", lambda t: ops.sort(t, by=by, keep=keep, frequency=freq), indices)
+        return self.apply(msg("sort tags ({order})", order=by), lambda t: ops.sort(t, by=by, keep=keep, frequency=freq), indices)
 
     def truncate(self, max_tokens: int, count: Callable[[str], int], indices=None) -> Change | None:
-        return self.apply(f"truncate to {max_tokens} tokens", lambda t: ops.truncate(t, max_tokens, count), indices)
+        return self.apply(msg("truncate to {budget} tokens", budget=max_tokens), lambda t: ops.truncate(t, max_tokens, count), indices)
 
     def set_caption(self, i: int, text: str) -> Change | None:
         tags = ops.split_tags(text.splitlines()[0] if text.strip() else "")
-        return self.apply(f"edit {self.entries[i].name}", lambda _: tags, [i])
+        return self.apply(msg("edit {name}", name=self.entries[i].name), lambda _: tags, [i])
 
-    def merge_generated(self, generated: dict[int, Sequence[str]], mode: str, label: str = "auto-tag") -> Change | None:
+    def merge_generated(self, generated: dict[int, Sequence[str]], mode: str) -> Change | None:
         ops.merge_generated((), (), mode)  # an unknown mode fails first
         diffs = []
         for i in self._editable(generated):
@@ -249,7 +252,7 @@ class TagStore:
             after = ops.merge_generated(before.tags, generated[i], mode)
             if after != before.tags:
                 diffs.append((i, before, State(after, before.folder)))
-        return self._record(Change(f"{label} ({mode})", diffs))
+        return self._record(Change(msg("auto-tag ({mode})", mode=mode), diffs))
 
     def move(self, indices: Iterable[int], folder: str) -> Change | None:
         """Move images (with their captions) into another concept folder under the root, on save."""
@@ -263,15 +266,17 @@ class TagStore:
                 continue
             target = State(e.state.tags, folder)
             if e.image(target) in taken or (self.root / e.image(target)).exists():
-                raise UserError(f"cannot move {e.name} to {self.root / folder}: an image of that name is there")
+                raise UserError(msg("cannot move {name} to {folder}: an image of that name is there", name=e.name, folder=self.root / folder))
             taken.add(e.image(target))
             diffs.append((i, e.state, target))
-        return self._record(Change(f"move {len(diffs)} image(s) to {folder or 'the top folder'}", diffs))
+        label = (msg("move {count} image(s) to {folder}", count=len(diffs), folder=folder) if folder
+                 else msg("move {count} image(s) to the top folder", count=len(diffs)))
+        return self._record(Change(label, diffs))
 
     def set_repeats(self, folder: str, repeats: int) -> Change | None:
         """Rename `<N>_name` to `<repeats>_name` (kohya's repeats), on save."""
         if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
-            raise UserError(f"repeats must be a whole number >= 1, not {repeats!r}")
+            raise UserError(msg("repeats must be a whole number >= 1, not {value}", value=repr(repeats)))
         parent, _, name = folder.rpartition("/")
         m = _REPEATS.match(name)
         new_name = f"{repeats}_{m.group(2) if m else name}"
@@ -279,16 +284,16 @@ class TagStore:
         if target == folder:
             return None
         if any(e.state.folder == target for e in self.entries) or (self.root / target).exists():
-            raise UserError(f"cannot rename {self.root / folder} to {new_name}: that folder exists")
+            raise UserError(msg("cannot rename {folder} to {name}: that folder exists", folder=self.root / folder, name=new_name))
         # unreadable captions move too: their bytes are not touched
         diffs = [(i, e.state, State(e.state.tags, target)) for i, e in enumerate(self.entries) if e.state.folder == folder]
-        return self._record(Change(f"set repeats of {folder} to {repeats}", diffs))
+        return self._record(Change(msg("set repeats of {folder} to {repeats}", folder=folder, repeats=repeats), diffs))
 
     def _check_folder(self, folder: str) -> str:
         folder = folder.replace("\\", "/").strip("/")
         parts = folder.split("/") if folder else []
         if any(p in ("", ".", "..") or p.startswith(".") for p in parts):
-            raise UserError(f"{folder!r}: a concept folder is a plain name under {self.root}, like '10_mychar'")
+            raise UserError(msg("{folder}: a concept folder is a plain name under {root}, like '10_mychar'", folder=repr(folder), root=self.root))
         return folder
 
     # -- undo / redo ----------------------------------------------------------------------------
@@ -332,7 +337,7 @@ class TagStore:
                 try:
                     data = cap.encode_caption(text, e.encoding)
                 except cap.CaptionError as err:
-                    raise UserError(f"{self.caption_path(i)}: {err}; nothing was saved") from None
+                    raise UserError(msg("{path}: {error}; nothing was saved", path=self.caption_path(i), error=err)) from None
                 plan.writes.append(journal.Write(_rel(self.caption_path(i), self.root), data))
             if e.state.folder != e.saved.folder:
                 by_folder.setdefault(e.saved.folder, []).append(i)
@@ -355,7 +360,12 @@ class TagStore:
         """Write what changed, journaled; returns the journal entry (None: nothing to save)."""
         dirty = self.dirty
         since = self._undo[self._saved_mark:] if self._saved_mark <= len(self._undo) else []
-        label = label or ("; ".join(c.label for c in since[:3]) + ("; ..." if len(since) > 3 else "") if since else f"{len(dirty)} image(s) edited")
+        if not label:
+            # the first edit by name, not a list joined with "; ": the front ends translate a label by
+            # matching it against the message templates, and a joined list would match one of them
+            # with the rest of the list taken for its value ("remove {tags}")
+            label = (msg("{count} image(s) edited", count=len(dirty)) if not since else since[0].label if len(since) == 1
+                     else msg("{operation}, plus {count} more edit(s) in the same save", operation=since[0].label, count=len(since) - 1))
         plan = self.save_plan(label)
         entry = journal.commit(self.root, plan)
         for i in dirty:
@@ -371,7 +381,7 @@ def _clean(tags: Sequence[str] | str) -> Tags:
         tags = [tags]
     out = tuple(t for tag in tags for t in ops.split_tags(tag))
     if not out:
-        raise UserError("no tag given")
+        raise UserError(msg("no tag given"))
     return out
 
 

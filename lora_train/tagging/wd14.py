@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 import numpy as np
 from PIL import Image
 
-from lora_train.errors import UserError, close_match_hint
+from lora_train.errors import UserError, close_match_hint, msg
 
 FILES = ("model.onnx", "selected_tags.csv")
 
@@ -78,27 +78,30 @@ def resolve_model(name_or_path: str, models_dir: Path, *, allow_download: bool =
     if path.is_dir():
         if not _complete(path):
             missing = [f for f in FILES if not (path / f).is_file()]
-            raise UserError(f"{path}: a WD14 tagger folder must hold {' and '.join(FILES)}; missing {', '.join(missing)}")
+            raise UserError(msg("{path}: a WD14 tagger folder must hold model.onnx and selected_tags.csv; missing {missing}",
+                                path=path, missing=", ".join(missing)))
         return path
     name = str(name_or_path).strip()
     model = MODELS.get(name)
     if model is None:
-        raise UserError(f"tagger {name!r}: no such folder and not a known model{close_match_hint(name, MODELS)}; "
-                        f"known: {', '.join(MODELS)}")
+        raise UserError(msg("tagger {name}: no such folder and not a known model{hint}; known: {known}",
+                            name=repr(name), hint=close_match_hint(name, MODELS), known=", ".join(MODELS)))
     folder = Path(models_dir) / name
     if _complete(folder):
         return folder
     if not allow_download:
-        raise UserError(f"tagger {name} is not in {folder} and downloading is refused here; put {' and '.join(FILES)} there")
+        raise UserError(msg("tagger {name} is not in {folder} and downloading is refused here; put model.onnx and selected_tags.csv there",
+                            name=name, folder=folder))
     from huggingface_hub import hf_hub_download
 
     try:
         for f in FILES:
             hf_hub_download(model.repo_id, f, local_dir=str(folder))
     except Exception as e:  # offline, no such repo, disk full: all end the same way for the user
-        raise UserError(f"could not download {model.repo_id} into {folder}: {type(e).__name__}: {e}") from None
+        raise UserError(msg("could not download {repo} into {folder}: {error}", repo=model.repo_id, folder=folder,
+                            error=f"{type(e).__name__}: {e}")) from None
     if not _complete(folder):
-        raise UserError(f"downloading {model.repo_id} left {folder} without {' and '.join(FILES)}")
+        raise UserError(msg("downloading {repo} left {folder} without model.onnx and selected_tags.csv", repo=model.repo_id, folder=folder))
     return folder
 
 
@@ -110,15 +113,16 @@ def read_tags(path: Path) -> tuple[list[str], np.ndarray]:
             rows = csv.reader(f)
             header = next(rows, None)
             if header is None or [h.strip() for h in header[:3]] != ["tag_id", "name", "category"]:
-                raise UserError(f"{path}: line 1 must be the header tag_id,name,category,count, not {header!r}")
+                raise UserError(msg("{path}: line 1 must be the header tag_id,name,category,count, not {header}", path=path, header=repr(header)))
             for line, row in enumerate(rows, start=2):
                 try:
                     names.append(row[1])
                     categories.append(int(row[2]))
                 except (IndexError, ValueError):
-                    raise UserError(f"{path}, line {line}: expected tag_id,name,category,count, got {row!r}") from None
+                    raise UserError(msg("{path}, line {line}: expected tag_id,name,category,count, got {row}", path=path, line=line,
+                                        row=repr(row))) from None
     except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: cannot read ({e})") from None
+        raise UserError(msg("{path}: cannot read ({error})", path=path, error=e)) from None
     return names, np.array(categories)
 
 
@@ -147,10 +151,10 @@ def preprocess(image: Image.Image, size: int) -> np.ndarray:
 # -- the tagger ------------------------------------------------------------------------------------
 def gpu_provider_warning(available_providers: Sequence[str], cuda_available: bool) -> str | None:
     if cuda_available and "CUDAExecutionProvider" not in available_providers:
-        return ("onnxruntime has no CUDA provider on this GPU machine, so tagging runs on the CPU (slow). Usually "
-                "both onnxruntime and onnxruntime-gpu are installed, or onnxruntime-gpu does not match the CUDA "
-                "version: `pip uninstall -y onnxruntime onnxruntime-gpu`, then install the onnxruntime-gpu "
-                "build for your CUDA (see onnxruntime.ai).")
+        return msg("onnxruntime has no CUDA provider on this GPU machine, so tagging runs on the CPU (slow). Usually "
+                   "both onnxruntime and onnxruntime-gpu are installed, or onnxruntime-gpu does not match the CUDA "
+                   "version: `pip uninstall -y onnxruntime onnxruntime-gpu`, then install the onnxruntime-gpu "
+                   "build for your CUDA (see onnxruntime.ai).")
     return None
 
 
@@ -177,25 +181,26 @@ class WD14Tagger:
         try:
             self.session = ort.InferenceSession(str(folder / "model.onnx"), providers=providers)
         except Exception as e:  # onnxruntime raises its own exception types for bad files
-            raise UserError(f"{folder / 'model.onnx'}: onnxruntime cannot load it ({e})") from None
+            raise UserError(msg("{path}: onnxruntime cannot load it ({error})", path=folder / "model.onnx", error=e)) from None
         inp = self.session.get_inputs()[0]
         self.input_name = inp.name
         shape = list(inp.shape)
         if len(shape) != 4 or not isinstance(shape[1], int) or shape[1] != shape[2] or shape[3] != 3:
-            raise UserError(f"{folder / 'model.onnx'}: input shape {shape} is not [batch, size, size, 3] (NHWC)")
+            raise UserError(msg("{path}: input shape {shape} is not [batch, size, size, 3] (NHWC)", path=folder / "model.onnx", shape=shape))
         self.size = shape[1]
         # a model exported with a fixed batch of 1 is run one image at a time
         self.batch_size = batch_size if not isinstance(shape[0], int) else shape[0]
         outputs = self.session.get_outputs()[0].shape[-1]
         if isinstance(outputs, int) and outputs != len(self.names):
-            raise UserError(f"{folder}: model.onnx gives {outputs} scores but selected_tags.csv lists {len(self.names)} tags")
+            raise UserError(msg("{folder}: model.onnx gives {outputs} scores but selected_tags.csv lists {count} tags", folder=folder,
+                                outputs=outputs, count=len(self.names)))
 
     def predict(self, images: Sequence[Image.Image], progress: Callable[[int, int], None] | None = None,
                 cancel: Callable[[], bool] | None = None) -> np.ndarray:
         out = []
         for start in range(0, len(images), self.batch_size):
             if cancel is not None and cancel():
-                raise Cancelled(f"cancelled after {start} of {len(images)} images")
+                raise Cancelled(msg("cancelled after {done} of {total} images", done=start, total=len(images)))
             batch = np.stack([preprocess(im, self.size) for im in images[start:start + self.batch_size]])
             out.append(self.session.run(None, {self.input_name: batch})[0])
             if progress is not None:

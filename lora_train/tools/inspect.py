@@ -8,6 +8,7 @@ from collections import Counter
 from functools import lru_cache
 from pathlib import Path
 
+from lora_train.errors import msg
 from lora_train.network.files import load_lora, payload_sha256
 from lora_train.network.network import KEY_RE
 
@@ -18,6 +19,7 @@ SUMMARY_KEYS = (
     "sshs_model_hash", "modelspec.architecture",
 )
 
+KEY_FORMAT = "<lora_unet|lora_te|lora_te1|lora_te2>_<module>.<lora_down.weight|lora_up.weight|alpha>"
 LYCORIS_SUFFIXES = {"hada_w1_a": "LoHa", "lokr_w1": "LoKr", "lokr_w1_a": "LoKr", "oft_blocks": "OFT", "diff": "full", "dora_scale": "DoRA"}
 
 
@@ -51,7 +53,7 @@ def inspect_lora(path: str | Path) -> dict:
             kind = LYCORIS_SUFFIXES.get(part.rsplit(".", 1)[0])
             if kind:
                 kinds[kind] += 1
-            problems.append(f"{key}: not a kohya LoRA key (<lora_unet|lora_te|lora_te1|lora_te2>_<module>.<lora_down.weight|lora_up.weight|alpha>)")
+            problems.append(msg("{key}: not a kohya LoRA key ({format})", key=key, format=KEY_FORMAT))
             continue
         modules.setdefault(m.group(1), {})[m.group(2)] = list(value.shape)
     arch = _arch_of(metadata)
@@ -60,14 +62,14 @@ def inspect_lora(path: str | Path) -> dict:
     for name, parts in sorted(modules.items()):
         for part in ("lora_down.weight", "lora_up.weight", "alpha"):
             if part not in parts:
-                problems.append(f"{name}: {part} is missing")
+                problems.append(msg("{name}: {part} is missing", name=name, part=part))
         down, up = parts.get("lora_down.weight"), parts.get("lora_up.weight")
         if down and up and down[0] != up[1]:
-            problems.append(f"{name}: lora_down rank {down[0]} does not match lora_up rank {up[1]}")
+            problems.append(msg("{name}: lora_down rank {down} does not match lora_up rank {up}", name=name, down=down[0], up=up[1]))
         if down and len(down) == 4 and down[2:] != [1, 1]:
             conv_modules += 1
         if known is not None and name not in known:
-            problems.append(f"{name}: not a module sd-scripts trains on {arch}")
+            problems.append(msg("{name}: not a module sd-scripts trains on {arch}", name=name, arch=arch))
     prefixes = Counter(name.split("_text_model")[0] if "_text_model" in name else "lora_unet" for name in modules)
     if kinds:
         network_kind = "/".join(sorted(kinds))

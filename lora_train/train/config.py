@@ -8,6 +8,7 @@ sd-scripts reads back the same way. Unknown keys are an error that names the clo
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import os
 import typing
@@ -154,7 +155,7 @@ class TrainConfig:
     def set(self, key: str, value: Any, source: str = "config") -> None:
         index = self.key_index()
         if key not in index:
-            raise UserError(f"{source}: unknown key '{key}'{close_match_hint(key, index)}")
+            raise UserError(msg("{source}: unknown key '{key}'{hint}", source=source, key=key, hint=close_match_hint(key, index)))
         section, f, hint = index[key]
         setattr(getattr(self, section), f.name, _coerce(value, hint, key, source))
 
@@ -166,8 +167,8 @@ class TrainConfig:
         if args is not None:
             flat.update(_parse_network_args(args, source))
         if unknown:
-            lines = [f"  {k}{close_match_hint(k, self.key_index())}" for k in unknown]
-            raise UserError(f"{source}: unknown key{'s' if len(unknown) > 1 else ''}:\n" + "\n".join(lines))
+            head = msg("{source}: unknown keys:", source=source) if len(unknown) > 1 else msg("{source}: unknown key:", source=source)
+            raise UserError("\n".join([head] + ["  " + _unknown_key_line(k, self.key_index()) for k in unknown]))
         for k, v in flat.items():
             self.set(k, v, source)
         return self
@@ -234,6 +235,12 @@ def parse_set_value(text: str) -> Any:
     return parse_toml_value(text)
 
 
+def _unknown_key_line(key: str, choices) -> str:
+    """`netwrok_dim (did you mean 'network_dim'?)`, one line of a list, so the hint is translated with it."""
+    match = difflib.get_close_matches(key, list(choices), n=1, cutoff=0.6)
+    return msg("{key} (did you mean '{match}'?)", key=key, match=match[0]) if match else key
+
+
 def _parse_network_args(args: Any, source: str) -> dict[str, Any]:
     if isinstance(args, str):
         args = args.split()
@@ -243,7 +250,8 @@ def _parse_network_args(args: Any, source: str) -> dict[str, Any]:
         key, sep, value = str(item).partition("=")
         key = key.strip()
         if not sep or key not in known:
-            raise UserError(f"{source}: network_args entry '{item}' is not supported yet (known: {', '.join(sorted(known))})")
+            raise UserError(msg("{source}: network_args entry '{item}' is not supported yet (known: {known})",
+                                source=source, item=item, known=", ".join(sorted(known))))
         out[key] = parse_set_value(value.strip())
     return out
 
@@ -275,5 +283,6 @@ def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
         if hint is list:
             return [str(v) for v in value] if isinstance(value, (list, tuple)) else str(value).split()
     except (TypeError, ValueError) as e:
-        raise UserError(f"{source}: '{key}' must be {hint.__name__}, got {value!r}") from e
+        raise UserError(msg("{source}: '{key}' must be {type}, got {value}", source=source, key=key, type=hint.__name__,
+                            value=repr(value))) from e
     return value

@@ -11,6 +11,7 @@ import ast
 import json
 import re
 
+from lora_train.errors import msg
 from lora_train.train.config import TrainConfig
 
 # ss_* key -> config key, where the names differ or the value needs no special parsing
@@ -66,7 +67,7 @@ def config_from_metadata(md: dict[str, str]) -> tuple[TrainConfig, list[str]]:
         try:
             values["network_args"] = [f"{k}={v}" for k, v in json.loads(args).items()]
         except ValueError:
-            notes.append(f"ss_network_args is not JSON: {args}")
+            notes.append(msg("ss_network_args is not JSON: {args}", args=args))
     opt = md.get("ss_optimizer")
     if opt:
         m = re.match(r"^([\w.]+?)(?:\((.*)\))?$", opt)
@@ -84,12 +85,14 @@ def config_from_metadata(md: dict[str, str]) -> tuple[TrainConfig, list[str]]:
     config.update({k: v for k, v in values.items() if k in known or k == "network_args"}, source="metadata")
     if md.get("ss_sd_model_name"):
         config.model.pretrained_model_name_or_path = md["ss_sd_model_name"]
-        notes.append(f"base model: only its file name is recorded ({md['ss_sd_model_name']}); set the full path")
+        notes.append(msg("base model: only its file name is recorded ({name}); set the full path", name=md["ss_sd_model_name"]))
     try:
         dirs = json.loads(md.get("ss_dataset_dirs", "null"))
     except ValueError:
         dirs = None
     if isinstance(dirs, dict) and dirs:
-        listing = ", ".join(f"{name} ({d.get('img_count')} images x {d.get('n_repeats')})" for name, d in dirs.items())
-        notes.append(f"dataset: the images were in folders {listing}; set train_data_dir to their parent")
+        # one folder a line: a list inside one line could not be translated item by item
+        notes.append("\n".join([msg("dataset: the images were in these folders; set train_data_dir to their parent:")] + [
+            "  " + msg("{folder}: {count} images, {repeats} repeats", folder=name, count=d.get("img_count"), repeats=d.get("n_repeats"))
+            for name, d in dirs.items()]))
     return config, notes

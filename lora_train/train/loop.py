@@ -127,27 +127,27 @@ class Trainer:
     def _check_config(self) -> None:
         c = self.config
         if c.training.mixed_precision not in ("no", "fp32", "fp16", "bf16"):
-            raise UserError(f"mixed_precision '{c.training.mixed_precision}' must be no, fp16 or bf16")
+            raise UserError(msg("mixed_precision '{value}' must be no, fp16 or bf16", value=c.training.mixed_precision))
         if c.training.mixed_precision == "fp16" and self.adapter.device.type != "cuda":
-            raise UserError("mixed_precision fp16 needs a CUDA GPU (its gradients need a GradScaler on the GPU); "
-                            "on this device use bf16 or no")
+            raise UserError(msg("mixed_precision fp16 needs a CUDA GPU (its gradients need a GradScaler on the GPU); "
+                                "on this device use bf16 or no"))
         if c.saving.save_precision not in SAVE_DTYPES:
-            raise UserError(f"save_precision '{c.saving.save_precision}' must be one of float, fp16, bf16")
+            raise UserError(msg("save_precision '{value}' must be one of float, fp16, bf16", value=c.saving.save_precision))
         if c.saving.save_model_as != "safetensors":
-            raise UserError(f"save_model_as '{c.saving.save_model_as}' is not supported: LoRA Train writes safetensors")
+            raise UserError(msg("save_model_as '{value}' is not supported: LoRA Train writes safetensors", value=c.saving.save_model_as))
         if c.network.network_module not in ("networks.lora", "lora"):
-            raise UserError(f"network_module '{c.network.network_module}' is not supported yet (use networks.lora)")
+            raise UserError(msg("network_module '{value}' is not supported yet (use networks.lora)", value=c.network.network_module))
         if c.training.gradient_accumulation_steps < 1:
-            raise UserError("gradient_accumulation_steps must be at least 1")
+            raise UserError(msg("gradient_accumulation_steps must be at least 1"))
         if not self.train_unet and not self.train_te:
-            raise UserError("nothing to train: the text encoder cannot be trained on this model and network_train_text_encoder_only is set")
+            raise UserError(msg("nothing to train: the text encoder cannot be trained on this model and network_train_text_encoder_only is set"))
         if c.training.cache_text_encoder_outputs:
             if self.train_te:
-                raise UserError("cache_text_encoder_outputs needs network_train_unet_only: a trained text encoder changes its outputs")
+                raise UserError(msg("cache_text_encoder_outputs needs network_train_unet_only: a trained text encoder changes its outputs"))
             dynamic = sorted({i.folder for i in self.plan.items if captions_change(i.subset)})
             if dynamic:
-                raise UserError("cache_text_encoder_outputs needs captions that do not change between steps; "
-                                f"shuffle, dropout or wildcards are set for: {', '.join(dynamic)}")
+                raise UserError(msg("cache_text_encoder_outputs needs captions that do not change between steps; "
+                                    "shuffle, dropout or wildcards are set for: {folders}", folders=", ".join(dynamic)))
         self.notes += loss_fn.validate_options(self.loss_options, self.noise_options, self.adapter.prediction_type,
                                                self.adapter.alphas_cumprod.shape[0])
 
@@ -157,7 +157,7 @@ class Trainer:
         te_lr = o.text_encoder_lr if o.text_encoder_lr is not None else o.learning_rate
         groups = self.network.param_groups(unet_lr, te_lr, self.train_unet, self.train_te)
         if not groups:
-            raise UserError("no parameters to train (check network_train_*_only and the learning rates)")
+            raise UserError(msg("no parameters to train (check network_train_*_only and the learning rates)"))
         optimizer = build_optimizer(o.optimizer_type, groups, o.learning_rate, o.optimizer_args, notes=self.notes)
         scheduler = build_scheduler(o.lr_scheduler, optimizer, self.plan.total_steps, warmup_steps=o.lr_warmup_steps,
                                     num_cycles=o.lr_scheduler_num_cycles, power=o.lr_scheduler_power,
@@ -202,7 +202,7 @@ class Trainer:
             self.network.load_kohya_state_dict(state["network"])
             self.optimizer.load_state_dict(state["optimizer"])
         except (KeyError, ValueError) as e:
-            raise UserError(f"resume: the state in '{folder}' does not fit this network or optimizer ({e})") from e
+            raise UserError(msg("resume: the state in '{folder}' does not fit this network or optimizer ({error})", folder=folder, error=e)) from e
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
@@ -342,11 +342,12 @@ class Trainer:
 
     def _diverged_message(self, step: int, value: float) -> str:
         o, t = self.config.optimizer, self.config.training
-        kept = f"the last good save is {self.last_save}" if self.last_save else "nothing was saved before it"
-        return (f"the loss became {value} at step {step}; training stopped and {kept}. Likely causes: a learning rate "
-                f"too high for this optimizer (learning_rate {o.learning_rate}, unet_lr {o.unet_lr}, text_encoder_lr "
-                f"{o.text_encoder_lr}), fp16 overflow (mixed_precision {t.mixed_precision}: try bf16 or no), a broken "
-                f"image, or a model whose VAE produces NaN latents.")
+        kept = msg("the last good save is {path}", path=self.last_save) if self.last_save else msg("nothing was saved before it")
+        return msg("the loss became {value} at step {step}; training stopped and {kept}. Likely causes: a learning rate "
+                   "too high for this optimizer (learning_rate {lr}, unet_lr {unet_lr}, text_encoder_lr "
+                   "{te_lr}), fp16 overflow (mixed_precision {precision}: try bf16 or no), a broken "
+                   "image, or a model whose VAE produces NaN latents.", value=value, step=step, kept=kept, lr=o.learning_rate,
+                   unet_lr=o.unet_lr, te_lr=o.text_encoder_lr, precision=t.mixed_precision)
 
     def _after_step(self, emit: ev.Listener, pending: list) -> None:
         s, sm = self.config.saving, self.config.sampling

@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from lora_train.errors import UserError, close_match_hint
+from lora_train.errors import UserError, close_match_hint, msg
 from lora_train.train.noise import NoiseOptions, snr
 
 LOSS_TYPES = ("l2", "l1", "huber", "smooth_l1")
@@ -163,40 +163,43 @@ def validate_options(
     """
     o = loss_opts
     if o.loss_type not in LOSS_TYPES:
-        raise UserError(f"loss_type '{o.loss_type}' is not one of {', '.join(LOSS_TYPES)}{close_match_hint(o.loss_type, LOSS_TYPES)}")
+        raise UserError(msg("loss_type '{value}' is not one of {known}{hint}", value=o.loss_type, known=", ".join(LOSS_TYPES),
+                            hint=close_match_hint(o.loss_type, LOSS_TYPES)))
     if o.huber_schedule not in HUBER_SCHEDULES:
         hint = close_match_hint(o.huber_schedule, HUBER_SCHEDULES)
-        raise UserError(f"huber_schedule '{o.huber_schedule}' is not one of {', '.join(HUBER_SCHEDULES)}{hint}")
+        raise UserError(msg("huber_schedule '{value}' is not one of {known}{hint}", value=o.huber_schedule,
+                            known=", ".join(HUBER_SCHEDULES), hint=hint))
     if o.loss_type in ("huber", "smooth_l1"):
         # sd-scripts does not check these; c <= 0 crashes its exponential schedule (log) or zeroes the loss.
         if not o.huber_c > 0:
-            raise UserError(f"huber_c must be greater than 0 (got {o.huber_c})")
+            raise UserError(msg("huber_c must be greater than 0 (got {value})", value=o.huber_c))
         if not o.huber_scale > 0:
-            raise UserError(f"huber_scale must be greater than 0 (got {o.huber_scale})")
+            raise UserError(msg("huber_scale must be greater than 0 (got {value})", value=o.huber_scale))
     if o.min_snr_gamma is not None and o.min_snr_gamma < 0:
-        raise UserError(f"min_snr_gamma must be positive, 5 is the paper's value (got {o.min_snr_gamma})")
+        raise UserError(msg("min_snr_gamma must be positive, 5 is the paper's value (got {value})", value=o.min_snr_gamma))
     if prediction_type is not None:
         if o.scale_v_pred_loss_like_noise_pred and prediction_type != "v":
-            raise UserError("scale_v_pred_loss_like_noise_pred only applies to v-prediction models (v_parameterization)")
+            raise UserError(msg("scale_v_pred_loss_like_noise_pred only applies to v-prediction models (v_parameterization)"))
         if o.v_pred_like_loss and prediction_type == "v":
-            raise UserError("v_pred_like_loss cannot be used with a v-prediction model (v_parameterization)")
+            raise UserError(msg("v_pred_like_loss cannot be used with a v-prediction model (v_parameterization)"))
 
     warnings: list[str] = []
     n = noise_opts
     if n is None:
         return warnings
     if n.adaptive_noise_scale is not None and n.noise_offset is None:
-        raise UserError("adaptive_noise_scale requires noise_offset (it is added to noise_offset)")
+        raise UserError(msg("adaptive_noise_scale requires noise_offset (it is added to noise_offset)"))
     if n.multires_noise_iterations is not None and n.multires_noise_iterations < 0:
-        raise UserError(f"multires_noise_iterations must be 0 or more (got {n.multires_noise_iterations})")
+        raise UserError(msg("multires_noise_iterations must be 0 or more (got {value})", value=n.multires_noise_iterations))
     if n.min_timestep is not None and not 0 <= n.min_timestep < num_timesteps:
-        raise UserError(f"min_timestep must be between 0 and {num_timesteps - 1} (got {n.min_timestep})")
+        raise UserError(msg("min_timestep must be between 0 and {high} (got {value})", high=num_timesteps - 1, value=n.min_timestep))
     if n.max_timestep is not None and not 1 <= n.max_timestep <= num_timesteps:
-        raise UserError(f"max_timestep must be between 1 and {num_timesteps} (got {n.max_timestep})")
+        raise UserError(msg("max_timestep must be between 1 and {high} (got {value})", high=num_timesteps, value=n.max_timestep))
     lo = 0 if n.min_timestep is None else n.min_timestep
     hi = num_timesteps if n.max_timestep is None else n.max_timestep
     if lo > hi:
-        raise UserError(f"min_timestep ({lo}) must not be greater than max_timestep ({hi}); equal values train one fixed timestep")
+        raise UserError(msg("min_timestep ({low}) must not be greater than max_timestep ({high}); equal values train one fixed timestep",
+                            low=lo, high=hi))
     if n.zero_terminal_snr and prediction_type == "epsilon":
-        warnings.append("zero_terminal_snr is meant for v-prediction models; with an epsilon model training will be unexpected")
+        warnings.append(msg("zero_terminal_snr is meant for v-prediction models; with an epsilon model training will be unexpected"))
     return warnings

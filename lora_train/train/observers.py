@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from lora_train.errors import msg
 from lora_train.train import events as ev
 
 
@@ -51,5 +52,5 @@ def tensorboard_or_note(logging_dir: str | None, prefix: str | None, notes: list
     try:
         return TensorBoard(Path(logging_dir), prefix)
     except ImportError:
-        notes.append("logging_dir is set but the tensorboard package is missing: pip install tensorboard")
+        notes.append(msg("logging_dir is set but the tensorboard package is missing: pip install tensorboard"))
         return None

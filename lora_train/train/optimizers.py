@@ -16,7 +16,7 @@ from typing import Any, Optional, Union
 
 import torch
 
-from lora_train.errors import UserError, close_match_hint
+from lora_train.errors import UserError, close_match_hint, msg
 
 OptimizerArgs = Union[list[str], str, dict[str, Any], None]
 
@@ -84,7 +84,7 @@ def parse_optimizer_args(args: OptimizerArgs, what: str = "optimizer_args") -> d
         key, sep, raw = str(item).partition("=")
         key, raw = key.strip(), raw.strip()
         if not sep or not key.isidentifier():
-            raise UserError(f"{what}: '{item}' is not key=value")
+            raise UserError(msg("{what}: '{item}' is not key=value", what=what, item=item))
         out[key] = _literal(raw, key, what)
     return out
 
@@ -96,7 +96,8 @@ def _literal(raw: str, key: str, what: str) -> Any:
     try:
         return ast.literal_eval(raw)
     except (ValueError, SyntaxError):
-        raise UserError(f"{what}: the value of '{key}' ({raw}) is not a number, True/False, a tuple or a quoted string")
+        raise UserError(msg("{what}: the value of '{key}' ({raw}) is not a number, True/False, a tuple or a quoted string",
+                            what=what, key=key, raw=raw))
 
 
 def build_optimizer(
@@ -144,17 +145,17 @@ def _adafactor_rules(kwargs: dict, groups: list[dict], lr: float, notes: list[st
     """sd-scripts' Adafactor: relative_step defaults on; then Adafactor sets its own LR and `lr` only labels it."""
     kwargs.setdefault("relative_step", True)
     if not kwargs["relative_step"] and kwargs.get("warmup_init", False):
-        notes.append("Adafactor: relative_step set to True because warmup_init is True")
+        notes.append(msg("Adafactor: relative_step set to True because warmup_init is True"))
         kwargs["relative_step"] = True
     if not kwargs["relative_step"]:
         if kwargs.get("clip_threshold", 1.0) != 1.0:
-            notes.append("Adafactor: clip_threshold=1.0 is recommended")
+            notes.append(msg("Adafactor: clip_threshold=1.0 is recommended"))
         return lr, None
     if lr:
-        notes.append(f"Adafactor with relative_step: the learning rate {lr} is only the initial value the scheduler reports")
+        notes.append(msg("Adafactor with relative_step: the learning rate {lr} is only the initial value the scheduler reports", lr=lr))
     popped = [g.pop("lr", None) for g in groups]  # transformers refuses an explicit lr with relative_step
     if any(p is not None for p in popped):
-        notes.append("Adafactor with relative_step: unet_lr and text_encoder_lr are ignored")
+        notes.append(msg("Adafactor with relative_step: unet_lr and text_encoder_lr are ignored"))
     return None, lr
 
 
@@ -162,19 +163,18 @@ def _adaptive_lr_notes(groups: list[dict], lr: float, notes: list[str]) -> None:
     """D-Adaptation and Prodigy find the step size themselves; lr is a multiplier that should be about 1."""
     first = groups[0].get("lr", lr) if groups else lr
     if first is not None and first <= 0.1:
-        notes.append(f"D-Adaptation/Prodigy: learning rate {first} is low; set it around 1.0")
+        notes.append(msg("D-Adaptation/Prodigy: learning rate {lr} is low; set it around 1.0", lr=first))
     if len({g.get("lr", first) for g in groups}) > 1:
-        notes.append(f"D-Adaptation/Prodigy: with several learning rates only the first one ({first}) takes effect")
+        notes.append(msg("D-Adaptation/Prodigy: with several learning rates only the first one ({lr}) takes effect", lr=first))
 
 
 def _bitsandbytes_class(name: str, key: str) -> type:
     if not torch.cuda.is_available():
         # bitsandbytes on a machine without CUDA fails at import or at the first step, so stop here
         instead = _BNB.get(key, ("", "AdamW"))[1]
-        raise UserError(
-            f"optimizer_type '{name}' is an 8-bit bitsandbytes optimizer and needs an NVIDIA GPU with CUDA, "
-            f"which this machine does not have; use optimizer_type = \"{instead}\" instead"
-        )
+        raise UserError(msg(
+            "optimizer_type '{name}' is an 8-bit bitsandbytes optimizer and needs an NVIDIA GPU with CUDA, "
+            "which this machine does not have; use optimizer_type = \"{instead}\" instead", name=name, instead=instead))
     if key in _BNB:
         return _import_class("bitsandbytes.optim", _BNB[key][0], "bitsandbytes", name)
     module, _, attr = name.rpartition(".")
@@ -185,10 +185,12 @@ def _import_class(module: str, attr: str, package: str, name: str) -> type:
     try:
         mod = importlib.import_module(module)
     except ImportError as e:
-        raise UserError(f"optimizer_type '{name}' needs the {package} package: pip install {package} ({e})")
+        raise UserError(msg("optimizer_type '{name}' needs the {package} package: pip install {package} ({error})",
+                            name=name, package=package, error=e))
     cls = getattr(mod, attr, None)
     if cls is None:
-        raise UserError(f"optimizer_type '{name}': {module} has no {attr} (the installed {package} may be too old)")
+        raise UserError(msg("optimizer_type '{name}': {module} has no {attr} (the installed {package} may be too old)",
+                            name=name, module=module, attr=attr, package=package))
     return cls
 
 
@@ -200,20 +202,22 @@ def _any_class(name: str) -> type:
         found = next((n for n in sorted(classes) if n.lower() == name.lower()), None)
         if found is None:
             hint = close_match_hint(name, KNOWN_NAMES + sorted(classes))
-            raise UserError(f"unknown optimizer_type '{name}'{hint}; known: {', '.join(KNOWN_NAMES)}, "
-                            "any torch.optim class, or a dotted path like pytorch_optimizer.CAME")
+            raise UserError(msg("unknown optimizer_type '{name}'{hint}; known: {known}, "
+                                "any torch.optim class, or a dotted path like pytorch_optimizer.CAME",
+                                name=name, hint=hint, known=", ".join(KNOWN_NAMES)))
         return getattr(torch.optim, found)
     module, _, attr = name.rpartition(".")
     try:
         mod = importlib.import_module(module)
     except ImportError as e:
         top = module.split(".")[0]
-        raise UserError(f"optimizer_type '{name}': cannot import {module} ({e}); install the package that provides "
-                        f"it (often: pip install {top})")
+        raise UserError(msg("optimizer_type '{name}': cannot import {module} ({error}); install the package that provides "
+                            "it (often: pip install {top})", name=name, module=module, error=e, top=top))
     cls = getattr(mod, attr, None)
     if not callable(cls):
         public = [n for n in dir(mod) if not n.startswith("_")]
-        raise UserError(f"optimizer_type '{name}': {module} has no class {attr}{close_match_hint(attr, public)}")
+        raise UserError(msg("optimizer_type '{name}': {module} has no class {attr}{hint}",
+                            name=name, module=module, attr=attr, hint=close_match_hint(attr, public)))
     return cls
 
 
@@ -225,10 +229,11 @@ def _construct(cls: type, name: str, groups: list[dict], lr: Optional[float], kw
         unknown = [k for k in kwargs if params is not None and k not in params]
         if unknown:
             hint = close_match_hint(unknown[0], params or [])
-            raise UserError(f"optimizer_args: {_class_path(cls)} has no argument '{unknown[0]}'{hint}") from e
-        raise UserError(f"optimizer_type '{name}' ({_class_path(cls)}): {e}") from e
+            raise UserError(msg("optimizer_args: {cls} has no argument '{arg}'{hint}",
+                                cls=_class_path(cls), arg=unknown[0], hint=hint)) from e
+        raise UserError(msg("optimizer_type '{name}' ({cls}): {error}", name=name, cls=_class_path(cls), error=e)) from e
     except ValueError as e:  # the classes check their own ranges (lr, betas, eps): all the user's input
-        raise UserError(f"optimizer_type '{name}' ({_class_path(cls)}): {e}") from e
+        raise UserError(msg("optimizer_type '{name}' ({cls}): {error}", name=name, cls=_class_path(cls), error=e)) from e
 
 
 def _accepted_args(cls: type) -> Optional[list[str]]:

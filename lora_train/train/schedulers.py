@@ -15,7 +15,7 @@ from typing import Any, Optional, Union
 import torch
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 
-from lora_train.errors import UserError, close_match_hint
+from lora_train.errors import UserError, close_match_hint, msg
 from lora_train.train.optimizers import OptimizerArgs, adafactor_initial_lr, is_schedule_free, parse_optimizer_args
 
 SCHEDULERS = [
@@ -36,19 +36,19 @@ def warmup_step_count(warmup: Optional[Steps], total_steps: int, what: str = "lr
         try:
             number = float(text.rstrip("%"))
         except ValueError:
-            raise UserError(f"{what} '{warmup}' is not a number of steps, a ratio below 1 or a percentage")
+            raise UserError(msg("{what} '{value}' is not a number of steps, a ratio below 1 or a percentage", what=what, value=warmup))
         if text.endswith("%"):
             if not 0 <= number <= 100:
-                raise UserError(f"{what} '{warmup}' must be between 0% and 100%")
+                raise UserError(msg("{what} '{value}' must be between 0% and 100%", what=what, value=warmup))
             return int(number / 100.0 * total_steps)
         warmup = number
     if isinstance(warmup, bool) or not isinstance(warmup, (int, float)) or warmup < 0:
-        raise UserError(f"{what} must be 0 or more steps, or a ratio below 1; got {warmup!r}")
+        raise UserError(msg("{what} must be 0 or more steps, or a ratio below 1; got {value}", what=what, value=repr(warmup)))
     if isinstance(warmup, float):
         if warmup < 1:
             return int(warmup * total_steps)  # truncates, as sd-scripts does
         if not warmup.is_integer():
-            raise UserError(f"{what} {warmup!r}: a step count must be a whole number (a ratio must be below 1)")
+            raise UserError(msg("{what} {value}: a step count must be a whole number (a ratio must be below 1)", what=what, value=repr(warmup)))
     return int(warmup)
 
 
@@ -73,22 +73,22 @@ def build_scheduler(
     notes = notes if notes is not None else []
     name = (name or "constant").strip().lower()
     if num_training_steps < 1:
-        raise UserError(f"the LR scheduler needs at least one training step, got {num_training_steps}")
+        raise UserError(msg("the LR scheduler needs at least one training step, got {steps}", steps=num_training_steps))
     kwargs = parse_optimizer_args(scheduler_args, "lr_scheduler_args")
     warmup = warmup_step_count(warmup_steps, num_training_steps)
 
     if is_schedule_free(optimizer):
         # sd-scripts gives these a do-nothing scheduler: their warmup is the optimizer's own warmup_steps arg
         if name != "constant" or warmup or scheduler_type:
-            notes.append(f"schedule-free optimizer: lr_scheduler '{scheduler_type or name}' and lr_warmup_steps are "
-                         "ignored (use optimizer_args warmup_steps=N)")
+            notes.append(msg("schedule-free optimizer: lr_scheduler '{name}' and lr_warmup_steps are "
+                             "ignored (use optimizer_args warmup_steps=N)", name=scheduler_type or name))
         return LambdaLR(optimizer, lambda _: 1.0)
 
     initial_lr = adafactor_initial_lr(optimizer)
     if initial_lr is not None:
         return _adafactor(optimizer, name, initial_lr, warmup, scheduler_type, notes)
     if name.split(":")[0] == "adafactor":
-        raise UserError("lr_scheduler 'adafactor' works only with optimizer_type Adafactor and relative_step=True")
+        raise UserError(msg("lr_scheduler 'adafactor' works only with optimizer_type Adafactor and relative_step=True"))
 
     if scheduler_type:
         _no_warmup(scheduler_type, warmup)
@@ -117,12 +117,12 @@ def build_scheduler(
         try:
             return _cosine_with_min_lr(optimizer, **span, num_cycles=num_cycles / 2, min_lr_rate=min_lr_ratio, **kwargs)
         except TypeError as e:
-            raise UserError(f"lr_scheduler '{name}': {e}") from e
+            raise UserError(msg("lr_scheduler '{name}': {error}", name=name, error=e)) from e
 
     if name in _NOT_YET:
-        raise UserError(f"lr_scheduler '{name}' is not supported yet; supported: {', '.join(SCHEDULERS)}")
-    raise UserError(f"unknown lr_scheduler '{name}'{close_match_hint(name, SCHEDULERS)}; "
-                    f"known: {', '.join(SCHEDULERS)}")
+        raise UserError(msg("lr_scheduler '{name}' is not supported yet; supported: {known}", name=name, known=", ".join(SCHEDULERS)))
+    raise UserError(msg("unknown lr_scheduler '{name}'{hint}; known: {known}",
+                        name=name, hint=close_match_hint(name, SCHEDULERS), known=", ".join(SCHEDULERS)))
 
 
 def scheduler_label(name: str, optimizer: torch.optim.Optimizer) -> str:
@@ -133,8 +133,10 @@ def scheduler_label(name: str, optimizer: torch.optim.Optimizer) -> str:
 
 def _no_warmup(name: str, warmup: int) -> None:
     if warmup:
-        raise UserError(f"lr_scheduler '{name}' takes no lr_warmup_steps (got {warmup}); set it to 0"
-                        + (" or use constant_with_warmup" if name == "constant" else ""))
+        if name == "constant":
+            raise UserError(msg("lr_scheduler '{name}' takes no lr_warmup_steps (got {warmup}); set it to 0 or use constant_with_warmup",
+                                name=name, warmup=warmup))
+        raise UserError(msg("lr_scheduler '{name}' takes no lr_warmup_steps (got {warmup}); set it to 0", name=name, warmup=warmup))
 
 
 def _adafactor(optimizer, name: str, initial_lr: float, warmup: int, scheduler_type: str, notes: list[str]) -> LRScheduler:
@@ -142,11 +144,11 @@ def _adafactor(optimizer, name: str, initial_lr: float, warmup: int, scheduler_t
     from transformers.optimization import AdafactorSchedule
 
     if scheduler_type:
-        raise UserError(f"lr_scheduler_type '{scheduler_type}' cannot drive Adafactor with relative_step=True "
-                        "(it sets its own LR); set relative_step=False in optimizer_args")
+        raise UserError(msg("lr_scheduler_type '{name}' cannot drive Adafactor with relative_step=True "
+                            "(it sets its own LR); set relative_step=False in optimizer_args", name=scheduler_type))
     _no_warmup("adafactor", warmup)
     if name.split(":")[0] != "adafactor":
-        notes.append(f"Adafactor with relative_step sets its own LR: lr_scheduler '{name}' is replaced by adafactor")
+        notes.append(msg("Adafactor with relative_step sets its own LR: lr_scheduler '{name}' is replaced by adafactor", name=name))
     return AdafactorSchedule(optimizer, initial_lr)
 
 
@@ -156,7 +158,7 @@ def _call(name: str, function: str, optimizer, **kwargs: Any) -> LRScheduler:
     try:
         return getattr(tfo, function)(optimizer, **kwargs)
     except (TypeError, ValueError) as e:  # lr_scheduler_args the function does not take, or out of range
-        raise UserError(f"lr_scheduler '{name}': {e}") from e
+        raise UserError(msg("lr_scheduler '{name}': {error}", name=name, error=e)) from e
 
 
 def _any_scheduler(path: str, optimizer, kwargs: dict) -> LRScheduler:
@@ -165,15 +167,15 @@ def _any_scheduler(path: str, optimizer, kwargs: dict) -> LRScheduler:
     try:
         module = importlib.import_module(module_name) if module_name else torch.optim.lr_scheduler
     except ImportError as e:
-        raise UserError(f"lr_scheduler_type '{path}': cannot import {module_name} ({e})")
+        raise UserError(msg("lr_scheduler_type '{name}': cannot import {module} ({error})", name=path, module=module_name, error=e))
     cls = getattr(module, attr, None)
     if not callable(cls):
         public = [n for n in dir(module) if not n.startswith("_")]
-        raise UserError(f"lr_scheduler_type '{path}': no such class{close_match_hint(attr, public)}")
+        raise UserError(msg("lr_scheduler_type '{name}': no such class{hint}", name=path, hint=close_match_hint(attr, public)))
     try:
         return cls(optimizer, **kwargs)
     except (TypeError, ValueError) as e:
-        raise UserError(f"lr_scheduler_type '{path}' with lr_scheduler_args {kwargs}: {e}") from e
+        raise UserError(msg("lr_scheduler_type '{name}' with lr_scheduler_args {args}: {error}", name=path, args=kwargs, error=e)) from e
 
 
 def _cosine_with_min_lr_factor(step: int, *, num_warmup_steps: int, num_training_steps: int, num_cycles: float,
@@ -188,11 +190,11 @@ def _cosine_with_min_lr_factor(step: int, *, num_warmup_steps: int, num_training
 def _cosine_with_min_lr(optimizer, num_warmup_steps: int, num_training_steps: int, num_cycles: float,
                         min_lr_rate: Optional[float], min_lr: Optional[float] = None) -> LRScheduler:
     if min_lr is not None and min_lr_rate is not None:
-        raise UserError("cosine_with_min_lr: set lr_scheduler_min_lr_ratio or lr_scheduler_args min_lr, not both")
+        raise UserError(msg("cosine_with_min_lr: set lr_scheduler_min_lr_ratio or lr_scheduler_args min_lr, not both"))
     if min_lr is not None:
         min_lr_rate = min_lr / optimizer.defaults["lr"]  # as transformers: relative to the optimizer's base lr
     if min_lr_rate is None:
-        raise UserError("lr_scheduler 'cosine_with_min_lr' needs lr_scheduler_min_lr_ratio (for example 0.1)")
+        raise UserError(msg("lr_scheduler 'cosine_with_min_lr' needs lr_scheduler_min_lr_ratio (for example 0.1)"))
     factor = partial(_cosine_with_min_lr_factor, num_warmup_steps=num_warmup_steps,
                      num_training_steps=num_training_steps, num_cycles=num_cycles, min_lr_rate=min_lr_rate)
     return LambdaLR(optimizer, factor)

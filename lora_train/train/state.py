@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from lora_train.errors import UserError
+from lora_train.errors import UserError, msg
 
 STATE_FILE = "state.safetensors"
 TREE_FILE = "state-tree.json"
@@ -91,13 +91,14 @@ def load_state(folder: str | os.PathLike) -> dict:
         try:
             return torch.load(str(path / LEGACY_FILE), map_location="cpu", weights_only=True)
         except Exception as e:
-            raise UserError(f"resume: '{path / LEGACY_FILE}' cannot be read ({e})") from e
+            raise UserError(msg("resume: '{path}' cannot be read ({error})", path=path / LEGACY_FILE, error=e)) from e
     if not (path / STATE_FILE).is_file() or not (path / TREE_FILE).is_file():
-        raise UserError(f"resume: '{folder}' is not a state folder written with save_state (no {STATE_FILE} and {TREE_FILE})")
+        raise UserError(msg("resume: '{folder}' is not a state folder written with save_state (no {state} and {tree})",
+                            folder=folder, state=STATE_FILE, tree=TREE_FILE))
     try:
         from safetensors.torch import load_file
 
         tree = json.loads((path / TREE_FILE).read_text(encoding="utf-8"))
         return unpack(tree, load_file(str(path / STATE_FILE)))
     except Exception as e:
-        raise UserError(f"resume: '{path}' cannot be read ({type(e).__name__}: {e})") from e
+        raise UserError(msg("resume: '{path}' cannot be read ({error})", path=path, error=f"{type(e).__name__}: {e}")) from e

@@ -8,7 +8,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from lora_train.errors import UserError
+from lora_train.errors import UserError, msg
 from lora_train.train.config import TrainConfig, parse_set_value
 
 # Shown in Basic mode, in this order. Everything else is Expert.
@@ -140,7 +140,7 @@ def config_from_values(flds: list[Field], values: list[Any]) -> TrainConfig:
             continue
         if f.kind == "number":
             if value is None or value == "":
-                raise UserError(f"{f.key}: a number is needed")
+                raise UserError(msg("{field}: a number is needed", field=f.key))
             config.set(f.key, value, source="form")
             continue
         text = "" if value is None else str(value).strip()

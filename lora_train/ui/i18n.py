@@ -11,6 +11,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Optional
 
+FULL_WIDTH_OPENERS = "（，。：；、"
 LOCALIZATIONS = Path(__file__).resolve().parents[2] / "localizations"
 
 
@@ -58,7 +59,12 @@ class Translator:
     def _line(self, line: str, depth: int) -> str:
         body = line.strip()
         if body != line:  # a value such as " (did you mean 'x'?)" keeps the spaces around it
-            return line[:len(line) - len(line.lstrip())] + self._line(body, depth) + line[len(line.rstrip()):] if body else line
+            if not body:
+                return line
+            shown = self._line(body, depth)
+            # ...unless its translation opens with full-width punctuation, which carries its own space
+            lead = "" if shown != body and shown[:1] in FULL_WIDTH_OPENERS else line[:len(line) - len(line.lstrip())]
+            return lead + shown + line[len(line.rstrip()):]
         if line in self.table:
             return self.table[line]
         if depth < 3:

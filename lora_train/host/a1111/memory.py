@@ -25,15 +25,15 @@ def medvram_config(config) -> list[str]:
         notes.append(msg("--medvram: training the UNet only (the text encoder would be swapped onto the GPU at every step)"))
     if not (d.cache_latents or d.cache_latents_to_disk):
         if d.random_crop or d.color_aug:
-            notes.append("--medvram: random_crop / color_aug change the pixels every step, so latents cannot be cached: "
-                         "the VAE is swapped in at every step, which is slow")
+            notes.append(msg("--medvram: random_crop / color_aug change the pixels every step, so latents cannot be cached: "
+                             "the VAE is swapped in at every step, which is slow"))
         else:
             d.cache_latents = True
             notes.append(msg("--medvram: latents are cached before the first step"))
     if not t.cache_text_encoder_outputs:
         if captions_change(d) or d.dataset_config:
-            notes.append("--medvram: captions change between steps (shuffle, dropout, wildcards) or come from a dataset "
-                         "config, so text-encoder outputs are not cached: the text encoder is swapped in at every step, which is slow")
+            notes.append(msg("--medvram: captions change between steps (shuffle, dropout, wildcards) or come from a dataset "
+                             "config, so text-encoder outputs are not cached: the text encoder is swapped in at every step, which is slow"))
         else:
             t.cache_text_encoder_outputs = True
             notes.append(msg("--medvram: text-encoder outputs are cached before the first step"))
@@ -63,8 +63,8 @@ def restore_lora_merges(model) -> int:
     except ImportError:
         networks = None
     if layers and networks is None:
-        raise UserError("The model carries LoRA weights merged by the built-in Lora extension, which is not loaded "
-                        "now, so they cannot be removed. Reload the checkpoint, then start again.")
+        raise UserError(msg("The model carries LoRA weights merged by the built-in Lora extension, which is not loaded "
+                            "now, so they cannot be removed. Reload the checkpoint, then start again."))
     import torch
 
     with torch.no_grad():  # the WebUI calls it under no_grad; its weights still require grad

@@ -127,7 +127,7 @@ def install_xyz_axes() -> bool:
 def render_grid(host, files, weights, prompt, seed, out):
     """Epochs x weights through the WebUI's txt2img with `<lora:NAME:W>` (outside a run only)."""
     if host.owner_thread is not None:
-        raise UserError("A training run is using the model right now: make the grid when it has finished (or stop it).")
+        raise UserError(msg("A training run is using the model right now: make the grid when it has finished (or stop it)."))
     from modules import call_queue, images, processing, shared
 
     files, weights, out = [Path(f) for f in files], [float(w) for w in weights], Path(out)
@@ -137,13 +137,13 @@ def render_grid(host, files, weights, prompt, seed, out):
         shared.state.begin(job=f"{TASK_PREFIX}grid")
         try:
             if loaded_model() is None:
-                raise UserError("No checkpoint is loaded.")
+                raise UserError(msg("No checkpoint is loaded."))
             try:
                 import networks
 
                 networks.list_available_networks()
             except ImportError:
-                raise UserError("The WebUI's built-in Lora extension is disabled: <lora:...> prompts do nothing.") from None
+                raise UserError(msg("The WebUI's built-in Lora extension is disabled: <lora:...> prompts do nothing.")) from None
             size = host.model_resolution()
             shared.state.job_count = len(files) * len(weights)
             cells = []
@@ -159,7 +159,7 @@ def render_grid(host, files, weights, prompt, seed, out):
                     with contextlib.closing(p):
                         processed = processing.process_images(p)
                     if not processed.images:
-                        raise UserError("The WebUI returned no image (interrupted?)")
+                        raise UserError(msg("The WebUI returned no image (interrupted?)"))
                     cells.append(processed.images[0])
             w_px, h_px = cells[0].size
             grid = images.image_grid(cells, rows=len(files))
