@@ -57,6 +57,8 @@ class LoRA(NetworkModule):
         self.lora_up.weight.zero_()
 
     def forward_delta(self, x: torch.Tensor) -> torch.Tensor | None:
+        if self.dora_scale is not None:  # the decomposition needs the whole weight
+            return super().forward_delta(x)
         if self._skipped():
             return None
         lx = self.lora_down(x.to(self.lora_down.weight.dtype))
@@ -76,12 +78,12 @@ class LoRA(NetworkModule):
             scale = scale / (1.0 - self.rank_dropout)
         return self.lora_up(lx if scale == 1.0 else lx * scale)
 
-    def delta(self) -> torch.Tensor:
+    def weight_delta(self) -> torch.Tensor:
         # up is (out, rank[, 1, 1]), down (rank, in[, kh, kw]): their product over the rank is the
         # weight change, with the down kernel's spatial shape (1x1 for LoRA, kxk for LoCon)
         up = self.lora_up.weight.flatten(1)
         down = self.lora_down.weight.flatten(1)
-        return (up @ down).reshape(self.target_shape) * (self.multiplier * self.scale)
+        return (up @ down).reshape(self.target_shape) * self.scale
 
 
 LoRAModule = LoRA  # the name the rest of LoRA Train (and its tests) have used since the start

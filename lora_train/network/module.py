@@ -10,13 +10,16 @@ An algorithm (one file each: `lora.py`, `locon.py`, ...) subclasses `NetworkModu
   (`lora_down.weight`, ...), which is how `network/algorithms.py` tells which algorithm a file's
   module belongs to, and `from_weights` to build a module shaped for a file's weights;
 - `accepts(target)`: which target modules it trains;
-- `forward_delta(x)`: what it adds to the target's output for input `x` (the training and sampling
-  path; it must stay as cheap as the algorithm allows, never a materialised weight when a
-  low-rank path exists);
-- `delta()`: the change it makes to the target's WEIGHT, shaped like that weight (for a fused
-  attention part, like that part's [embed_dim, embed_dim] slice), scale and multiplier included,
-  so that target(x) with the module == the target with `weight + delta()` for every input. Fused
-  attention, block weights, merging and resizing build on it for every algorithm.
+- `weight_delta()`: the change it makes to the target's WEIGHT at multiplier 1, shaped like that
+  weight (for a fused attention part, like that part's [embed_dim, embed_dim] slice), its scale
+  (alpha / rank) included;
+- `forward_delta(x)` (optional): what it adds to the target's output for input `x`, when the
+  algorithm has a cheaper path than the weight (LoRA's low-rank product); by default the module
+  applies `delta()` to `x` as the target would apply its weight.
+
+`delta()` is then the change to the weight with the multiplier and DoRA (`dora.py`, LyCORIS'
+`dora_wd`) included, so that target(x) with the module == the target with `weight + delta()` for
+every input. Fused attention, block weights, merging and resizing build on it for every algorithm.
 """
 
 from __future__ import annotations
@@ -24,9 +27,10 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from lora_train.network import fused
+from lora_train.network import dora, fused
 
 
 def target_weight_shape(org: nn.Module) -> torch.Size:
@@ -41,6 +45,7 @@ class NetworkModule(nn.Module):
     algorithm: ClassVar[str] = "?"  # the name users know it by, used in messages
     suffixes: ClassVar[tuple[str, ...]] = ()  # state-dict keys under the module name; `alpha` included
     optional: ClassVar[tuple[str, ...]] = ("alpha",)  # of those, the ones a file may leave out
+    algo: ClassVar[str | None] = None  # LyCORIS' `algo=` name; None for sd-scripts' own networks.lora
 
     def __init__(self, name: str, org: nn.Module, dim: int, alpha: float | None, part: str | None = None):
         super().__init__()
@@ -49,6 +54,7 @@ class NetworkModule(nn.Module):
         if not self.accepts(org, part):
             raise TypeError(f"{name}: {self.algorithm} does not train a {type(org).__name__}{self._kernel_text(org)}")
         self.lora_name = name
+        self._org = (org,)  # a tuple: the target is not a submodule (its weights are not ours to save)
         self.lora_dim = int(dim)
         self.part = part  # "q" | "k" | "v" | "out" when `org` is a fused MultiheadAttention
         self.target_shape = target_weight_shape(org)
@@ -63,6 +69,8 @@ class NetworkModule(nn.Module):
         self.rank_dropout: float | None = None
         self.module_dropout: float | None = None
         self.dropout_generator: torch.Generator | None = None
+        self.dora_scale: nn.Parameter | None = None
+        self.wd_on_out = True
         self._handle = None
 
     # -- what an algorithm defines -------------------------------------------------------------
@@ -82,16 +90,46 @@ class NetworkModule(nn.Module):
         are copied in afterwards."""
         raise NotImplementedError
 
+    def weight_delta(self) -> torch.Tensor:
+        """The change to the target's weight (shaped like it) at multiplier 1, scale included, before DoRA."""
+        raise NotImplementedError
+
     def forward_delta(self, x: torch.Tensor) -> torch.Tensor | None:
         """What the module adds to its target's output for input `x`, or None when module dropout
         skips it this time."""
-        raise NotImplementedError
+        if self._skipped():
+            return None
+        return self.apply_weight(x, self.delta())
 
     def delta(self) -> torch.Tensor:
-        """The change to the target's weight (shaped like it), scale and multiplier included."""
-        raise NotImplementedError
+        """The change to the target's weight (shaped like it), scale, multiplier and DoRA included."""
+        if self.dora_scale is not None:
+            return dora.decomposed_delta(self.org_weight(), self.weight_delta(), self.dora_scale, self.multiplier, self.wd_on_out)
+        return self.weight_delta() * self.multiplier
 
     # -- shared --------------------------------------------------------------------------------
+    @property
+    def org(self) -> nn.Module:
+        return self._org[0]
+
+    def org_weight(self) -> torch.Tensor:
+        """The target's weight this module changes (a fused attention part's slice)."""
+        return fused.part_weight(self.org, self.part) if self.part is not None else self.org.weight
+
+    def apply_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """`x` through `weight` as the target applies its own (stride, padding ...), without bias."""
+        weight = weight.to(x.dtype)
+        org = self.org
+        if isinstance(org, nn.Conv2d):
+            return F.conv2d(x, weight, None, org.stride, org.padding, org.dilation, org.groups)
+        return F.linear(x, weight)
+
+    def enable_dora(self, wd_on_out: bool = True) -> None:
+        """LyCORIS' DoRA (`dora_wd=True`): a trained magnitude `dora_scale`, starting at the norm of
+        the target's weight per output row (`wd_on_out`) or per input column."""
+        self.wd_on_out = wd_on_out
+        self.dora_scale = nn.Parameter(dora.norm(self.org_weight().detach().float(), wd_on_out))
+
     @property
     def scale(self) -> float:
         return self.alpha_value / self.lora_dim

@@ -26,6 +26,7 @@ class Target:
     module: nn.Module
     path: str  # path in the model it was found in
     part: str | None = None  # q/k/v/out of a fused nn.MultiheadAttention (OpenCLIP)
+    block: str = ""  # the class of the block it was found in (`SpatialTransformer`, `ResBlock`, `CLIPAttention` ...)
 
     @property
     def is_conv3x3(self) -> bool:
@@ -43,7 +44,7 @@ def _collect(root: nn.Module, block_classes: tuple[str, ...], name_of: Callable[
             if not isinstance(child, (nn.Linear, nn.Conv2d)):
                 continue
             name = name_of(block_path, cls, child_path)
-            found.setdefault(name, Target(name, child, f"{block_path}.{child_path}"))
+            found.setdefault(name, Target(name, child, f"{block_path}.{child_path}", block=cls))
     return list(found.values())
 
 
@@ -87,8 +88,39 @@ def openclip_targets(transformer: nn.Module, prefix: str, layers: int | None = N
     for i, block in enumerate(blocks[:layers] if layers is not None else blocks):
         base = f"text_model.encoder.layers.{i}"
         for part, hf in _ATTN_PARTS.items():
-            targets.append(Target(kohya_name(prefix, f"{base}.self_attn.{hf}"), block.attn, f"resblocks.{i}.attn", part))
+            targets.append(Target(kohya_name(prefix, f"{base}.self_attn.{hf}"), block.attn, f"resblocks.{i}.attn", part, "CLIPAttention"))
         for path, hf in _OPENCLIP_MLP.items():
             module = block.get_submodule(path)
-            targets.append(Target(kohya_name(prefix, f"{base}.{hf}"), module, f"resblocks.{i}.{path}"))
+            targets.append(Target(kohya_name(prefix, f"{base}.{hf}"), module, f"resblocks.{i}.{path}", block="CLIPMLP"))
     return targets
+
+
+# LyCORIS' presets (`preset=` in network_args), in the host's block classes: which blocks a preset
+# trains, and whether its convs larger than 1x1 are in (LyCORIS' `enable_conv`).
+_TRANSFORMER, _CONV_BLOCKS, _TEXT = set(UNET_BLOCKS), set(UNET_CONV_BLOCKS), set(TEXT_BLOCKS) | {"CLIPMLP"}
+PRESETS: dict[str, tuple[set[str], bool]] = {
+    "full": (_TRANSFORMER | _CONV_BLOCKS | _TEXT, True),
+    "full-lin": (_TRANSFORMER | _CONV_BLOCKS | _TEXT, False),
+    "attn-mlp": (_TRANSFORMER | _TEXT, False),
+    "attn-only": (_TRANSFORMER | {"CLIPAttention", "CLIPSdpaAttention"}, False),  # and of the transformers, attention only
+    "unet-transformer-only": (_TRANSFORMER, False),
+    "unet-convblock-only": (_CONV_BLOCKS, True),
+    "ia3": (_TRANSFORMER | _TEXT, False),  # and of those, only the names below
+}
+# LyCORIS' ia3 preset: keys and values of attention, and the MLP's output (trained on its input)
+IA3_NAMES = ("_to_k", "_to_v", "_ff_net_2", "_k_proj", "_v_proj", "_mlp_fc2")
+IA3_ON_INPUT = ("_ff_net_2", "_mlp_fc2")
+
+
+def preset_targets(targets: list[Target], preset: str) -> list[Target]:
+    """The targets LyCORIS' `preset` trains, of `targets` (found with convs). An unknown name is a
+    KeyError naming the presets there are."""
+    if preset not in PRESETS:
+        raise KeyError(preset)
+    blocks, conv = PRESETS[preset]
+    out = [t for t in targets if t.block in blocks and (conv or not t.is_conv3x3)]
+    if preset == "attn-only":
+        out = [t for t in out if "_attn1_" in t.name or "_attn2_" in t.name or "_self_attn_" in t.name]
+    elif preset == "ia3":
+        out = [t for t in out if t.name.endswith(IA3_NAMES)]
+    return out
