@@ -164,7 +164,7 @@ def cmd_info(args) -> int:
     if report["hash_ok"] is False:
         print(tr(msg("warning: sshs_model_hash does not match the tensor data")))
     if report["valid"]:
-        print(tr(msg("valid: every key is a kohya LoRA name with its lora_down / lora_up / alpha")))
+        print(tr(msg("valid: every key is a kohya LoRA name, and every module has all the keys of its algorithm")))
         return 0
     print(tr(msg("INVALID: {count} problems", count=len(report["problems"]))))
     for p in report["problems"][:50]:

@@ -48,16 +48,21 @@ def _input(org: nn.Module) -> torch.Tensor:
     return torch.randn(3, 7, org.in_features, generator=g)
 
 
-def _merged_output(org: nn.Module, part: str | None, delta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """The target's output with `delta` added to its weight (to the part's slice, for attention)."""
+def _merged_output(org: nn.Module, part: str | None, delta: torch.Tensor, x: torch.Tensor, bias_delta=None) -> torch.Tensor:
+    """The target's output with `delta` added to its weight (to the part's slice, for attention), and
+    `bias_delta` to its bias (LyCORIS full's diff_b)."""
     if isinstance(org, nn.MultiheadAttention):
         merged = copy.deepcopy(org)
         with torch.no_grad():
             fused.part_weight(merged, part).add_(delta)
+            if bias_delta is not None:
+                bias = merged.out_proj.bias if part == "out" else merged.in_proj_bias.chunk(3)["qkv".index(part)]
+                bias.add_(bias_delta)
         return merged(x, x, x, need_weights=False)[0]
+    bias = org.bias if bias_delta is None else org.bias + bias_delta
     if isinstance(org, nn.Conv2d):
-        return F.conv2d(x, org.weight + delta, org.bias, org.stride, org.padding, org.dilation, org.groups)
-    return F.linear(x, org.weight + delta, org.bias)
+        return F.conv2d(x, org.weight + delta, bias, org.stride, org.padding, org.dilation, org.groups)
+    return F.linear(x, org.weight + delta, bias)
 
 
 def _output(org: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -78,10 +83,11 @@ def _check_delta(module, org, part):
         finally:
             module.detach()
         assert not torch.allclose(with_module, before, atol=1e-4), "the module changes nothing: the check would be empty"
-        merged = _merged_output(org, part, delta, x)
+        bias_delta = module.bias_delta() if hasattr(module, "bias_delta") else None
+        merged = _merged_output(org, part, delta, x, bias_delta)
     assert torch.allclose(with_module, merged, atol=1e-5), (with_module - merged).abs().max()
     if part is None:  # the difference of the outputs is the delta applied on its own
-        own = F.conv2d(x, delta, None, org.stride, org.padding) if isinstance(org, nn.Conv2d) else F.linear(x, delta)
+        own = F.conv2d(x, delta, bias_delta, org.stride, org.padding) if isinstance(org, nn.Conv2d) else F.linear(x, delta, bias_delta)
         assert torch.allclose(with_module - before, own, atol=1e-5)
 
 
@@ -104,7 +110,8 @@ def test_every_registered_algorithm_delta_matches_its_forward(kind):
     trained_by = [cls for cls in ALGORITHMS if cls.accepts(org, part)]
     assert trained_by, f"no algorithm trains a {kind}"
     for cls in trained_by:
-        module = cls(f"lora_unet_{kind}", org, DIM, ALPHA, torch.Generator().manual_seed(0), part=part)
+        dim = -1 if cls.algo == "boft" else DIM  # BOFT needs a power-of-two block count: -1 lets it choose
+        module = cls(f"lora_unet_{kind}", org, dim, ALPHA, torch.Generator().manual_seed(0), part=part)
         _randomise(module)
         _check_delta(module, org, part)
 
@@ -153,25 +160,29 @@ def _lora_state(targets):
     return net.kohya_state_dict()
 
 
-FOREIGN = [
-    # (keys replacing / added to the K module, the algorithm the message names)
+UNSUPPORTED = [
+    # (keys replacing / added to the K module, what the message names)
+    ({"oft_diag": (2, 4, 4)}, "OFT"),
+    ({"lora_mid.weight": (2, 2, 3, 3)}, "Tucker/CP"),
+    ({"w_norm": (8,), "b_norm": (8,)}, "norm"),
+    ({"scale": ()}, "scale"),
+    ({"bm.weight": (2, 2)}, "GLoRA"),
+]
+OTHER_ALGORITHMS = [
+    # (a module of another algorithm, shaped for the Linear(8, 8) target, and that algorithm)
     ({"dora_scale": (1, 8)}, "DoRA"),
     ({"hada_w1_a": (8, 2), "hada_w1_b": (2, 8), "hada_w2_a": (8, 2), "hada_w2_b": (2, 8)}, "LoHa"),
     ({"lokr_w1": (2, 2), "lokr_w2_a": (4, 2), "lokr_w2_b": (2, 4)}, "LoKr"),
-    ({"oft_blocks": (2, 4, 4)}, "OFT"),
-    ({"oft_diag": (2, 4, 4)}, "OFT"),
-    ({"lora_mid.weight": (2, 2, 3, 3)}, "Tucker/CP"),
-    ({"diff": (8, 8), "diff_b": (8,)}, "full"),
+    ({"oft_blocks": (2, 4, 4)}, "Diag-OFT"),
+    ({"diff": (8, 8), "diff_b": (8,)}, "Full"),
     ({"weight": (8,), "on_input": ()}, "IA3"),
     ({"a1.weight": (2, 8), "a2.weight": (8, 2), "b1.weight": (2, 8), "b2.weight": (8, 2)}, "GLoRA"),
-    ({"w_norm": (8,), "b_norm": (8,)}, "norm"),
-    ({"scale": ()}, "scale"),
 ]
 
 
-@pytest.mark.parametrize("extra,algorithm", FOREIGN, ids=[f"{f[1]}-{next(iter(f[0]))}" for f in FOREIGN])
+@pytest.mark.parametrize("extra,algorithm", UNSUPPORTED, ids=[f"{f[1]}-{next(iter(f[0]))}" for f in UNSUPPORTED])
 @pytest.mark.parametrize("alongside_lora", [True, False], ids=["with-lora-keys", "alone"])
-def test_loading_keys_of_another_algorithm_names_key_and_algorithm(extra, algorithm, alongside_lora):
+def test_loading_keys_of_an_algorithm_it_cannot_load_names_key_and_algorithm(extra, algorithm, alongside_lora):
     targets = _lora_file_targets()
     state = _lora_state(targets)
     if not alongside_lora:
@@ -186,23 +197,49 @@ def test_loading_keys_of_another_algorithm_names_key_and_algorithm(extra, algori
     assert named.startswith(f"{K}.") and named.removeprefix(f"{K}.") in extra, message
 
 
-def test_a_dora_file_is_refused_after_a_round_trip_through_disk(tmp_path):
+@pytest.mark.parametrize("extra,algorithm", OTHER_ALGORITHMS, ids=[f[1] for f in OTHER_ALGORITHMS])
+def test_a_module_of_each_algorithm_loads_as_that_algorithm_and_two_in_one_module_are_refused(extra, algorithm):
     targets = _lora_file_targets()
-    state = _lora_state(targets) | {f"{Q}.dora_scale": torch.ones(1, 8), f"{K}.dora_scale": torch.ones(1, 8)}
-    tensors, _ = load_lora(save_lora(tmp_path / "zkz.safetensors", state, {}))
-    with pytest.raises(KeyError, match=r"key 'lora_unet_\w+_attn1_to_[qk]\.dora_scale' belongs to DoRA, "
-                                       r"which LoRA Train cannot load yet .*\(1 more key like it\)"):
-        LoRANetwork.from_state_dict(tensors, targets)
+    state = {k: v for k, v in _lora_state(targets).items() if not k.startswith(K)}
+    g = torch.Generator().manual_seed(3)
+    module_keys = {f"{K}.{suffix}": torch.randn(shape, generator=g) for suffix, shape in extra.items()}
+    if algorithm == "DoRA":
+        module_keys = {k.replace(K, Q): v.abs() + 0.5 for k, v in module_keys.items()}
+        net = LoRANetwork.from_state_dict(_lora_state(targets) | module_keys, targets)
+        assert net.lora_modules[Q].dora_scale is not None and torch.equal(net.lora_modules[Q].dora_scale, module_keys[f"{Q}.dora_scale"])
+        return
+    if algorithm == "IA3":
+        module_keys[f"{K}.on_input"] = torch.tensor(0)
+    net = LoRANetwork.from_state_dict(state | module_keys, targets)
+    assert net.lora_modules[K].algorithm == algorithm and net.lora_modules[Q].algorithm == "LoRA"
+    assert all(torch.equal(net.kohya_state_dict()[k].float(), v.float()) for k, v in module_keys.items())
+    with pytest.raises(KeyError, match=rf"key '{K}\.[\w.]+' belongs to \S+, but {K} also has keys of \S+: one module holds one algorithm"):
+        LoRANetwork.from_state_dict(_lora_state(targets) | module_keys, targets)
 
 
-def test_continuing_from_a_file_with_foreign_keys_is_refused_too():
-    """network_weights loads non-strict (modules on one side only are skipped): a DoRA magnitude is not
-    such a module, and skipping it would continue from something else than the file."""
+def test_a_dora_file_loads_after_a_round_trip_through_disk_and_renders_what_it_trained(tmp_path):
+    targets = _lora_file_targets()
+    net = LoRANetwork(targets, dim=2, alpha=1.0)
+    for m in net.lora_modules.values():
+        m.enable_dora(wd_on_out=False)
+    _randomise(net)
+    tensors, _ = load_lora(save_lora(tmp_path / "zkz.safetensors", net.kohya_state_dict(), {}))
+    assert tensors[f"{Q}.dora_scale"].shape == (1, 8)
+    rebuilt = LoRANetwork.from_state_dict(tensors, targets)
+    for name, module in net.lora_modules.items():
+        assert not rebuilt.lora_modules[name].wd_on_out
+        assert torch.allclose(rebuilt.lora_modules[name].delta(), module.delta(), atol=1e-6)
+
+
+def test_continuing_from_a_file_of_another_algorithm_is_refused():
+    """network_weights loads non-strict (modules on one side only are skipped): a DoRA magnitude or a
+    LoHa module where this network has a LoRA is not such a module, and skipping it would continue from
+    something else than the file."""
     targets = _lora_file_targets()
     net = LoRANetwork(targets, dim=2, alpha=1.0)
     state = _lora_state(targets)
     net.load_kohya_state_dict({**state, "lora_te_unrelated_module.lora_down.weight": torch.zeros(2, 8)}, strict=False)
-    with pytest.raises(KeyError, match="belongs to DoRA"):
+    with pytest.raises(KeyError, match=rf"{Q}\.dora_scale: the file's {Q} is not LoRA"):
         net.load_kohya_state_dict(state | {f"{Q}.dora_scale": torch.ones(1, 8)}, strict=False)
 
 

@@ -20,6 +20,8 @@ from lora_train.host.base import Host
 from lora_train.model.adapter import ModelAdapter
 from lora_train.network.blocks import LrWeights
 from lora_train.network.files import load_lora
+from lora_train.network.kind import network_kind
+from lora_train.network.targets import preset_targets
 from lora_train.network.network import LoRANetwork, network_from_file
 from lora_train.train.config import TrainConfig
 from lora_train.train.loop import Trainer
@@ -58,7 +60,15 @@ def build_trainer(config: TrainConfig, adapter: ModelAdapter, warn=lambda msg: p
 
 def build_network(config: TrainConfig, adapter: ModelAdapter, seed: int) -> LoRANetwork:
     n = config.network
-    targets = adapter.lora_targets(conv=bool(n.conv_dim or n.conv_block_dims))
+    kind = network_kind(n)
+    conv_dim, conv_alpha = n.conv_dim, n.conv_alpha if n.conv_alpha is not None else 1.0
+    if kind.is_lycoris:
+        # LyCORIS trains the convs its preset names, with conv_dim / conv_alpha = network_dim / network_alpha unless set
+        targets = preset_targets(adapter.lora_targets(conv=True), kind.preset)
+        if conv_dim is None:
+            conv_dim, conv_alpha = n.network_dim or 4, n.conv_alpha if n.conv_alpha is not None else n.network_alpha
+    else:
+        targets = adapter.lora_targets(conv=bool(n.conv_dim or n.conv_block_dims))
     if n.network_train_unet_only or not adapter.can_train_text_encoder():
         # sd-scripts leaves the text-encoder modules out of a UNet-only file
         targets = [t for t in targets if t.name.startswith("lora_unet_")]
@@ -70,12 +80,16 @@ def build_network(config: TrainConfig, adapter: ModelAdapter, seed: int) -> LoRA
     else:
         weights = load_lora(n.network_weights)[0] if n.network_weights else None
         lr_weights = LrWeights(n.down_lr_weight, n.mid_lr_weight, n.up_lr_weight, n.block_lr_zero_threshold)
-        network = LoRANetwork(
-            targets, n.network_dim or 4, n.network_alpha, n.conv_dim, n.conv_alpha if n.conv_alpha is not None else 1.0, seed=seed,
-            block_dims=n.block_dims, block_alphas=n.block_alphas, conv_block_dims=n.conv_block_dims,
-            conv_block_alphas=n.conv_block_alphas, dropout=n.network_dropout, rank_dropout=n.rank_dropout,
-            module_dropout=n.module_dropout, lr_weights=lr_weights if lr_weights.active else None,
-        )
+        try:
+            network = LoRANetwork(
+                targets, n.network_dim or 4, n.network_alpha, conv_dim, conv_alpha, seed=seed,
+                block_dims=n.block_dims, block_alphas=n.block_alphas, conv_block_dims=n.conv_block_dims,
+                conv_block_alphas=n.conv_block_alphas, dropout=n.network_dropout, rank_dropout=n.rank_dropout,
+                module_dropout=n.module_dropout, lr_weights=lr_weights if lr_weights.active else None,
+                kind=kind if kind.is_lycoris else None,
+            )
+        except (TypeError, ValueError) as e:  # an option or size the algorithm cannot take (BOFT on 320 channels ...)
+            raise UserError(msg("network_args algo={algo}: {reason}", algo=kind.algo, reason=e)) from e
         if weights is not None:
             try:
                 network.load_kohya_state_dict(weights, strict=False)

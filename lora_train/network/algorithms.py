@@ -17,25 +17,39 @@ from typing import Iterable
 from torch import nn
 
 from lora_train.errors import UserError, msg
+from lora_train.network.full import Full
+from lora_train.network.glora import GLoRA
+from lora_train.network.ia3 import IA3
 from lora_train.network.locon import LoCon
+from lora_train.network.loha import LoHa
+from lora_train.network.lokr import LoKr
 from lora_train.network.lora import LoRA
 from lora_train.network.module import NetworkModule
+from lora_train.network.oft import BOFT, DiagOFT
 
 # The first algorithm that claims a module's keys (`claims`) and trains its target (`accepts`) builds it: LoRA and LoCon
-# share their keys and split the targets (LoCon: convs with a kernel larger than 1x1).
-ALGORITHMS: tuple[type[NetworkModule], ...] = (LoRA, LoCon)
+# share their keys and split the targets (LoCon: convs with a kernel larger than 1x1); Diag-OFT and BOFT share
+# theirs and split by the shape of oft_blocks (`fits`).
+ALGORITHMS: tuple[type[NetworkModule], ...] = (LoRA, LoCon, LoHa, LoKr, IA3, Full, GLoRA, DiagOFT, BOFT)
+# Keys any algorithm's module may carry besides its own: DoRA's magnitude (`NetworkModule.enable_dora`)
+SHARED_SUFFIXES = ("dora_scale",)
+
+# LyCORIS' `algo=` names -> the module classes for Linear / 1x1 targets and for larger convs
+LYCORIS_ALGOS: dict[str, tuple[type[NetworkModule], type[NetworkModule]]] = {
+    "lora": (LoRA, LoCon), "locon": (LoRA, LoCon), "loha": (LoHa, LoHa), "lokr": (LoKr, LoKr), "ia3": (IA3, IA3),
+    "full": (Full, Full), "glora": (GLoRA, GLoRA), "diag-oft": (DiagOFT, DiagOFT), "boft": (BOFT, BOFT),
+}
+
+
+def classes_for(algo: str) -> tuple[type[NetworkModule], type[NetworkModule]]:
+    return LYCORIS_ALGOS[algo]
 
 # Suffixes of algorithms LoRA Train cannot load yet (LyCORIS' module classes, kohya's OFT, and what
 # the WebUI's network_*.py loaders claim), with what they belong to.
 NOT_YET: dict[str, str] = {
-    "dora_scale": "DoRA",
-    **dict.fromkeys(("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"), "LoHa"),
-    **dict.fromkeys(("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t1", "lokr_t2"), "LoKr"),
-    # kohya's OFT and LyCORIS' diagonal OFT / BOFT write oft_blocks; older LyCORIS wrote oft_diag
-    **dict.fromkeys(("oft_blocks", "oft_diag", "rescale"), "OFT"),
-    **dict.fromkeys(("diff", "diff_b"), msg("full fine-tuning (LyCORIS full)")),
-    **dict.fromkeys(("weight", "on_input"), "IA3"),
-    **dict.fromkeys(("a1.weight", "a2.weight", "b1.weight", "b2.weight", "bm.weight"), "GLoRA"),
+    "lokr_t1": "LoKr",  # LyCORIS lists it but never writes it
+    "oft_diag": "OFT",  # older LyCORIS OFT
+    "bm.weight": "GLoRA",  # LyCORIS' GLoRA with Tucker, which its own 4.x never builds
     **dict.fromkeys(("w_norm", "b_norm"), msg("norm layer training (LyCORIS norm)")),
     "lora_mid.weight": msg("LoCon with Tucker/CP decomposition"),
     **dict.fromkeys(("lora_A.weight", "lora_B.weight"), msg("LoRA in PEFT/diffusers key names (lora_A/lora_B)")),
@@ -69,7 +83,7 @@ def split_key(key: str) -> tuple[str, str]:
 
 
 def owner(suffix: str) -> type[NetworkModule] | None:
-    return next((cls for cls in ALGORITHMS if suffix in cls.suffixes), None)
+    return next((cls for cls in ALGORITHMS if suffix in cls.suffixes or suffix in SHARED_SUFFIXES), None)
 
 
 def what_owns(key: str) -> str | None:
@@ -110,11 +124,14 @@ def group(state: Iterable[str]) -> dict[str, set[str]]:
     return modules
 
 
-def module_class(name: str, suffixes: set[str], org: nn.Module, part: str | None = None) -> type[NetworkModule]:
-    """The algorithm that builds module `name` from its file keys `suffixes`, on target `org`."""
+def module_class(name: str, suffixes: set[str], org: nn.Module, part: str | None = None,
+                 weights: dict | None = None) -> type[NetworkModule]:
+    """The algorithm that builds module `name` from its file keys `suffixes` (and, where two share
+    their keys, the `weights`' shapes), on target `org`."""
+    own = suffixes - set(SHARED_SUFFIXES)
     for cls in ALGORITHMS:
-        if cls.claims(suffixes) and cls.accepts(org, part):
-            extra = sorted(suffixes - set(cls.suffixes))
+        if cls.claims(own) and cls.accepts(org, part) and (weights is None or not hasattr(cls, "fits") or cls.fits(weights)):
+            extra = sorted(own - set(cls.suffixes))
             check_keys(f"{name}.{s}" for s in extra)
             if extra:  # keys of another algorithm LoRA Train loads
                 raise UnsupportedKeyError(msg("key '{key}' belongs to {other}, but {name} also has keys of {algorithm}: one module holds one algorithm",

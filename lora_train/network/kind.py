@@ -14,10 +14,9 @@ from lora_train.network.module import NetworkModule
 
 SD_SCRIPTS = ("networks.lora", "lora")
 LYCORIS = "lycoris.kohya"
-# LyCORIS' options by its network_args names; old names LyCORIS still reads map to the new ones
-OPTION_NAMES = ("use_tucker", "use_scalar", "factor", "decompose_both", "full_matrix", "block_size", "constraint",
-                "rescaled", "train_on_input", "rank_dropout_scale", "bypass_mode")
-TUCKER_ALIASES = ("use_conv_cp", "use_cp")
+# LyCORIS' module options, by its network_args names (old names are read as these: train/config.py)
+OPTION_NAMES = ("use_tucker", "use_scalar", "factor", "decompose_both", "full_matrix", "unbalanced_factorization",
+                "constraint", "rescaled", "train_on_input", "rank_dropout_scale")
 
 
 @dataclass
@@ -41,8 +40,8 @@ class NetworkKind:
 
     def options_for(self, cls: type[NetworkModule]) -> dict[str, Any]:
         """The options `cls` reads (LyCORIS passes every option to every algorithm, which ignores the rest)."""
-        params = inspect.signature(cls.__init__).parameters
-        return {k: v for k, v in self.options.items() if k in params}
+        names = option_names(cls)
+        return {k: v for k, v in self.options.items() if k in names}
 
     def ignored(self) -> list[str]:
         """Options set that the chosen algorithm does not read, for a note."""
@@ -60,6 +59,17 @@ class NetworkKind:
             out["wd_on_output"] = str(self.wd_on_out)
         out.update({k: str(v) for k, v in self.options.items()})
         return out
+
+
+def option_names(cls: type[NetworkModule]) -> set[str]:
+    """The keyword options a module class takes: those its (and its bases') __init__ names, and the
+    `extra_options` of one that reads them from **options."""
+    names = set(getattr(cls, "extra_options", ()))
+    for klass in cls.__mro__:
+        if "__init__" in vars(klass):
+            names |= {n for n, p in inspect.signature(klass.__init__).parameters.items()
+                      if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+    return names & set(OPTION_NAMES)
 
 
 def network_kind(network) -> NetworkKind:
@@ -87,6 +97,8 @@ def network_kind(network) -> NetworkKind:
         raise UserError(msg("network_args preset '{preset}' is not one of {known}{hint}", preset=preset,
                             known=", ".join(targets.PRESETS), hint=close_match_hint(preset, targets.PRESETS)))
     options = {k: getattr(network, k) for k in OPTION_NAMES if getattr(network, k, None) not in (None, False)}
+    if options.get("factor") == -1:
+        del options["factor"]  # LyCORIS' "not set"
     # A1111 v1.10 reads every dora_scale as taken per input column: files it renders right need that
     wd_on_out = bool(network.wd_on_output) if network.wd_on_output is not None else False
     return NetworkKind(LYCORIS, algo, preset, bool(network.dora_wd), wd_on_out, options)

@@ -121,6 +121,7 @@ class LoKr(NetworkModule):
     algo = "lokr"
     suffixes = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2", "alpha")
     optional = suffixes  # every key has an alternative; `claims` says which combinations make a module
+    extra_options = tuple(_OPTIONS)  # read from **options
 
     def __init__(self, name: str, org: nn.Module, dim: int, alpha: float | None, generator: torch.Generator | None = None,
                  part: str | None = None, *, layout: Layout | None = None, **options):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import re
 from typing import Iterable
 
 import torch
@@ -16,13 +15,12 @@ from lora_train.network.blocks import LrWeights
 from lora_train.network.locon import LoCon
 from lora_train.network.lora import LoRA
 from lora_train.network.module import NetworkModule
-from lora_train.network.targets import Target
-
-KEY_RE = re.compile(r"^(lora_(?:unet|te|te1|te2)_[A-Za-z0-9_]+)\.(lora_down\.weight|lora_up\.weight|alpha)$")
-
+from lora_train.network.kind import NetworkKind
+from lora_train.network.targets import IA3_ON_INPUT, Target
 
 class LoRANetwork(nn.Module):
-    """LoRA on Linear and 1x1 conv (`dim`/`alpha`), LoCon on larger convs (`conv_dim`/`conv_alpha`).
+    """LoRA on Linear and 1x1 conv (`dim`/`alpha`), LoCon on larger convs (`conv_dim`/`conv_alpha`), or
+    the LyCORIS algorithm a `kind` names (LoHa, LoKr, ... with its options, DoRA on top).
 
     Modules are registered under their kohya names, so `state_dict()` is the file's key set. Block-wise
     ranks and LR weights follow the block layout of the targets' names (SD1/SD2 or SDXL).
@@ -47,6 +45,7 @@ class LoRANetwork(nn.Module):
         rank_dropout: float | None = None,
         module_dropout: float | None = None,
         lr_weights: LrWeights | None = None,
+        kind: NetworkKind | None = None,
     ):
         super().__init__()
         if dim < 1:
@@ -64,6 +63,8 @@ class LoRANetwork(nn.Module):
         if lr_weights is not None:
             lr_weights.bind(self.layout)  # SDXL has 9 blocks a side: a count for SD1/SD2 is an error here
         self._targets: dict[str, nn.Module] = {}
+        self.kind = kind
+        linear_class, conv_class = kind.classes() if kind else (LoRA, LoCon)
         for t in targets:
             idx = self.layout.index(t.name) if t.name.startswith("lora_unet_") else -1
             if t.is_conv3x3:
@@ -74,8 +75,14 @@ class LoRANetwork(nn.Module):
                 rank, a = dim, alpha
             if not rank:
                 continue  # no conv_dim, or a block given rank 0
-            algorithm = LoCon if t.is_conv3x3 else LoRA
-            self.add_module(t.name, algorithm(t.name, t.module, rank, a, generator, part=t.part))
+            algorithm = conv_class if t.is_conv3x3 else linear_class
+            options = kind.options_for(algorithm) if kind else {}
+            if kind and kind.preset == "ia3" and t.name.endswith(IA3_ON_INPUT):
+                options["train_on_input"] = True  # LyCORIS' ia3 preset: the MLP's output layer scales its input
+            module = algorithm(t.name, t.module, rank, a, generator, part=t.part, **options)
+            if kind and kind.dora:
+                module.enable_dora(kind.wd_on_out)
+            self.add_module(t.name, module)
             self._targets[t.name] = t.module
         self.set_dropout(dropout, rank_dropout, module_dropout)
 
@@ -164,14 +171,18 @@ class LoRANetwork(nn.Module):
         if strict and (unknown or missing):
             raise NoFitError(msg("LoRA keys do not match this network: {missing} missing (e.g. {missing_example}), {unknown} unknown (e.g. {unknown_example})",
                                  missing=len(missing), missing_example=missing[:1], unknown=len(unknown), unknown_example=unknown[:1]))
+        here = self.lora_modules
+        mixed = [k for k in unknown if algorithms.split_key(k)[0] in here]
+        if mixed:  # a module both sides have, of another algorithm (or with DoRA on one side only): not skippable
+            name = algorithms.split_key(mixed[0])[0]
+            raise NoFitError(msg("{key}: the file's {name} is not {algorithm} as here (its keys: {keys})", key=mixed[0], name=name,
+                                 algorithm=_described(here[name]), keys=", ".join(sorted(algorithms.split_key(k)[1] for k in state if k.startswith(name + ".")))))
         wrong = [k for k in state if k in own and own[k].shape != state[k].shape]
         if wrong:
             raise NoFitError(msg("{count} LoRA weights have another shape here (first: {key} {shape} vs {own}); set network_dim/conv_dim to the file's ranks or use dim_from_weights",
                                  count=len(wrong), key=wrong[0], shape=tuple(state[wrong[0]].shape), own=tuple(own[wrong[0]].shape)))
-        with torch.no_grad():
-            for k, v in state.items():
-                if k in own:
-                    own[k].copy_(v.to(own[k].dtype))
+        # through load_state_dict, so a module's own load hooks run (use_scalar folds its scalar into a saved key)
+        self.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
         for m in self.children():
             m.refresh()
 
@@ -189,16 +200,37 @@ class LoRANetwork(nn.Module):
         net = cls([], dim=1)
         for name, suffixes in modules.items():
             target = by_name[name]
-            algorithm = algorithms.module_class(name, suffixes, target.module, target.part)
             weights = {suffix: state[f"{name}.{suffix}"] for suffix in suffixes}
-            net.add_module(name, algorithm.from_weights(name, target.module, weights, part=target.part))
+            algorithm = algorithms.module_class(name, suffixes, target.module, target.part, weights)
+            module = algorithm.from_weights(name, target.module, weights, part=target.part)
+            if "dora_scale" in weights:
+                _enable_dora_from(module, weights["dora_scale"])
+            net.add_module(name, module)
             net._targets[name] = target.module
         net.load_kohya_state_dict(dict(state) | _missing_alphas(net, state))
         return net
 
 
+def _described(module: NetworkModule) -> str:
+    return f"DoRA/{module.algorithm}" if module.dora_scale is not None else module.algorithm
+
+
 def _missing_alphas(net: LoRANetwork, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {f"{n}.alpha": m.alpha.clone() for n, m in net.lora_modules.items() if f"{n}.alpha" not in state}
+    # only algorithms that write an alpha (IA3 and full have none)
+    return {f"{n}.alpha": m.alpha.clone() for n, m in net.lora_modules.items() if f"{n}.alpha" not in state and "alpha" in m.suffixes}
+
+
+def _enable_dora_from(module: NetworkModule, dora_scale: torch.Tensor) -> None:
+    """DoRA on a module rebuilt from a file: the direction of its norm comes from dora_scale's shape."""
+    from lora_train.network import dora
+
+    try:
+        module.enable_dora(dora.on_out(dora_scale, module.target_shape))
+    except TypeError as e:
+        raise NoFitError(msg("{name}.dora_scale: {algorithm} has no DoRA", name=module.lora_name, algorithm=module.algorithm)) from e
+    if module.dora_scale.shape != dora_scale.shape:
+        raise NoFitError(msg("{name}.dora_scale: shape {shape} does not fit a weight of shape {weight}", name=module.lora_name,
+                                        shape=tuple(dora_scale.shape), weight=tuple(module.target_shape)))
 
 
 def network_from_file(path, targets: Iterable[Target]) -> "LoRANetwork":

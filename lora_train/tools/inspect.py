@@ -4,13 +4,16 @@ whether every key is a valid kohya name with its down/up/alpha triple."""
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from functools import lru_cache
 from pathlib import Path
 
+import torch
+
 from lora_train.errors import msg
 from lora_train.network.files import load_lora, payload_sha256
-from lora_train.network.network import KEY_RE
+from lora_train.network import algorithms
 
 SUMMARY_KEYS = (
     "ss_output_name", "ss_base_model_version", "ss_sd_model_name", "ss_network_module", "ss_network_dim",
@@ -19,15 +22,44 @@ SUMMARY_KEYS = (
     "sshs_model_hash", "modelspec.architecture",
 )
 
-KEY_FORMAT = "<lora_unet|lora_te|lora_te1|lora_te2>_<module>.<lora_down.weight|lora_up.weight|alpha>"
-LYCORIS_SUFFIXES = {"hada_w1_a": "LoHa", "lokr_w1": "LoKr", "lokr_w1_a": "LoKr", "oft_blocks": "OFT", "diff": "full", "dora_scale": "DoRA"}
+KEY_FORMAT = "<lora_unet|lora_te|lora_te1|lora_te2>_<module>.<key>"
+MODULE_KEY_RE = re.compile(r"^(lora_(?:unet|te|te1|te2)_[A-Za-z0-9_]+)\.(.+)$")
 
 
 @lru_cache(maxsize=4)
-def _known_names(arch: str) -> frozenset[str]:
+def _known_targets(arch: str) -> dict[str, bool]:
+    """The module names sd-scripts and LyCORIS train on `arch`, and whether each is a conv larger than 1x1."""
     from lora_train.model.reference import reference_targets
 
-    return frozenset(t.name for t in reference_targets(arch, conv=True))
+    return {t.name: t.is_conv3x3 for t in reference_targets(arch, conv=True)}
+
+
+def _algorithm_of(name: str, parts: dict[str, list[int]]):
+    """(the algorithm whose keys a module has, or None; a problem line, or None)."""
+    suffixes = set(parts)
+    own = suffixes - set(algorithms.SHARED_SUFFIXES)
+    shapes = {k: torch.empty(v, device="meta") for k, v in parts.items()}  # Diag-OFT and BOFT differ in shape only
+    for cls in algorithms.ALGORITHMS:
+        if cls.claims(own) and not own - set(cls.suffixes) and (not hasattr(cls, "fits") or cls.fits(shapes)):
+            return cls, None
+    stray = sorted(s for s in suffixes if algorithms.what_owns(f"{name}.{s}") is not None)
+    if stray:
+        return None, msg("{what}: {reason}", what=f"{name}.{stray[0]}", reason=algorithms.unsupported(f"{name}.{stray[0]}", algorithms.what_owns(f"{name}.{stray[0]}")))
+    partial = next((cls for cls in algorithms.ALGORITHMS if own & set(cls.suffixes)), None)
+    if partial is not None:
+        missing = [s for s in partial.suffixes if s not in partial.optional and s not in own]
+        if missing:
+            return None, msg("{name}: {part} is missing", name=name, part=" and ".join(missing))
+        return None, msg("{name}: keys of more than one algorithm ({keys})", name=name, keys=", ".join(sorted(own)))
+    return None, msg("{name}: no known network keys", name=name)
+
+
+def _ranks(algorithm, parts: dict[str, list[int]]) -> set[int]:
+    """The module's rank where its algorithm has one (LoRA's down, LoHa's and LoKr's inner dimension)."""
+    for key in ("lora_down.weight", "hada_w1_b", "lokr_w1_b", "lokr_w2_b", "a1.weight"):
+        if key in parts:
+            return {parts[key][0]}
+    return set()
 
 
 def _arch_of(metadata: dict[str, str]) -> str | None:
@@ -45,39 +77,43 @@ def inspect_lora(path: str | Path) -> dict:
     tensors, metadata = load_lora(path)
     modules: dict[str, dict[str, list[int]]] = {}
     problems: list[str] = []
-    kinds: Counter[str] = Counter()
     for key, value in tensors.items():
-        m = KEY_RE.match(key)
+        m = MODULE_KEY_RE.match(key)
         if not m:
-            name, _, part = key.partition(".")
-            kind = LYCORIS_SUFFIXES.get(part.rsplit(".", 1)[0])
-            if kind:
-                kinds[kind] += 1
             problems.append(msg("{key}: not a kohya LoRA key ({format})", key=key, format=KEY_FORMAT))
             continue
         modules.setdefault(m.group(1), {})[m.group(2)] = list(value.shape)
     arch = _arch_of(metadata)
-    known = _known_names(arch) if arch else None
+    known = _known_targets(arch) if arch else None
+    kinds: Counter[str] = Counter()
     conv_modules = 0
+    ranks = set()
     for name, parts in sorted(modules.items()):
-        for part in ("lora_down.weight", "lora_up.weight", "alpha"):
-            if part not in parts:
-                problems.append(msg("{name}: {part} is missing", name=name, part=part))
+        algorithm, problem = _algorithm_of(name, parts)
+        if problem:
+            problems.append(problem)
+        if algorithm is not None and "alpha" in algorithm.suffixes and "alpha" not in parts and algorithm.algo in (None, "lora", "loha", "lokr"):
+            problems.append(msg("{name}: {part} is missing", name=name, part="alpha"))  # loaders default it; sd-scripts and LyCORIS always write it
+        if algorithm is not None:
+            kinds["DoRA/" + algorithm.algorithm if "dora_scale" in parts else algorithm.algorithm] += 1
+            ranks.update(_ranks(algorithm, parts))
+        if known is not None and name not in known:
+            problems.append(msg("{name}: not a module sd-scripts trains on {arch}", name=name, arch=arch))
+        elif known is not None and known[name]:
+            conv_modules += 1
         down, up = parts.get("lora_down.weight"), parts.get("lora_up.weight")
         if down and up and down[0] != up[1]:
             problems.append(msg("{name}: lora_down rank {down} does not match lora_up rank {up}", name=name, down=down[0], up=up[1]))
-        if down and len(down) == 4 and down[2:] != [1, 1]:
+        if known is None and down and len(down) == 4 and down[2:] != [1, 1]:
             conv_modules += 1
-        if known is not None and name not in known:
-            problems.append(msg("{name}: not a module sd-scripts trains on {arch}", name=name, arch=arch))
-    prefixes = Counter(name.split("_text_model")[0] if "_text_model" in name else "lora_unet" for name in modules)
-    if kinds:
-        network_kind = "/".join(sorted(kinds))
-    elif not modules:
+    if not modules:
         network_kind = "empty"
-    else:
+    elif set(kinds) <= {"LoRA", "LoCon"}:  # they share their keys: a 3x3 conv module makes it LoCon
         network_kind = "LoCon" if conv_modules else "LoRA"
-    ranks = sorted({p["lora_down.weight"][0] for p in modules.values() if "lora_down.weight" in p})
+    else:
+        network_kind = "/".join(sorted(kinds))
+    prefixes = Counter(name.split("_text_model")[0] if "_text_model" in name else "lora_unet" for name in modules)
+    ranks = sorted(ranks)
     data = Path(path).read_bytes()
     stored_hash = metadata.get("sshs_model_hash")
     return {

@@ -55,12 +55,33 @@ class NetworkConfig:
     mid_lr_weight: Optional[float] = None
     up_lr_weight: Optional[str] = None
     block_lr_zero_threshold: float = 0.0
+    # LyCORIS' network_args (network_module = "lycoris.kohya"), by its names; `network/kind.py` reads them
+    algo: Optional[str] = None  # lora (LoCon), loha, lokr, ia3, full, glora, diag-oft, boft
+    preset: Optional[str] = None  # which modules: full (LyCORIS' default), full-lin, attn-mlp, attn-only, ...
+    dora_wd: bool = False  # DoRA: a trained magnitude per output (wd_on_output) or input
+    wd_on_output: Optional[bool] = None  # ours: False (what A1111 v1.10 renders right); LyCORIS': True
+    use_tucker: bool = False
+    use_scalar: bool = False
+    factor: int = -1  # LoKr
+    decompose_both: bool = False  # LoKr
+    full_matrix: bool = False  # LoKr
+    unbalanced_factorization: bool = False  # LoKr
+    constraint: Optional[float] = None  # OFT
+    rescaled: bool = False  # OFT
+    train_on_input: bool = False  # IA3
+    rank_dropout_scale: bool = False
+    bypass_mode: bool = False
 
 
 NETWORK_ARGS = (
     "conv_dim", "conv_alpha", "rank_dropout", "module_dropout", "block_dims", "block_alphas", "conv_block_dims",
     "conv_block_alphas", "down_lr_weight", "mid_lr_weight", "up_lr_weight", "block_lr_zero_threshold",
+    "algo", "preset", "dora_wd", "wd_on_output", "use_tucker", "use_scalar", "factor", "decompose_both", "full_matrix",
+    "unbalanced_factorization", "constraint", "rescaled", "train_on_input", "rank_dropout_scale", "bypass_mode",
 )
+# old names LyCORIS still reads: name -> (new name, whether the value flips)
+NETWORK_ARG_ALIASES = {"use_cp": ("use_tucker", False), "use_conv_cp": ("use_tucker", False),
+                       "disable_conv_cp": ("use_tucker", True), "constrain": ("constraint", False), "dropout": ("network_dropout", False)}
 
 
 @dataclass
@@ -249,7 +270,11 @@ def _parse_network_args(args: Any, source: str) -> dict[str, Any]:
     for item in args:
         key, sep, value = str(item).partition("=")
         key = key.strip()
-        if not sep or key not in known:
+        if key in NETWORK_ARG_ALIASES and sep:
+            key, flip = NETWORK_ARG_ALIASES[key]
+            if flip:
+                value = str(value.strip().lower() not in ("true", "1", "yes"))
+        if not sep or (key not in known and key != "network_dropout"):
             raise UserError(msg("{source}: network_args entry '{item}' is not supported yet (known: {known})",
                                 source=source, item=item, known=", ".join(sorted(known))))
         out[key] = parse_set_value(value.strip())

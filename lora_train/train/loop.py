@@ -21,6 +21,7 @@ from lora_train.dataset.loader import TrainingData
 from lora_train.errors import UserError, msg
 from lora_train.model import cond as cond_ops
 from lora_train.model.adapter import ModelAdapter
+from lora_train.network.kind import network_kind
 from lora_train.network.files import save_lora
 from lora_train.network.network import LoRANetwork
 from lora_train.train import events as ev
@@ -135,8 +136,13 @@ class Trainer:
             raise UserError(msg("save_precision '{value}' must be one of float, fp16, bf16", value=c.saving.save_precision))
         if c.saving.save_model_as != "safetensors":
             raise UserError(msg("save_model_as '{value}' is not supported: LoRA Train writes safetensors", value=c.saving.save_model_as))
-        if c.network.network_module not in ("networks.lora", "lora"):
-            raise UserError(msg("network_module '{value}' is not supported yet (use networks.lora)", value=c.network.network_module))
+        kind = network_kind(c.network)  # a module or algorithm LoRA Train cannot train is refused here
+        if kind.ignored():
+            self.notes.append(msg("network_args {keys}: not read by algo={algo}", keys=", ".join(kind.ignored()), algo=kind.algo))
+        if kind.algo == "ia3" and kind.preset != "ia3":
+            self.notes.append(msg("network_args algo=ia3: LyCORIS recommends preset=ia3 (keys, values and the MLP output only)"))
+        if c.network.bypass_mode:
+            self.notes.append(msg("network_args bypass_mode: the same result either way; LoRA Train picks the path per algorithm"))
         if c.training.gradient_accumulation_steps < 1:
             raise UserError(msg("gradient_accumulation_steps must be at least 1"))
         if not self.train_unet and not self.train_te:

@@ -66,6 +66,13 @@ def training_metadata(
                     if getattr(c.network, k) is not None and getattr(c.network, k) != getattr(defaults, k)}
     if c.network.conv_dim:
         network_args["conv_alpha"] = _s(c.network.conv_alpha if c.network.conv_alpha is not None else 1)
+    kind = getattr(network, "kind", None)
+    if kind is not None and kind.is_lycoris:
+        # as sd-scripts records LyCORIS' args: algo always, and the conv rank LyCORIS derived when none was given
+        network_args.update(kind.network_args())
+        if network.conv_dim:
+            network_args.setdefault("conv_dim", _s(network.conv_dim))
+            network_args["conv_alpha"] = _s(network.conv_alpha)
     model_hash, new_model_hash = model_hashes(info.path)
     md = {
         "ss_session_id": _s(session_id),
