@@ -46,6 +46,7 @@ from torch import nn
 from lora_train.errors import msg
 from lora_train.model.loading import V1_INFERENCE_CONFIG, import_ldm, quiet
 from lora_train.network.naming import PREFIX_TE
+from lora_train.network.kind import LYCORIS, NetworkKind
 from lora_train.network.network import LoRANetwork
 from lora_train.network.targets import hf_clip_targets, ldm_unet_targets, sdxl_unet_targets
 from lora_train.train import loss as loss_fn
@@ -160,6 +161,15 @@ def _build_sdxl(arch: str) -> BenchModel:
                       classes="sgm" if use_sgm else "ldm", note=note)
 
 
+# The networks `--network` times, on the same targets (the UNet's transformers, and the text encoder's)
+NETWORKS: dict[str, NetworkKind | None] = {
+    "lora": None,
+    "loha": NetworkKind(LYCORIS, "loha"),
+    "lokr": NetworkKind(LYCORIS, "lokr"),
+    "dora": NetworkKind(LYCORIS, "lora", dora=True),
+}
+
+
 def _available_gb() -> float | None:
     try:
         import psutil
@@ -189,6 +199,7 @@ def run_bench(
     *,
     model: BenchModel | None = None,
     seed: int = 0,
+    network: str = "lora",
 ) -> dict:
     """Time a LoRA training step and its no-LoRA floor; see the module docstring for what is measured.
 
@@ -230,11 +241,15 @@ def run_bench(
     targets = sdxl_unet_targets(unet) if model.is_sdxl else ldm_unet_targets(unet)
     if text_model is not None:
         targets = hf_clip_targets(text_model, PREFIX_TE) + targets
-    network = LoRANetwork(targets, dim=dim, alpha=dim, seed=seed)
-    with torch.no_grad():  # sd-scripts starts lora_up at zero; a trained LoRA is not, and the path is the same
-        for m in network.children():
-            w = m.lora_up.weight
-            w.uniform_(-1 / math.sqrt(dim), 1 / math.sqrt(dim), generator=gen).mul_(0.1)
+    if network not in NETWORKS:
+        raise ValueError(f"network must be one of {', '.join(NETWORKS)}, not {network!r}")
+    kind = NETWORKS[network]
+    name = network
+    network = LoRANetwork(targets, dim=dim, alpha=dim, seed=seed, kind=kind)
+    with torch.no_grad():  # every algorithm starts one factor at zero; a trained network is not, and the path is the same
+        for p in network.parameters():
+            if not p.any():
+                p.uniform_(-1 / math.sqrt(dim), 1 / math.sqrt(dim), generator=gen).mul_(0.1)
     network.train()
     groups = network.param_groups(LEARNING_RATE, LEARNING_RATE if text_model is not None else None)
     optimizer = torch.optim.AdamW(groups, lr=LEARNING_RATE)
@@ -332,6 +347,7 @@ def run_bench(
         "torch": torch.__version__,
         "unet_params": sum(p.numel() for p in unet.parameters()),
         "text_params": sum(p.numel() for p in text_model.parameters()) if text_model is not None else 0,
+        "network": name,
         "lora_modules": len(network.lora_modules),
         "lora_params": lora_params,
         "hooked_modules": hooked,  # forward hooks on the model while the LoRA step ran
@@ -355,7 +371,7 @@ def format_bench(result: dict) -> str:
     r = result
     text = " + text encoder" if r["text"] else ""
     lines = [
-        f"bench {r['arch']}{text}  {r['resolution']}px  batch {r['batch']}  dim {r['dim']} (alpha {r['alpha']})  "
+        f"bench {r['arch']}{text}  {r.get('network', 'lora')}  {r['resolution']}px  batch {r['batch']}  dim {r['dim']} (alpha {r['alpha']})  "
         f"CPU fp32, torch {r['torch']}, {r['threads']} threads, {r['classes']} UNet class",
         f"  model      {r['unet_params'] / 1e6:.1f}M UNet params"
         + (f" + {r['text_params'] / 1e6:.1f}M text" if r["text"] else "")

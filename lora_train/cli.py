@@ -232,7 +232,7 @@ def cmd_config_from_lora(args) -> int:
 def cmd_bench(args) -> int:
     from lora_train.bench import format_bench, run_bench
 
-    print(tr(format_bench(run_bench(args.arch, args.resolution, args.dim, batch=args.batch, steps=args.steps))))
+    print(tr(format_bench(run_bench(args.arch, args.resolution, args.dim, batch=args.batch, steps=args.steps, network=args.network))))
     return 0
 
 
@@ -337,6 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--dim", type=int, default=32)
     bn.add_argument("--batch", type=int, default=1)
     bn.add_argument("--steps", type=int, default=5)
+    bn.add_argument("--network", choices=["lora", "loha", "lokr", "dora"], default="lora",
+                    help="the algorithm to time (LyCORIS' loha / lokr, or LoRA with DoRA)")
     bn.set_defaults(func=cmd_bench)
 
     u = sub.add_parser("ui", help="serve the Train tab without the WebUI (standalone host)")

@@ -91,3 +91,24 @@ def _unet_targets(tiny_model):
     from lora_train.network.targets import ldm_unet_targets
 
     return [t.module for t in ldm_unet_targets(tiny_model.model.diffusion_model)]
+
+
+@pytest.mark.parametrize("network,key", [("loha", "hada_w1_a"), ("lokr", "lokr_w1"), ("dora", "dora_scale")])
+def test_bench_times_each_lycoris_network(tiny_model, network, key, monkeypatch):
+    """`bench --network loha|lokr|dora` trains that algorithm's modules (their keys) and leaves the model as it was."""
+    from lora_train.network import network as network_module
+
+    built = []
+    real = network_module.LoRANetwork.__init__
+
+    def record(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        built.append(self)
+
+    monkeypatch.setattr(network_module.LoRANetwork, "__init__", record)
+    before = snapshot(tiny_model)
+    r = run_bench("tiny", 64, 4, steps=2, warmup=0, model=tiny_bench_model(tiny_model), network=network)
+    assert r["network"] == network and f"  {network}  " in format_bench(r)
+    check_result(r, 2)
+    assert any(k.endswith("." + key) for k in built[0].state_dict())
+    assert_same_as(tiny_model, before)

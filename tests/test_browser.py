@@ -288,6 +288,19 @@ def test_e_expert_mode_shows_every_knob(page):
     expert.wait_for(state="hidden")
 
 
+def test_e1_network_type_sets_the_guides_defaults(page):
+    """Choosing LoHa fills the SDXL tutorial's 8/4/4/1 and LyCORIS' module and algo; LoRA puts 32/1/-/- back."""
+    page.locator("#lora_train_network_type label", has_text="LoHa").click()
+    wait_for(page, "LoHa's dims", lambda: field(page, "network_dim").input_value() == "8", 30)
+    assert (field(page, "network_alpha").input_value(), field(page, "conv_dim").input_value(), field(page, "conv_alpha").input_value()) == ("4", "4", "1")
+    assert field(page, "algo").input_value() == "loha" and field(page, "network_module").input_value() == "lycoris.kohya"
+    assert "Network type LoHa" in page.locator("#lora_train_message").first.inner_text()
+    shot(page, "e1-loha")
+    page.locator("#lora_train_network_type label", has_text="LoRA").first.click()
+    wait_for(page, "LoRA's dims", lambda: field(page, "network_dim").input_value() == "32", 30)
+    assert field(page, "conv_dim").input_value() == "" and field(page, "network_module").input_value() == "networks.lora"
+
+
 # -- the zh_CN server ------------------------------------------------------------------------------
 def test_f_zh_cn_labels(browser, zh_server, dataset):
     table = json.loads(ZH_CN.read_text(encoding="utf-8"))

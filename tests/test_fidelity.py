@@ -167,3 +167,21 @@ def test_reg_images_are_the_bases_own_renders_of_ordinary_prompts(tmp_path):
     config = fidelity.train_config(opts, tmp_path / "data", "m.safetensors", reg)
     assert config.dataset.reg_data_dir == str(reg)
     assert fidelity.train_config(_options(tmp_path, network="locon"), tmp_path, "m").network.conv_alpha == 1  # sd-scripts' default
+
+
+def test_every_fidelity_network_is_a_config_the_trainer_takes(tmp_path):
+    """`fidelity --network loha|lokr|dora` train what the name says, with the tutorial's settings."""
+    from lora_train.network.kind import network_kind
+    from lora_train.testing.__main__ import build_parser
+
+    kinds = {name: network_kind(fidelity.train_config(_options(tmp_path, network=name), tmp_path, "m").network)
+             for name in fidelity.NETWORKS}
+    assert {n: (k.module, k.algo, k.dora) for n, k in kinds.items()} == {
+        "lora": ("networks.lora", "lora", False), "locon": ("networks.lora", "lora", False),
+        "loha": ("lycoris.kohya", "loha", False), "lokr": ("lycoris.kohya", "lokr", False), "dora": ("lycoris.kohya", "lora", True)}
+    loha = fidelity.train_config(_options(tmp_path, network="loha"), tmp_path, "m").network
+    assert (loha.network_dim, loha.network_alpha, loha.conv_dim, loha.conv_alpha) == (8, 4, 4, 1)
+    args = build_parser().parse_args(["fidelity", "--network", "lokr"])
+    assert args.network == "lokr"
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices["fidelity"]
+    assert set(next(a for a in sub._actions if a.dest == "network").choices) == set(fidelity.NETWORKS)

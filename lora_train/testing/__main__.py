@@ -9,9 +9,7 @@ import sys
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see lora_train/__main__.py
 
 
-def main(argv: list[str] | None = None) -> int:
-    from lora_train.errors import UserError
-
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m lora_train.testing", description="The tiny pretrained base and the LoRA fidelity test.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("build-base", help="train the tiny base from scratch (about 50 min on 2 CPU cores)")
@@ -30,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("fidelity", help="train a concept LoRA on the base, then score it at weights 1.0 / 0.5 / 0.0")
     # None: FidelityOptions' default, so the defaults live in one place
     p.add_argument("--output", default="fidelity-output")
-    p.add_argument("--network", choices=("lora", "locon"))
+    p.add_argument("--network", choices=("lora", "locon", "loha", "lokr", "dora"))  # fidelity.NETWORKS (not imported here: torch)
     p.add_argument("--steps", type=int, help="train this many steps instead of the default epochs")
     p.add_argument("--epochs", type=int)
     p.add_argument("--no-text-encoder", action="store_true", help="train the UNet only")
@@ -44,7 +42,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p = sub.add_parser("score", help="labels of scene images: background, colour, shape, position")
     p.add_argument("images", nargs="+")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from lora_train.errors import UserError
+
+    args = build_parser().parse_args(argv)
     try:
         if args.command == "build-base":
             from lora_train.testing.base import build_base

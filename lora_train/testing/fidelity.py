@@ -37,10 +37,22 @@ SCORED_SHAPES = ("circle", "square")
 WEIGHTS = (1.0, 0.5, 0.0)
 
 
+# The networks the bar is checked for, with the settings the SDXL tutorial our users follow gives each
+# (dim/alpha/conv_dim/conv_alpha: LoCon 16/8/8/1, LoHa 8/4/4/1); LoKr and DoRA as LyCORIS' docs set them.
+_LYCORIS = {"network_module": "lycoris.kohya"}
+NETWORKS: dict[str, dict] = {
+    "lora": {},
+    "locon": {"conv_dim": 4, "conv_alpha": 1},
+    "loha": {**_LYCORIS, "network_args": ["algo=loha"], "network_dim": 8, "network_alpha": 4, "conv_dim": 4, "conv_alpha": 1},
+    "lokr": {**_LYCORIS, "network_args": ["algo=lokr", "factor=8"], "network_dim": 8, "network_alpha": 8, "conv_dim": 4, "conv_alpha": 1},
+    "dora": {**_LYCORIS, "network_args": ["algo=lora", "dora_wd=True", "preset=attn-mlp"]},
+}
+
+
 @dataclass
 class FidelityOptions:
     output: Path
-    network: str = "lora"  # or "locon"
+    network: str = "lora"  # a key of NETWORKS
     train_text_encoder: bool = True
     steps: int | None = None  # None: `epochs` epochs
     epochs: int = 6
@@ -264,8 +276,7 @@ def train_config(opts: FidelityOptions, data: Path, model: str, reg: Path | None
     }
     if opts.steps:
         values.update(max_train_epochs=None, max_train_steps=int(opts.steps))
-    if opts.network == "locon":
-        values.update(conv_dim=4, conv_alpha=1)
+    values.update(NETWORKS[opts.network])
     config.update(values, source="fidelity")
     return config
 

@@ -33,7 +33,12 @@ def _choices() -> dict[str, list[str]]:
     from lora_train.train.optimizers import KNOWN_NAMES
     from lora_train.train.schedulers import SCHEDULERS
 
+    from lora_train.network.algorithms import LYCORIS_ALGOS
+    from lora_train.network.kind import LYCORIS, SD_SCRIPTS
+    from lora_train.network.targets import PRESETS
+
     return {
+        "network_module": [SD_SCRIPTS[0], LYCORIS], "algo": ["", *LYCORIS_ALGOS], "preset": ["", *PRESETS],
         "optimizer_type": list(KNOWN_NAMES), "lr_scheduler": list(SCHEDULERS), "mixed_precision": ["no", "fp16", "bf16"],
         "save_precision": ["", "float", "fp16", "bf16"], "loss_type": list(LOSS_TYPES), "huber_schedule": list(HUBER_SCHEDULES),
         "sample_sampler": list(SAMPLER_LABELS),
@@ -52,6 +57,18 @@ HELP = {
     "network_alpha": "Scales the LoRA by alpha/dim; lower = gentler",
     "conv_dim": "Rank for 3x3 convolutions (LoCon); empty = linear layers only",
     "conv_alpha": "Alpha for the convolution layers",
+    "network_module": "networks.lora (sd-scripts: LoRA, LoCon) or lycoris.kohya (LyCORIS: the algo below)",
+    "algo": "LyCORIS algorithm: lora (LoCon), loha, lokr, ia3, full, glora, diag-oft, boft",
+    "preset": "LyCORIS: which layers to train; empty = full (attention, MLP and 3x3 convolutions)",
+    "dora_wd": "DoRA: also train each weight's magnitude (LyCORIS dora_wd)",
+    "wd_on_output": "DoRA magnitude per output channel; off = per input channel, what A1111 v1.10 reads",
+    "use_tucker": "LoHa / LoKr: Tucker decomposition for 3x3 convolutions",
+    "factor": "LoKr: split factor of the Kronecker product; -1 = as even as possible",
+    "decompose_both": "LoKr: low-rank in both Kronecker factors",
+    "full_matrix": "LoKr: no low-rank decomposition at all",
+    "constraint": "OFT: bound on the rotation; empty = none",
+    "rescaled": "OFT: also train a scale per output channel",
+    "train_on_input": "IA3: scale the inputs instead of the outputs",
     "learning_rate": "Default learning rate",
     "unet_lr": "Learning rate of the UNet LoRA",
     "text_encoder_lr": "Learning rate of the text-encoder LoRA",

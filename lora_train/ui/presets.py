@@ -42,3 +42,30 @@ def preset(subject: str, base: str) -> dict:
     if base == "SDXL":
         values.update(learning_rate=_SDXL_LR[subject], unet_lr=_SDXL_LR[subject], text_encoder_lr=None)
     return values
+
+
+# The network types the tab offers, with the defaults the guides our users follow give each: the SDXL tutorial's
+# dim/alpha/conv_dim/conv_alpha (LoRA 32/1/-/-, LoCon 16/8/8/1, LoHa 8/4/4/1), kohya_ss' LyCORIS presets for the
+# rest. Choosing one sets these fields; the fields (Expert: network_module, algo ...) stay what a run trains.
+_NOT_LYCORIS = {"network_module": "networks.lora", "algo": None, "preset": None, "dora_wd": False, "factor": -1}
+_LYCORIS = {"network_module": "lycoris.kohya", "preset": None, "dora_wd": False, "factor": -1}
+NETWORK_TYPES: dict[str, dict] = {
+    "LoRA": {**_NOT_LYCORIS, "network_dim": 32, "network_alpha": 1, "conv_dim": None, "conv_alpha": None},
+    "LoCon": {**_NOT_LYCORIS, "network_dim": 16, "network_alpha": 8, "conv_dim": 8, "conv_alpha": 1},
+    "LoHa": {**_LYCORIS, "algo": "loha", "network_dim": 8, "network_alpha": 4, "conv_dim": 4, "conv_alpha": 1},
+    "LoKr": {**_LYCORIS, "algo": "lokr", "factor": 8, "network_dim": 8, "network_alpha": 8, "conv_dim": 4, "conv_alpha": 1},
+    "DoRA": {**_LYCORIS, "algo": "lora", "dora_wd": True, "preset": "attn-mlp", "network_dim": 16, "network_alpha": 8,
+             "conv_dim": None, "conv_alpha": None},
+    "IA3": {**_LYCORIS, "algo": "ia3", "preset": "ia3", "conv_dim": None, "conv_alpha": None},
+    "Diag-OFT": {**_LYCORIS, "algo": "diag-oft", "preset": "attn-mlp", "network_dim": 16, "conv_dim": None, "conv_alpha": None},
+}
+
+
+def network_type_of(network) -> str:
+    """The network type a NetworkConfig trains, by NETWORK_TYPES' names (what the radio shows)."""
+    if network.network_module != "lycoris.kohya":
+        return "LoCon" if network.conv_dim else "LoRA"
+    algo = (network.algo or "lora").lower()
+    if network.dora_wd:
+        return "DoRA"
+    return next((name for name, v in NETWORK_TYPES.items() if v.get("algo") == algo and not v["dora_wd"]), "LoCon" if algo in ("lora", "locon") else algo)

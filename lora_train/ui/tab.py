@@ -17,7 +17,6 @@ from lora_train.host.base import Host
 from lora_train.ui import chart, form, presets
 from lora_train.ui.i18n import Translator
 
-NETWORK_TYPES = ("LoRA", "LoCon")
 DEFAULT_WEIGHTS = "1, 0.75, 0.5, 0.25, 0"
 
 
@@ -173,8 +172,9 @@ def create_train_tab(manager: RunManager, host: Host, t: Optional[Translator] = 
                                                  elem_id="lora_train_trigger", max_lines=1)
                         elif f.basic:
                             make(f)
-                    network_type = gr.Radio(label=t("Network type"), choices=list(NETWORK_TYPES), value="LoRA", elem_id="lora_train_network_type",
-                                            info=t("LoCon also trains 3x3 convolutions (conv_dim / conv_alpha, default 8 / 4)"))
+                    network_type = gr.Radio(label=t("Network type"), choices=list(presets.NETWORK_TYPES), elem_id="lora_train_network_type",
+                                            value=presets.network_type_of(config0.network),
+                                            info=t("Sets network_dim / network_alpha / conv_dim / conv_alpha as the guides do; LyCORIS types set network_module and algo (Expert)"))
                     preview_prompts = gr.Textbox(label=t("Preview prompts"), lines=2, elem_id="lora_train_preview_prompts",
                                                  info=t("One per line, sd-scripts options allowed (--n negative --w 512 --h 512 --d seed --s steps --l cfg); empty = the trigger word"))
                     preview_every_epoch = gr.Checkbox(label=t("Preview every epoch"), value=True, elem_id="lora_train_preview_every_epoch")
@@ -232,10 +232,8 @@ def create_train_tab(manager: RunManager, host: Host, t: Optional[Translator] = 
             _fit_buckets(config)
             if not config.dataset.train_data_dir:
                 raise UserError(t("Set the dataset folder (train_data_dir) first."))
-            if ntype == "LoCon" and not config.network.conv_dim:
-                config.network.conv_dim, config.network.conv_alpha = 8, config.network.conv_alpha or 4.0
-            elif ntype == "LoRA":
-                config.network.conv_dim = None
+            if ntype == "LoCon" and config.network.network_module == "networks.lora" and not config.network.conv_dim:
+                config.network.conv_dim, config.network.conv_alpha = 8, config.network.conv_alpha or 1.0
             prompts = [line.strip() for line in (prompts_text or "").splitlines() if line.strip()]
             if from_txt2img:
                 from lora_train.ui.txt2img import preview_line
@@ -336,11 +334,21 @@ def create_train_tab(manager: RunManager, host: Host, t: Optional[Translator] = 
                 return None, _message(t("This host cannot render a grid"), True)
             return str(path), _message(str(path))
 
-        def on_load_config(path, *values):
+        def on_load_config(path, ntype, *values):
             try:
                 config = guard.load_config(host.access(), path)
-                return [*form.values_from_config(flds, config), _message(t("Loaded") + f": {path}")]
+                return [*form.values_from_config(flds, config), presets.network_type_of(config.network), _message(t("Loaded") + f": {path}")]
             except (UserError, OSError) as e:
+                return [*values, ntype, _message(t.text(e), True)]
+
+        def on_network_type(ntype, *values):
+            """The guides' defaults for the type chosen, over the form."""
+            try:
+                config = form.config_from_values(flds, values)
+                config.update(presets.NETWORK_TYPES[ntype], source=ntype)
+                shown = ", ".join(f"{k} {v}" for k, v in presets.NETWORK_TYPES[ntype].items() if k in form.BASIC or k.startswith("conv_"))
+                return [*form.values_from_config(flds, config), _message(t.format("Network type {name}: {values}", name=ntype, values=shown))]
+            except (UserError, KeyError) as e:
                 return [*values, _message(t.text(e), True)]
 
         def on_save_config(path, *values):
@@ -368,7 +376,8 @@ def create_train_tab(manager: RunManager, host: Host, t: Optional[Translator] = 
         refresh.click(on_refresh, [message], [model_label, status, loss, previews, files, message], show_progress=False).then(
             on_model, [model_seen, message, subject, base, *field_comps], [model_seen, base, *field_comps, message], show_progress=False)
         grid_button.click(on_grid, [grid_weights, grid_prompt, trigger], [grid_image, message])
-        load_config.click(on_load_config, [config_path, *field_comps], [*field_comps, message])
+        load_config.click(on_load_config, [config_path, network_type, *field_comps], [*field_comps, network_type, message])
+        network_type.input(on_network_type, [network_type, *field_comps], [*field_comps, message])
         save_config.click(on_save_config, [config_path, *all_inputs], [message])
     tab.lora_fields = {"train_data_dir": comps["train_data_dir"], "trigger": trigger}  # for the Dataset tab's "Send to Train"
     return tab
