@@ -140,3 +140,47 @@ def test_lycoris_options_need_the_lycoris_module(tiny_adapter, dataset, tmp_path
     cfg = _config(tmp_path, dataset, ["algo=loha"], network_module="networks.lora")
     with pytest.raises(UserError, match='set network_module = "lycoris.kohya"'):
         job.build_network(cfg, tiny_adapter, seed=0)
+
+
+def test_a_file_with_a_wrong_shape_or_a_missing_part_names_module_and_key(tiny_adapter, dataset, tmp_path):
+    from safetensors.torch import save_file
+
+    path = job.build_trainer(_config(tmp_path, dataset, ["algo=loha"]), tiny_adapter).run()
+    tensors, md = load_lora(path)
+    key = next(k for k in tensors if k.endswith(".hada_w1_b"))
+    module = key.split(".")[0]
+    targets = tiny_adapter.lora_targets(conv=True)
+    wrong = dict(tensors, **{key: torch.zeros(tensors[key].shape[0] + 1, tensors[key].shape[1])})
+    save_file(wrong, str(tmp_path / "wrong.safetensors"), md)
+    with pytest.raises(UserError, match=rf"{module}\.hada_w[12]_[ab]: shape"):
+        network_from_file(tmp_path / "wrong.safetensors", targets)
+    missing = {k: v for k, v in tensors.items() if k != key}
+    save_file(missing, str(tmp_path / "missing.safetensors"), md)
+    with pytest.raises(UserError, match=rf"{module}: hada_w1_b missing"):
+        network_from_file(tmp_path / "missing.safetensors", targets)
+
+
+def test_config_from_the_file_trains_the_same_network(tiny_adapter, dataset, tmp_path):
+    """config-from-lora: the file's ss_network_args give back the module, algorithm and DoRA (with
+    the direction of its norm), so retraining from the recovered config writes the same keys."""
+    from lora_train.network.kind import network_kind
+    from lora_train.train.from_metadata import config_from_metadata
+
+    path = job.build_trainer(_config(tmp_path, dataset, ["algo=lokr", "factor=4", "dora_wd=True"]), tiny_adapter).run()
+    tensors, md = load_lora(path)
+    recovered, _notes = config_from_metadata(md)
+    kind = network_kind(recovered.network)
+    assert (kind.module, kind.algo, kind.dora, kind.wd_on_out, kind.options.get("factor")) == ("lycoris.kohya", "lokr", True, False, 4)
+    recovered.update({"train_data_dir": str(dataset), "output_dir": str(tmp_path / "again"), "max_train_steps": 1,
+                      "pretrained_model_name_or_path": None})
+    again = job.build_trainer(recovered, tiny_adapter).run()
+    assert {k: v.shape for k, v in load_lora(again)[0].items()} == {k: v.shape for k, v in tensors.items()}
+
+
+def test_ia3_on_convolutions_says_a1111_cannot_apply_them(tiny_adapter, dataset, tmp_path):
+    trainer = job.build_trainer(_config(tmp_path, dataset, ["algo=ia3"]), tiny_adapter)  # preset full: convs too
+    trainer.run()
+    assert any("A1111 v1.10 cannot apply" in n for n in trainer.notes), trainer.notes
+    quiet = job.build_trainer(_config(tmp_path / "b", dataset, ["algo=ia3", "preset=ia3"]), tiny_adapter)
+    quiet.run()
+    assert not any("A1111 v1.10 cannot apply" in n for n in quiet.notes)

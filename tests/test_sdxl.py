@@ -274,6 +274,33 @@ def test_training_run_writes_an_sdxl_lora_and_leaves_the_model_as_it_was(xl, xl_
     assert all(n.startswith(unused) for n in still_zero) and (len(still_zero) == 6) == train_te
 
 
+# the keys each algorithm starts at zero: they move only if training reached the module
+@pytest.mark.parametrize("args,key", [(["algo=loha"], ("hada_w2_a",)), (["algo=lokr", "dora_wd=True"], ("lokr_w2", "lokr_w2_b"))],
+                         ids=["loha", "dora-lokr"])
+def test_lycoris_algorithms_train_sdxl_with_both_text_encoders(xl, xl_model, tmp_path, args, key):
+    """LoHa and DoRA-LoKr on SDXL, text encoders included: te2's fused attention parts get their own
+    modules of the algorithm, the file is valid and names only modules SDXL has, the model comes back."""
+    from conftest import make_dataset, small_run_config
+    from lora_train.app import job
+    from lora_train.network.files import load_lora
+    from lora_train.network.selftest import unmatched_modules
+    from lora_train.tools.inspect import inspect_lora
+
+    config = small_run_config(make_dataset(tmp_path / "data", count=2, size=64), "xl", epochs=1, output_dir=str(tmp_path / "out"),
+                              max_train_steps=2, bucket_reso_steps=32, network_module="lycoris.kohya", network_args=args)
+    before = snapshot(xl_model)
+    path = job.build_trainer(config, xl).run()
+    assert_same_as(xl_model, before)
+    tensors, _ = load_lora(path)
+    for part in ("q_proj", "k_proj", "v_proj", "out_proj"):
+        moved = [v for k, v in tensors.items() if k.startswith("lora_te2_") and f"self_attn_{part}." in k and k.split(".", 1)[1] in key]
+        assert moved and any(v.abs().sum() > 0 for v in moved), part
+    assert ("dora_wd=True" in args) == any(k.endswith(".dora_scale") for k in tensors)
+    report = inspect_lora(path)
+    assert report["valid"] and report["architecture"] == "sdxl", report["problems"][:3]
+    assert unmatched_modules(path, xl) == []
+
+
 def test_sd2_text_encoder_trains_through_the_fused_attention(tmp_path):
     """The same fused-attention LoRA makes SD2's OpenCLIP text encoder trainable; names stop at
     the penultimate layer, as sd-scripts'."""

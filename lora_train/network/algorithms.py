@@ -138,7 +138,9 @@ def module_class(name: str, suffixes: set[str], org: nn.Module, part: str | None
                                               key=f"{name}.{extra[0]}", other=owner(extra[0]).algorithm, name=name, algorithm=cls.algorithm))
             return cls
     check_keys(f"{name}.{s}" for s in sorted(suffixes))
-    partial = next((cls for cls in ALGORITHMS if suffixes & set(cls.suffixes) and cls.accepts(org, part)), None)
+    # the algorithm most of the module's own keys belong to (alpha is everyone's)
+    overlap = {cls: len((own - {"alpha"}) & set(cls.suffixes)) for cls in ALGORITHMS if cls.accepts(org, part)}
+    partial = max(overlap, key=overlap.get) if overlap and max(overlap.values()) else None
     if partial is not None:
         needs = [s for s in partial.suffixes if s not in partial.optional]
         missing = [s for s in needs if s not in suffixes]

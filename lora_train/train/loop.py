@@ -141,6 +141,11 @@ class Trainer:
             self.notes.append(msg("network_args {keys}: not read by algo={algo}", keys=", ".join(kind.ignored()), algo=kind.algo))
         if kind.algo == "ia3" and kind.preset != "ia3":
             self.notes.append(msg("network_args algo=ia3: LyCORIS recommends preset=ia3 (keys, values and the MLP output only)"))
+        convs = [n for n, m in self.network.lora_modules.items() if isinstance(m.org, torch.nn.Conv2d) and m.algorithm in ("IA3", "GLoRA")]
+        if convs:  # LyCORIS trains them, ComfyUI reads some; A1111 v1.10's loaders fail on them
+            self.notes.append(msg("{algorithm} on {count} convolution layers (e.g. {name}): A1111 v1.10 cannot apply those modules; "
+                                  "preset=attn-mlp leaves them out", algorithm=self.network.lora_modules[convs[0]].algorithm,
+                                  count=len(convs), name=convs[0]))
         if c.network.bypass_mode:
             self.notes.append(msg("network_args bypass_mode: the same result either way; LoRA Train picks the path per algorithm"))
         if c.training.gradient_accumulation_steps < 1:
