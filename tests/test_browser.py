@@ -292,13 +292,21 @@ def test_e1_network_type_sets_the_guides_defaults(page):
     """Choosing LoHa fills the SDXL tutorial's 8/4/4/1 and LyCORIS' module and algo; LoRA puts 32/1/-/- back."""
     page.locator("#lora_train_network_type label", has_text="LoHa").click()
     wait_for(page, "LoHa's dims", lambda: field(page, "network_dim").input_value() == "8", 30)
-    assert (field(page, "network_alpha").input_value(), field(page, "conv_dim").input_value(), field(page, "conv_alpha").input_value()) == ("4", "4", "1")
+    assert [float(field(page, k).input_value()) for k in ("network_alpha", "conv_dim", "conv_alpha")] == [4, 4, 1]
     assert field(page, "algo").input_value() == "loha" and field(page, "network_module").input_value() == "lycoris.kohya"
     assert "Network type LoHa" in page.locator("#lora_train_message").first.inner_text()
     shot(page, "e1-loha")
     page.locator("#lora_train_network_type label", has_text="LoRA").first.click()
     wait_for(page, "LoRA's dims", lambda: field(page, "network_dim").input_value() == "32", 30)
     assert field(page, "conv_dim").input_value() == "" and field(page, "network_module").input_value() == "networks.lora"
+
+
+def test_e2_apply_preset_keeps_the_models_size(page):
+    set_field(page, "resolution", "128")
+    page.locator("#lora_train_apply_preset").first.click()
+    wait_for(page, "the preset message", lambda: "Preset applied" in page.locator("#lora_train_message").first.inner_text(), 30)
+    assert field(page, "resolution").input_value() == "64", "the concept / SD1.5 preset at the loaded 64 px model's size"
+    assert "resolution set to 64" in page.locator("#lora_train_message").first.inner_text()
 
 
 # -- the zh_CN server ------------------------------------------------------------------------------

@@ -73,11 +73,13 @@ def _t_literals(path: Path) -> set[str]:
     out = set()
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         is_t = isinstance(node, ast.Call) and ((isinstance(node.func, ast.Name) and node.func.id == "t") or (
-            isinstance(node.func, ast.Attribute) and node.func.attr == "format" and getattr(node.func.value, "id", "") == "t"))
+            isinstance(node.func, ast.Attribute) and node.func.attr in ("format", "labelled") and getattr(node.func.value, "id", "") == "t"))
         if is_t and node.args:
             arg = node.args[0]
-            if isinstance(arg, ast.Constant) and isinstance(arg.value, str):
-                out.add(arg.value)
+            # t.labelled("Started" if now else "Queued", ...): both
+            for choice in ((arg.body, arg.orelse) if isinstance(arg, ast.IfExp) else (arg,)):
+                if isinstance(choice, ast.Constant) and isinstance(choice.value, str):
+                    out.add(choice.value)
     return out
 
 

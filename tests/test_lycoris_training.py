@@ -34,6 +34,8 @@ RUNS = {
     "dora-lora": ["algo=lora", "dora_wd=True"],
     "dora-loha": ["algo=loha", "dora_wd=True", "preset=unet-convblock-only"],
     "dora-lokr": ["algo=lokr", "dora_wd=True", "wd_on_output=True"],
+    "dylora": ["algo=dylora", "block_size=2"],
+    "norm": ["algo=loha", "train_norm=True", "preset=attn-mlp"],
 }
 
 
@@ -61,10 +63,17 @@ def _layer_like(target: nn.Module) -> nn.Module:
 
 
 def _lycoris_keys(algo: str, name: str, target: nn.Module, options: dict) -> dict[str, tuple]:
+    if isinstance(target, (nn.LayerNorm, nn.GroupNorm)):  # train_norm: LyCORIS' NormModule whatever the algo
+        from lycoris.modules.norms import NormModule
+
+        return {k: tuple(v.shape) for k, v in NormModule(name, target, 1.0).state_dict().items()}
     cls = lycoris_wrapper.network_module_dict[algo]
     accepted = inspect.signature(cls.__init__).parameters
     module = cls(name, _layer_like(target), 1.0, **{k: v for k, v in options.items() if k in accepted})
-    return {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    keys = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    if algo == "dylora" and isinstance(target, nn.Conv2d):  # LyCORIS writes a conv's lora_up 2-D; sd-scripts and we (out, rank, 1, 1)
+        keys["lora_up.weight"] += (1, 1)
+    return keys
 
 
 @pytest.mark.parametrize("run", list(RUNS))
@@ -80,7 +89,7 @@ def test_each_algorithm_trains_and_writes_what_lycoris_writes(run, tiny_adapter,
     assert md["ss_network_module"] == "lycoris.kohya" and algo == args[0].split("=")[1]
     assert ("dora_wd=True" in args) == (recorded.get("dora_wd") == "True")
 
-    targets = {t.name: t.module for t in tiny_adapter.lora_targets(conv=True)}
+    targets = {t.name: t.module for t in tiny_adapter.file_targets()}
     modules = {}
     for key, value in tensors.items():
         name, _, suffix = key.partition(".")
@@ -94,18 +103,23 @@ def test_each_algorithm_trains_and_writes_what_lycoris_writes(run, tiny_adapter,
                    "use_tucker": "use_tucker=True" in args, "factor": 4 if run == "lokr" else -1,
                    "weight_decompose": "dora_wd=True" in args, "wd_on_out": recorded.get("wd_on_output") == "True",
                    "constraint": 0.5 if run == "diag-oft" else 0, "rescaled": run == "diag-oft",
-                   "train_on_input": run == "ia3" and name.endswith(("_ff_net_2", "_mlp_fc2"))}
+                   "train_on_input": run == "ia3" and name.endswith(("_ff_net_2", "_mlp_fc2")),
+                   "block_size": 2}
         want = _lycoris_keys(algo, name, target, options)
         if algo == "glora":  # A1111 v1.10 reads LyCORIS 2.x's names, which LyCORIS 3+ swapped (network/glora.py)
             want = {GLORA_SWAP.get(k, k): v for k, v in want.items()}
         assert keys == want, name
 
     trained = trainer.network
-    rebuilt = network_from_file(path, tiny_adapter.lora_targets(conv=True))
+    rebuilt = network_from_file(path, tiny_adapter.file_targets())
     assert set(rebuilt.lora_modules) == set(trained.lora_modules)
     moved = 0.0
     for name, module in trained.lora_modules.items():
-        assert type(rebuilt.lora_modules[name]) is type(module)
+        if module.algorithm == "DyLoRA":  # its files are LoRA / LoCon: what it trains, any tool loads
+            assert rebuilt.lora_modules[name].algorithm in ("LoRA", "LoCon")
+            module.eval()  # the full rank, as the file holds it
+        else:
+            assert type(rebuilt.lora_modules[name]) is type(module)
         assert torch.allclose(rebuilt.lora_modules[name].delta(), module.delta(), atol=1e-6), name
         moved = max(moved, float(module.delta().detach().abs().max()))
     assert moved > 0, "one step at lr 1e-2 changes the weights"
@@ -184,3 +198,13 @@ def test_ia3_on_convolutions_says_a1111_cannot_apply_them(tiny_adapter, dataset,
     quiet = job.build_trainer(_config(tmp_path / "b", dataset, ["algo=ia3", "preset=ia3"]), tiny_adapter)
     quiet.run()
     assert not any("A1111 v1.10 cannot apply" in n for n in quiet.notes)
+
+
+def test_sd_scripts_dylora_writes_a_lora_with_its_unit(tiny_adapter, dataset, tmp_path):
+    cfg = _config(tmp_path, dataset, ["unit=2"], network_module="networks.dylora", max_train_steps=2)
+    trainer = job.build_trainer(cfg, tiny_adapter)
+    path = trainer.run()
+    tensors, md = load_lora(path)
+    assert md["ss_network_module"] == "networks.dylora" and json.loads(md["ss_network_args"]) == {"unit": "2"}
+    assert {k.split(".", 1)[1] for k in tensors} == {"lora_down.weight", "lora_up.weight", "alpha"}
+    assert {type(m).__name__ for m in trainer.network.lora_modules.values()} == {"DyLoRA"}

@@ -164,7 +164,6 @@ UNSUPPORTED = [
     # (keys replacing / added to the K module, what the message names)
     ({"oft_diag": (2, 4, 4)}, "OFT"),
     ({"lora_mid.weight": (2, 2, 3, 3)}, "Tucker/CP"),
-    ({"w_norm": (8,), "b_norm": (8,)}, "norm"),
     ({"scale": ()}, "scale"),
     ({"bm.weight": (2, 2)}, "GLoRA"),
 ]
@@ -265,3 +264,12 @@ def test_plain_lora_and_locon_files_still_load_with_the_right_algorithm():
     assert net.lora_modules["lora_unet_linear"].scale == 1.0 and net.lora_modules["lora_unet_conv3x3"].lora_dim == 2
     with pytest.raises(KeyError, match=r"lora_up.weight missing \(LoRA needs lora_down.weight and lora_up.weight\)"):
         LoRANetwork.from_state_dict({k: v for k, v in state.items() if not k.startswith("lora_unet_linear.lora_up")}, targets)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_building_a_lora_never_draws_from_the_hosts_rng(kind):
+    """torch's layer init would consume the global RNG the host samples with; ours draws from its own generator."""
+    org, part = _kinds()[kind]
+    state = torch.random.get_rng_state()
+    LoRANetwork([Target(f"lora_unet_{kind}", org, kind, part)], dim=DIM, alpha=ALPHA, conv_dim=DIM, conv_alpha=ALPHA)
+    assert torch.equal(torch.random.get_rng_state(), state)

@@ -186,6 +186,16 @@ def test_refusal_and_bad_dataset_are_reported_not_raised(host, tmp_path):
     missing = tmp_path / "no-such-folder"
     with pytest.raises(UserError, match="no-such-folder' does not exist"):  # refused at Start, nothing queued
         manager.submit(RunRequest(config_for(missing)))
+    folder = make_dataset(tmp_path / "ok", count=2)
+    bad_size = config_for(folder)
+    bad_size.dataset.resolution = "abc"
+    with pytest.raises(UserError, match="'abc'"):  # what the plan says, at Start too
+        manager.submit(RunRequest(bad_size))
+    bad_algo = config_for(folder)
+    bad_algo.update({"network_module": "lycoris.kohya", "network_args": ["algo=lohaa"]})
+    with pytest.raises(UserError, match="did you mean 'loha'"):
+        manager.submit(RunRequest(bad_algo))
+    assert manager.latest() is None  # nothing was queued
     empty = tmp_path / "empty-folder"
     (empty / "5_zkz").mkdir(parents=True)
     s = manager.submit(RunRequest(config_for(empty)))

@@ -104,9 +104,9 @@ def test_the_start_message_becomes_how_the_run_ended():
     running = RunStatus(id="run-3", name="grntri", phase="training")
     assert _message_after(started, Manager(running), Translator()) is None, "still running: the message stays"
     assert _message_after(_message("a folder error", True), Manager(running), Translator()) is None, "not about a run"
-    for phase, text, zh in (("finished", "Finished: grntri (21:07:05)", "已完成: grntri (21:07:05)"),
-                            ("cancelled", "Stopped: grntri (21:07:05)", "已停止: grntri (21:07:05)"),
-                            ("failed", "Failed: grntri (21:07:05)", "失败: grntri (21:07:05)")):
+    for phase, text, zh in (("finished", "Finished: grntri (21:07:05)", "已完成：grntri (21:07:05)"),
+                            ("cancelled", "Stopped: grntri (21:07:05)", "已停止：grntri (21:07:05)"),
+                            ("failed", "Failed: grntri (21:07:05)", "失败：grntri (21:07:05)")):
         run = RunStatus(id="run-3", name="grntri", phase=phase, ended_at=ended)
         after = _message_after(started, Manager(run), Translator())
         assert text in after and "Started" not in after and 'data-run=""' in after

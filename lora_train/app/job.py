@@ -21,6 +21,7 @@ from lora_train.model.adapter import ModelAdapter
 from lora_train.network.blocks import LrWeights
 from lora_train.network.files import load_lora
 from lora_train.network.kind import network_kind
+from lora_train.network.norm import ldm_unet_norm_targets, sdxl_unet_norm_targets
 from lora_train.network.targets import preset_targets
 from lora_train.network.network import LoRANetwork, network_from_file
 from lora_train.train.config import TrainConfig
@@ -65,6 +66,9 @@ def build_network(config: TrainConfig, adapter: ModelAdapter, seed: int) -> LoRA
     if kind.is_lycoris:
         # LyCORIS trains the convs its preset names, with conv_dim / conv_alpha = network_dim / network_alpha unless set
         targets = preset_targets(adapter.lora_targets(conv=True), kind.preset)
+        if kind.train_norm:
+            norms = sdxl_unet_norm_targets(adapter.unet) if adapter.info.family == "sdxl" else ldm_unet_norm_targets(adapter.unet)
+            targets += preset_targets(norms, kind.preset)
         if conv_dim is None:
             conv_dim, conv_alpha = n.network_dim or 4, n.conv_alpha if n.conv_alpha is not None else n.network_alpha
     else:
@@ -86,7 +90,7 @@ def build_network(config: TrainConfig, adapter: ModelAdapter, seed: int) -> LoRA
                 block_dims=n.block_dims, block_alphas=n.block_alphas, conv_block_dims=n.conv_block_dims,
                 conv_block_alphas=n.conv_block_alphas, dropout=n.network_dropout, rank_dropout=n.rank_dropout,
                 module_dropout=n.module_dropout, lr_weights=lr_weights if lr_weights.active else None,
-                kind=kind if kind.is_lycoris else None,
+                kind=None if kind.is_default else kind,
             )
         except (TypeError, ValueError) as e:  # an option or size the algorithm cannot take (BOFT on 320 channels ...)
             raise UserError(msg("network_args algo={algo}: {reason}", algo=kind.algo, reason=e)) from e

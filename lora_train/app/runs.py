@@ -373,8 +373,14 @@ class _Publisher:
 
 
 def _require_dataset(config: TrainConfig) -> None:
-    """A run whose dataset folder or TOML is missing is refused at Start, not queued to fail."""
+    """A run whose dataset folder or TOML is missing, or whose size or network cannot be read, is
+    refused at Start, not queued to fail."""
+    from lora_train.dataset.spec import parse_resolution
+    from lora_train.network.kind import network_kind
+
     d = config.dataset
+    parse_resolution(d.resolution, 512)  # raises the message the plan shows
+    network_kind(config.network)
     for key, path, exists in (("dataset_config", d.dataset_config, Path.is_file), ("train_data_dir", d.train_data_dir, Path.is_dir),
                               ("reg_data_dir", d.reg_data_dir, Path.is_dir)):
         if path and not exists(Path(path)):

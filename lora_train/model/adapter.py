@@ -104,6 +104,14 @@ class ModelAdapter:
     def lora_targets(self, conv: bool = False) -> list[Target]:
         raise NotImplementedError
 
+    def file_targets(self) -> list[Target]:
+        """Every module a network file may change on this model: the LoRA targets with convs, and the
+        UNet's norm layers LyCORIS trains with train_norm."""
+        from lora_train.network.norm import ldm_unet_norm_targets, sdxl_unet_norm_targets
+
+        norms = sdxl_unet_norm_targets(self.unet) if self.info.family == "sdxl" else ldm_unet_norm_targets(self.unet)
+        return self.lora_targets(conv=True) + norms
+
     def can_train_text_encoder(self) -> bool:
         return True
 

@@ -25,12 +25,14 @@ from lora_train.network.loha import LoHa
 from lora_train.network.lokr import LoKr
 from lora_train.network.lora import LoRA
 from lora_train.network.module import NetworkModule
+from lora_train.network.dylora import DyLoRA
+from lora_train.network.norm import Norm
 from lora_train.network.oft import BOFT, DiagOFT
 
 # The first algorithm that claims a module's keys (`claims`) and trains its target (`accepts`) builds it: LoRA and LoCon
 # share their keys and split the targets (LoCon: convs with a kernel larger than 1x1); Diag-OFT and BOFT share
 # theirs and split by the shape of oft_blocks (`fits`).
-ALGORITHMS: tuple[type[NetworkModule], ...] = (LoRA, LoCon, LoHa, LoKr, IA3, Full, GLoRA, DiagOFT, BOFT)
+ALGORITHMS: tuple[type[NetworkModule], ...] = (LoRA, LoCon, LoHa, LoKr, IA3, Full, GLoRA, DiagOFT, BOFT, Norm)
 # Keys any algorithm's module may carry besides its own: DoRA's magnitude (`NetworkModule.enable_dora`)
 SHARED_SUFFIXES = ("dora_scale",)
 
@@ -38,7 +40,10 @@ SHARED_SUFFIXES = ("dora_scale",)
 LYCORIS_ALGOS: dict[str, tuple[type[NetworkModule], type[NetworkModule]]] = {
     "lora": (LoRA, LoCon), "locon": (LoRA, LoCon), "loha": (LoHa, LoHa), "lokr": (LoKr, LoKr), "ia3": (IA3, IA3),
     "full": (Full, Full), "glora": (GLoRA, GLoRA), "diag-oft": (DiagOFT, DiagOFT), "boft": (BOFT, BOFT),
+    "dylora": (DyLoRA, DyLoRA),  # trains like this, saves as LoRA / LoCon (its files load as those)
 }
+# the algorithms DoRA goes with (LyCORIS ignores dora_wd for the rest)
+DORA_ALGOS = ("lora", "locon", "loha", "lokr")
 
 
 def classes_for(algo: str) -> tuple[type[NetworkModule], type[NetworkModule]]:
@@ -50,7 +55,6 @@ NOT_YET: dict[str, str] = {
     "lokr_t1": "LoKr",  # LyCORIS lists it but never writes it
     "oft_diag": "OFT",  # older LyCORIS OFT
     "bm.weight": "GLoRA",  # LyCORIS' GLoRA with Tucker, which its own 4.x never builds
-    **dict.fromkeys(("w_norm", "b_norm"), msg("norm layer training (LyCORIS norm)")),
     "lora_mid.weight": msg("LoCon with Tucker/CP decomposition"),
     **dict.fromkeys(("lora_A.weight", "lora_B.weight"), msg("LoRA in PEFT/diffusers key names (lora_A/lora_B)")),
     "scale": msg("a per-module scale that overrides alpha/rank"),

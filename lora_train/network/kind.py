@@ -13,10 +13,11 @@ from lora_train.errors import UserError, close_match_hint, msg
 from lora_train.network.module import NetworkModule
 
 SD_SCRIPTS = ("networks.lora", "lora")
+DYLORA = "networks.dylora"  # sd-scripts' DyLoRA
 LYCORIS = "lycoris.kohya"
 # LyCORIS' module options, by its network_args names (old names are read as these: train/config.py)
 OPTION_NAMES = ("use_tucker", "use_scalar", "factor", "decompose_both", "full_matrix", "unbalanced_factorization",
-                "constraint", "rescaled", "train_on_input", "rank_dropout_scale")
+                "constraint", "rescaled", "train_on_input", "rank_dropout_scale", "unit")
 
 
 @dataclass
@@ -27,10 +28,16 @@ class NetworkKind:
     dora: bool = False
     wd_on_out: bool = False
     options: dict[str, Any] = field(default_factory=dict)
+    train_norm: bool = False
 
     @property
     def is_lycoris(self) -> bool:
         return self.module == LYCORIS
+
+    @property
+    def is_default(self) -> bool:
+        """sd-scripts' networks.lora: LoRA, and LoCon with conv_dim."""
+        return self.module in SD_SCRIPTS
 
     def classes(self) -> tuple[type[NetworkModule], type[NetworkModule]]:
         """The module classes for Linear / 1x1 targets and for larger convs."""
@@ -57,7 +64,9 @@ class NetworkKind:
         if self.dora:
             out["dora_wd"] = "True"
             out["wd_on_output"] = str(self.wd_on_out)
-        out.update({k: str(v) for k, v in self.options.items()})
+        if self.train_norm:
+            out["train_norm"] = "True"
+        out.update({("block_size" if k == "unit" else k): str(v) for k, v in self.options.items()})
         return out
 
 
@@ -78,15 +87,18 @@ def network_kind(network) -> NetworkKind:
     from lora_train.network import algorithms, targets
 
     module = network.network_module
+    if module == DYLORA:
+        # sd-scripts' DyLoRA: LoRA's targets and conv_dim, ranks trained in steps of `unit` (default 1)
+        return NetworkKind(DYLORA, "dylora", options={"unit": network.unit or 1})
     if module in SD_SCRIPTS:
-        lycoris_only = [k for k in ("algo", "preset", "dora_wd") if getattr(network, k, None)]
+        lycoris_only = [k for k in ("algo", "preset", "dora_wd", "train_norm") if getattr(network, k, None)]
         if lycoris_only:
             raise UserError(msg("network_args {keys}: LyCORIS' options; set network_module = \"lycoris.kohya\" to use them",
                                 keys=", ".join(lycoris_only)))
         return NetworkKind()
     if module != LYCORIS:
-        raise UserError(msg("network_module '{value}' is not supported (use networks.lora or lycoris.kohya){hint}",
-                            value=module, hint=close_match_hint(module, SD_SCRIPTS + (LYCORIS,))))
+        raise UserError(msg("network_module '{value}' is not supported (use networks.lora, networks.dylora or lycoris.kohya){hint}",
+                            value=module, hint=close_match_hint(module, SD_SCRIPTS + (DYLORA, LYCORIS))))
     algo = (network.algo or "lora").lower()
     if algo not in algorithms.LYCORIS_ALGOS:
         known = ", ".join(sorted(algorithms.LYCORIS_ALGOS))
@@ -99,6 +111,12 @@ def network_kind(network) -> NetworkKind:
     options = {k: getattr(network, k) for k in OPTION_NAMES if getattr(network, k, None) not in (None, False)}
     if options.get("factor") == -1:
         del options["factor"]  # LyCORIS' "not set"
+    if algo == "dylora":
+        from lora_train.network.dylora import LYCORIS_BLOCK_SIZE
+
+        options.setdefault("unit", LYCORIS_BLOCK_SIZE)
+    if network.dora_wd and algo not in algorithms.DORA_ALGOS:
+        raise UserError(msg("network_args dora_wd: DoRA goes with algo {algos}, not {algo}", algos=", ".join(algorithms.DORA_ALGOS), algo=algo))
     # A1111 v1.10 reads every dora_scale as taken per input column: files it renders right need that
     wd_on_out = bool(network.wd_on_output) if network.wd_on_output is not None else False
-    return NetworkKind(LYCORIS, algo, preset, bool(network.dora_wd), wd_on_out, options)
+    return NetworkKind(LYCORIS, algo, preset, bool(network.dora_wd), wd_on_out, options, bool(network.train_norm))

@@ -10,6 +10,7 @@ import math
 
 import torch
 from torch import nn
+from torch.nn.utils import skip_init
 
 from lora_train.network.module import NetworkModule
 
@@ -25,16 +26,17 @@ class LoRA(NetworkModule):
     def __init__(self, name: str, org: nn.Module, dim: int, alpha: float | None, generator: torch.Generator | None = None,
                  part: str | None = None):
         super().__init__(name, org, dim, alpha, part)
+        # skip_init: torch's own init would draw from the global RNG (the host's); ours comes from `generator`
         if isinstance(org, nn.MultiheadAttention):
-            self.lora_down = nn.Linear(org.embed_dim, dim, bias=False)
-            self.lora_up = nn.Linear(dim, org.embed_dim, bias=False)
+            self.lora_down = skip_init(nn.Linear, org.embed_dim, dim, bias=False)
+            self.lora_up = skip_init(nn.Linear, dim, org.embed_dim, bias=False)
         elif isinstance(org, nn.Conv2d):
             # the down conv takes the target's kernel, stride and padding (LoCon); up is always 1x1
-            self.lora_down = nn.Conv2d(org.in_channels, dim, org.kernel_size, org.stride, org.padding, bias=False)
-            self.lora_up = nn.Conv2d(dim, org.out_channels, (1, 1), (1, 1), bias=False)
+            self.lora_down = skip_init(nn.Conv2d, org.in_channels, dim, org.kernel_size, org.stride, org.padding, bias=False)
+            self.lora_up = skip_init(nn.Conv2d, dim, org.out_channels, (1, 1), (1, 1), bias=False)
         else:
-            self.lora_down = nn.Linear(org.in_features, dim, bias=False)
-            self.lora_up = nn.Linear(dim, org.out_features, bias=False)
+            self.lora_down = skip_init(nn.Linear, org.in_features, dim, bias=False)
+            self.lora_up = skip_init(nn.Linear, dim, org.out_features, bias=False)
         self.reset_parameters(generator)
 
     @classmethod

@@ -15,8 +15,12 @@ from lora_train.network.blocks import LrWeights
 from lora_train.network.locon import LoCon
 from lora_train.network.lora import LoRA
 from lora_train.network.module import NetworkModule
+from lora_train.network.norm import Norm
 from lora_train.network.kind import NetworkKind
 from lora_train.network.targets import IA3_ON_INPUT, Target
+
+NORM_LAYERS = (nn.LayerNorm, nn.GroupNorm)
+
 
 class LoRANetwork(nn.Module):
     """LoRA on Linear and 1x1 conv (`dim`/`alpha`), LoCon on larger convs (`conv_dim`/`conv_alpha`), or
@@ -75,6 +79,10 @@ class LoRANetwork(nn.Module):
                 rank, a = dim, alpha
             if not rank:
                 continue  # no conv_dim, or a block given rank 0
+            if isinstance(t.module, NORM_LAYERS):  # LyCORIS' train_norm: whatever the algorithm, a norm gets Norm
+                self.add_module(t.name, Norm(t.name, t.module, 1, None, part=t.part))
+                self._targets[t.name] = t.module
+                continue
             algorithm = conv_class if t.is_conv3x3 else linear_class
             options = kind.options_for(algorithm) if kind else {}
             if kind and kind.preset == "ia3" and t.name.endswith(IA3_ON_INPUT):
@@ -177,6 +185,7 @@ class LoRANetwork(nn.Module):
             name = algorithms.split_key(mixed[0])[0]
             raise NoFitError(msg("{key}: the file's {name} is not {algorithm} as here (its keys: {keys})", key=mixed[0], name=name,
                                  algorithm=_described(here[name]), keys=", ".join(sorted(algorithms.split_key(k)[1] for k in state if k.startswith(name + ".")))))
+        state = {k: v.reshape(own[k].shape) if k in own and _same_but_1x1(v.shape, own[k].shape) else v for k, v in state.items()}
         wrong = [k for k in state if k in own and own[k].shape != state[k].shape]
         if wrong:
             raise NoFitError(msg("{count} LoRA weights have another shape here (first: {key} {shape} vs {own}); set network_dim/conv_dim to the file's ranks or use dim_from_weights",
@@ -209,6 +218,11 @@ class LoRANetwork(nn.Module):
             net._targets[name] = target.module
         net.load_kohya_state_dict(dict(state) | _missing_alphas(net, state))
         return net
+
+
+def _same_but_1x1(a: torch.Size, b: torch.Size) -> bool:
+    """LyCORIS writes some conv factors 2-D ((out, rank)) where sd-scripts writes (out, rank, 1, 1)."""
+    return a != b and (tuple(a) + (1, 1) == tuple(b) or tuple(b) + (1, 1) == tuple(a))
 
 
 def _described(module: NetworkModule) -> str:

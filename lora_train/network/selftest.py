@@ -11,7 +11,7 @@ from lora_train.network.files import load_lora
 
 def unmatched_modules(path: str | Path, adapter) -> list[str]:
     tensors, _ = load_lora(path)
-    known = {t.name for t in adapter.lora_targets(conv=True)}
+    known = {t.name for t in adapter.file_targets()}
     in_file = {key.split(".", 1)[0] for key in tensors}
     return sorted(in_file - known)
 

@@ -13,7 +13,7 @@ def render_grid(adapter, files: list[Path], weights: list[float], prompt: str, s
     from lora_train.network.network import network_from_file
     from lora_train.sample.render import render_batch
 
-    targets = adapter.lora_targets(conv=True)
+    targets = adapter.file_targets()
     label_w, head_h = 160, 24
     grid = Image.new("RGB", (label_w + size * len(weights), head_h + size * len(files)), "white")
     draw = ImageDraw.Draw(grid)

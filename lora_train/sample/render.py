@@ -230,7 +230,7 @@ def sample_with_loras(
     """Render `n` images with seeds seed..seed+n-1, LoRAs applied (the `sample` command's work)."""
     from lora_train.network.network import network_from_file
 
-    targets = adapter.lora_targets(conv=True)
+    targets = adapter.file_targets()
     networks = []
     for path, weight in loras:
         net = network_from_file(path, targets).to(adapter.device)

@@ -208,7 +208,7 @@ class DatasetSession:
         store = self.require()
         n = len(store.dirty)
         entry = store.save()
-        return msg("saved {count} image(s); 'Undo last save' puts them back", count=n) if entry else msg("nothing to save")
+        return msg("saved {count} image(s); Undo last save puts them back", count=n) if entry else msg("nothing to save")
 
     def undo_save(self) -> str:
         store = self.require()

@@ -224,7 +224,7 @@ def held_out_loss(adapter, scene_list, seed: int) -> float:
 def _load_network(path: Path, adapter):
     from lora_train.network.network import network_from_file
 
-    return network_from_file(path, adapter.lora_targets(conv=True)).to(adapter.device)
+    return network_from_file(path, adapter.file_targets()).to(adapter.device)
 
 
 def evaluate_file(path: Path, epoch: int, adapter, opts: FidelityOptions) -> tuple[EpochResult, dict]:

@@ -28,10 +28,13 @@ MODULE_KEY_RE = re.compile(r"^(lora_(?:unet|te|te1|te2)_[A-Za-z0-9_]+)\.(.+)$")
 
 @lru_cache(maxsize=4)
 def _known_targets(arch: str) -> dict[str, bool]:
-    """The module names sd-scripts and LyCORIS train on `arch`, and whether each is a conv larger than 1x1."""
+    """The module names sd-scripts and LyCORIS train on `arch` (norm layers included), and whether each is a conv larger than 1x1."""
+    from lora_train.model.arch import meta_unet
     from lora_train.model.reference import reference_targets
+    from lora_train.network.norm import ldm_unet_norm_targets, sdxl_unet_norm_targets
 
-    return {t.name: t.is_conv3x3 for t in reference_targets(arch, conv=True)}
+    norms = (sdxl_unet_norm_targets if arch == "sdxl" else ldm_unet_norm_targets)(meta_unet(arch))  # LyCORIS' train_norm
+    return {t.name: t.is_conv3x3 for t in reference_targets(arch, conv=True) + norms}
 
 
 def _algorithm_of(name: str, parts: dict[str, list[int]]):

@@ -71,17 +71,21 @@ class NetworkConfig:
     train_on_input: bool = False  # IA3
     rank_dropout_scale: bool = False
     bypass_mode: bool = False
+    train_norm: bool = False  # LyCORIS: also train the norm layers of the blocks the preset names
+    unit: Optional[int] = None  # DyLoRA (networks.dylora): ranks trained in steps of this; LyCORIS' algo=dylora calls it block_size
 
 
 NETWORK_ARGS = (
     "conv_dim", "conv_alpha", "rank_dropout", "module_dropout", "block_dims", "block_alphas", "conv_block_dims",
     "conv_block_alphas", "down_lr_weight", "mid_lr_weight", "up_lr_weight", "block_lr_zero_threshold",
     "algo", "preset", "dora_wd", "wd_on_output", "use_tucker", "use_scalar", "factor", "decompose_both", "full_matrix",
-    "unbalanced_factorization", "constraint", "rescaled", "train_on_input", "rank_dropout_scale", "bypass_mode",
+    "unbalanced_factorization", "constraint", "rescaled", "train_on_input", "rank_dropout_scale", "bypass_mode", "train_norm",
+    "unit",
 )
 # old names LyCORIS still reads: name -> (new name, whether the value flips)
 NETWORK_ARG_ALIASES = {"use_cp": ("use_tucker", False), "use_conv_cp": ("use_tucker", False),
-                       "disable_conv_cp": ("use_tucker", True), "constrain": ("constraint", False), "dropout": ("network_dropout", False)}
+                       "disable_conv_cp": ("use_tucker", True), "constrain": ("constraint", False), "dropout": ("network_dropout", False),
+                       "block_size": ("unit", False)}
 
 
 @dataclass

@@ -84,7 +84,7 @@ class Trainer:
             optimizer=optimizer_name(self.optimizer), lr_scheduler=scheduler_label(self.config.optimizer.lr_scheduler, self.optimizer),
         )
         emit(ev.Started(self.plan.total_steps, self.plan.steps_per_epoch, self.plan.epochs, self.plan.train_images, self.notes))
-        targets = {t.name: t.module for t in self.adapter.lora_targets(conv=True)}
+        targets = {t.name: t.module for t in self.adapter.file_targets()}
         t = self.config.training
         try:
             with self.adapter.frozen(), \

@@ -124,7 +124,7 @@ def files_html(status, t) -> str:
         mark = "✖" if check_failed(check) else ("✔" if check else "")
         items.append(f'<li title="{html.escape(t.text(check))}">{mark} <code>{html.escape(Path(p).name)}</code></li>')
     return (f'<div id="lora_train_published" data-count="{len(status.published)}">'
-            f'<div class="lora-train-folder">{html.escape(t("LoRA folder"))}: <code>{html.escape(folder)}</code></div>'
+            f'<div class="lora-train-folder">{html.escape(t.labelled("LoRA folder", ""))}<code>{html.escape(folder)}</code></div>'
             f'<ul>{"".join(items)}</ul></div>')
 
 
@@ -143,7 +143,7 @@ def plan_html(plan, t) -> str:
     parts = [f'<div id="lora_train_plan_info" data-total-steps="{plan.total_steps}" data-steps-per-epoch="{plan.steps_per_epoch}">',
              _table(rows)]
     if buckets:
-        parts.append(f"<p>{html.escape(t('Buckets'))}: {html.escape(', '.join(buckets))}</p>")
+        parts.append(f"<p>{html.escape(t.labelled('Buckets', ', '.join(buckets)))}</p>")
     notes = [f"⚠ {t.text(w)}" for w in plan.warnings] + [f"✖ {t.text(p)}" for p in plan.scan.problems + plan.problems]
     if notes:
         parts.append('<ul class="lora-train-warnings">' + "".join(f"<li>{html.escape(str(n))}</li>" for n in notes[:20]) + "</ul>")

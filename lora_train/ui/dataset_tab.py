@@ -279,11 +279,8 @@ def build_dataset_tab(host, t: Translator | None = None, train_fields: dict | No
                 root, trigger = send_to_train_values(s)
             except UserError as e:
                 return [_message(t.text(e), True), gr.update(), gr.update()] + ([gr.update()] if tabs is not None else [])
-            if s.store.dirty:
-                note = t("Sent; the folder has unsaved edits: save them before training")
-            else:
-                note = t("Sent to the Train tab")
-            out = [_message(f"{note}: {root}"), root, trigger or gr.update()]
+            out = [_message(t.labelled("Sent; the folder has unsaved edits: save them before training" if s.store.dirty
+                                       else "Sent to the Train tab", str(root))), root, trigger or gr.update()]
             return out + [gr.update(selected=train_tab_id)] if tabs is not None else out
         send.click(on_send, [state], [message, train_fields["train_data_dir"], train_fields["trigger"], *([tabs] if tabs is not None else [])])
 

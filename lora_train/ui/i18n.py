@@ -41,6 +41,10 @@ class Translator:
         so word order can follow the language ("{name}" stays where the translation puts it)."""
         return self(text).format(**values)
 
+    def labelled(self, label: str, value: str) -> str:
+        """`label: value` with the label in this language and the language's colon ("Started: x", "已开始：x")."""
+        return self.format("{what}: {reason}", what=self(label), reason=value)
+
     def text(self, message) -> str:
         """A message from the core (`errors.msg`, an error, a list of problems) in this language: each
         line is looked up as it is, else matched against the templates with {placeholders}, whose
@@ -57,28 +61,42 @@ class Translator:
         return "\n".join(lines)
 
     def _line(self, line: str, depth: int) -> str:
+        return self._translated(line, depth)[0]
+
+    def _translated(self, line: str, depth: int) -> tuple[str, int]:
+        """(the line in this language, how many of its characters the table's text covered).
+
+        Every template that matches is tried, and the one covering the most wins, counting the
+        text its values matched in turn: "move 6 image(s) to the top folder (on save)" is
+        "{operation} (on save)" around a whole message, not "move {count} image(s) to {folder}"
+        with "the top folder (on save)" as the folder."""
         body = line.strip()
         if body != line:  # a value such as " (did you mean 'x'?)" keeps the spaces around it
             if not body:
-                return line
-            shown = self._line(body, depth)
+                return line, 0
+            shown, covered = self._translated(body, depth)
             # ...unless its translation opens with full-width punctuation, which carries its own space
             lead = "" if shown != body and shown[:1] in FULL_WIDTH_OPENERS else line[:len(line) - len(line.lstrip())]
-            return lead + shown + line[len(line.rstrip()):]
+            return lead + shown + line[len(line.rstrip()):], covered
         if line in self.table:
-            return self.table[line]
+            return self.table[line], len(line)
+        best = (line, 0)
         if depth < 3:
-            for template, pattern in self._templates:
+            for template, literal, pattern in self._templates:
+                if best[1] >= len(line):  # every character covered: nothing can beat it
+                    break
                 m = pattern.fullmatch(line)
                 if m:
-                    values = {k: self._line(v, depth + 1) for k, v in m.groupdict().items()}
-                    return self.table[template].format(**values)
-        return line
+                    values = {k: self._translated(v, depth + 1) for k, v in m.groupdict().items()}
+                    covered = literal + sum(c for _, c in values.values())
+                    if covered > best[1]:
+                        best = (self.table[template].format(**{k: v for k, (v, _) in values.items()}), covered)
+        return best
 
     @cached_property
-    def _templates(self) -> list[tuple[str, "re.Pattern"]]:
-        """(template, regex) for every entry with placeholders; the most literal text first, so a
-        specific message wins over a general one like "{what}: {why}"."""
+    def _templates(self) -> list[tuple[str, int, "re.Pattern"]]:
+        """(template, length of its literal text, regex) for every entry with placeholders; the
+        most literal text first, so a specific message is tried before a general one like "{what}: {why}"."""
         out = []
         for template in self.table:
             parts = list(string.Formatter().parse(template))
@@ -94,4 +112,4 @@ class Translator:
             literal_len = sum(len(lit) for lit, _, _, _ in parts)
             out.append((literal_len, template, re.compile(regex, re.S)))
         out.sort(key=lambda x: -x[0])
-        return [(template, pattern) for _, template, pattern in out]
+        return [(template, literal, pattern) for literal, template, pattern in out]

@@ -42,7 +42,7 @@ def _message_after(message_html: str, manager: RunManager, t) -> Optional[str]:
         return None
     if not run.ended:
         return None
-    return _message(f"{t(END_MESSAGES[run.phase])}: {run.name} ({chart.ended_time(run.ended_at)})", error=run.phase in ("failed", "refused"))
+    return _message(t.labelled(END_MESSAGES[run.phase], f"{run.name} ({chart.ended_time(run.ended_at)})"), error=run.phase in ("failed", "refused"))
 
 
 def _fit_buckets(config) -> None:
@@ -60,7 +60,7 @@ def _fit_buckets(config) -> None:
 
 def _model_html(host: Host, t) -> str:
     # read again on every refresh: the WebUI may load or switch its checkpoint after the tab is built
-    return f'<div id="lora_train_model">{html.escape(t("Model"))}: <b>{html.escape(t.text(host.model_label()))}</b></div>'
+    return f'<div id="lora_train_model">{html.escape(t.labelled("Model", ""))}<b>{html.escape(t.text(host.model_label()))}</b></div>'
 
 
 def _preview_caption(path: str, t) -> str:
@@ -255,8 +255,13 @@ def create_train_tab(manager: RunManager, host: Host, t: Optional[Translator] = 
             try:
                 subj = _subject(subj)
                 config = form.config_from_values(flds, values)
-                config.update(presets.preset(subj, b), source="preset")
-                return [*form.values_from_config(flds, config), _message(t("Preset applied") + f": {t(subj)} / {b}")]
+                applied = t.labelled("Preset applied", f"{t(subj)} / {b}")
+                if b == base_for(host):  # the preset for the loaded model: at that model's own size
+                    fit_model(config, host, subj, b)
+                    applied += " · " + t.format("resolution set to {resolution}", resolution=config.dataset.resolution)
+                else:
+                    config.update(presets.preset(subj, b), source="preset")
+                return [*form.values_from_config(flds, config), _message(applied)]
             except (UserError, KeyError) as e:
                 return [*values, _message(t.text(e), True)]
 
@@ -275,8 +280,7 @@ def create_train_tab(manager: RunManager, host: Host, t: Optional[Translator] = 
             try:
                 _, request = build(values)
                 s = manager.submit(request, start=start_now)
-                what = t("Started") if start_now else t("Queued")
-                return _message(f"{what}: {s.name}", run_id=s.id)
+                return _message(t.labelled("Started" if start_now else "Queued", s.name), run_id=s.id)
             except UserError as e:
                 return _message(t.text(e), True)
 
@@ -292,7 +296,7 @@ def create_train_tab(manager: RunManager, host: Host, t: Optional[Translator] = 
         def on_resume():
             try:
                 s = manager.resume()
-                return _message(f"{t('Resuming')}: {s.name}", run_id=s.id)
+                return _message(t.labelled("Resuming", s.name), run_id=s.id)
             except UserError as e:
                 return _message(t.text(e), True)
 
@@ -337,7 +341,7 @@ def create_train_tab(manager: RunManager, host: Host, t: Optional[Translator] = 
         def on_load_config(path, ntype, *values):
             try:
                 config = guard.load_config(host.access(), path)
-                return [*form.values_from_config(flds, config), presets.network_type_of(config.network), _message(t("Loaded") + f": {path}")]
+                return [*form.values_from_config(flds, config), presets.network_type_of(config.network), _message(t.labelled("Loaded", path))]
             except (UserError, OSError) as e:
                 return [*values, ntype, _message(t.text(e), True)]
 
@@ -355,7 +359,7 @@ def create_train_tab(manager: RunManager, host: Host, t: Optional[Translator] = 
             try:
                 config, _ = build(values)
                 written = guard.save_config(host.access(), config, path)
-                return _message(t("Saved") + f": {written}")
+                return _message(t.labelled("Saved", str(written)))
             except (UserError, OSError) as e:
                 return _message(t.text(e), True)
 
