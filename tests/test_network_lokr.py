@@ -418,7 +418,7 @@ def test_from_weights_errors_name_module_and_key(drop, bad, key):
 def test_from_weights_errors_for_conv_layouts():
     conv, _ = _target("conv3x3")
     tucker = dict(LoKr("m", conv, 1, ALPHA, use_tucker=True).state_dict())
-    with pytest.raises(KeyError, match=r"lora_te_x\.lokr_t2: shape \(1, 1, 1, 1\) does not fit a 3x3 Conv2d 8->6"):
+    with pytest.raises(KeyError, match=r"lora_te_x\.lokr_t2: shape \(1, 1, 1, 1\) does not fit a Conv2d 8->6 with a 3x3 kernel"):
         LoKr.from_weights("lora_te_x", conv, tucker | {"lokr_t2": torch.zeros(1, 1, 1, 1)})
     with pytest.raises(KeyError, match=r"lora_te_x\.lokr_w2_b"):  # a plain conv w2_b carries the kernel
         LoKr.from_weights("lora_te_x", conv, dict(LoKr("m", conv, 1, ALPHA).state_dict()) | {"lokr_w2_b": torch.zeros(1, 4)})

@@ -40,9 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lora_train.network.loha import _describe
 from lora_train.network.lora import LoRA
-from lora_train.network.module import NetworkModule
+from lora_train.network.module import NetworkModule, describe_target
 
 LYCORIS_BLOCK_SIZE = 4  # LyCORIS' kohya wrapper: `block_size` when network_args leave it out
 SD_SCRIPTS_UNIT = 1  # sd-scripts' networks.dylora: `unit` when network_args leave it out
@@ -97,7 +96,7 @@ class DyLoRA(LoRA):
         for key in ("lora_down.weight", "lora_up.weight"):
             shape, fits = tuple(weights[key].shape), tuple(own[key].shape)
             if shape != fits and shape + (1, 1) != fits:
-                raise KeyError(f"{name}.{key}: shape {shape} does not fit {_describe(org, part)}")
+                raise KeyError(f"{name}.{key}: shape {shape} does not fit {describe_target(org, part)}")
         return module
 
     def enable_dora(self, wd_on_out: bool = True) -> None:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lora_train.network.module import NetworkModule
+from lora_train.network.module import NetworkModule, describe_target
 
 
 def target_bias(org: nn.Module, part: str | None) -> torch.Tensor | None:
@@ -63,13 +63,13 @@ class Full(NetworkModule):
             raise KeyError(f"{name}.diff: missing (Full needs diff)")
         module = cls(name, org, 1, None, part=part)
         if tuple(weights["diff"].shape) != tuple(module.diff.shape):
-            raise KeyError(f"{name}.diff: shape {tuple(weights['diff'].shape)} does not fit {_describe(org, part)} "
+            raise KeyError(f"{name}.diff: shape {tuple(weights['diff'].shape)} does not fit {describe_target(org, part)} "
                            f"(its weight is {tuple(module.diff.shape)})")
         if "diff_b" in weights:
             if module.diff_b is None:
-                raise KeyError(f"{name}.diff_b: {_describe(org, part)} here has no bias to change")
+                raise KeyError(f"{name}.diff_b: {describe_target(org, part)} here has no bias to change")
             if tuple(weights["diff_b"].shape) != tuple(module.diff_b.shape):
-                raise KeyError(f"{name}.diff_b: shape {tuple(weights['diff_b'].shape)} does not fit {_describe(org, part)} "
+                raise KeyError(f"{name}.diff_b: shape {tuple(weights['diff_b'].shape)} does not fit {describe_target(org, part)} "
                                f"(its bias is {tuple(module.diff_b.shape)})")
         return module
 
@@ -103,13 +103,4 @@ class Full(NetworkModule):
         return out
 
 
-def _describe(org: nn.Module, part: str | None) -> str:
-    """The target as a message names it: `a Linear 8->6`, `a Conv2d 8->6 with a 3x3 kernel`, ..."""
-    if isinstance(org, nn.MultiheadAttention):
-        return f"the {part} part of a MultiheadAttention {org.embed_dim}->{org.embed_dim}"
-    if isinstance(org, nn.Conv2d):
-        return f"a Conv2d {org.in_channels}->{org.out_channels} with a {'x'.join(map(str, org.kernel_size))} kernel"
-    if isinstance(org, nn.Linear):
-        return f"a Linear {org.in_features}->{org.out_features}"
-    return f"a {type(org).__name__}"
 

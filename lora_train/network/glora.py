@@ -39,7 +39,7 @@ import zlib
 import torch
 from torch import nn
 
-from lora_train.network.module import NetworkModule, target_weight_shape
+from lora_train.network.module import NetworkModule, describe_target, target_weight_shape
 
 _KEYS = ("a1.weight", "a2.weight", "b1.weight", "b2.weight")
 _SWAP = {"a1.weight": "a2.weight", "a2.weight": "a1.weight", "b1.weight": "b2.weight", "b2.weight": "b1.weight"}
@@ -100,7 +100,7 @@ class GLoRA(NetworkModule):
             theirs = _shapes(target, shape["a2.weight"][0] if shape["a2.weight"] else 0)
             swapped = all(shape[key] == theirs[_SWAP[key]] for key in _KEYS)
             hint = " (LyCORIS 3+ names: a1/b1 up, a2/b2 down, which A1111 v1.10 cannot read either)" if swapped else ""
-            raise KeyError(f"{name}.{wrong[0]}: shape {shape[wrong[0]]} does not fit {_describe(org, part)}{hint}")
+            raise KeyError(f"{name}.{wrong[0]}: shape {shape[wrong[0]]} does not fit {describe_target(org, part)}{hint}")
         return cls(name, org, rank, None, part=part)
 
     @property
@@ -136,12 +136,7 @@ class GLoRA(NetworkModule):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
-        if self.scalar is not None:
-            # the loaded a1/b1 already carry the scalar
-            if prefix + "scalar" in missing_keys:
-                missing_keys.remove(prefix + "scalar")
-            with torch.no_grad():
-                self.scalar.fill_(1.0)
+        self._scalar_loaded(prefix, missing_keys)  # the loaded a1/b1 already carry the scalar
 
 
 class _Weight(nn.Module):
@@ -161,12 +156,3 @@ def _shapes(target_shape: torch.Size, dim: int) -> dict[str, tuple[int, ...]]:
             "b1.weight": (dim, in_dim, *kernel), "b2.weight": (out_dim, dim, *point)}
 
 
-def _describe(org: nn.Module, part: str | None) -> str:
-    """The target as a message names it: `a Linear 8->6`, `a Conv2d 8->6 with a 3x3 kernel`, ..."""
-    if isinstance(org, nn.MultiheadAttention):
-        return f"the {part} part of a MultiheadAttention {org.embed_dim}->{org.embed_dim}"
-    if isinstance(org, nn.Conv2d):
-        return f"a Conv2d {org.in_channels}->{org.out_channels} with a {'x'.join(map(str, org.kernel_size))} kernel"
-    if isinstance(org, nn.Linear):
-        return f"a Linear {org.in_features}->{org.out_features}"
-    return f"a {type(org).__name__}"

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lora_train.network.module import NetworkModule
+from lora_train.network.module import NetworkModule, describe_target
 
 
 class IA3(NetworkModule):
@@ -69,7 +69,7 @@ class IA3(NetworkModule):
         module = cls(name, org, 1, None, part=part, train_on_input=bool(float(flag)))
         if tuple(weights["weight"].shape) != tuple(module.weight.shape):
             axis = "input" if module.train_on_input else "output"
-            raise KeyError(f"{name}.weight: shape {tuple(weights['weight'].shape)} does not fit {_describe(org, part)} "
+            raise KeyError(f"{name}.weight: shape {tuple(weights['weight'].shape)} does not fit {describe_target(org, part)} "
                            f"(on_input={int(module.train_on_input)}: one scale per {axis} channel, {tuple(module.weight.shape)})")
         return module
 
@@ -96,12 +96,3 @@ class IA3(NetworkModule):
         return org * w
 
 
-def _describe(org: nn.Module, part: str | None) -> str:
-    """The target as a message names it: `a Linear 8->6`, `a Conv2d 8->6 with a 3x3 kernel`, ..."""
-    if isinstance(org, nn.MultiheadAttention):
-        return f"the {part} part of a MultiheadAttention {org.embed_dim}->{org.embed_dim}"
-    if isinstance(org, nn.Conv2d):
-        return f"a Conv2d {org.in_channels}->{org.out_channels} with a {'x'.join(map(str, org.kernel_size))} kernel"
-    if isinstance(org, nn.Linear):
-        return f"a Linear {org.in_features}->{org.out_features}"
-    return f"a {type(org).__name__}"

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from lora_train.network.lora import is_spatial_conv
-from lora_train.network.module import NetworkModule
+from lora_train.network.module import NetworkModule, describe_target
 
 _FACTORS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
 _TUCKER = ("hada_t1", "hada_t2")
@@ -102,12 +102,12 @@ class LoHa(NetworkModule):
                 raise KeyError(f"{name}.{key}: missing (LoHa needs {', '.join(_FACTORS)})")
         tucker = [key for key in _TUCKER if key in weights]
         if tucker and not is_spatial_conv(org):
-            raise KeyError(f"{name}.{tucker[0]}: Tucker factors need a conv with a kernel larger than 1x1, not {_describe(org, part)}")
+            raise KeyError(f"{name}.{tucker[0]}: Tucker factors need a conv with a kernel larger than 1x1, not {describe_target(org, part)}")
         if len(tucker) == 1:
             missing = next(key for key in _TUCKER if key not in tucker)
             raise KeyError(f"{name}.{missing}: missing ({tucker[0]} is there, and Tucker LoHa needs both)")
         if weights["hada_w1_b"].dim() != 2:
-            raise KeyError(f"{name}.hada_w1_b: shape {tuple(weights['hada_w1_b'].shape)} does not fit {_describe(org, part)}")
+            raise KeyError(f"{name}.hada_w1_b: shape {tuple(weights['hada_w1_b'].shape)} does not fit {describe_target(org, part)}")
         alpha = weights.get("alpha")
         # the rank is w1_b's first dimension in either layout (LyCORIS and A1111 read it there)
         module = cls(name, org, weights["hada_w1_b"].shape[0], float(alpha) if alpha is not None else None, part=part,
@@ -115,7 +115,7 @@ class LoHa(NetworkModule):
         own = module.state_dict()
         for key, value in weights.items():
             if key in own and key != "alpha" and tuple(value.shape) != tuple(own[key].shape):
-                raise KeyError(f"{name}.{key}: shape {tuple(value.shape)} does not fit {_describe(org, part)}")
+                raise KeyError(f"{name}.{key}: shape {tuple(value.shape)} does not fit {describe_target(org, part)}")
         return module
 
     def weight_delta(self) -> torch.Tensor:
@@ -147,20 +147,6 @@ class LoHa(NetworkModule):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
-        if self.scalar is not None:
-            # the loaded hada_w1_a already carries the scalar (see _save_to_state_dict)
-            if prefix + "scalar" in missing_keys:
-                missing_keys.remove(prefix + "scalar")
-            with torch.no_grad():
-                self.scalar.fill_(1.0)
+        self._scalar_loaded(prefix, missing_keys)  # the loaded hada_w1_a already carries the scalar (see _save_to_state_dict)
 
 
-def _describe(org: nn.Module, part: str | None) -> str:
-    """The target as a message names it: `a Linear 8->6`, `a Conv2d 8->6 with a 3x3 kernel`, ..."""
-    if isinstance(org, nn.MultiheadAttention):
-        return f"the {part} part of a MultiheadAttention {org.embed_dim}->{org.embed_dim}"
-    if isinstance(org, nn.Conv2d):
-        return f"a Conv2d {org.in_channels}->{org.out_channels} with a {'x'.join(map(str, org.kernel_size))} kernel"
-    if isinstance(org, nn.Linear):
-        return f"a Linear {org.in_features}->{org.out_features}"
-    return f"a {type(org).__name__}"

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lora_train.network.module import NetworkModule, target_weight_shape
+from lora_train.network.module import NetworkModule, describe_target, target_weight_shape
 
 
 def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
@@ -179,7 +179,7 @@ class LoKr(NetworkModule):
     def from_weights(cls, name: str, org: nn.Module, weights: dict[str, torch.Tensor], part: str | None = None) -> "LoKr":
         shape = target_weight_shape(org)
         out_dim, in_dim, *kernel = shape
-        what = _describe(org, part, shape)
+        what = describe_target(org, part)
 
         def misfit(key: str, expected=None) -> KeyError:
             hint = f" (expected {tuple(expected)})" if expected is not None else ""
@@ -309,17 +309,6 @@ class LoKr(NetworkModule):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
-        if self.scalar is not None:
-            # what was loaded already holds the scalar (folded into w1): LyCORIS sets it to 1
-            if prefix + "scalar" in missing_keys:
-                missing_keys.remove(prefix + "scalar")
-            with torch.no_grad():
-                self.scalar.fill_(1.0)
+        self._scalar_loaded(prefix, missing_keys)  # what was loaded already holds the scalar (folded into w1): LyCORIS sets it to 1
 
 
-def _describe(org: nn.Module, part: str | None, shape: torch.Size) -> str:
-    if isinstance(org, nn.MultiheadAttention):
-        return f"the {part} part of a MultiheadAttention {shape[1]}->{shape[0]}"
-    if isinstance(org, nn.Conv2d):
-        return f"a {'x'.join(map(str, org.kernel_size))} Conv2d {org.in_channels}->{org.out_channels}"
-    return f"a {type(org).__name__} {shape[1]}->{shape[0]}"

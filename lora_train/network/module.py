@@ -33,6 +33,17 @@ from torch import nn
 from lora_train.network import dora, fused
 
 
+def describe_target(org: nn.Module, part: str | None = None) -> str:
+    """The target as a message names it: `a Linear 8->6`, `a Conv2d 8->6 with a 3x3 kernel`, ..."""
+    if isinstance(org, nn.MultiheadAttention):
+        return f"the {part} part of a MultiheadAttention {org.embed_dim}->{org.embed_dim}"
+    if isinstance(org, nn.Conv2d):
+        return f"a Conv2d {org.in_channels}->{org.out_channels} with a {'x'.join(map(str, org.kernel_size))} kernel"
+    if isinstance(org, nn.Linear):
+        return f"a Linear {org.in_features}->{org.out_features}"
+    return f"a {type(org).__name__}"
+
+
 def target_weight_shape(org: nn.Module) -> torch.Size:
     """The shape of the weight a module on `org` changes: for a fused attention's q/k/v/out part, its
     [embed_dim, embed_dim] slice (`fused.part_weight`)."""
@@ -141,6 +152,16 @@ class NetworkModule(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self.refresh()
+
+    def _scalar_loaded(self, prefix: str, missing_keys: list) -> None:
+        """LyCORIS' use_scalar: files hold the scalar folded into a factor, so after a load it is 1
+        (and its absence from the file is not a missing key)."""
+        if getattr(self, "scalar", None) is None:
+            return
+        if prefix + "scalar" in missing_keys:
+            missing_keys.remove(prefix + "scalar")
+        with torch.no_grad():
+            self.scalar.fill_(1.0)
 
     def _rand(self, shape, device) -> torch.Tensor:
         return torch.rand(shape, generator=self.dropout_generator).to(device)

@@ -47,7 +47,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from lora_train.network.module import NetworkModule, target_weight_shape
+from lora_train.network.module import NetworkModule, describe_target, target_weight_shape
 
 
 def diag_split(out: int, dim: int) -> tuple[int, int]:
@@ -96,13 +96,6 @@ def cayley(blocks: torch.Tensor, max_norm: float) -> torch.Tensor:
     return torch.linalg.solve(eye - q, eye + q)
 
 
-def _describe(org: nn.Module, part: str | None) -> str:
-    shape = target_weight_shape(org)
-    if isinstance(org, nn.MultiheadAttention):
-        return f"a MultiheadAttention {part} part {shape[1]}->{shape[0]}"
-    if isinstance(org, nn.Conv2d):
-        return f"a Conv2d {shape[1] * org.groups}->{shape[0]} {'x'.join(map(str, org.kernel_size))}"
-    return f"a Linear {shape[1]}->{shape[0]}"
 
 
 class _OFT(NetworkModule):
@@ -156,12 +149,12 @@ class _OFT(NetworkModule):
         shape = target_weight_shape(org)
         layout = cls._file_layout(tuple(blocks.shape), shape[0])
         if layout is None:
-            raise KeyError(f"{name}.oft_blocks: shape {tuple(blocks.shape)} does not fit {_describe(org, part)} "
+            raise KeyError(f"{name}.oft_blocks: shape {tuple(blocks.shape)} does not fit {describe_target(org, part)} "
                            f"as {cls.algorithm}'s {cls._layout_text}")
         rescale = weights.get("rescale")
         want = (shape[0], *[1] * (len(shape) - 1))
         if rescale is not None and tuple(rescale.shape) != want:
-            raise KeyError(f"{name}.rescale: shape {tuple(rescale.shape)} does not fit {_describe(org, part)} (needs {want})")
+            raise KeyError(f"{name}.rescale: shape {tuple(rescale.shape)} does not fit {describe_target(org, part)} (needs {want})")
         alpha = weights.get("alpha")
         module = cls(name, org, layout[-1], None, part=part, constraint=float(alpha) if alpha is not None else 0.0,
                      rescaled=rescale is not None)
