@@ -38,3 +38,27 @@ def test_two_processes_match_one_with_the_combined_batch(tmp_path):
     moved = max(float(a[k].abs().max()) for k in a if k.endswith("lora_up.weight"))
     assert diff < 1e-6 and moved > 1e-3, (diff, moved)
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
+
+
+def test_a_parameter_no_process_trained_keeps_no_gradient():
+    """DyLoRA trains some ranks per step; summing across processes must not give the rest a zero
+    gradient, which AdamW would turn into a step (momentum, weight decay)."""
+    import torch
+
+    from lora_train.train.distributed import Distributed
+
+    class TwoRanks(Distributed):
+        def __init__(self, other):
+            super().__init__(0, 2)
+            self.other = other  # what the other rank adds, per tensor
+
+        def sum_(self, tensors):
+            for t, o in zip(tensors, self.other):
+                t.add_(o)
+
+    a, b, c = (torch.nn.Parameter(torch.ones(3)) for _ in range(3))
+    a.grad = torch.full((3,), 2.0)
+    TwoRanks([torch.ones(3), torch.zeros(3), torch.full((3,), 5.0)]).sum_grads([a, b, c])
+    assert torch.equal(a.grad, torch.full((3,), 3.0))
+    assert b.grad is None  # neither rank computed one
+    assert torch.equal(c.grad, torch.full((3,), 5.0))  # only the other rank did

@@ -49,7 +49,12 @@ class Distributed:
 
     def sum_grads(self, params: list[torch.nn.Parameter]) -> None:
         if self.world > 1:
-            for p in params:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
+            untouched = [p for p in params if p.grad is None]
+            for p in untouched:
+                p.grad = torch.zeros_like(p)
             self.sum_([p.grad for p in params])
+            # a parameter no process computed a gradient for (DyLoRA's ranks not drawn this step) stays
+            # without one, so the optimizer leaves it alone instead of moving it by momentum and decay
+            for p in untouched:
+                if not p.grad.any():
+                    p.grad = None
