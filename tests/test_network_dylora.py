@@ -14,11 +14,8 @@ factor `unit` apart otherwise, which the tests pin. And LyCORIS writes a conv's 
 where we write sd-scripts' (and every LoRA's) (out, dim, 1, 1).
 """
 
-import importlib.util
 import math
-import os
 import random
-from pathlib import Path
 
 import pytest
 import torch
@@ -28,60 +25,28 @@ import lycoris.modules.dylora as lyco_dylora
 from lycoris.modules.dylora import DyLoraModule
 
 from lora_train.model.checkpointing import checkpointed
-from lora_train.network import fused
 from lora_train.network.dylora import DyLoRA
 from lora_train.network.locon import LoCon
 from lora_train.network.lora import LoRA
 
+from network_oracle import KINDS, lyco_helpers, lyco_target, make_input, needs_lyco_helpers, randomise, targets
+
 DIM, ALPHA = 4, 3.0  # alpha != dim, so every comparison includes the scale
-A1111_LORA = Path(os.environ.get("LORA_TRAIN_WEBUI", "/work/a1111/webui")) / "extensions-builtin" / "Lora"
-
-
-def _targets():
-    torch.manual_seed(0)
-    mha = nn.MultiheadAttention(8, 2)
-    return {
-        "linear": (nn.Linear(8, 6), None),
-        "conv1x1": (nn.Conv2d(8, 6, 1), None),
-        "conv3x3": (nn.Conv2d(8, 6, 3, stride=1, padding=1), None),
-        **{f"mha_{p}": (mha, p) for p in fused.PARTS},
-    }
-
-
-KINDS = list(_targets())
 
 
 def _target(kind):
-    return _targets()[kind]
-
-
-def _lyco_target(org, part):
-    """LyCORIS' module wraps the target itself, or for an attention part a Linear with that part's slice."""
-    if part is None:
-        return org
-    lin = nn.Linear(org.embed_dim, org.embed_dim)
-    with torch.no_grad():
-        lin.weight.copy_(fused.part_weight(org, part))
-        lin.bias.copy_(org.out_proj.bias if part == "out" else org.in_proj_bias.chunk(3)["qkv".index(part)])
-    return lin
+    return targets()[kind]
 
 
 def _input(org, seed=3):
-    g = torch.Generator().manual_seed(seed)
-    if isinstance(org, nn.Conv2d):
-        return torch.randn(2, 8, 5, 5, generator=g)
-    return torch.randn(3, 2, 8, generator=g)  # (L, N, E) for an attention part, (.., in) for a Linear
+    return make_input(org, seed, conv=(2, 5), seq=(3, 2), rows=(3, 2))  # (L, N, E) for an attention part, (.., in) for a Linear
 
 
 def _pair(kind, unit, seed=1):
     """LyCORIS' module filled with seeded non-zero values, and ours with the same tensors (through its
     load_state_dict, which also takes LyCORIS' 2D conv lora_up)."""
     org, part = _target(kind)
-    theirs = DyLoraModule("lora_te_x", _lyco_target(org, part), 1.0, lora_dim=DIM, alpha=ALPHA, block_size=unit)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in theirs.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    theirs = randomise(DyLoraModule("lora_te_x", lyco_target(org, part), 1.0, lora_dim=DIM, alpha=ALPHA, block_size=unit), seed)
     ours = DyLoRA("lora_te_x", org, DIM, ALPHA, part=part, unit=unit)
     ours.load_state_dict(theirs.state_dict())
     ours.dropout_generator = torch.Generator().manual_seed(seed + 7)
@@ -120,7 +85,7 @@ def _lyco_delta(theirs, x):
 @pytest.mark.parametrize("unit", [1, 2, 4])
 def test_state_dict_keys_and_shapes_are_lycoris(kind, unit):
     org, part = _target(kind)
-    theirs = DyLoraModule("x", _lyco_target(org, part), 1.0, lora_dim=DIM, alpha=ALPHA, block_size=unit).state_dict()
+    theirs = DyLoraModule("x", lyco_target(org, part), 1.0, lora_dim=DIM, alpha=ALPHA, block_size=unit).state_dict()
     ours = DyLoRA("x", org, DIM, ALPHA, part=part, unit=unit).state_dict()
     assert set(ours) == set(theirs) == {"lora_down.weight", "lora_up.weight", "alpha"}
     assert ours["alpha"].shape == theirs["alpha"].shape == ()
@@ -420,12 +385,10 @@ def test_claims_accepts_and_options():
 # -- 6. the A1111 loader -------------------------------------------------------------------------------
 # network_lora.py imports the WebUI's `modules.*` and cannot be imported here; its math for a LoRA is
 # lyco_helpers.rebuild_conventional(up, down, shape) times alpha / dim (torch only), which we import.
-@pytest.mark.skipif(not (A1111_LORA / "lyco_helpers.py").is_file(), reason="A1111 WebUI not present")
+@needs_lyco_helpers
 @pytest.mark.parametrize("kind", ["linear", "conv1x1", "conv3x3", "mha_out"])
 def test_a1111_helpers_read_our_file(kind):
-    spec = importlib.util.spec_from_file_location("a1111_lyco_helpers", A1111_LORA / "lyco_helpers.py")
-    helpers = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(helpers)
+    helpers = lyco_helpers()
     org, part, ours, _ = _pair(kind, 2)
     ours.eval()
     w = ours.state_dict()

@@ -1,57 +1,22 @@
 """Full (lora_train/network/full.py) against LyCORIS 4.1.3's FullModule, the oracle, and A1111 v1.10's
 network_full.py, run with the few WebUI modules its network.py imports faked."""
 
-import os
-import copy
-import importlib.util
-import sys
-import types
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from lora_train.network import fused
-from lora_train.network.full import Full, target_bias
+from lora_train.network.full import Full
+
+from network_oracle import a1111_fixture, a1111_updown, make_input, merged_attention, output, randomise, twin_target, with_module
 
 lycoris_full = pytest.importorskip("lycoris.modules.full")
 
-A1111 = Path(os.environ.get("LORA_TRAIN_WEBUI", "/work/a1111/webui")) / "extensions-builtin" / "Lora"  # a WebUI checkout, if any
 KINDS = ("linear", "linear_nobias", "conv1x1", "conv3x3", "mha_q", "mha_k", "mha_v", "mha_out", "mha_nobias_v")
 DIM, ALPHA = 4, 2.0  # irrelevant to full, passed as a network would
 
 
-def _target(kind):
-    """(our target, its part, the nn.Linear / Conv2d LyCORIS gets: a copy, or the part's weight and bias slice)."""
-    torch.manual_seed(0)
-    if kind.startswith("mha_"):
-        part = kind.rpartition("_")[2]
-        mha = nn.MultiheadAttention(8, 2, bias="nobias" not in kind)
-        if mha.in_proj_bias is not None:
-            with torch.no_grad():
-                mha.in_proj_bias.normal_()
-                mha.out_proj.bias.normal_()
-        bias = target_bias(mha, part)
-        twin = nn.Linear(8, 8, bias=bias is not None)
-        with torch.no_grad():
-            twin.weight.copy_(fused.part_weight(mha, part))
-            if bias is not None:
-                twin.bias.copy_(bias)
-        return mha, part, twin
-    org = {"linear": lambda: nn.Linear(8, 6), "linear_nobias": lambda: nn.Linear(8, 6, bias=False),
-           "conv1x1": lambda: nn.Conv2d(8, 6, 1), "conv3x3": lambda: nn.Conv2d(8, 6, 3, stride=1, padding=1)}[kind]()
-    return org, None, copy.deepcopy(org)
-
-
 def _input(org):
-    g = torch.Generator().manual_seed(3)
-    if isinstance(org, nn.Conv2d):
-        return torch.randn(2, 8, 7, 7, generator=g)
-    if isinstance(org, nn.MultiheadAttention):
-        return torch.randn(5, 2, 8, generator=g)
-    return torch.randn(3, 5, 8, generator=g)
+    return make_input(org, 3, conv=(2, 7), seq=(5, 2), rows=(3, 5))
 
 
 def _lyco(twin, **options):
@@ -59,12 +24,7 @@ def _lyco(twin, **options):
 
 
 def _randomised_lyco(twin, seed=1):
-    lyco = _lyco(twin)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in lyco.parameters():  # before apply_to, LyCORIS' parameters ARE the diffs
-            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-    return lyco
+    return randomise(_lyco(twin), seed)  # before apply_to, LyCORIS' parameters ARE the diffs
 
 
 def _file(lyco):
@@ -74,30 +34,9 @@ def _file(lyco):
     return {"diff": diff.detach().clone()} | ({} if diff_b is None else {"diff_b": diff_b.detach().clone()})
 
 
-def _output(org, x):
-    return org(x, x, x, need_weights=False)[0] if isinstance(org, nn.MultiheadAttention) else org(x)
-
-
-def _with(module, org, x):
-    module.attach(org)
-    try:
-        return _output(org, x)
-    finally:
-        module.detach()
-
-
-def _merged_attention(mha, part, weight, bias, x):
-    merged = copy.deepcopy(mha)
-    with torch.no_grad():
-        fused.part_weight(merged, part).copy_(weight)
-        if bias is not None:
-            target_bias(merged, part).copy_(bias)
-    return _output(merged, x)
-
-
 @pytest.mark.parametrize("kind", KINDS)
 def test_keys_and_shapes_are_lycoris(kind):
-    org, part, twin = _target(kind)
+    org, part, twin = twin_target(kind)
     ours = Full("lora_unet_x", org, DIM, ALPHA, part=part).state_dict()
     theirs = _lyco(twin).state_dict()
     assert {k: tuple(v.shape) for k, v in ours.items()} == {k: tuple(v.shape) for k, v in theirs.items()}
@@ -107,7 +46,7 @@ def test_keys_and_shapes_are_lycoris(kind):
 @pytest.mark.parametrize("multiplier", [1.0, 0.5])
 @pytest.mark.parametrize("kind", KINDS)
 def test_delta_bias_and_output_match_lycoris(kind, multiplier):
-    org, part, twin = _target(kind)
+    org, part, twin = twin_target(kind)
     lyco = _randomised_lyco(twin)
     ours = Full("lora_unet_x", org, DIM, ALPHA, part=part)
     ours.load_state_dict(_file(lyco))
@@ -123,14 +62,14 @@ def test_delta_bias_and_output_match_lycoris(kind, multiplier):
         else:
             assert torch.allclose(ours.bias_delta(), diff_b, atol=1e-6)
             assert torch.allclose(ours.bias_delta(), merged_b - twin.bias, atol=1e-6)
-        got = _with(ours, org, x)
-        expected = lyco(x) if part is None else _merged_attention(org, part, merged, merged_b, x)
+        got = with_module(ours, org, x)
+        expected = lyco(x) if part is None else merged_attention(org, part, merged, x, merged_b)
         assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_a_new_module_is_a_no_op_and_leaves_the_global_rng_alone(kind):
-    org, part, _ = _target(kind)
+    org, part, _ = twin_target(kind)
     state = torch.random.get_rng_state()
     module = Full("lora_unet_x", org, DIM, ALPHA, torch.Generator().manual_seed(0), part=part)
     assert torch.equal(torch.random.get_rng_state(), state)
@@ -138,11 +77,11 @@ def test_a_new_module_is_a_no_op_and_leaves_the_global_rng_alone(kind):
     assert module.bias_delta() is None or not module.bias_delta().any()
     x = _input(org)
     with torch.no_grad():
-        assert torch.allclose(_with(module, org, x), _output(org, x), atol=1e-6)  # the fused path rounds its own way
+        assert torch.allclose(with_module(module, org, x), output(org, x), atol=1e-6)  # the fused path rounds its own way
 
 
 def test_unknown_options_and_dora_are_refused():
-    org, _, _ = _target("linear")
+    org, _, _ = twin_target("linear")
     with pytest.raises(TypeError, match="use_tucker"):
         Full("lora_unet_x", org, DIM, ALPHA, use_tucker=True)
     with pytest.raises(TypeError, match="Full has no DoRA"):
@@ -152,14 +91,14 @@ def test_unknown_options_and_dora_are_refused():
 def test_rank_dropout_drops_whole_output_units_as_lycoris():
     """LyCORIS' full: in training, a mask over output units multiplies the weight's rows and the bias,
     not rescaled. Every output channel then changes fully or not at all."""
-    org, _, twin = _target("conv3x3")
+    org, _, twin = twin_target("conv3x3")
     module = Full("lora_unet_x", org, DIM, ALPHA)
     module.load_state_dict(_file(_randomised_lyco(twin)))
     module.rank_dropout, module.dropout_generator = 0.5, torch.Generator().manual_seed(5)
     module.train()
     x = _input(org)
     with torch.no_grad():
-        change = _with(module, org, x) - _output(org, x)
+        change = with_module(module, org, x) - output(org, x)
         full_change = F.conv2d(x, module.diff, module.diff_b, 1, 1)
     kept = [torch.allclose(change[:, c], full_change[:, c], atol=1e-5) for c in range(6)]
     dropped = [bool((change[:, c].abs() < 1e-6).all()) for c in range(6)]
@@ -168,7 +107,7 @@ def test_rank_dropout_drops_whole_output_units_as_lycoris():
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_from_weights_rebuilds_a_lycoris_state_dict(kind):
-    org, part, twin = _target(kind)
+    org, part, twin = twin_target(kind)
     lyco = _randomised_lyco(twin)
     lyco.apply_to()  # what LyCORIS' network does before saving; its state_dict is right from here on
     try:
@@ -184,64 +123,31 @@ def test_from_weights_rebuilds_a_lycoris_state_dict(kind):
 
 
 def test_from_weights_names_the_module_and_key_of_a_bad_file():
-    org, _, _ = _target("linear")
+    org, _, _ = twin_target("linear")
     with pytest.raises(KeyError, match=r"lora_unet_x\.diff: shape \(6, 9\) does not fit a Linear 8->6"):
         Full.from_weights("lora_unet_x", org, {"diff": torch.zeros(6, 9)})
     with pytest.raises(KeyError, match=r"lora_unet_x\.diff_b: shape \(8,\) does not fit a Linear 8->6"):
         Full.from_weights("lora_unet_x", org, {"diff": torch.zeros(6, 8), "diff_b": torch.zeros(8)})
     with pytest.raises(KeyError, match=r"lora_unet_x\.diff: missing"):
         Full.from_weights("lora_unet_x", org, {"diff_b": torch.zeros(6)})
-    bare, _, _ = _target("linear_nobias")
+    bare, _, _ = twin_target("linear_nobias")
     with pytest.raises(KeyError, match=r"lora_unet_x\.diff_b: a Linear 8->6 here has no bias"):
         Full.from_weights("lora_unet_x", bare, {"diff": torch.zeros(6, 8), "diff_b": torch.zeros(6)})
-    conv, _, _ = _target("conv3x3")
+    conv, _, _ = twin_target("conv3x3")
     with pytest.raises(KeyError, match=r"lora_unet_c\.diff: shape \(6, 8, 1, 1\) does not fit a Conv2d 8->6 with a 3x3 kernel"):
         Full.from_weights("lora_unet_c", conv, {"diff": torch.zeros(6, 8, 1, 1)})
 
 
 # -- A1111 v1.10's loader ------------------------------------------------------------------------------
-@pytest.fixture
-def a1111(monkeypatch):
-    """A1111's own network.py and network_full.py; the WebUI modules network.py imports are empty fakes
-    (nothing full's math reads comes from them), removed again after the test."""
-    if not (A1111 / "network_full.py").is_file():
-        pytest.skip("A1111 WebUI not found")
-    fakes = {name: types.ModuleType(name) for name in (
-        "modules", "modules.sd_models", "modules.cache", "modules.errors", "modules.hashes", "modules.shared",
-        "modules.models", "modules.models.sd3", "modules.models.sd3.mmdit")}
-    fakes["modules.models.sd3.mmdit"].QkvLinear = type("QkvLinear", (nn.Linear,), {})
-    for name, mod in fakes.items():
-        parent, _, child = name.rpartition(".")
-        if parent:
-            setattr(fakes[parent], child, mod)
-        monkeypatch.setitem(sys.modules, name, mod)
-    loaded = []
-    for name in ("network", "network_full"):
-        spec = importlib.util.spec_from_file_location(name, A1111 / f"{name}.py")
-        mod = importlib.util.module_from_spec(spec)
-        monkeypatch.setitem(sys.modules, name, mod)
-        spec.loader.exec_module(mod)
-        loaded.append(mod)
-    return loaded
+a1111 = a1111_fixture("full")  # its network.py and network_full.py
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_a1111_applies_the_same_change(a1111, kind):
-    network, network_full = a1111
-    org, part, _ = _target(kind)
-    module = Full("lora_unet_x", org, DIM, ALPHA, part=part)
-    g = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g))
+    org, part, _ = twin_target(kind)
+    module = randomise(Full("lora_unet_x", org, DIM, ALPHA, part=part), seed=7, scale=1.0)
     module.multiplier = 0.7
-    net = network.Network("test", None)
-    net.unet_multiplier = 0.7
-    file = module.state_dict()
-    weights = network.NetworkWeights(network_key="lora_unet_x", sd_key="unet_x", w=file, sd_module=org)
-    loaded = network_full.ModuleTypeFull().create_module(net, weights)
-    assert isinstance(loaded, network_full.NetworkModuleFull)
-    updown, ex_bias = loaded.calc_updown((fused.part_weight(org, part) if part else org.weight).detach())
+    updown, ex_bias = a1111_updown(a1111, "Full", org, part, module.state_dict(), 0.7)
     with torch.no_grad():
         assert torch.allclose(updown, module.delta(), atol=1e-6)
         if module.diff_b is None:

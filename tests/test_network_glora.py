@@ -7,53 +7,24 @@ projections and a2/b2 as the up ones, LyCORIS 3+ the other way round. LyCORIS' t
 under our names with 1 and 2 exchanged, and compared with alpha = dim, where LyCORIS' alpha/dim scale
 is the 1 that A1111 applies."""
 
-import os
-import copy
-import importlib.util
 import math
-import sys
-import types
-from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
-from lora_train.network import fused
 from lora_train.network.glora import GLoRA
+
+from network_oracle import (KINDS, a1111_fixture, a1111_updown, make_input, merged_attention, output, randomise, twin_target,
+                            with_module)
 
 lycoris_glora = pytest.importorskip("lycoris.modules.glora")
 
-A1111 = Path(os.environ.get("LORA_TRAIN_WEBUI", "/work/a1111/webui")) / "extensions-builtin" / "Lora"  # a WebUI checkout, if any
-KINDS = ("linear", "conv1x1", "conv3x3", "mha_q", "mha_k", "mha_v", "mha_out")
 DIM = 4
 SWAP = {"a1.weight": "a2.weight", "a2.weight": "a1.weight", "b1.weight": "b2.weight", "b2.weight": "b1.weight"}
 
 
-def _target(kind):
-    """(our target, its part, the nn.Linear / Conv2d LyCORIS gets: a copy, or the part's weight slice)."""
-    torch.manual_seed(0)
-    if kind.startswith("mha_"):
-        mha, part = nn.MultiheadAttention(8, 2), kind.removeprefix("mha_")
-        with torch.no_grad():
-            mha.in_proj_bias.normal_()
-            mha.out_proj.bias.normal_()
-        twin = nn.Linear(8, 8)
-        with torch.no_grad():
-            twin.weight.copy_(fused.part_weight(mha, part))
-        return mha, part, twin
-    org = {"linear": lambda: nn.Linear(8, 6), "conv1x1": lambda: nn.Conv2d(8, 6, 1),
-           "conv3x3": lambda: nn.Conv2d(8, 6, 3, stride=1, padding=1)}[kind]()
-    return org, None, copy.deepcopy(org)
-
-
 def _input(org):
-    g = torch.Generator().manual_seed(3)
-    if isinstance(org, nn.Conv2d):
-        return torch.randn(2, 8, 7, 7, generator=g)
-    if isinstance(org, nn.MultiheadAttention):
-        return torch.randn(5, 2, 8, generator=g)
-    return torch.randn(3, 5, 8, generator=g)
+    return make_input(org, 3, conv=(2, 7), seq=(5, 2), rows=(3, 5))
 
 
 def _lyco(twin, **options):
@@ -61,41 +32,15 @@ def _lyco(twin, **options):
     return lycoris_glora.GLoRAModule("lyco", twin, 1.0, lora_dim=DIM, alpha=DIM, **options)
 
 
-def _randomise(module, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-
-
 def _ours_from_lycoris(state):
     """LyCORIS 3+'s state dict under A1111's names."""
     return {SWAP.get(k, k): v for k, v in state.items()}
 
 
-def _output(org, x):
-    return org(x, x, x, need_weights=False)[0] if isinstance(org, nn.MultiheadAttention) else org(x)
-
-
-def _with(module, org, x):
-    module.attach(org)
-    try:
-        return _output(org, x)
-    finally:
-        module.detach()
-
-
-def _merged_attention(mha, part, weight, x):
-    merged = copy.deepcopy(mha)
-    with torch.no_grad():
-        fused.part_weight(merged, part).copy_(weight)
-    return _output(merged, x)
-
-
 @pytest.mark.parametrize("use_scalar", [False, True], ids=["plain", "scalar"])
 @pytest.mark.parametrize("kind", KINDS)
 def test_keys_and_shapes_are_lycoris_under_a1111_names(kind, use_scalar):
-    org, part, twin = _target(kind)
+    org, part, twin = twin_target(kind)
     ours = GLoRA("lora_unet_x", org, DIM, 1.0, part=part, use_scalar=use_scalar).state_dict()
     theirs = _ours_from_lycoris(_lyco(twin, use_scalar=use_scalar).state_dict())
     assert {k: tuple(v.shape) for k, v in ours.items()} == {k: tuple(v.shape) for k, v in theirs.items()}
@@ -106,9 +51,9 @@ def test_keys_and_shapes_are_lycoris_under_a1111_names(kind, use_scalar):
 @pytest.mark.parametrize("multiplier", [1.0, 0.5])
 @pytest.mark.parametrize("kind", KINDS)
 def test_delta_and_output_match_lycoris(kind, multiplier):
-    org, part, twin = _target(kind)
+    org, part, twin = twin_target(kind)
     lyco = _lyco(twin)
-    _randomise(lyco)
+    randomise(lyco)
     ours = GLoRA("lora_unet_x", org, DIM, DIM, part=part)
     ours.load_state_dict(_ours_from_lycoris(lyco.state_dict()))
     ours.multiplier = lyco.multiplier = multiplier
@@ -117,18 +62,18 @@ def test_delta_and_output_match_lycoris(kind, multiplier):
         want = lyco.get_diff_weight(multiplier=multiplier)[0]
         assert torch.allclose(ours.delta(), want, atol=1e-5)
         merged = lyco.get_merged_weight(multiplier=multiplier)[0]
-        got = _with(ours, org, x)
-        expected = lyco(x) if part is None else _merged_attention(org, part, merged, x)
-        assert not torch.allclose(got, _output(org, x), atol=1e-4)
+        got = with_module(ours, org, x)
+        expected = lyco(x) if part is None else merged_attention(org, part, merged, x)
+        assert not torch.allclose(got, output(org, x), atol=1e-4)
         assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
 
 
 @pytest.mark.parametrize("kind", ("linear", "conv3x3", "mha_v"))
 def test_use_scalar_is_lycoris_in_and_out_of_files(kind):
-    org, part, twin = _target(kind)
+    org, part, twin = twin_target(kind)
     # a file from a use_scalar LyCORIS module carries the scalar in a2/b2 (our a1/b1)
     lyco = _lyco(twin, use_scalar=True)
-    _randomise(lyco)
+    randomise(lyco)
     with torch.no_grad():
         lyco.scalar.fill_(0.7)
     ours = GLoRA("lora_unet_x", org, DIM, DIM, part=part, use_scalar=True)
@@ -137,7 +82,7 @@ def test_use_scalar_is_lycoris_in_and_out_of_files(kind):
     with torch.no_grad():
         assert torch.allclose(ours.delta(), lyco.get_diff_weight()[0], atol=1e-5)
     # and ours writes it the same way: a plain LyCORIS module reading our file applies the same change
-    _randomise(ours, seed=2)
+    randomise(ours, seed=2)
     with torch.no_grad():
         ours.scalar.fill_(0.3)
     plain = _lyco(twin)
@@ -149,7 +94,7 @@ def test_use_scalar_is_lycoris_in_and_out_of_files(kind):
 @pytest.mark.parametrize("use_scalar", [False, True], ids=["plain", "scalar"])
 @pytest.mark.parametrize("kind", KINDS)
 def test_a_new_module_is_a_no_op_drawn_as_lycoris_draws_it(kind, use_scalar):
-    org, part, _ = _target(kind)
+    org, part, _ = twin_target(kind)
     state = torch.random.get_rng_state()
     module = GLoRA("lora_unet_x", org, DIM, 1.0, torch.Generator().manual_seed(0), part=part, use_scalar=use_scalar)
     GLoRA("lora_unet_y", org, DIM, 1.0, part=part)  # no generator: a per-name one, never the global RNG
@@ -167,11 +112,11 @@ def test_a_new_module_is_a_no_op_drawn_as_lycoris_draws_it(kind, use_scalar):
             assert not w.any(), key
     x = _input(org)
     with torch.no_grad():
-        assert torch.allclose(_with(module, org, x), _output(org, x), atol=1e-6)  # the fused path rounds its own way
+        assert torch.allclose(with_module(module, org, x), output(org, x), atol=1e-6)  # the fused path rounds its own way
 
 
 def test_unknown_options_and_dora_are_refused():
-    org, _, _ = _target("conv3x3")
+    org, _, _ = twin_target("conv3x3")
     # LyCORIS' use_tucker builds nothing for GLoRA (its condition never holds): not an option here
     with pytest.raises(TypeError, match="use_tucker"):
         GLoRA("lora_unet_x", org, DIM, 1.0, use_tucker=True)
@@ -181,9 +126,9 @@ def test_unknown_options_and_dora_are_refused():
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_from_weights_rebuilds_our_own_file(kind):
-    org, part, twin = _target(kind)
+    org, part, twin = twin_target(kind)
     lyco = _lyco(twin)
-    _randomise(lyco)
+    randomise(lyco)
     weights = _ours_from_lycoris(lyco.state_dict())
     module = GLoRA.from_weights("lora_unet_x", org, weights, part=part)
     assert module.lora_dim == DIM
@@ -193,7 +138,7 @@ def test_from_weights_rebuilds_our_own_file(kind):
 
 
 def test_from_weights_names_the_module_and_key_of_a_bad_file():
-    org, _, twin = _target("linear")
+    org, _, twin = twin_target("linear")
     good = _ours_from_lycoris(_lyco(twin).state_dict())
     with pytest.raises(KeyError, match=r"lora_unet_x\.b2\.weight: shape \(4, 4\) does not fit a Linear 8->6.$"):
         GLoRA.from_weights("lora_unet_x", org, good | {"b2.weight": torch.zeros(4, 4)})
@@ -202,7 +147,7 @@ def test_from_weights_names_the_module_and_key_of_a_bad_file():
     # LyCORIS 3+'s own names: refused, and said so
     with pytest.raises(KeyError, match=r"lora_unet_x\.a1\.weight: shape \(8, 4\) does not fit a Linear 8->6 \(LyCORIS 3\+ names"):
         GLoRA.from_weights("lora_unet_x", org, dict(_lyco(twin).state_dict()))
-    conv, _, conv_twin = _target("conv3x3")
+    conv, _, conv_twin = twin_target("conv3x3")
     with pytest.raises(KeyError, match=r"lora_unet_c\.a1\.weight: shape \(8, 4, 1, 1\) does not fit a Conv2d 8->6 with a 3x3 kernel \(LyCORIS 3\+"):
         GLoRA.from_weights("lora_unet_c", conv, dict(_lyco(conv_twin).state_dict()))
     with pytest.raises(KeyError, match=r"lora_unet_c\.b1\.weight: shape \(4, 8, 1, 1\) does not fit a Conv2d 8->6 with a 3x3 kernel.$"):
@@ -211,40 +156,7 @@ def test_from_weights_names_the_module_and_key_of_a_bad_file():
 
 
 # -- A1111 v1.10's loader ------------------------------------------------------------------------------
-@pytest.fixture
-def a1111(monkeypatch):
-    """A1111's own network.py and network_glora.py; the WebUI modules network.py imports are empty
-    fakes (nothing GLoRA's math reads comes from them), removed again after the test."""
-    if not (A1111 / "network_glora.py").is_file():
-        pytest.skip("A1111 WebUI not found")
-    fakes = {name: types.ModuleType(name) for name in (
-        "modules", "modules.sd_models", "modules.cache", "modules.errors", "modules.hashes", "modules.shared",
-        "modules.models", "modules.models.sd3", "modules.models.sd3.mmdit")}
-    fakes["modules.models.sd3.mmdit"].QkvLinear = type("QkvLinear", (nn.Linear,), {})
-    for name, mod in fakes.items():
-        parent, _, child = name.rpartition(".")
-        if parent:
-            setattr(fakes[parent], child, mod)
-        monkeypatch.setitem(sys.modules, name, mod)
-    loaded = []
-    for name in ("network", "network_glora"):
-        spec = importlib.util.spec_from_file_location(name, A1111 / f"{name}.py")
-        mod = importlib.util.module_from_spec(spec)
-        monkeypatch.setitem(sys.modules, name, mod)
-        spec.loader.exec_module(mod)
-        loaded.append(mod)
-    return loaded
-
-
-def _a1111_updown(a1111, org, part, file, multiplier):
-    network, network_glora = a1111
-    net = network.Network("test", None)
-    net.unet_multiplier = multiplier
-    weights = network.NetworkWeights(network_key="lora_unet_x", sd_key="unet_x", w=file, sd_module=org)
-    module = network_glora.ModuleTypeGLora().create_module(net, weights)
-    assert isinstance(module, network_glora.NetworkModuleGLora)
-    weight = fused.part_weight(org, part) if part else org.weight
-    return module.calc_updown(weight.detach())
+a1111 = a1111_fixture("glora")  # its network.py and network_glora.py
 
 
 @pytest.mark.parametrize("alpha", [DIM, 1.0], ids=["alpha=dim", "alpha=1"])
@@ -252,15 +164,15 @@ def _a1111_updown(a1111, org, part, file, multiplier):
 def test_a1111_applies_the_same_change(a1111, kind, alpha):
     """A1111 reads our names, and ignores alpha (GLoRA has no dim there, so its scale is 1): so do we,
     also for a file whose alpha is not its rank."""
-    org, part, _ = _target(kind)
+    org, part, _ = twin_target(kind)
     module = GLoRA("lora_unet_x", org, DIM, DIM, part=part)
-    _randomise(module)
+    randomise(module)
     module.multiplier = 0.7
     file = module.state_dict() | {"alpha": torch.tensor(alpha)}
     loaded = GLoRA.from_weights("lora_unet_x", org, file, part=part)
     loaded.load_state_dict(file)
     loaded.multiplier = 0.7
-    updown, ex_bias = _a1111_updown(a1111, org, part, file, 0.7)
+    updown, ex_bias = a1111_updown(a1111, "GLora", org, part, file, 0.7)
     assert ex_bias is None
     with torch.no_grad():
         assert torch.allclose(updown, loaded.delta(), atol=1e-5)
@@ -270,10 +182,10 @@ def test_a1111_applies_the_same_change(a1111, kind, alpha):
 def test_a1111_cannot_apply_a_lycoris_3_file_nor_a_conv_glora(a1111, kind):
     """Documents A1111 v1.10's gaps: LyCORIS 3+'s names do not multiply in its formula, and its
     4-d matmul does not apply conv GLoRA in any layout."""
-    org, part, twin = _target(kind)
+    org, part, twin = twin_target(kind)
     lyco = _lyco(twin)
-    _randomise(lyco)
+    randomise(lyco)
     files = [dict(lyco.state_dict())] + ([_ours_from_lycoris(lyco.state_dict())] if kind.startswith("conv") else [])
     for file in files:
         with pytest.raises(RuntimeError):
-            _a1111_updown(a1111, org, part, file, 1.0)
+            a1111_updown(a1111, "GLora", org, part, file, 1.0)

@@ -2,11 +2,7 @@
 and with the same (random, non-zero) tensors the same weight change and the same outputs, on a
 Linear, a 1x1 and a 3x3 Conv2d and each q/k/v/out part of a fused attention."""
 
-import os
-import copy
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,52 +13,23 @@ from lycoris.modules.loha import LohaModule
 from lora_train.network import fused
 from lora_train.network.loha import LoHa
 
+from network_oracle import (KINDS, lyco_helpers, lyco_target, make_input, merged_attention, needs_lyco_helpers, randomise,
+                            targets, with_module)
+
 DIM, ALPHA = 4, 3.0  # alpha != dim: the scale (0.75) is part of every comparison unless a test says otherwise
-A1111_LORA = Path(os.environ.get("LORA_TRAIN_WEBUI", "/work/a1111/webui")) / "extensions-builtin" / "Lora"  # a WebUI checkout, if any
-
-
-def _targets():
-    torch.manual_seed(0)
-    mha = nn.MultiheadAttention(8, 2)
-    return {
-        "linear": (nn.Linear(8, 6), None),
-        "conv1x1": (nn.Conv2d(8, 6, 1), None),
-        "conv3x3": (nn.Conv2d(8, 6, 3, stride=1, padding=1), None),
-        **{f"mha_{p}": (mha, p) for p in fused.PARTS},
-    }
-
-
-KINDS = list(_targets())
 
 
 def _target(kind):
-    return _targets()[kind]
-
-
-def _lyco_target(org, part):
-    """What the LyCORIS module wraps: the target itself, or for an attention part a Linear holding that
-    part's weight and bias slice."""
-    if part is None:
-        return org
-    lin = nn.Linear(org.embed_dim, org.embed_dim)
-    with torch.no_grad():
-        lin.weight.copy_(fused.part_weight(org, part))
-        bias = org.out_proj.bias if part == "out" else org.in_proj_bias.chunk(3)["qkv".index(part)]
-        lin.bias.copy_(bias)
-    return lin
+    return targets()[kind]
 
 
 def _theirs(org, part, dim=DIM, alpha=ALPHA, dora=None, **options):
-    return LohaModule("lora_te_x", _lyco_target(org, part), 1.0, lora_dim=dim, alpha=alpha,
+    return LohaModule("lora_te_x", lyco_target(org, part), 1.0, lora_dim=dim, alpha=alpha,
                       weight_decompose=dora is not None, wd_on_out=True if dora is None else dora, **options)
 
 
 def _randomise(module, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            r = torch.randn(p.shape, generator=g) * 0.5
-            p.copy_(r.abs() + 0.5 if name == "dora_scale" else r)  # a magnitude: keep it positive
+    randomise(module, seed, magnitudes=("dora_scale",))
 
 
 def _pair(kind, dim=DIM, alpha=ALPHA, dora=None, **options):
@@ -77,13 +44,8 @@ def _pair(kind, dim=DIM, alpha=ALPHA, dora=None, **options):
     return ours, theirs, org, part
 
 
-def _input(org, batch=2):
-    g = torch.Generator().manual_seed(2)
-    if isinstance(org, nn.Conv2d):
-        return torch.randn(batch, org.in_channels, 5, 5, generator=g)
-    if isinstance(org, nn.MultiheadAttention):
-        return torch.randn(3, batch, org.embed_dim, generator=g)  # (L, N, E)
-    return torch.randn(batch, 3, org.in_features, generator=g)
+def _input(org):
+    return make_input(org, 2, conv=(2, 5), seq=(3, 2), rows=(2, 3))
 
 
 def _their_delta_from_forward(theirs, org, part, multiplier):
@@ -102,11 +64,7 @@ def _check_outputs(ours, theirs, org, part, multiplier, atol=1e-5):
     with torch.no_grad():
         want = theirs(x.reshape(-1, x.shape[-1]) if part else x)
         if part is None:
-            ours.attach(org)
-            try:
-                got = org(x)
-            finally:
-                ours.detach()
+            got = with_module(ours, org, x)
         else:  # the part's projection with our delta, what LyCORIS' module on the part's Linear returns
             lyco = theirs.org_module[0]
             got = lyco(x) + ours.forward_delta(x)
@@ -201,15 +159,10 @@ def test_attached_attention_is_the_attention_with_lycoris_weight(part):
     x = _input(mha)
     for m in (1.0, 0.5):
         ours.multiplier = m
-        merged = copy.deepcopy(mha)
         with torch.no_grad():
-            fused.part_weight(merged, part).add_(_their_delta_from_forward(theirs, mha, part, m))
-            want = merged(x, x, x, need_weights=False)[0]
-            ours.attach(mha)
-            try:
-                got = mha(x, x, x, need_weights=False)[0]
-            finally:
-                ours.detach()
+            changed = fused.part_weight(mha, part) + _their_delta_from_forward(theirs, mha, part, m)
+            want = merged_attention(mha, part, changed, x)
+            got = with_module(ours, mha, x)
         assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
 
 
@@ -269,13 +222,7 @@ def test_rank_dropout_drops_output_rows_as_lycoris(kind, scale):
             want = theirs(x.reshape(-1, x.shape[-1]) if part else x)
         torch.random.set_rng_state(state)
         with torch.no_grad():
-            got = theirs.org_module[0](x) + ours.forward_delta(x) if part else None
-            if part is None:
-                ours.attach(org)
-                try:
-                    got = org(x)
-                finally:
-                    ours.detach()
+            got = theirs.org_module[0](x) + ours.forward_delta(x) if part else with_module(ours, org, x)
         assert torch.allclose(got, want.reshape(got.shape), atol=1e-5), (got - want.reshape(got.shape)).abs().max()
     ours.eval()  # no dropout outside training
     kept = ours.weight_delta()
@@ -367,12 +314,10 @@ def test_claims_accepts_and_options():
 # A1111's network_hada.py imports its `network`, which imports the WebUI's `modules.*`: it cannot be
 # imported here. Its math lives in lyco_helpers.py (torch only), which we do import: calc_updown is
 # make_weight_cp (Tucker) / rebuild_conventional per half, their product, times alpha/dim.
-@pytest.mark.skipif(not (A1111_LORA / "lyco_helpers.py").is_file(), reason="A1111 WebUI not present")
+@needs_lyco_helpers
 @pytest.mark.parametrize("kind,tucker", [("linear", False), ("conv1x1", False), ("conv3x3", False), ("conv3x3", True)])
 def test_a1111_helpers_read_our_file(kind, tucker):
-    spec = importlib.util.spec_from_file_location("a1111_lyco_helpers", A1111_LORA / "lyco_helpers.py")
-    helpers = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(helpers)
+    helpers = lyco_helpers()
     org, part = _target(kind)
     ours = LoHa("m", org, DIM, ALPHA, part=part, use_tucker=tucker)
     _randomise(ours)

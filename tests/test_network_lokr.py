@@ -3,11 +3,7 @@ keys and shapes, and with the same (random, non-zero) tensors the same weight ch
 outputs, on a Linear, a 1x1 and a 3x3 Conv2d and each q/k/v/out part of a fused attention, in every
 layout LoKr has (w2 low-rank / Tucker / full, w1 full / factorised, both full)."""
 
-import os
-import copy
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,19 +16,15 @@ from lycoris.modules.lokr import LokrModule
 from lora_train.network import fused
 from lora_train.network.lokr import LoKr, factorization
 
-A1111_LORA = Path(os.environ.get("LORA_TRAIN_WEBUI", "/work/a1111/webui")) / "extensions-builtin" / "Lora"  # a WebUI checkout, if any
+from network_oracle import (lyco_helpers, lyco_target, make_input, merged_attention, needs_lyco_helpers, randomise, targets,
+                            with_module)
+
 ALPHA = 0.75  # != dim, so the scale shows in every comparison where LoKr has one
 
 
-def _targets():
-    torch.manual_seed(0)
-    mha = nn.MultiheadAttention(8, 2)
+def _larger():
+    """Larger targets, where decompose_both and factor have room to change the layout."""
     return {
-        "linear": (nn.Linear(8, 6), None),
-        "conv1x1": (nn.Conv2d(8, 6, 1), None),
-        "conv3x3": (nn.Conv2d(8, 6, 3, stride=1, padding=1), None),
-        **{f"mha_{p}": (mha, p) for p in fused.PARTS},
-        # larger targets, where decompose_both and factor have room to change the layout
         "linear64": (nn.Linear(64, 48), None),
         "linear4to48": (nn.Linear(4, 48), None),
         "conv32": (nn.Conv2d(32, 24, 3, stride=1, padding=1), None),
@@ -40,7 +32,7 @@ def _targets():
 
 
 def _target(kind):
-    return _targets()[kind]
+    return targets(_larger)[kind]
 
 
 # (kind, dim, options): with 8->6, out = 2 x 3 and in = 2 x 4, so w1 is (2, 2) and w2 (3, 4[, 3, 3]);
@@ -69,29 +61,14 @@ CONFIGS = [
 IDS = [f"{k}-dim{d}-" + ("-".join(f"{o}={v}" for o, v in opts.items()) or "plain") for k, d, opts in CONFIGS]
 
 
-def _lyco_target(org, part):
-    """What the LyCORIS module wraps: the target itself, or for an attention part a Linear holding
-    that part's weight and bias slice."""
-    if part is None:
-        return copy.deepcopy(org)
-    lin = nn.Linear(org.embed_dim, org.embed_dim).to(org.in_proj_weight.dtype)
-    with torch.no_grad():
-        lin.weight.copy_(fused.part_weight(org, part))
-        lin.bias.copy_(org.out_proj.bias if part == "out" else org.in_proj_bias.chunk(3)["qkv".index(part)])
-    return lin
-
-
 def _theirs(org, part, dim, alpha=ALPHA, dora=None, **options):
-    return LokrModule("lora_te_x", _lyco_target(org, part), 1.0, lora_dim=dim, alpha=alpha,
+    """LyCORIS' module on a copy of the target, or on an attention part's twin."""
+    return LokrModule("lora_te_x", lyco_target(org, part, copy_org=True), 1.0, lora_dim=dim, alpha=alpha,
                       weight_decompose=dora is not None, wd_on_out=True if dora is None else dora, **options)
 
 
 def _randomise(module, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            r = torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.5
-            p.copy_(r.abs() + 0.5 if name in ("dora_scale", "scalar") else r)
+    randomise(module, seed, magnitudes=("dora_scale", "scalar"))
 
 
 def _pair(kind, dim, dora=None, alpha=ALPHA, **options):
@@ -109,13 +86,8 @@ def _pair(kind, dim, dora=None, alpha=ALPHA, **options):
     return ours, theirs, org, part
 
 
-def _input(org, batch=2):
-    g = torch.Generator().manual_seed(2)
-    if isinstance(org, nn.Conv2d):
-        return torch.randn(batch, org.in_channels, 5, 5, generator=g, dtype=torch.float64)
-    if isinstance(org, nn.MultiheadAttention):
-        return torch.randn(4, batch, org.embed_dim, generator=g, dtype=torch.float64)  # (L, N, E)
-    return torch.randn(batch, 3, org.in_features, generator=g, dtype=torch.float64)
+def _input(org):
+    return make_input(org, 2, conv=(2, 5), seq=(4, 2), rows=(2, 3), dtype=torch.float64)
 
 
 def _their_delta(theirs, x):
@@ -135,19 +107,8 @@ def _their_delta(theirs, x):
     return seen[0], y
 
 
-def _ours_output(ours, org, part, x):
-    ours.attach(org)
-    try:
-        return org(x, x, x, need_weights=False)[0] if part is not None else org(x)
-    finally:
-        ours.detach()
-
-
 def _merged_attention(org, part, delta, x):
-    merged = copy.deepcopy(org)
-    with torch.no_grad():
-        fused.part_weight(merged, part).add_(delta)
-    return merged(x, x, x, need_weights=False)[0]
+    return merged_attention(org, part, fused.part_weight(org, part) + delta, x)
 
 
 # -- factorization -------------------------------------------------------------------------------
@@ -238,12 +199,12 @@ def test_same_delta_and_output_as_lycoris(kind, dim, options, dora):
         with torch.no_grad():
             assert torch.allclose(ours.delta(), expected_delta, atol=1e-10)
             if part is None:
-                assert torch.allclose(_ours_output(ours, org, part, x), expected_y, atol=1e-10)
+                assert torch.allclose(with_module(ours, org, x), expected_y, atol=1e-10)
             else:
                 w = fused.part_weight(org, part)
                 b = org.out_proj.bias if part == "out" else org.in_proj_bias.chunk(3)["qkv".index(part)]
                 assert torch.allclose(F.linear(x, w, b) + ours.forward_delta(x), expected_y, atol=1e-10)
-                assert torch.allclose(_ours_output(ours, org, part, x), _merged_attention(org, part, expected_delta, x), atol=1e-10)
+                assert torch.allclose(with_module(ours, org, x), _merged_attention(org, part, expected_delta, x), atol=1e-10)
         assert not ours.attached
 
 
@@ -254,7 +215,7 @@ def test_float32_output():
     ours = LoKr("m", org, 1, ALPHA)
     ours.load_state_dict(theirs.state_dict())
     x = torch.randn(4, 8)
-    assert torch.allclose(_ours_output(ours, org, None, x), theirs(x), atol=1e-5)
+    assert torch.allclose(with_module(ours, org, x), theirs(x), atol=1e-5)
 
 
 def test_lycoris_merge_path_scales_twice():
@@ -289,7 +250,7 @@ def test_rank_dropout_as_lycoris(kind, dim, dora, options, scale):
             assert torch.allclose(ours.delta(), expected_delta, atol=1e-10)
             ours.dropout_generator = torch.Generator().manual_seed(seed)
             if part is None:
-                assert torch.allclose(_ours_output(ours, org, part, x), expected_y, atol=1e-10)
+                assert torch.allclose(with_module(ours, org, x), expected_y, atol=1e-10)
             else:
                 w = fused.part_weight(org, part)
                 b = org.in_proj_bias.chunk(3)["qkv".index(part)]
@@ -465,15 +426,13 @@ def test_accepts():
 # imported here, so this point is not tested with the loader itself. Its math uses lyco_helpers.py
 # (torch only), which we do import: calc_updown is kron(w1, w2), w2 from make_weight_cp for Tucker,
 # reshaped to the target, times the scale rule above (`_a1111_scale`).
-@pytest.mark.skipif(not (A1111_LORA / "lyco_helpers.py").is_file(), reason="A1111 WebUI not present")
+@needs_lyco_helpers
 @pytest.mark.parametrize("kind,dim,options", [
     ("linear", 1, {}), ("linear", 2, {}), ("conv1x1", 1, {}), ("conv3x3", 1, {}), ("conv3x3", 1, {"use_tucker": True}),
     ("conv3x3", 2, {}), ("linear64", 2, {"decompose_both": True}), ("linear4to48", 3, {"decompose_both": True, "unbalanced_factorization": True}),
 ])
 def test_a1111_helpers_read_our_file(kind, dim, options):
-    spec = importlib.util.spec_from_file_location("a1111_lyco_helpers", A1111_LORA / "lyco_helpers.py")
-    helpers = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(helpers)
+    helpers = lyco_helpers()
     ours, _, org, part = _pair(kind, dim, **options)
     w = {k: v.detach() for k, v in ours.state_dict().items()}
     w1 = w["lokr_w1"] if "lokr_w1" in w else w["lokr_w1_a"] @ w["lokr_w1_b"]

@@ -3,11 +3,6 @@ LyCORIS' kohya wrapper for which norm layers it trains, and A1111 v1.10's networ
 few WebUI modules its network.py imports faked."""
 
 import copy
-import importlib.util
-import os
-import sys
-import types
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,9 +12,10 @@ from torch import nn
 from lora_train.network.norm import Norm, ldm_unet_norm_targets
 from lora_train.network.targets import preset_targets
 
+from network_oracle import a1111_fixture, a1111_module, randomise, with_module
+
 lycoris_norms = pytest.importorskip("lycoris.modules.norms")
 
-A1111 = Path(os.environ.get("LORA_TRAIN_WEBUI", "/work/a1111/webui")) / "extensions-builtin" / "Lora"  # a WebUI checkout, if any
 KINDS = ("layernorm", "groupnorm")
 DIM, ALPHA = 4, 2.0  # irrelevant to norms, passed as a network would
 
@@ -51,20 +47,7 @@ def _lyco(twin):
 
 
 def _randomised_lyco(twin, seed=1):
-    lyco = _lyco(twin)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in lyco.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-    return lyco
-
-
-def _with(module, org, x):
-    module.attach(org)
-    try:
-        return org(x)
-    finally:
-        module.detach()
+    return randomise(_lyco(twin), seed)
 
 
 @pytest.mark.parametrize("org", [nn.LayerNorm(8), nn.GroupNorm(2, 8), nn.LayerNorm(8, bias=False)], ids=["ln", "gn", "ln_nobias"])
@@ -91,7 +74,7 @@ def test_delta_bias_and_output_match_lycoris(kind, multiplier):
         assert torch.allclose(ours.bias_delta(), diff_b, atol=1e-6)
         assert torch.allclose(ours.delta(), merged_w - twin.weight, atol=1e-6)
         assert torch.allclose(ours.bias_delta(), merged_b - twin.bias, atol=1e-6)
-        got = _with(ours, org, x)
+        got = with_module(ours, org, x)
         assert torch.allclose(got, lyco(x), atol=1e-5), (got - lyco(x)).abs().max()
         # and exactly the norm with the changed weight and bias
         assert torch.allclose(got, _norm_with(org, merged_w, merged_b, x), atol=1e-5)
@@ -106,7 +89,8 @@ def test_a_norm_without_bias_gains_one():
         module.w_norm.copy_(torch.randn(8, generator=g))
         module.b_norm.copy_(torch.randn(8, generator=g))
         x = _input(org)
-        assert torch.allclose(_with(module, org, x), _norm_with(org, org.weight + module.w_norm, module.b_norm, x), atol=1e-5)
+        want = _norm_with(org, org.weight + module.w_norm, module.b_norm, x)
+        assert torch.allclose(with_module(module, org, x), want, atol=1e-5)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -118,7 +102,7 @@ def test_a_new_module_is_a_no_op_and_leaves_the_global_rng_alone(kind):
     assert module.scale == 1.0 and not module.delta().any() and not module.bias_delta().any()
     x = _input(org)
     with torch.no_grad():
-        assert torch.equal(_with(module, org, x), org(x))
+        assert torch.equal(with_module(module, org, x), org(x))
 
 
 def test_targets_options_and_dora():
@@ -150,7 +134,7 @@ def test_rank_dropout_drops_whole_channels(kind):
     module.train()
     x = torch.randn(2, 3, 64) if kind == "layernorm" else torch.randn(2, 64, 3, 3)
     with torch.no_grad():
-        change = _with(module, org, x) - org(x)
+        change = with_module(module, org, x) - org(x)
         full = _norm_with(org, module.w_norm, module.b_norm, x)
     axis = -1 if kind == "layernorm" else 1
     change, full = change.movedim(axis, 0).reshape(64, -1), full.movedim(axis, 0).reshape(64, -1)
@@ -160,7 +144,7 @@ def test_rank_dropout_drops_whole_channels(kind):
     assert 4 <= int(kept.sum()) <= 28, int(kept.sum())  # about a quarter of 64 kept
     state = torch.random.get_rng_state()
     with torch.no_grad():
-        _with(module, org, x)
+        with_module(module, org, x)
     assert torch.equal(torch.random.get_rng_state(), state)
 
 
@@ -256,46 +240,17 @@ def test_norm_targets_are_those_lycoris_trains(preset, monkeypatch):
 
 
 # -- A1111 v1.10's loader ------------------------------------------------------------------------------
-@pytest.fixture
-def a1111(monkeypatch):
-    """A1111's own network.py and network_norm.py; the WebUI modules network.py imports are empty fakes
-    (nothing the norm's math reads comes from them), removed again after the test."""
-    if not (A1111 / "network_norm.py").is_file():
-        pytest.skip("A1111 WebUI not found")
-    fakes = {name: types.ModuleType(name) for name in (
-        "modules", "modules.sd_models", "modules.cache", "modules.errors", "modules.hashes", "modules.shared",
-        "modules.models", "modules.models.sd3", "modules.models.sd3.mmdit")}
-    fakes["modules.models.sd3.mmdit"].QkvLinear = type("QkvLinear", (nn.Linear,), {})
-    for name, mod in fakes.items():
-        parent, _, child = name.rpartition(".")
-        if parent:
-            setattr(fakes[parent], child, mod)
-        monkeypatch.setitem(sys.modules, name, mod)
-    loaded = []
-    for name in ("network", "network_norm"):
-        spec = importlib.util.spec_from_file_location(name, A1111 / f"{name}.py")
-        mod = importlib.util.module_from_spec(spec)
-        monkeypatch.setitem(sys.modules, name, mod)
-        spec.loader.exec_module(mod)
-        loaded.append(mod)
-    return loaded
+a1111 = a1111_fixture("norm")  # its network.py and network_norm.py
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_a1111_applies_the_same_change(a1111, kind):
-    network, network_norm = a1111
+    network_norm = a1111[1]
     org, _ = _target(kind)
-    module = Norm("lora_unet_x", org, DIM, ALPHA)
-    g = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g))
+    module = randomise(Norm("lora_unet_x", org, DIM, ALPHA), seed=7, scale=1.0)
     module.multiplier = 0.7
-    net = network.Network("test", None)
-    net.unet_multiplier = 0.7
     file = module.state_dict()
-    weights = network.NetworkWeights(network_key="lora_unet_x", sd_key="unet_x", w=file, sd_module=org)
-    loaded = network_norm.ModuleTypeNorm().create_module(net, weights)
+    loaded = a1111_module(a1111, "Norm", org, file, 0.7)
     assert isinstance(loaded, network_norm.NetworkModuleNorm)
     x = _input(org)
     with torch.no_grad():
@@ -305,8 +260,7 @@ def test_a1111_applies_the_same_change(a1111, kind):
         # what A1111 renders: the norm with weight + updown and bias + ex_bias (its weight patching), or
         # the norm's output plus the norm op with (updown, ex_bias) (its forward mode)
         patched = _norm_with(org, org.weight + updown, org.bias + ex_bias, x)
-        assert torch.allclose(_with(module, org, x), patched, atol=1e-5)
+        assert torch.allclose(with_module(module, org, x), patched, atol=1e-5)
         assert torch.allclose(loaded.forward(x, org(x)), patched, atol=1e-5)
     # A1111 builds a norm module only when both keys are there
-    alone = network.NetworkWeights(network_key="lora_unet_x", sd_key="unet_x", w={"w_norm": file["w_norm"]}, sd_module=org)
-    assert network_norm.ModuleTypeNorm().create_module(net, alone) is None
+    assert a1111_module(a1111, "Norm", org, {"w_norm": file["w_norm"]}, 0.7) is None

@@ -17,8 +17,9 @@ from lycoris.functional.general import factorization, power2factorization
 from lycoris.modules.boft import ButterflyOFTModule
 from lycoris.modules.diag_oft import DiagOFTModule
 
-from lora_train.network import fused
 from lora_train.network.oft import BOFT, DiagOFT, butterfly_split, diag_split
+
+from network_oracle import layers, lyco_target, make_input, merged_attention, randomise, with_module
 
 LYCO = {DiagOFT: DiagOFTModule, BOFT: ButterflyOFTModule}
 CONSTRAINT = 0.02  # small enough that the cap on ||Q|| binds for the random blocks below
@@ -27,9 +28,7 @@ CONSTRAINT = 0.02  # small enough that the cap on ||Q|| binds for the random blo
 def _targets():
     torch.manual_seed(0)
     return {
-        "linear": (nn.Linear(8, 6), None),
-        "conv1x1": (nn.Conv2d(8, 6, 1), None),
-        "conv3x3": (nn.Conv2d(8, 6, 3, stride=1, padding=1), None),
+        **layers(),
         "mha_q": (nn.MultiheadAttention(8, 2), "q"),
         "mha_out": (nn.MultiheadAttention(8, 2), "out"),
         # BOFT needs a power-of-two block count for several butterfly stages: 16 channels
@@ -51,26 +50,12 @@ def _target(kind):
     return copy.deepcopy(org), part
 
 
-def _lyco_target(org, part):
-    """What the LyCORIS module wraps: the target itself, or a Linear holding an attention part's weight."""
-    if part is None:
-        return org
-    w = fused.part_weight(org, part).detach()
-    lin = nn.Linear(w.shape[1], w.shape[0], bias=False)
-    with torch.no_grad():
-        lin.weight.copy_(w)
-    return lin
-
-
 def _pair(cls, kind, dim, *, rescaled=False, constraint=0.0, seed=1, **lyco_options):
     """(ours, LyCORIS' module, target, part), LyCORIS filled with random non-zero values copied into ours."""
     org, part = _target(kind)
-    lyco = LYCO[cls]("m", _lyco_target(org, part), 1.0, lora_dim=dim, alpha=1.0, constraint=constraint,
+    lyco = LYCO[cls]("m", lyco_target(org, part, bias=False), 1.0, lora_dim=dim, alpha=1.0, constraint=constraint,
                      rescaled=rescaled, **lyco_options)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in lyco.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3 + (1.0 if p is getattr(lyco, "rescale", None) else 0.0))
+    randomise(lyco, seed, scale=0.3, offsets={"rescale": 1.0})
     ours = cls("m", org, dim, None, part=part, constraint=constraint, rescaled=rescaled)
     ours.load_state_dict(lyco.state_dict())
     return ours, lyco, org, part
@@ -81,13 +66,8 @@ def _lyco_delta(lyco, m):
     return lyco.get_merged_weight(multiplier=m)[0] - lyco.org_module[0].weight
 
 
-def _input(org, part):
-    g = torch.Generator().manual_seed(2)
-    if part is not None:
-        return torch.randn(5, 2, org.embed_dim, generator=g)  # (L, N, E)
-    if isinstance(org, nn.Conv2d):
-        return torch.randn(2, org.in_channels, 7, 7, generator=g)
-    return torch.randn(3, 4, org.in_features, generator=g)
+def _input(org):
+    return make_input(org, 2, conv=(2, 7), seq=(5, 2), rows=(3, 4))
 
 
 def _shapes(module):
@@ -118,7 +98,7 @@ def test_network_alpha_is_ignored_and_alpha_holds_the_constraint():
 def test_delta_and_output_match_lycoris(cls, kind, dim, rescaled):
     for constraint in (0.0, CONSTRAINT):
         ours, lyco, org, part = _pair(cls, kind, dim, rescaled=rescaled, constraint=constraint)
-        x = _input(org, part)
+        x = _input(org)
         for m in (1.0, 0.5):
             ours.multiplier = lyco.multiplier = m
             with torch.no_grad():
@@ -128,14 +108,8 @@ def test_delta_and_output_match_lycoris(cls, kind, dim, rescaled):
                 if part is None:
                     want_out = lyco(x)
                 else:  # the attention with the part's weight as LyCORIS merges it
-                    merged = copy.deepcopy(org)
-                    fused.part_weight(merged, part).copy_(lyco.get_merged_weight(multiplier=m)[0])
-                    want_out = merged(x, x, x, need_weights=False)[0]
-                ours.attach(org)
-                try:
-                    got = org(x, x, x, need_weights=False)[0] if part else org(x)
-                finally:
-                    ours.detach()
+                    want_out = merged_attention(org, part, lyco.get_merged_weight(multiplier=m)[0], x)
+                got = with_module(ours, org, x)
             torch.testing.assert_close(got, want_out, atol=1e-5, rtol=1e-5)
             if m == 1.0:
                 torch.testing.assert_close(ours.weight_delta(), want, atol=1e-5, rtol=1e-5)
