@@ -189,3 +189,30 @@ def a1111_updown(a1111, name, org, part, file, multiplier):
     assert isinstance(module, getattr(a1111[1], f"NetworkModule{name}"))
     weight = fused.part_weight(org, part) if part else org.weight
     return module.calc_updown(weight.detach())
+
+
+def dora_as_loaders_apply(theirs):
+    """LyCORIS' DoRA module with the multiplier as A1111 and ComfyUI apply a file: the whole change
+    times m (LyCORIS blends only the magnitude, which at m = 0 still adds all of the delta; the two
+    agree at m = 1). `theirs.multiplier` keeps its meaning; forward and get_merged_weight follow it."""
+    forward, merged_weight = theirs.forward, theirs.get_merged_weight
+
+    def at_one(fn, *args, **kwargs):
+        m, theirs.multiplier = theirs.multiplier, 1.0
+        try:
+            return fn(*args, **kwargs), m
+        finally:
+            theirs.multiplier = m
+
+    def scaled_forward(x, *args, **kwargs):
+        full, m = at_one(forward, x, *args, **kwargs)
+        base = theirs.org_forward(x, *args, **kwargs)
+        return base + m * (full - base)
+
+    def scaled_merged_weight(multiplier=1.0, **kwargs):
+        full = merged_weight(multiplier=1.0, **kwargs)
+        w = theirs.org_module[0].weight.reshape(full[0].shape)
+        return (w + multiplier * (full[0] - w), *full[1:])
+
+    theirs.forward, theirs.get_merged_weight = scaled_forward, scaled_merged_weight
+    return theirs

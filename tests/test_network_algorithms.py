@@ -273,3 +273,21 @@ def test_building_a_lora_never_draws_from_the_hosts_rng(kind):
     state = torch.random.get_rng_state()
     LoRANetwork([Target(f"lora_unet_{kind}", org, kind, part)], dim=DIM, alpha=ALPHA, conv_dim=DIM, conv_alpha=ALPHA)
     assert torch.equal(torch.random.get_rng_state(), state)
+
+
+@pytest.mark.parametrize("wd_on_out", [False, True])
+def test_dora_weight_scales_the_whole_change_as_the_loaders_do(wd_on_out):
+    """<lora:name:0> is the base model in A1111 and ComfyUI, and 0.5 half the change, DoRA or not
+    (LyCORIS' own module would still add the whole LoRA at weight 0)."""
+    org, part = _kinds()["linear"]
+    module = LoRANetwork([Target("lora_unet_linear", org, "linear")], dim=DIM, alpha=ALPHA).lora_modules["lora_unet_linear"]
+    module.enable_dora(wd_on_out)
+    _randomise(module)
+    with torch.no_grad():
+        module.multiplier = 1.0
+        full = module.delta()
+        module.multiplier = 0.5
+        half = module.delta()
+        module.multiplier = 0.0
+        none = module.delta()
+    assert full.abs().max() > 0.1 and torch.allclose(half, full / 2, atol=1e-6) and not none.any()

@@ -13,8 +13,8 @@ from lycoris.modules.loha import LohaModule
 from lora_train.network import fused
 from lora_train.network.loha import LoHa
 
-from network_oracle import (KINDS, lyco_helpers, lyco_target, make_input, merged_attention, needs_lyco_helpers, randomise,
-                            targets, with_module)
+from network_oracle import (KINDS, dora_as_loaders_apply, lyco_helpers, lyco_target, make_input, merged_attention,
+                            needs_lyco_helpers, randomise, targets, with_module)
 
 DIM, ALPHA = 4, 3.0  # alpha != dim: the scale (0.75) is part of every comparison unless a test says otherwise
 
@@ -36,6 +36,8 @@ def _pair(kind, dim=DIM, alpha=ALPHA, dora=None, **options):
     """Ours and LyCORIS' module on the same target, LyCORIS' random, ours loaded from its state dict."""
     org, part = _target(kind)
     theirs = _theirs(org, part, dim, alpha, dora, **options)
+    if dora is not None:
+        dora_as_loaders_apply(theirs)
     _randomise(theirs)
     ours = LoHa("lora_te_x", org, dim, alpha, part=part, **options)
     if dora is not None:

@@ -195,7 +195,13 @@ def test_same_delta_and_output_as_lycoris(kind, dim, options, dora):
     x = _input(org)
     for m in (1.0, 0.5):
         ours.multiplier = theirs.multiplier = m
-        expected_delta, expected_y = _their_delta(theirs, x)
+        if dora is None:
+            expected_delta, expected_y = _their_delta(theirs, x)
+        else:  # DoRA: the whole change times m, as A1111 and ComfyUI apply it (network/dora.py); LyCORIS at m = 1
+            theirs.multiplier = 1.0
+            delta_1, y_1 = _their_delta(theirs, x)
+            base = theirs.org_forward(x)
+            expected_delta, expected_y = m * delta_1, base + m * (y_1 - base)
         with torch.no_grad():
             assert torch.allclose(ours.delta(), expected_delta, atol=1e-10)
             if part is None:

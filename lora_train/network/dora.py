@@ -3,8 +3,10 @@ magnitude `dora_scale`, W' = (W + dW) * dora_scale / ||W + dW||, with the norm t
 (`wd_on_out`, LyCORIS' default, dora_scale shaped (out, 1, ...)) or per input column (dora_scale
 shaped (1, in, ...), what A1111 v1.10's Lora loader assumes for every file).
 
-The multiplier follows LyCORIS: W' = W_m * (m * (dora_scale / ||W_m|| - 1) + 1) with W_m = W + dW,
-so at weight 1 it is the formula above, at weight 0 W_m unscaled."""
+The multiplier scales the whole change, W + m * (W' - W), as A1111's and ComfyUI's loaders apply a
+file (`<lora:name:m>`): weight 0 is the base model. LyCORIS' own module blends the magnitude only,
+W_m * (m * (dora_scale / ||W_m|| - 1) + 1) with W_m = W + dW, which at weight 0 still adds all of dW;
+the two agree at weight 1, where training happens."""
 
 from __future__ import annotations
 
@@ -30,6 +32,5 @@ def decomposed_delta(weight: torch.Tensor, weight_delta: torch.Tensor, dora_scal
     merged = weight.to(weight_delta.dtype) + weight_delta
     # LyCORIS adds eps to the norm, so a zero row cannot divide by zero
     scale = dora_scale.to(merged.dtype) / (norm(merged, wd_on_out) + torch.finfo(merged.dtype).eps)
-    if multiplier != 1:
-        scale = multiplier * (scale - 1) + 1
-    return merged * scale - weight.to(merged.dtype)
+    change = merged * scale - weight.to(merged.dtype)
+    return change if multiplier == 1 else change * multiplier
