@@ -162,6 +162,9 @@ class TrainConfig:
     saving: SavingConfig = field(default_factory=SavingConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    # Not a setting: a file read after normalising pasted text says so here, for the front ends to
+    # show and the trainer to carry.
+    warnings: list[str] = field(default_factory=list, compare=False, repr=False)
 
     # -- keys ------------------------------------------------------------------------------------
     @staticmethod
@@ -219,7 +222,9 @@ class TrainConfig:
 
     @classmethod
     def from_toml(cls, path: str | os.PathLike) -> "TrainConfig":
-        return cls().update(flatten_one_level(read_toml(path, msg("config file"))), source=str(path))
+        config = cls()
+        data = read_toml(path, msg("config file"), warn=config.warnings.append)
+        return config.update(flatten_one_level(data), source=str(path))
 
 
 _SECTION_TYPES = {
