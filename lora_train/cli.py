@@ -16,7 +16,7 @@ from lora_train.errors import UserError, msg
 
 
 def _progress_listener(shown: frozenset[str] = frozenset()):
-    """tqdm progress and the run's messages; `shown`: notes already printed (the config's warnings)."""
+    """tqdm progress and the run's messages; `shown`: notes already printed (the config's)."""
     from tqdm import tqdm
 
     from lora_train.train import events as ev
@@ -63,7 +63,7 @@ def _run_training(config, loss_csv: Path) -> Path | None:
     trainer = job.build_trainer(config, adapter, sample_fn=preview_fn(config, adapter))
     if not _is_main_process():  # under accelerate launch, rank 0 reports and writes
         return trainer.run(None, threading.Event())
-    listeners = [_progress_listener(frozenset(config.warnings)), LossCsv(loss_csv)]
+    listeners = [_progress_listener(frozenset(config.warnings + config.notes)), LossCsv(loss_csv)]
     board = tensorboard_or_note(config.logging.logging_dir, config.logging.log_prefix, trainer.notes)
     if board:
         listeners.append(board)
@@ -100,9 +100,11 @@ def cmd_train(args) -> int:
         if not sep:
             raise UserError(msg("--set '{item}': expected key=value", item=item))
         config.update({key.strip(): parse_set_value(value.strip())}, source="--set")
-    # before the model loads, so it is read even when the run then stops on another problem
+    # before the model loads, so they are read even when the run then stops on another problem
     for warning in config.warnings:
         print(f"{t('warning')}: {tr(warning)}", file=sys.stderr)
+    for note in config.notes:
+        print(f"{t('note')}: {tr(note)}", file=sys.stderr)
     out = Path(config.saving.output_dir)
     path = _run_training(config, out / f"{config.saving.output_name}-loss.csv")
     if path and _is_main_process():
