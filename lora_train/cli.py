@@ -15,7 +15,8 @@ from pathlib import Path
 from lora_train.errors import UserError, msg
 
 
-def _progress_listener():
+def _progress_listener(shown: frozenset[str] = frozenset()):
+    """tqdm progress and the run's messages; `shown`: notes already printed (the config's)."""
     from tqdm import tqdm
 
     from lora_train.train import events as ev
@@ -25,7 +26,8 @@ def _progress_listener():
     def listen(e):
         if isinstance(e, ev.Started):
             for note in e.notes:
-                print(f"{t('note')}: {tr(note)}", file=sys.stderr)
+                if note not in shown:
+                    print(f"{t('note')}: {tr(note)}", file=sys.stderr)
             print(tr(msg("training: {images} images, {epochs} epochs x {per_epoch} steps = {total} steps", images=e.num_images,
                              epochs=e.epochs, per_epoch=e.steps_per_epoch, total=e.total_steps)), file=sys.stderr)
             state["bar"] = tqdm(total=e.total_steps, unit="step", dynamic_ncols=True, file=sys.stderr)
@@ -61,7 +63,7 @@ def _run_training(config, loss_csv: Path) -> Path | None:
     trainer = job.build_trainer(config, adapter, sample_fn=preview_fn(config, adapter))
     if not _is_main_process():  # under accelerate launch, rank 0 reports and writes
         return trainer.run(None, threading.Event())
-    listeners = [_progress_listener(), LossCsv(loss_csv)]
+    listeners = [_progress_listener(frozenset(config.warnings + config.notes)), LossCsv(loss_csv)]
     board = tensorboard_or_note(config.logging.logging_dir, config.logging.log_prefix, trainer.notes)
     if board:
         listeners.append(board)
@@ -98,6 +100,11 @@ def cmd_train(args) -> int:
         if not sep:
             raise UserError(msg("--set '{item}': expected key=value", item=item))
         config.update({key.strip(): parse_set_value(value.strip())}, source="--set")
+    # before the model loads, so they are read even when the run then stops on another problem
+    for warning in config.warnings:
+        print(f"{t('warning')}: {tr(warning)}", file=sys.stderr)
+    for note in config.notes:
+        print(f"{t('note')}: {tr(note)}", file=sys.stderr)
     out = Path(config.saving.output_dir)
     path = _run_training(config, out / f"{config.saving.output_name}-loss.csv")
     if path and _is_main_process():
@@ -423,8 +430,30 @@ def silence_known_warnings() -> None:
         warnings.filterwarnings("ignore", message=message, category=category, module=module)
 
 
+def show_our_warnings() -> None:
+    """A TOML file read after normalising pasted text (a dataset config, a prompts file) says so in
+    one `warning:` line, in the user's language, instead of Python's warning format."""
+    import warnings
+
+    from lora_train.tomlfile import PastedTextWarning
+
+    previous = warnings.showwarning
+    if getattr(previous, "lora_train", False):  # main() called again in one process (tests)
+        return
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, PastedTextWarning):
+            print(f"{t('warning')}: {tr(str(message))}", file=sys.stderr)
+        else:
+            previous(message, category, filename, lineno, file, line)
+
+    show.lora_train = True
+    warnings.showwarning = show
+
+
 def main(argv: list[str] | None = None) -> int:
     silence_known_warnings()
+    show_our_warnings()
     args = build_parser().parse_args(argv)
     try:
         if getattr(args, "sgm_path", None):

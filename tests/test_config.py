@@ -90,3 +90,56 @@ def test_bad_toml_is_a_clear_error(tmp_path):
         TrainConfig.from_toml(p)
     with pytest.raises(UserError, match="does not exist"):
         TrainConfig.from_toml(tmp_path / "missing.toml")
+
+
+# A config copied from a web page: each line carries one of the characters such pages put in
+PASTED = (
+    "\ufeff[model_arguments]\n"  # the file's BOM (utf-8-sig reads it)
+    "pretrained_model_name_or_path\u00a0=\u00a0“C:\\models\\sd15.safetensors”\n"  # non-breaking spaces, smart quotes, a Windows path
+    "network_dim\u3000＝\u300032\n"  # ideographic spaces, full-width equals sign
+    "output_name = ‘my lora’\n"  # smart single quotes
+    "caption_extension = ＂.txt＂\n"  # full-width quotes
+    "\ufeffseed = 42\ufeff\n"  # byte-order marks pasted around a key and a value
+    'optimizer_type = "AdamW8bit”\n'  # an ASCII quote closed by a smart one
+    "# a comment keeps “its” quotes\u00a0as they are\n"
+    'training_comment = "“quoted” and\u3000spaced"\n'  # a valid string keeps every character
+)
+
+
+def test_text_pasted_from_a_web_page_reads_with_one_warning(tmp_path):
+    p = tmp_path / "pasted.toml"
+    p.write_text(PASTED, encoding="utf-8")
+    c = TrainConfig.from_toml(p)
+    assert c.model.pretrained_model_name_or_path == "C:\\models\\sd15.safetensors"
+    assert c.network.network_dim == 32 and c.saving.output_name == "my lora" and c.dataset.caption_extension == ".txt"
+    assert c.training.seed == 42 and c.optimizer.optimizer_type == "AdamW8bit"
+    assert c.saving.training_comment == "“quoted” and\u3000spaced"
+    assert len(c.warnings) == 1
+    warning = c.warnings[0]
+    assert warning.startswith(f"{p}: read after normalising text pasted from a web page: ")
+    for shown in ("U+00A0→' ' ×2", "U+3000→' ' ×2", "'＝'→'=' ×1", "U+FEFF→'' ×2", "'‘'→\"'\" ×1", "'＂'→'\"' ×2", "'”'→'\"' ×1"):
+        assert shown in warning, shown
+    assert "\n" not in warning
+
+
+def test_a_valid_file_is_read_as_written(tmp_path):
+    import warnings
+
+    p = tmp_path / "valid.toml"
+    p.write_text('training_comment = "“as typed”\u00a0here"  # “fine”\n', encoding="utf-8")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        c = TrainConfig.from_toml(p)
+    assert c.saving.training_comment == "“as typed”\u00a0here" and c.warnings == []
+
+
+def test_pasted_text_in_other_toml_files_warns_and_still_broken_text_is_an_error(tmp_path):
+    from lora_train.tomlfile import PastedTextWarning, read_toml
+
+    p = tmp_path / "dataset.toml"
+    p.write_text("[general]\nshuffle_caption\u00a0= true\n", encoding="utf-8")
+    with pytest.warns(PastedTextWarning, match="U\\+00A0"):
+        assert read_toml(p) == {"general": {"shuffle_caption": True}}
+    p.write_text("network_dim ＝ ＝ 4\n", encoding="utf-8")
+    with pytest.raises(UserError, match="not valid TOML"):
+        TrainConfig.from_toml(p)

@@ -2,7 +2,8 @@
 
 TOML in: sd-scripts flattens one level of tables and ignores their names, so a flat kohya /
 lora-scripts file and our sectioned file both load. TOML out: sectioned by our tree, which
-sd-scripts reads back the same way. Unknown keys are an error that names the closest known key.
+sd-scripts reads back the same way. sd-scripts options that are not keys of the tree are read,
+noted or refused by `compat`; other unknown keys are an error that names the closest known key.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any, Optional
 from lora_train.dataset.spec import DatasetConfig
 from lora_train.errors import UserError, close_match_hint, msg
 from lora_train.tomlfile import parse_toml_value, read_toml, write_toml
+from lora_train.train import compat
 from lora_train.train.loss import LossOptions
 from lora_train.train.noise import NoiseOptions
 
@@ -162,6 +164,11 @@ class TrainConfig:
     saving: SavingConfig = field(default_factory=SavingConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    # Not settings: what reading the config said, for the front ends to show and the trainer to
+    # carry. `notes`: sd-scripts options read another way or not needed (compat.py); `warnings`:
+    # a file read after normalising pasted text.
+    notes: list[str] = field(default_factory=list, compare=False, repr=False)
+    warnings: list[str] = field(default_factory=list, compare=False, repr=False)
 
     # -- keys ------------------------------------------------------------------------------------
     @staticmethod
@@ -186,16 +193,31 @@ class TrainConfig:
 
     # -- dict / TOML -----------------------------------------------------------------------------
     def update(self, flat: dict[str, Any], source: str = "config") -> "TrainConfig":
+        """Set the keys of `flat`. sd-scripts options outside the tree are read as their key, or
+        accepted with a note appended to `notes`, or refused (compat.py); all keys that cannot be
+        used are named in one error, before anything is set."""
         flat = dict(flat)
         args = flat.pop("network_args", None)
+        flat, notes, refused = compat.translate(flat, source)
         unknown = [k for k in flat if k not in self.key_index()]
         if args is not None:
             flat.update(_parse_network_args(args, source))
+        lines = []
         if unknown:
-            head = msg("{source}: unknown keys:", source=source) if len(unknown) > 1 else msg("{source}: unknown key:", source=source)
-            raise UserError("\n".join([head] + ["  " + _unknown_key_line(k, self.key_index()) for k in unknown]))
+            choices = [*self.key_index(), *compat.known_keys()]
+            lines.append(msg("{source}: unknown keys:", source=source) if len(unknown) > 1 else msg("{source}: unknown key:", source=source))
+            lines += ["  " + _unknown_key_line(k, choices) for k in unknown]
+        if len(refused) == 1 and not unknown:
+            key, reason = refused[0]
+            lines.append(msg("{source}: {key}: {reason}", source=source, key=key, reason=reason))
+        elif refused:
+            lines.append(msg("{source}: these sd-scripts options cannot be used:", source=source))
+            lines += ["  " + msg("{what}: {reason}", what=key, reason=reason) for key, reason in refused]
+        if lines:
+            raise UserError("\n".join(lines))
         for k, v in flat.items():
             self.set(k, v, source)
+        self.notes += [n for n in notes if n not in self.notes]
         return self
 
     def to_flat(self) -> dict[str, Any]:
@@ -219,7 +241,9 @@ class TrainConfig:
 
     @classmethod
     def from_toml(cls, path: str | os.PathLike) -> "TrainConfig":
-        return cls().update(flatten_one_level(read_toml(path, msg("config file"))), source=str(path))
+        config = cls()
+        data = read_toml(path, msg("config file"), warn=config.warnings.append)
+        return config.update(flatten_one_level(data), source=str(path))
 
 
 _SECTION_TYPES = {

@@ -57,7 +57,8 @@ class Trainer:
         self.epoch = 1
         self.batches_done = 0  # micro-batches consumed in the current epoch
         self.last_save: Path | None = None
-        self.notes: list[str] = list(adapter.info.notes)
+        # what reading the config said comes first: the front ends show the notes when the run starts
+        self.notes: list[str] = [*config.warnings, *config.notes, *adapter.info.notes]
         self._epoch_losses: list[float] = []
         self._save_requested = threading.Event()  # "Save now" from a front end, taken after the current step
         # TrainingConfig is a NoiseOptions and a LossOptions (it inherits their fields)
