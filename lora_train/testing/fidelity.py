@@ -44,7 +44,9 @@ NETWORKS: dict[str, dict] = {
     "lora": {},
     "locon": {"conv_dim": 4, "conv_alpha": 1},
     "loha": {**_LYCORIS, "network_args": ["algo=loha"], "network_dim": 8, "network_alpha": 4, "conv_dim": 4, "conv_alpha": 1},
-    "lokr": {**_LYCORIS, "network_args": ["algo=lokr", "factor=8"], "network_dim": 8, "network_alpha": 8, "conv_dim": 4, "conv_alpha": 1},
+    # LyCORIS' guide for LoKr: a dim past the factors' sizes, so both Kronecker factors are full matrices (scale 1)
+    "lokr": {**_LYCORIS, "network_args": ["algo=lokr", "factor=4"], "network_dim": 100000, "network_alpha": 1, "conv_dim": 100000,
+             "conv_alpha": 1},
     "dora": {**_LYCORIS, "network_args": ["algo=lora", "dora_wd=True", "preset=attn-mlp"]},
 }
 
