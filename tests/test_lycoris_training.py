@@ -95,6 +95,8 @@ def test_each_algorithm_trains_and_writes_what_lycoris_writes(run, tiny_adapter,
         name, _, suffix = key.partition(".")
         modules.setdefault(name, {})[suffix] = tuple(value.shape)
     assert modules and set(modules) <= set(targets)
+    convs = [n for n in modules if isinstance(targets[n], nn.Conv2d) and targets[n].kernel_size != (1, 1)]
+    assert ("conv_dim" in recorded) == bool(convs), "conv_dim is recorded when the preset trained 3x3 convs"
     for name, keys in modules.items():
         target = targets[name]
         conv3x3 = isinstance(target, nn.Conv2d) and target.kernel_size != (1, 1)

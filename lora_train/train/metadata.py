@@ -10,6 +10,8 @@ import json
 import os
 import time
 
+import torch
+
 from lora_train import __version__
 from lora_train.dataset.plan import DatasetPlan
 from lora_train.dataset.scan import Scan
@@ -70,7 +72,8 @@ def training_metadata(
     if kind is not None and kind.is_lycoris:
         # as sd-scripts records LyCORIS' args: algo always, and the conv rank LyCORIS derived when none was given
         network_args.update(kind.network_args())
-        if network.conv_dim:
+        trains_convs = any(isinstance(m.org, torch.nn.Conv2d) and tuple(m.org.kernel_size) != (1, 1) for m in network.lora_modules.values())
+        if network.conv_dim and trains_convs:  # the preset's 3x3 convs, at the rank LyCORIS gave them
             network_args.setdefault("conv_dim", _s(network.conv_dim))
             network_args["conv_alpha"] = _s(network.conv_alpha)
     model_hash, new_model_hash = model_hashes(info.path)
