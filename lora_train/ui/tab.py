@@ -350,7 +350,9 @@ def create_train_tab(manager: RunManager, host: Host, t: Optional[Translator] = 
             try:
                 config = form.config_from_values(flds, values)
                 config.update(presets.NETWORK_TYPES[ntype], source=ntype)
-                shown = ", ".join(f"{k} {v}" for k, v in presets.NETWORK_TYPES[ntype].items() if k in form.BASIC or k.startswith("conv_"))
+                # the rank fields as the form now shows them (an empty conv_dim: no 3x3 convs), "-" for empty
+                shown = ", ".join(f"{k} {'-' if v is None else v}" for k, v in presets.NETWORK_TYPES[ntype].items()
+                                  if k in form.BASIC or k.startswith("conv_"))
                 return [*form.values_from_config(flds, config), _message(t.format("Network type {name}: {values}", name=ntype, values=shown))]
             except (UserError, KeyError) as e:
                 return [*values, _message(t.text(e), True)]
