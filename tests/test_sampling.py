@@ -345,8 +345,9 @@ def test_sample_command_rejects_a_lora_for_another_model(tiny_adapter, tmp_path,
     assert not (tmp_path / "out").exists()
 
 
-def test_sample_and_grid_refuse_a_dora_file_naming_file_key_and_algorithm(tiny_adapter, lora_file, tmp_path, monkeypatch):
-    """A DoRA magnitude is not dropped: the file would render as plain LoRA."""
+def test_sample_and_grid_refuse_a_file_of_an_unloadable_algorithm_naming_file_key_and_algorithm(tiny_adapter, lora_file, tmp_path, monkeypatch):
+    """A key of an algorithm LoRA Train cannot load (LyCORIS' Tucker LoCon) is not dropped: the file
+    would render as plain LoRA."""
     from safetensors.torch import load_file
 
     from lora_train.model import registry
@@ -355,11 +356,11 @@ def test_sample_and_grid_refuse_a_dora_file_naming_file_key_and_algorithm(tiny_a
     monkeypatch.setattr(registry, "load_adapter", lambda spec: tiny_adapter)
     tensors = load_file(str(lora_file))
     name = next(k for k in tensors if k.endswith(".lora_up.weight")).partition(".")[0]
-    tensors[f"{name}.dora_scale"] = torch.ones(tensors[f"{name}.lora_up.weight"].shape[0], 1)
-    dora = save_lora(tmp_path / "dora.safetensors", tensors, {})
-    for attempt in (lambda: sample_command("builtin:tiny", [(str(dora), 1.0)], "a cat", output_dir=tmp_path / "out"),
-                    lambda: render_grid(tiny_adapter, [dora], [1.0], "a cat", 1, tmp_path / "grid.png", size=64, steps=1)):
+    rank = tensors[f"{name}.lora_up.weight"].shape[1]
+    tucker = save_lora(tmp_path / "tucker.safetensors", dict(tensors, **{f"{name}.lora_mid.weight": torch.ones(rank, rank, 3, 3)}), {})
+    for attempt in (lambda: sample_command("builtin:tiny", [(str(tucker), 1.0)], "a cat", output_dir=tmp_path / "out"),
+                    lambda: render_grid(tiny_adapter, [tucker], [1.0], "a cat", 1, tmp_path / "grid.png", size=64, steps=1)):
         with pytest.raises(UserError) as e:
             attempt()
-        assert "dora.safetensors" in str(e.value) and f"{name}.dora_scale" in str(e.value) and "DoRA" in str(e.value)
+        assert "tucker.safetensors" in str(e.value) and f"{name}.lora_mid.weight" in str(e.value) and "Tucker/CP" in str(e.value)
     assert not (tmp_path / "out").exists() and not (tmp_path / "grid.png").exists()
