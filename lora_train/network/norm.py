@@ -45,7 +45,7 @@ from torch import nn
 
 from lora_train.network.module import NetworkModule
 from lora_train.network.naming import PREFIX_UNET, kohya_name, ldm_unet_path_to_diffusers
-from lora_train.network.targets import UNET_BLOCKS, UNET_CONV_BLOCKS, Target
+from lora_train.network.targets import UNET_BLOCKS, UNET_CONV_BLOCKS, Target, collect
 
 
 class Norm(NetworkModule):
@@ -125,20 +125,11 @@ def _describe(org: nn.Module) -> str:
 
 # -- which norm layers train_norm adds ---------------------------------------------------------------
 def norm_targets(root: nn.Module, blocks: tuple[str, ...], name_of: Callable[[str, str, str], str]) -> list[Target]:
-    """The affine LayerNorm/GroupNorm layers inside `root`'s blocks of the classes `blocks`, each named
-    `name_of(block_path, block_class, child_path)` (the same callables `targets.py` names Linear/Conv2d
-    targets with). `Target.block` is the block's class, so `targets.preset_targets` keeps the norms of
-    the blocks a preset trains, as LyCORIS does (its attn-only and ia3 presets reach no norm)."""
-    found: dict[str, Target] = {}
-    for block_path, block in root.named_modules():
-        cls = type(block).__name__
-        if cls not in blocks:
-            continue
-        for child_path, child in block.named_modules():
-            if child_path and Norm.accepts(child):
-                name = name_of(block_path, cls, child_path)
-                found.setdefault(name, Target(name, child, f"{block_path}.{child_path}", block=cls))
-    return list(found.values())
+    """The affine LayerNorm/GroupNorm layers inside `root`'s blocks of the classes `blocks`, named as
+    `targets.py` names Linear/Conv2d targets. `Target.block` is the block's class, so
+    `targets.preset_targets` keeps the norms of the blocks a preset trains, as LyCORIS does (its
+    attn-only and ia3 presets reach no norm)."""
+    return collect(root, blocks, name_of, Norm.accepts)
 
 
 def ldm_unet_norm_targets(unet: nn.Module) -> list[Target]:

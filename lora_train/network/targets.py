@@ -34,14 +34,17 @@ class Target:
         return isinstance(self.module, nn.Conv2d) and tuple(self.module.kernel_size) != (1, 1)
 
 
-def _collect(root: nn.Module, block_classes: tuple[str, ...], name_of: Callable[[str, str, str], str]) -> list[Target]:
+def collect(root: nn.Module, block_classes: tuple[str, ...], name_of: Callable[[str, str, str], str],
+            trains: Callable[[nn.Module], bool] = lambda m: isinstance(m, (nn.Linear, nn.Conv2d))) -> list[Target]:
+    """The modules `trains` picks inside `root`'s blocks of `block_classes`, each named
+    `name_of(block_path, block_class, child_path)`, first name wins."""
     found: dict[str, Target] = {}
     for block_path, block in root.named_modules():
         cls = type(block).__name__
         if cls not in block_classes:
             continue
         for child_path, child in block.named_modules():
-            if not isinstance(child, (nn.Linear, nn.Conv2d)):
+            if not child_path or not trains(child):
                 continue
             name = name_of(block_path, cls, child_path)
             found.setdefault(name, Target(name, child, f"{block_path}.{child_path}", block=cls))
@@ -59,18 +62,18 @@ def ldm_unet_targets(unet: nn.Module, conv: bool = False) -> list[Target]:
     def name_of(block_path: str, cls: str, child_path: str) -> str:
         return kohya_name(PREFIX_UNET, ldm_unet_path_to_diffusers(block_path, cls, child_path))
 
-    return _filter_conv(_collect(unet, blocks, name_of), conv)
+    return _filter_conv(collect(unet, blocks, name_of), conv)
 
 
 def sdxl_unet_targets(unet: nn.Module, conv: bool = False) -> list[Target]:
     """Targets in an SDXL `UNetModel`: sd-scripts keeps SDXL's own LDM paths as names."""
     blocks = UNET_BLOCKS + (UNET_CONV_BLOCKS if conv else ())
-    return _filter_conv(_collect(unet, blocks, lambda block_path, cls, child: kohya_name(PREFIX_UNET, f"{block_path}.{child}")), conv)
+    return _filter_conv(collect(unet, blocks, lambda block_path, cls, child: kohya_name(PREFIX_UNET, f"{block_path}.{child}")), conv)
 
 
 def hf_clip_targets(text_model: nn.Module, prefix: str) -> list[Target]:
     """Targets in a Hugging Face `CLIPTextModel`; names are its own module paths."""
-    return _collect(text_model, TEXT_BLOCKS, lambda block_path, cls, child: kohya_name(prefix, f"{block_path}.{child}"))
+    return collect(text_model, TEXT_BLOCKS, lambda block_path, cls, child: kohya_name(prefix, f"{block_path}.{child}"))
 
 
 # OpenCLIP residual block child -> Hugging Face CLIP encoder layer child
