@@ -291,3 +291,26 @@ def test_dora_weight_scales_the_whole_change_as_the_loaders_do(wd_on_out):
         module.multiplier = 0.0
         none = module.delta()
     assert full.abs().max() > 0.1 and torch.allclose(half, full / 2, atol=1e-6) and not none.any()
+
+
+def test_dora_magnitudes_train_without_weight_decay():
+    """AdamW's decay pulls a parameter towards 0; a DoRA magnitude starts at the base weight's norm,
+    so decaying it would shrink the base under every prompt."""
+    org, part = _kinds()["linear"]
+    net = LoRANetwork([Target("lora_unet_linear", org, "linear")], dim=DIM, alpha=ALPHA)
+    module = net.lora_modules["lora_unet_linear"]
+    module.enable_dora(False)
+    groups = net.param_groups(1e-3, 1e-4)
+    magnitude = [g for g in groups if any(p is module.dora_scale for p in g["params"])]
+    assert len(magnitude) == 1 and magnitude[0]["params"] == [module.dora_scale] and magnitude[0]["weight_decay"] == 0.0
+    assert magnitude[0]["lr"] == 1e-3 and magnitude[0]["name"] == "unet"
+    rest = [p for g in groups if g is not magnitude[0] for p in g["params"]]
+    assert {id(p) for p in rest} == {id(module.lora_down.weight), id(module.lora_up.weight)}
+    assert all("weight_decay" not in g for g in groups if g is not magnitude[0])
+    before = module.dora_scale.detach().clone()
+    optimizer = torch.optim.AdamW(groups, lr=1e-3, weight_decay=0.5)
+    module.dora_scale.grad = torch.zeros_like(module.dora_scale)  # no gradient signal: only decay could move it
+    module.lora_down.weight.grad = torch.zeros_like(module.lora_down.weight)
+    module.lora_up.weight.grad = torch.zeros_like(module.lora_up.weight)
+    optimizer.step()
+    assert torch.equal(module.dora_scale, before)

@@ -159,7 +159,7 @@ class LoRANetwork(nn.Module):
             for w, params in by_weight.items():
                 if unet_lr * w:
                     groups.append({"params": params, "lr": unet_lr * w, "name": "unet" if w == 1.0 else f"unet_x{w:g}"})
-        return groups
+        return _magnitudes_apart(groups, {id(m.dora_scale) for m in self.children() if m.dora_scale is not None})
 
     # -- file format ---------------------------------------------------------------------------
     def kohya_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
@@ -218,6 +218,21 @@ class LoRANetwork(nn.Module):
             net._targets[name] = target.module
         net.load_kohya_state_dict(dict(state) | _missing_alphas(net, state))
         return net
+
+
+def _magnitudes_apart(groups: list[dict], magnitudes: set[int]) -> list[dict]:
+    """DoRA's magnitudes in groups of their own without weight decay: they start at the base weight's
+    norm, and decaying them towards 0 would shrink the base model under every prompt, not train the
+    LoRA (AdamW's default decay is 0.01). Same learning rate and name as the group they came from."""
+    if not magnitudes:
+        return groups
+    out = []
+    for g in groups:
+        own = [p for p in g["params"] if id(p) not in magnitudes]
+        apart = [p for p in g["params"] if id(p) in magnitudes]
+        out += [dict(g, params=own)] if own else []
+        out += [dict(g, params=apart, weight_decay=0.0)] if apart else []
+    return out
 
 
 def _same_but_1x1(a: torch.Size, b: torch.Size) -> bool:
