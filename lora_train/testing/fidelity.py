@@ -44,9 +44,10 @@ NETWORKS: dict[str, dict] = {
     "lora": {},
     "locon": {"conv_dim": 4, "conv_alpha": 1},
     "loha": {**_LYCORIS, "network_args": ["algo=loha"], "network_dim": 8, "network_alpha": 4, "conv_dim": 4, "conv_alpha": 1},
-    # LyCORIS' guide for LoKr: a dim past the factors' sizes, so both Kronecker factors are full matrices (scale 1)
+    # LyCORIS' guide for LoKr: a dim past the factors' sizes, so both Kronecker factors are full matrices (scale 1),
+    # at a higher learning rate than LoRA's (at LoRA's it reached 0.84 after 6 epochs)
     "lokr": {**_LYCORIS, "network_args": ["algo=lokr", "factor=4"], "network_dim": 100000, "network_alpha": 1, "conv_dim": 100000,
-             "conv_alpha": 1},
+             "conv_alpha": 1, "unet_lr": 6e-3, "text_encoder_lr": 2e-3},
     "dora": {**_LYCORIS, "network_args": ["algo=lora", "dora_wd=True", "preset=attn-mlp"]},
 }
 
