@@ -292,6 +292,34 @@ def test_custom_caption_separator():
         assert o.startswith("a; ") and sorted(o.split("; ")) == ["a", "b, c", "d", "e"]
 
 
+
+def tag_counts(opts, steps, total_steps=0, caption=CAPTION):
+    return [len(process_caption(caption, opts, 1, random.Random(0), step, total_steps).split(", ")) for step in range(steps)]
+
+
+def test_token_warmup_adds_tags_over_the_first_steps():
+    """sd-scripts: floor(step * (tags - token_warmup_min) / token_warmup_step) + token_warmup_min tags
+    before token_warmup_step, all after; here 8 tags from 2 over 12 steps: one more every 2 steps."""
+    assert CaptionOptions().token_warmup_min == 1 and CaptionOptions().token_warmup_step == 0
+    opts = CaptionOptions(token_warmup_min=2, token_warmup_step=12)
+    assert tag_counts(opts, 14) == [2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7, 8, 8]
+    assert process_caption(CAPTION, opts, 1, random.Random(0), 0) == "t0, t1"  # the first tags, in order
+    # below 1: a fraction of the run's steps, rounded down (0.25 of 50 = 12)
+    assert tag_counts(CaptionOptions(token_warmup_min=2, token_warmup_step=0.25), 14, total_steps=50) == tag_counts(opts, 14)
+    # after the warm-up the caption is split and joined as with shuffle (", "), as in sd-scripts
+    assert process_caption("t0,t1", opts, 1, random.Random(0), 12) == "t0, t1"
+
+
+def test_token_warmup_keeps_kept_tags_and_shuffles_what_it_takes():
+    opts = CaptionOptions(token_warmup_min=1, token_warmup_step=7, keep_tokens=1)
+    assert process_caption(CAPTION, opts, 1, random.Random(0), 0) == "t0, t1"
+    assert tag_counts(opts, 8) == [2, 2, 3, 4, 5, 6, 7, 8]  # 1 kept + floor(step * 6 / 7) + 1
+    shuffled = CaptionOptions(token_warmup_min=3, token_warmup_step=10, shuffle_caption=True)
+    assert {frozenset(process_caption(CAPTION, shuffled, 1, random.Random(seed), 0).split(", ")) for seed in range(20)} == {
+        frozenset({"t0", "t1", "t2"})}
+    kts = CaptionOptions(token_warmup_min=1, token_warmup_step=3, keep_tokens_separator="|||")
+    assert process_caption("a, b ||| c, d, e ||| z", kts, 1, random.Random(0), 0) == "a, b, c, z"
+
 # --- prompt escaping ----------------------------------------------------------------------------
 
 # A1111's modules/prompt_parser.py tokenizer: an escape yields its second character, a lone

@@ -248,11 +248,11 @@ def test_network_weights_continue_from_a_file(tiny_adapter, tmp_path):
 def test_text_encoder_output_cache(tiny_adapter, tmp_path, monkeypatch):
     calls = {"n": 0}
     real = tiny_adapter.encode_captions
-    monkeypatch.setattr(tiny_adapter, "encode_captions", lambda caps: calls.__setitem__("n", calls["n"] + 1) or real(caps))
+    monkeypatch.setattr(tiny_adapter, "encode_captions", lambda caps, *o: calls.__setitem__("n", calls["n"] + 1) or real(caps, *o))
     plain = job.build_trainer(cfg(tmp_path / "a", max_train_steps=6, network_train_unet_only=True), tiny_adapter).run()
     uncached_calls, calls["n"] = calls["n"], 0
     order = []
-    monkeypatch.setattr(tiny_adapter, "encode_captions", lambda caps: order.append(("encode", len(caps))) or real(caps))
+    monkeypatch.setattr(tiny_adapter, "encode_captions", lambda caps, *o: order.append(("encode", len(caps))) or real(caps, *o))
     cached = job.build_trainer(cfg(tmp_path / "b", max_train_steps=6, network_train_unet_only=True, cache_text_encoder_outputs=True),
                                tiny_adapter).run(lambda e: order.append("step") if isinstance(e, ev.Step) else None)
     # all 3 distinct captions in one call before the first step: the text encoder is then never

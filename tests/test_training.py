@@ -7,6 +7,7 @@ import torch
 from conftest import assert_same_as, make_dataset, snapshot
 
 from lora_train.app import job
+from lora_train.errors import UserError
 from lora_train.network.files import load_lora
 from lora_train.train import events as ev
 from lora_train.train import loss as loss_fn
@@ -143,3 +144,36 @@ def test_trainer_uses_the_models_prediction_type(tiny_model, tmp_path, monkeypat
     path = job.build_trainer(config_for(tmp_path, max_train_steps=2), adapter).run()
     assert seen == ["v", "v"]
     assert load_lora(path)[1]["modelspec.prediction_type"] == "v"
+
+
+def test_token_warmup_reaches_the_text_encoder_and_refuses_the_text_cache(tiny_adapter, tmp_path, monkeypatch):
+    """Captions "zkz, a red circle, white background" (3 tags), warm-up from 1 tag over 2 steps."""
+    seen = []
+    real = tiny_adapter.encode_captions
+    monkeypatch.setattr(tiny_adapter, "encode_captions", lambda caps, *o: seen.append(list(caps)) or real(caps, *o))
+    cfg = config_for(tmp_path / "w", max_train_steps=4, train_batch_size=1, token_warmup_min=1, token_warmup_step=2)
+    job.build_trainer(cfg, tiny_adapter).run()
+    assert [len(caps[0].split(", ")) for caps in seen] == [1, 2, 3, 3]
+    assert seen[0] == ["zkz"]
+    with pytest.raises(UserError, match="token warm-up"):
+        job.build_trainer(config_for(tmp_path / "c", max_train_steps=1, network_train_unet_only=True, cache_text_encoder_outputs=True,
+                                     token_warmup_step=2), tiny_adapter).run()
+
+
+def test_max_token_length_and_weighted_captions_reach_the_text_encoder(tiny_adapter, tmp_path, monkeypatch):
+    from lora_train.model.caption_tokens import TextOptions
+
+    seen = []
+    real = tiny_adapter.encode_captions
+
+    def spy(caps, options=TextOptions()):
+        out = real(caps, options)
+        seen.append((tuple(out.shape[:2]), options))
+        return out
+
+    monkeypatch.setattr(tiny_adapter, "encode_captions", spy)
+    path = job.build_trainer(config_for(tmp_path / "a", max_train_steps=1, max_token_length=225, weighted_captions=True), tiny_adapter).run()
+    assert seen == [((2, 227), TextOptions(225, weighted=True))]
+    assert load_lora(path)[1]["ss_max_token_length"] == "225"
+    with pytest.raises(UserError, match="max_token_length must be 75, 150 or 225"):
+        job.build_trainer(config_for(tmp_path / "b", max_train_steps=1, max_token_length=100), tiny_adapter).run()

@@ -5,6 +5,7 @@ keep_tokens, dropout and wildcard rules), plus prompt escaping and CLIP token co
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import re
@@ -179,6 +180,8 @@ class CaptionOptions:
     caption_dropout_every_n_epochs: int = 0
     caption_tag_dropout_rate: float = 0.0
     enable_wildcard: bool = False
+    token_warmup_min: int = 1
+    token_warmup_step: float = 0.0
 
 
 _WILDCARD = re.compile(r"\{([^}]+)\}")
@@ -194,12 +197,26 @@ def _expand_wildcards(caption: str, rng: random.Random) -> str:
     return caption.replace(open_, "{").replace(close, "}")
 
 
-def process_caption(caption: str, opts: CaptionOptions, epoch: int, rng: random.Random) -> str:
+def warmup_tags(opts: CaptionOptions, tags: int, step: int, total_steps: int) -> int:
+    """How many of a caption's `tags` movable tags step `step` (0 = the first) trains on, by sd-scripts'
+    token warm-up: token_warmup_min at the first step, one more every (steps / tags added) steps,
+    all of them from token_warmup_step on (below 1: that fraction of `total_steps`, rounded down)."""
+    length = opts.token_warmup_step
+    if length < 1:
+        length = math.floor(length * total_steps)
+    if not length or step >= length:
+        return tags
+    # grouped as sd-scripts computes it, so the float rounds the same way at each step
+    return math.floor(step * ((tags - opts.token_warmup_min) / length)) + opts.token_warmup_min
+
+
+def process_caption(caption: str, opts: CaptionOptions, epoch: int, rng: random.Random, step: int = 0, total_steps: int = 0) -> str:
     """The caption as sd-scripts' `BaseDataset.process_caption` makes it for one step.
 
     `epoch` counts from 1 as sd-scripts' does, so `caption_dropout_every_n_epochs = N` drops epochs
-    N, 2N, ... All randomness comes from `rng`, drawn in sd-scripts' order (dropout, line, wildcards,
-    shuffle, tag dropout), so one seed gives one caption sequence.
+    N, 2N, ... `step` counts the optimizer steps done before this one (sd-scripts' global step), of
+    `total_steps`, for the token warm-up. All randomness comes from `rng`, drawn in sd-scripts' order
+    (dropout, line, wildcards, shuffle, tag dropout), so one seed gives one caption sequence.
     """
 
     def affix(line: str) -> str:
@@ -226,7 +243,7 @@ def process_caption(caption: str, opts: CaptionOptions, epoch: int, rng: random.
     sep, kts = opts.caption_separator, opts.keep_tokens_separator
     # sd-scripts only splits on keep_tokens_separator while shuffling or dropping tags, so without them
     # "|||" was trained as text; here it is always removed.
-    if opts.shuffle_caption or opts.caption_tag_dropout_rate > 0 or (kts and kts in caption):
+    if opts.shuffle_caption or opts.caption_tag_dropout_rate > 0 or opts.token_warmup_step > 0 or (kts and kts in caption):
 
         def split(part: str) -> list[str]:
             # Empty tags ("a,, b") are dropped; sd-scripts keeps them in the keep_tokens path, where
@@ -243,6 +260,8 @@ def process_caption(caption: str, opts: CaptionOptions, epoch: int, rng: random.
         else:
             tokens = split(caption)
             fixed, flex = tokens[: opts.keep_tokens], tokens[opts.keep_tokens :]
+        # kept tags always stay; the warm-up takes the first movable tags in caption order, then shuffles
+        flex = flex[: max(0, warmup_tags(opts, len(flex), step, total_steps))]
         if opts.shuffle_caption:
             rng.shuffle(flex)
         if opts.caption_tag_dropout_rate > 0:

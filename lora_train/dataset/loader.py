@@ -102,9 +102,11 @@ class TrainingData:
             im = _shift_hue(im, rng.uniform(-HUE_SHIFT_DEGREES, HUE_SHIFT_DEGREES))
         return _to_tensor(im), box
 
-    def load(self, items: list[Item], epoch: int, rng: random.Random, encode: Callable[[torch.Tensor], tuple] | None = None) -> Batch:
-        """Captions and images for `items`. With a cache, `encode(pixels)` gives a posterior to store."""
-        captions = [cap.process_caption(i.caption, self._options[id(i.subset)], epoch, rng) for i in items]
+    def load(self, items: list[Item], epoch: int, rng: random.Random, encode: Callable[[torch.Tensor], tuple] | None = None,
+             step: int = 0) -> Batch:
+        """Captions and images for `items`; `step`: the optimizer steps done before them, which the
+        token warm-up counts. With a cache, `encode(pixels)` gives a posterior to store."""
+        captions = [cap.process_caption(i.caption, self._options[id(i.subset)], epoch, rng, step, self.plan.total_steps) for i in items]
         flips = [bool(i.subset.flip_aug and rng.random() < 0.5) for i in items]
         is_reg = torch.tensor([i.is_reg for i in items], dtype=torch.bool)
         if self.cache is None:

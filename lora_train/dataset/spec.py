@@ -37,6 +37,9 @@ class SubsetOptions:
     caption_dropout_every_n_epochs: int = 0
     caption_tag_dropout_rate: float = 0.0
     enable_wildcard: bool = False
+    # sd-scripts' tag warm-up: the first steps train on fewer tags (see captions.warmup_tags)
+    token_warmup_min: int = 1
+    token_warmup_step: float = 0.0  # steps to reach all tags; below 1, a fraction of max_train_steps
     # augmentation
     flip_aug: bool = False
     random_crop: bool = False

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from lora_train.model.caption_tokens import TextOptions
 from lora_train.network.targets import Target
 
 
@@ -80,8 +81,9 @@ class ModelAdapter:
         """Pixels in [-1, 1] to UNet latents: encode, then one posterior draw from `generator`."""
         return self.sample_latents(*self.encode_posterior(pixels), generator)
 
-    def encode_captions(self, captions: list[str]):
-        """The text encoders' output for `captions`: what a text-encoder cache keeps per caption."""
+    def encode_captions(self, captions: list[str], options: TextOptions = TextOptions()):
+        """The text encoders' output for `captions`: what a text-encoder cache keeps per caption.
+        `options`: sd-scripts' max_token_length and weighted_captions (default: 75 tokens, unweighted)."""
         raise NotImplementedError
 
     def condition(self, text, sizes: torch.Tensor | None):

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from lora_train.model.adapter import ModelAdapter, ModelInfo
+from lora_train.model.caption_tokens import TextOptions, Vocab, hf_vocab, join_chunks, openclip_vocab, token_rows, weigh
 from lora_train.model.checkpointing import checkpointed, own_checkpoint_flags_off
 from lora_train.network.naming import PREFIX_TE
 from lora_train.network.targets import Target, hf_clip_targets, ldm_unet_targets, openclip_targets
@@ -61,23 +62,25 @@ class LdmAdapter(ModelAdapter):
         z = mean.float().to(self.device) + std.float().to(self.device) * noise.to(self.device)
         return self.model.get_first_stage_encoding(z).float()
 
-    def tokenize(self, captions: list[str]) -> torch.Tensor:
-        if self.is_openclip:
-            import open_clip
+    def vocab(self) -> Vocab:
+        return openclip_vocab() if self.is_openclip else hf_vocab(self.embedder.tokenizer)
 
-            return open_clip.tokenize(captions)
-        tok = self.embedder.tokenizer
-        return tok(captions, truncation=True, max_length=tok.model_max_length, padding="max_length", return_tensors="pt")["input_ids"]
-
-    def encode_captions(self, captions: list[str]) -> torch.Tensor:
-        tokens = self.tokenize(captions).to(self.device)
+    def encode_captions(self, captions: list[str], options: TextOptions = TextOptions()) -> torch.Tensor:
+        """The text encoder's hidden states for `captions`; `options` sets sd-scripts'
+        max_token_length (75-token chunks, each through the encoder and clip_skip on its own) and
+        weighted_captions."""
+        tokens, weights = token_rows(captions, self.vocab(), options)
+        tokens = tokens.to(self.device)
         if self.is_openclip:
-            return self.embedder.encode_with_transformer(tokens)
-        text = self.embedder.transformer
-        if self.clip_skip == 1:
-            return text(input_ids=tokens).last_hidden_state
-        out = text(input_ids=tokens, output_hidden_states=True)
-        return text.text_model.final_layer_norm(out.hidden_states[-self.clip_skip])
+            hidden = self.embedder.encode_with_transformer(tokens)
+        else:
+            text = self.embedder.transformer
+            if self.clip_skip == 1:
+                hidden = text(input_ids=tokens).last_hidden_state
+            else:
+                out = text(input_ids=tokens, output_hidden_states=True)
+                hidden = text.text_model.final_layer_norm(out.hidden_states[-self.clip_skip])
+        return weigh(join_chunks(hidden, options.chunks), weights, options)
 
     def predict(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         return self.model.apply_model(noisy_latents, timesteps, cond)

@@ -20,6 +20,7 @@ from torch import nn
 
 from lora_train.errors import UserError, msg
 from lora_train.model.adapter import ModelAdapter, ModelInfo
+from lora_train.model.caption_tokens import TextOptions, first_rows, hf_vocab, join_chunks, openclip_vocab, token_rows, weigh
 from lora_train.model.checkpointing import checkpointed, own_checkpoint_flags_off
 from lora_train.network.naming import PREFIX_TE1, PREFIX_TE2
 from lora_train.network.targets import Target, hf_clip_targets, openclip_targets, sdxl_unet_targets
@@ -128,20 +129,14 @@ class SgmAdapter(ModelAdapter):
         return vae.decode(latents.to(self.device, next(vae.parameters()).dtype) / self.scale_factor).float()
 
     # -- conditioning ---------------------------------------------------------------------------
-    def _te1_hidden(self, captions: list[str]) -> torch.Tensor:
+    def _te1_hidden(self, tokens: torch.Tensor) -> torch.Tensor:
         te = self.te1
-        tok = te.tokenizer
-        tokens = tok(captions, truncation=True, max_length=getattr(te, "max_length", 77), padding="max_length",
-                     return_tensors="pt")["input_ids"].to(self.device)
         layer = getattr(te, "layer", "last")
         out = te.transformer(input_ids=tokens, output_hidden_states=layer == "hidden")
         return out.hidden_states[te.layer_idx] if layer == "hidden" else out.last_hidden_state
 
-    def _te2_hidden_and_pooled(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        import open_clip
-
+    def _te2_hidden_and_pooled(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         clip = self.te2.model
-        tokens = open_clip.tokenize(captions).to(self.device)
         x = clip.token_embedding(tokens) + clip.positional_embedding
         x = x.permute(1, 0, 2)  # open_clip 2.20 runs its text transformer sequence-first
         blocks = clip.transformer.resblocks
@@ -152,14 +147,22 @@ class SgmAdapter(ModelAdapter):
             x = block(x, attn_mask=clip.attn_mask)
         last = x.permute(1, 0, 2)
         hidden = last if getattr(self.te2, "layer", "penultimate") == "last" else penultimate.permute(1, 0, 2)
+        # CLIP pools at the EOS, the highest token id (argmax: its first one, the first chunk's own end)
         pooled = clip.ln_final(last)[torch.arange(last.shape[0]), tokens.argmax(dim=-1)] @ clip.text_projection
         return hidden, pooled
 
-    def encode_captions(self, captions: list[str]) -> dict[str, torch.Tensor]:
-        """The text part of SDXL's conditioning, which a cache can keep per caption."""
-        h1 = self._te1_hidden(captions)
-        h2, pooled = self._te2_hidden_and_pooled(captions)
-        return {"crossattn": torch.cat([h1, h2.to(h1.dtype)], dim=-1), "pooled": pooled}
+    def encode_captions(self, captions: list[str], options: TextOptions = TextOptions()) -> dict[str, torch.Tensor]:
+        """The text part of SDXL's conditioning, which a cache can keep per caption. `options`:
+        sd-scripts' max_token_length (75-token chunks; the pooled output is the first chunk's)
+        and weighted_captions."""
+        n = options.chunks
+        tokens1, weights1 = token_rows(captions, hf_vocab(self.te1.tokenizer), options)
+        tokens2, weights2 = token_rows(captions, openclip_vocab(), options)
+        h1 = self._te1_hidden(tokens1.to(self.device))
+        h2, pooled = self._te2_hidden_and_pooled(tokens2.to(self.device))
+        h1 = weigh(join_chunks(h1, n), weights1, options)
+        h2 = weigh(join_chunks(h2, n), weights2, options)
+        return {"crossattn": torch.cat([h1, h2.to(h1.dtype)], dim=-1), "pooled": first_rows(pooled, n)}
 
     def condition(self, text: dict[str, torch.Tensor], sizes: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """Add the size conditioning: `sizes` is N x 6 (original h, w; crop top, left; target h, w)."""

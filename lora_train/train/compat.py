@@ -48,7 +48,6 @@ NOTED: dict[str, str] = {
     "skip_cache_check": msg("LoRA Train always checks cached latents against their image's hash"),
     # satellites of a refused option: without it they do nothing, in sd-scripts too
     "dataset_repeats": msg("read only with in_json; repeats come from the <repeats>_<name> folder names or num_repeats in dataset_config"),
-    "token_warmup_min": msg("read only with token_warmup_step"),
     "skip_until_initial_step": msg("read only with initial_step or initial_epoch"),
     "base_weights_multiplier": msg("read only with base_weights"),
     "huggingface_repo_id": _UPLOAD,
@@ -119,12 +118,10 @@ REFUSED: dict[str, str] = {
     "metadata_is_negative_embedding": _METADATA,
     "face_crop_aug_range": _not_yet(msg("crop augmentation around faces")),
     "resize_interpolation": _not_yet(msg("choosing the resize filter (LoRA Train shrinks images with Lanczos and enlarges them with bicubic)")),
-    "token_warmup_step": _not_yet(msg("training on the first caption tags only and adding the others over the first steps")),
     "dataset_class": msg("a Python dataset class cannot be loaded from a config; use train_data_dir or dataset_config"),
     "in_json": _not_yet(msg("the fine-tuning metadata JSON written by merge_captions_to_metadata.py (use train_data_dir with .txt captions)")),
     "resume_from_huggingface": _not_yet(msg("resuming from a Hugging Face repository (download the state folder and set resume to it)")),
     "save_n_epoch_ratio": _not_yet(msg("saving a number of LoRAs spread over the run (use save_every_n_epochs)")),
-    "max_token_length": _not_yet(msg("captions longer than 75 tokens (150/225); without it a caption is cut at 75 tokens, as in sd-scripts")),
     "vae": _not_yet(msg("a separate VAE file in place of the checkpoint's own")),
     "fp8_base": _FP8,
     "fp8_base_unet": _FP8,
@@ -135,7 +132,6 @@ REFUSED: dict[str, str] = {
     "lr_scheduler_args": _not_yet(msg("arguments passed to the scheduler")),
     "lr_decay_steps": _not_yet(msg("the decay steps of lr_scheduler warmup_stable_decay")),
     "lr_scheduler_timescale": _not_yet(msg("the timescale of lr_scheduler inverse_sqrt")),
-    "weighted_captions": _not_yet(msg("(word:1.3) weights in captions")),
     "no_metadata": _not_yet(msg("saving the LoRA without its training metadata")),
     "scale_weight_norms": _not_yet(msg("scaling down LoRA modules whose weight norm exceeds the limit")),
     "base_weights": _not_yet(msg("merging LoRA files into the model before training")),
@@ -162,8 +158,8 @@ ALIASES: dict[str, tuple[str, Any, str]] = {
 
 # sd-scripts' defaults that are not false, empty or 0: a config that writes them asks for nothing
 DEFAULTS: dict[str, Any] = {
-    "dataset_repeats": 1, "token_warmup_min": 1, "zero_stage": 2, "max_data_loader_n_workers": 8, "vae_batch_size": 1,
-    "dynamo_backend": "inductor", "max_token_length": 75, "initial_epoch": 1,
+    "dataset_repeats": 1, "zero_stage": 2, "max_data_loader_n_workers": 8, "vae_batch_size": 1,
+    "dynamo_backend": "inductor", "initial_epoch": 1,
 }
 
 

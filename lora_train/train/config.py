@@ -118,6 +118,10 @@ class TrainingConfig(NoiseOptions, LossOptions):
     mixed_precision: str = "no"  # no | fp16 | bf16
     prior_loss_weight: float = 1.0
     cache_text_encoder_outputs: bool = False
+    # how captions reach the text encoders, as in sd-scripts: up to 150 or 225 tokens in 75-token
+    # chunks (None or 75: cut at 75), and (word:1.3) weights read from the captions
+    max_token_length: Optional[int] = None
+    weighted_captions: bool = False
     # how often the loss is read back from the device (a sync); NaN/inf is noticed then
     loss_readback_steps: int = 1
 

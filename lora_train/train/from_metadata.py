@@ -20,7 +20,7 @@ DIRECT = {
     "ss_network_module": "network_module", "ss_network_dim": "network_dim", "ss_network_alpha": "network_alpha",
     "ss_network_dropout": "network_dropout", "ss_max_train_steps": "max_train_steps", "ss_num_epochs": "max_train_epochs",
     "ss_lr_warmup_steps": "lr_warmup_steps", "ss_seed": "seed",
-    "ss_clip_skip": "clip_skip", "ss_batch_size_per_device": "train_batch_size",
+    "ss_clip_skip": "clip_skip", "ss_max_token_length": "max_token_length", "ss_batch_size_per_device": "train_batch_size",
     "ss_gradient_accumulation_steps": "gradient_accumulation_steps", "ss_gradient_checkpointing": "gradient_checkpointing",
     "ss_mixed_precision": "mixed_precision", "ss_noise_offset": "noise_offset",
     "ss_multires_noise_iterations": "multires_noise_iterations", "ss_multires_noise_discount": "multires_noise_discount",

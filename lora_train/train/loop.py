@@ -21,6 +21,7 @@ from lora_train.dataset.loader import TrainingData
 from lora_train.errors import UserError, msg
 from lora_train.model import cond as cond_ops
 from lora_train.model.adapter import ModelAdapter
+from lora_train.model.caption_tokens import TextOptions
 from lora_train.network.kind import network_kind
 from lora_train.network.files import save_lora
 from lora_train.network.network import LoRANetwork
@@ -153,13 +154,14 @@ class Trainer:
             raise UserError(msg("gradient_accumulation_steps must be at least 1"))
         if not self.train_unet and not self.train_te:
             raise UserError(msg("nothing to train: the text encoder cannot be trained on this model and network_train_text_encoder_only is set"))
+        self.text_options = TextOptions(c.training.max_token_length, c.training.weighted_captions)
         if c.training.cache_text_encoder_outputs:
             if self.train_te:
                 raise UserError(msg("cache_text_encoder_outputs needs network_train_unet_only: a trained text encoder changes its outputs"))
             dynamic = sorted({i.folder for i in self.plan.items if captions_change(i.subset)})
             if dynamic:
                 raise UserError(msg("cache_text_encoder_outputs needs captions that do not change between steps; "
-                                    "shuffle, dropout or wildcards are set for: {folders}", folders=", ".join(dynamic)))
+                                    "shuffle, dropout, wildcards or token warm-up are set for: {folders}", folders=", ".join(dynamic)))
         self.notes += loss_fn.validate_options(self.loss_options, self.noise_options, self.adapter.prediction_type,
                                                self.adapter.alphas_cumprod.shape[0])
 
@@ -289,7 +291,7 @@ class Trainer:
 
     def _backward(self, items, epoch: int, alphas: torch.Tensor, te_cache, accum: int) -> torch.Tensor:
         # Every rank draws the randomness of the whole global batch, then trains on its slice.
-        batch = self.data.load(items, epoch, self.caption_rng, self.adapter.encode_posterior)
+        batch = self.data.load(items, epoch, self.caption_rng, self.adapter.encode_posterior, step=self.step)
         if batch.posterior is not None:
             latents = self.adapter.sample_latents(*batch.posterior, self.gen)
         else:
@@ -316,11 +318,11 @@ class Trainer:
     def _conditioning(self, captions: list[str], te_cache):
         if te_cache is None:
             with torch.set_grad_enabled(self.train_te):
-                return self.adapter.encode_captions(captions)
+                return self.adapter.encode_captions(captions, self.text_options)
         missing = [c for c in dict.fromkeys(captions) if c not in te_cache]
         if missing:
             with torch.no_grad():
-                for c, text in zip(missing, cond_ops.split(self.adapter.encode_captions(missing))):
+                for c, text in zip(missing, cond_ops.split(self.adapter.encode_captions(missing, self.text_options))):
                     te_cache[c] = text
         return cond_ops.stack([te_cache[c] for c in captions])
 
@@ -412,7 +414,7 @@ class Trainer:
 
 def captions_change(subset) -> bool:
     return bool(subset.shuffle_caption or subset.caption_dropout_rate or subset.caption_dropout_every_n_epochs
-                or subset.caption_tag_dropout_rate or subset.enable_wildcard)
+                or subset.caption_tag_dropout_rate or subset.enable_wildcard or subset.token_warmup_step)
 
 
 def _encode_random_state(state) -> list:

@@ -104,7 +104,7 @@ def training_metadata(
         "ss_v2": _s(info.family == "sd2"),
         "ss_base_model_version": info.base_model_version,
         "ss_clip_skip": _s(c.model.clip_skip),
-        "ss_max_token_length": "None",
+        "ss_max_token_length": _s(c.training.max_token_length),
         "ss_cache_latents": _s(d.cache_latents or d.cache_latents_to_disk),
         "ss_seed": _s(seed),
         "ss_lowram": "False",

@@ -32,7 +32,7 @@ def medvram_config(config) -> list[str]:
             notes.append(msg("--medvram: latents are cached before the first step"))
     if not t.cache_text_encoder_outputs:
         if captions_change(d) or d.dataset_config:
-            notes.append(msg("--medvram: captions change between steps (shuffle, dropout, wildcards) or come from a dataset "
+            notes.append(msg("--medvram: captions change between steps (shuffle, dropout, wildcards, token warm-up) or come from a dataset "
                              "config, so text-encoder outputs are not cached: the text encoder is swapped in at every step, which is slow"))
         else:
             t.cache_text_encoder_outputs = True
