@@ -140,6 +140,11 @@ def test_dataset_toml_metadata_file_in_dataset_check(ft, tmp_path):
     assert {Path(i["path"]).name: (i["caption"], i["repeats"]) for i in report["items"]} == {k: (v, 2) for k, v in EXPECTED.items()}
     assert report["train_samples"] == 8
     assert any("'missing'" in p["reason"] and p["path"] == str(meta) for p in report["problems"])
+    # sd-scripts: dataset_repeats is num_repeats where the TOML sets none; in_json is not read beside a TOML
+    toml.write_text(toml.read_text(encoding="utf-8").replace("num_repeats = 2", ""), encoding="utf-8")
+    spec, problems = spec_from_config(DatasetConfig(dataset_config=str(toml), dataset_repeats=4, in_json=str(meta)), 1, 64)
+    assert spec.subsets[0].num_repeats == 4
+    assert [(p, r) for p, r in problems] == [(meta, "in_json is not read with dataset_config (as in sd-scripts): set metadata_file in its subsets")]
     text = subprocess.run([sys.executable, "-m", "lora_train", "dataset", "check", str(toml), "--no-duplicates"],
                           capture_output=True, text=True)
     assert text.returncode == 0 and f"{meta}: 'missing': no such image in {images}" in text.stdout

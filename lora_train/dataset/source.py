@@ -30,10 +30,12 @@ def spec_from_config(d: DatasetConfig, batch_size: int, default_resolution: int,
     resolution = parse_resolution(d.resolution, default_resolution)
     check_interpolation(d.resize_interpolation, "config")
     if d.dataset_config:
-        spec = load_dataset_toml(d.dataset_config)
+        spec = load_dataset_toml(d.dataset_config, d.dataset_repeats)
         for block in spec.datasets:
             block.resolution = block.resolution or resolution
             block.batch_size = block.batch_size * processes if block.batch_size else batch_size
+        if d.in_json:
+            return spec, [(Path(d.in_json), msg("in_json is not read with dataset_config (as in sd-scripts): set metadata_file in its subsets"))]
         return spec, []
     template = SubsetSpec(**{k: getattr(d, k) for k in ASCENDABLE})
     if d.in_json:

@@ -162,8 +162,9 @@ def _check_keys(table: dict, allowed: set[str], where: str) -> None:
         raise UserError("\n".join([msg("{source}: unknown keys:", source=where)] + [f"  '{k}'{close_match_hint(k, allowed)}" for k in unknown]))
 
 
-def load_dataset_toml(path: str | os.PathLike) -> DatasetSpec:
-    """Read an sd-scripts dataset config. Relative image_dir paths are relative to the file."""
+def load_dataset_toml(path: str | os.PathLike, default_repeats: int = 1) -> DatasetSpec:
+    """Read an sd-scripts dataset config. Relative image_dir paths are relative to the file.
+    `default_repeats`: num_repeats where the file sets none (sd-scripts falls back to --dataset_repeats)."""
     path = Path(path)
     data = read_toml(path, "dataset config")
     _check_keys(data, {"general", "datasets"}, str(path))
@@ -187,7 +188,7 @@ def load_dataset_toml(path: str | os.PathLike) -> DatasetSpec:
             if "metadata_file" in s and s.get("is_reg"):
                 raise UserError(msg("{where}: a subset with metadata_file cannot be is_reg (sd-scripts' fine-tuning subsets have no "
                                     "regularization images)", where=swhere))
-            subset = SubsetSpec()
+            subset = SubsetSpec(num_repeats=default_repeats)
             _apply(subset, {k: v for k, v in general.items() if k in ASCENDABLE}, f"{path} [general]")
             _apply(subset, {k: v for k, v in d.items() if k in ASCENDABLE}, where)
             _apply(subset, s, swhere)
