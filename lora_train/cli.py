@@ -250,6 +250,7 @@ def cmd_dataset_check(args) -> int:
         resolution=args.resolution, batch_size=args.batch_size, epochs=args.epochs, enable_bucket=not args.no_bucket,
         min_bucket_reso=args.min_bucket_reso, max_bucket_reso=args.max_bucket_reso, bucket_reso_steps=args.bucket_reso_steps,
         bucket_no_upscale=args.bucket_no_upscale, caption_extension=args.caption_extension, reg_data_dir=args.reg_data_dir,
+        in_json=args.in_json, dataset_repeats=args.dataset_repeats,
         duplicates=not args.no_duplicates, verify=args.verify, tokens=args.tokens,
     )
     _, report = check_dataset(args.dir, options)
@@ -304,6 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-bucket", action="store_true", help="one fixed resolution (sd-scripts without --enable_bucket)")
     c.add_argument("--caption-extension")
     c.add_argument("--reg-data-dir")
+    c.add_argument("--in-json", help="sd-scripts' fine-tuning metadata JSON for the images directly in DIR")
+    c.add_argument("--dataset-repeats", type=int, default=1, help="repeats of the in-json images")
     c.add_argument("--no-duplicates", action="store_true", help="skip the duplicate search")
     c.add_argument("--verify", action="store_true", help="decode every image fully instead of reading headers")
     c.add_argument("--tokens", action="store_true", help="count CLIP tokens per caption against the 75/150/225 limits")

@@ -55,7 +55,7 @@ def policy(root: Path, remote: bool) -> AccessPolicy:
 
 def outside_value(key: str, outside: Path) -> str:
     return str({
-        "train_data_dir": outside / "photos", "reg_data_dir": outside / "photos", "dataset_config": outside / "dataset.toml",
+        "train_data_dir": outside / "photos", "reg_data_dir": outside / "photos", "dataset_config": outside / "dataset.toml", "in_json": outside / "meta.json",
         "network_weights": outside / "weights.safetensors", "resume": outside / "state", "output_dir": outside / "out",
         "logging_dir": outside / "logs", "sample_prompts": outside / "prompts.txt",
     }[key])
@@ -69,7 +69,7 @@ def test_every_path_key_of_the_config_is_guarded():
 
     # a path key added to the config tree must be added to the guard too
     path_like = {k for k, (_, _, hint) in TrainConfig.key_index().items() if hint is not bool
-                 and (k.endswith(("_dir", "_config", "_weights", "_prompts")) or k == "resume")}
+                 and (k.endswith(("_dir", "_config", "_weights", "_prompts")) or k in ("resume", "in_json"))}
     assert path_like - {"pretrained_model_name_or_path"} == set(KEYS)
 
 
@@ -219,3 +219,16 @@ def test_listening_loads_only_toml_configs(webui):
     with pytest.raises(UserError, match="a config is a .toml file"):
         guard.load_config(policy(root, remote=True), "webui-user.sh")
     assert guard.load_config(policy(root, remote=False), str(root / "webui-user.sh")).network.network_dim is None
+
+
+def test_a_dataset_toml_metadata_file_may_not_point_outside(webui):
+    root, outside = webui
+    (root / "train" / "photos").mkdir(parents=True)
+    toml = root / "train" / "dataset.toml"
+    toml.write_text(f'[[datasets]]\n[[datasets.subsets]]\nimage_dir = "photos"\nmetadata_file = "{(outside / "meta.json").as_posix()}"\n',
+                    encoding="utf-8")
+    config = small_run_config(root / "train", "toml", epochs=1)
+    config.set("train_data_dir", None)
+    config.set("dataset_config", str(toml))
+    with pytest.raises(UserError, match=f"dataset.toml: metadata_file: .*{REFUSED}"):
+        guard.guard_config(config, policy(root, remote=True))

@@ -17,7 +17,7 @@ from lora_train.errors import UserError, msg
 from lora_train.train.config import TrainConfig
 
 # every key of the config tree that names a file or folder (sd-scripts' names)
-PATH_KEYS = ("train_data_dir", "reg_data_dir", "dataset_config", "network_weights", "resume", "output_dir", "logging_dir",
+PATH_KEYS = ("train_data_dir", "reg_data_dir", "dataset_config", "in_json", "network_weights", "resume", "output_dir", "logging_dir",
              "sample_prompts")
 
 
@@ -44,6 +44,8 @@ def guard_config(config: TrainConfig, access: AccessPolicy) -> None:
         for subset in spec.subsets:
             if subset.image_dir:  # relative to the working folder, as the trainer opens it
                 guarded_path(access, os.path.abspath(subset.image_dir), f"{Path(config.dataset.dataset_config).name}: image_dir")
+            if subset.metadata_file:
+                guarded_path(access, os.path.abspath(subset.metadata_file), f"{Path(config.dataset.dataset_config).name}: metadata_file")
 
 
 def load_config(access: AccessPolicy, text: str) -> TrainConfig:

@@ -52,9 +52,12 @@ class CacheKey:
     resized: tuple[int, int]
     crop: tuple[int, int, int, int]
     flip: bool
+    interpolation: str | None = None  # resize_interpolation; None (the default filters) keeps older entries valid
 
     def digest(self, image_sha1: str, vae: str) -> str:
         text = f"v1|{image_sha1}|{self.bucket}|{self.resized}|{self.crop}|{int(self.flip)}|{vae}"
+        if self.interpolation is not None:
+            text += f"|{self.interpolation}"
         return hashlib.sha1(text.encode()).hexdigest()
 
 

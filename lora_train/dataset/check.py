@@ -27,6 +27,8 @@ class CheckOptions:
     bucket_no_upscale: bool = False
     caption_extension: str | None = None
     reg_data_dir: str | None = None
+    in_json: str | None = None  # sd-scripts' fine-tuning metadata; the folder then holds the images themselves
+    dataset_repeats: int = 1
     duplicates: bool = True
     verify: bool = False  # decode every image fully (slow), not just headers
     tokens: bool = False  # count CLIP tokens per caption (builds the tokenizer: a few seconds)
@@ -37,7 +39,8 @@ def check_dataset(path: str | Path, o: CheckOptions, default_resolution: int = 5
     d = DatasetConfig(
         train_data_dir=None if path.suffix == ".toml" else str(path),
         dataset_config=str(path) if path.suffix == ".toml" else None,
-        reg_data_dir=o.reg_data_dir, resolution=o.resolution, caption_extension=o.caption_extension,
+        reg_data_dir=o.reg_data_dir, in_json=o.in_json, dataset_repeats=o.dataset_repeats, resolution=o.resolution,
+        caption_extension=o.caption_extension,
         enable_bucket=o.enable_bucket, min_bucket_reso=o.min_bucket_reso, max_bucket_reso=o.max_bucket_reso,
         bucket_reso_steps=o.bucket_reso_steps, bucket_no_upscale=o.bucket_no_upscale,
     )

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from lora_train.errors import msg
+from lora_train.errors import UserError, msg
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 
@@ -23,6 +23,14 @@ MAX_PIXELS = 16384 * 16384
 Image.MAX_IMAGE_PIXELS = None  # we check sizes ourselves and report them instead of raising mid-scan
 
 _ROTATED = {5, 6, 7, 8}  # EXIF orientations that swap width and height
+
+# sd-scripts' resize_interpolation names -> Pillow filters. sd-scripts runs nearest, bilinear, bicubic
+# and area through OpenCV; these are Pillow's counterparts (area: Pillow's BOX is the same pixel-area
+# average when shrinking), so the pixels can differ from sd-scripts' in the last bits.
+RESIZE_FILTERS = {
+    "lanczos": Image.LANCZOS, "nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "linear": Image.BILINEAR,
+    "bicubic": Image.BICUBIC, "cubic": Image.BICUBIC, "area": Image.BOX, "box": Image.BOX,
+}
 
 
 class ImageError(Exception):
@@ -125,3 +133,21 @@ def _to_rgb(im: Image.Image) -> tuple[Image.Image, Image.Image | None]:
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB"), rgba.getchannel("A")
     return im.convert("RGB"), None
+
+
+def check_interpolation(value: str | None, where: str) -> None:
+    """UserError naming `where` for a resize_interpolation that sd-scripts does not know."""
+    if value is not None and value not in RESIZE_FILTERS:
+        raise UserError(msg("{where}: resize_interpolation '{value}' is not one of {choices}", where=where, value=value,
+                            choices=", ".join(RESIZE_FILTERS)))
+
+
+def resize(im: Image.Image, size: tuple[int, int], interpolation: str | None = None) -> Image.Image:
+    """Scale to `size` with the named filter; None: Lanczos to shrink, bicubic to enlarge."""
+    if im.size == tuple(size):
+        return im
+    if interpolation is None:
+        method = Image.LANCZOS if size[0] < im.width else Image.BICUBIC
+    else:
+        method = RESIZE_FILTERS[interpolation]
+    return im.resize(size, method)

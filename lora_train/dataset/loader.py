@@ -14,7 +14,7 @@ from PIL import Image
 from lora_train.dataset import captions as cap
 from lora_train.dataset.buckets import Assignment, crop_box
 from lora_train.dataset.cache import CacheKey, LatentCache
-from lora_train.dataset.images import load_rgb
+from lora_train.dataset.images import load_rgb, resize
 from lora_train.dataset.plan import DatasetPlan
 from lora_train.dataset.scan import Item
 from lora_train.dataset.spec import SubsetSpec
@@ -48,11 +48,8 @@ def caption_options(subset: SubsetSpec) -> cap.CaptionOptions:
     return cap.CaptionOptions(**{k: getattr(subset, k) for k in cap.CaptionOptions.__dataclass_fields__})
 
 
-def _resize_crop(im: Image.Image, a: Assignment, box: tuple[int, int, int, int]) -> Image.Image:
-    if im.size != a.resized:
-        down = a.resized[0] < im.width
-        im = im.resize(a.resized, Image.LANCZOS if down else Image.BICUBIC)
-    return im.crop(box)
+def _resize_crop(im: Image.Image, a: Assignment, box: tuple[int, int, int, int], interpolation: str | None = None) -> Image.Image:
+    return resize(im, a.resized, interpolation).crop(box)
 
 
 def _shift_hue(im: Image.Image, degrees: float) -> Image.Image:
@@ -95,7 +92,7 @@ class TrainingData:
         a = self.plan.assignment(item)
         im = load_rgb(item.path)
         box = crop_box(a, item.subset.random_crop, rng)
-        im = _resize_crop(im, a, box)
+        im = _resize_crop(im, a, box, item.subset.resize_interpolation)
         if flip:
             im = im.transpose(Image.FLIP_LEFT_RIGHT)
         if item.subset.color_aug:
@@ -124,7 +121,7 @@ class TrainingData:
         a = self.plan.assignment(item)
         # cached items have no random crop or colour (checked above), so no rng is drawn from here
         compute = lambda: tuple(t[0] for t in encode(self._pixels(item, flip, random.Random(0))[0][None]))  # noqa: E731
-        return self.cache.get(CacheKey(item.path, a.bucket, a.resized, crop_box(a), flip), compute)
+        return self.cache.get(CacheKey(item.path, a.bucket, a.resized, crop_box(a), flip, item.subset.resize_interpolation), compute)
 
     def static_captions(self) -> list[str]:
         """Every item's caption, for captions that never change between steps (no shuffle or dropout)."""

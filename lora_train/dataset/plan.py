@@ -143,7 +143,7 @@ def make_plan(
             if id(item) not in block_repeats:
                 continue
             try:
-                a = buckets.add(item, *item.size, repeats=block_repeats[id(item)])
+                a = buckets.add(item, *(item.bucket_size or item.size), repeats=block_repeats[id(item)])
             except UserError as e:
                 problems.append(Problem(item.path, str(e)))
                 continue

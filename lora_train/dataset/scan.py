@@ -12,6 +12,7 @@ from pathlib import Path
 
 from lora_train.dataset import captions as cap
 from lora_train.dataset.images import IMAGE_EXTENSIONS, ImageError, probe
+from lora_train.dataset.metadata import read_metadata
 from lora_train.dataset.spec import DatasetSpec, SubsetSpec
 from lora_train.errors import UserError, msg
 from lora_train.tomlfile import read_toml
@@ -32,6 +33,7 @@ class Item:
     caption_encoding: str | None = None
     has_alpha: bool = False
     frames: int = 1
+    bucket_size: tuple[int, int] | None = None  # a metadata file's size to pick the bucket by, in place of `size`
 
     @property
     def is_reg(self) -> bool:
@@ -39,7 +41,12 @@ class Item:
 
     @property
     def folder(self) -> str:
-        return Path(self.subset.image_dir).name
+        return subset_name(self.subset)
+
+
+def subset_name(subset: SubsetSpec) -> str:
+    """How sd-scripts names a subset in ss_dataset_dirs and ss_tag_frequency: its folder, or its metadata file."""
+    return Path(subset.metadata_file or subset.image_dir).name
 
 
 @dataclass
@@ -78,7 +85,7 @@ class Scan:
         for s in self.subsets:
             if s.is_reg == reg:
                 count = sum(1 for i in self.items if i.subset is s)
-                out[Path(s.image_dir).name] = {"n_repeats": s.num_repeats, "img_count": count}
+                out[subset_name(s)] = {"n_repeats": s.num_repeats, "img_count": count}
         return out
 
 
@@ -114,7 +121,34 @@ def _per_image_repeats(folder: Path, problems: list[Problem]) -> dict[str, int]:
     return out
 
 
+def scan_metadata_subset(subset: SubsetSpec, problems: list[Problem], notes: list[Problem]) -> list[Item]:
+    """A fine-tuning subset: the images and captions its metadata file lists (caption files are not read)."""
+    file = Path(subset.metadata_file)
+    if subset.num_repeats < 1:
+        problems.append(Problem(file, msg("repeats must be at least 1; its images are not used")))
+        return []
+    image_dir = Path(subset.image_dir) if subset.image_dir else None
+    entries, found, remarks = read_metadata(file, image_dir, subset.caption_separator, subset.enable_wildcard)
+    problems += [Problem(p, r) for p, r in found]
+    notes += [Problem(p, r) for p, r in remarks]
+    items = []
+    for e in entries:
+        try:
+            info = probe(e.path)
+        except ImageError as err:
+            problems.append(Problem(e.path, str(err)))
+            continue
+        if e.size and abs(e.size[0] * info.size[1] - e.size[1] * info.size[0]) > 0.05 * e.size[1] * info.size[0]:
+            notes.append(Problem(file, msg("'{key}': the metadata's size {given} has another shape than the image ({size}): "
+                                           "the image is stretched to it, as in sd-scripts", key=e.key, given=f"{e.size[0]}x{e.size[1]}",
+                                           size=f"{info.size[0]}x{info.size[1]}")))
+        items.append(Item(e.path, info.size, e.caption, subset.num_repeats, subset, None, None, info.has_alpha, info.frames, e.size))
+    return items
+
+
 def scan_subset(subset: SubsetSpec, problems: list[Problem], notes: list[Problem]) -> list[Item]:
+    if subset.metadata_file:
+        return scan_metadata_subset(subset, problems, notes)
     folder = Path(subset.image_dir)
     if not folder.is_dir():
         problems.append(Problem(folder, msg("image folder does not exist")))
@@ -153,7 +187,8 @@ def scan(spec: DatasetSpec, folder_problems: list[tuple[Path, str]] = ()) -> Sca
     notes: list[Problem] = []
     items = [item for subset in spec.subsets for item in scan_subset(subset, problems, notes)]
     if not any(not i.is_reg for i in items):
-        roots = sorted({str(Path(s.image_dir).parent) for s in spec.subsets if not s.is_reg} | {str(p.path.parent) for p in problems})
+        roots = sorted({str(Path(s.metadata_file or s.image_dir).parent) for s in spec.subsets if not s.is_reg}
+                       | {str(p.path.parent) for p in problems})
         details = "".join(f"\n  {p}" for p in problems)
         where = ", ".join(repr(r) for r in roots) or msg("the dataset")
         raise UserError(msg("no training images found in {where}.", where=where) + details)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from lora_train.dataset.images import check_interpolation
 from lora_train.errors import UserError, close_match_hint, msg
 from lora_train.tomlfile import read_toml, write_toml
 
@@ -45,6 +46,8 @@ class SubsetOptions:
     random_crop: bool = False
     color_aug: bool = False
     alpha_mask: bool = False
+    # images.RESIZE_FILTERS' names; None: Lanczos to shrink, bicubic to enlarge
+    resize_interpolation: Optional[str] = None
 
 
 @dataclass
@@ -53,6 +56,8 @@ class SubsetSpec(SubsetOptions):
     num_repeats: int = 1
     is_reg: bool = False
     class_tokens: Optional[str] = None
+    # sd-scripts' fine-tuning subset: captions (and bucket sizes) come from this JSON, not caption files
+    metadata_file: Optional[str] = None
 
 
 @dataclass
@@ -73,6 +78,10 @@ class DatasetConfig(SubsetOptions, BucketOptions):
     train_data_dir: Optional[str] = None
     reg_data_dir: Optional[str] = None
     dataset_config: Optional[str] = None  # sd-scripts dataset TOML; replaces the two folders above
+    # sd-scripts' fine-tuning metadata (merge_captions_to_metadata.py ...): train_data_dir then holds the
+    # images themselves, and dataset_repeats is their repeats
+    in_json: Optional[str] = None
+    dataset_repeats: int = 1
     resolution: Optional[str] = None  # "512" or "512,768" (width,height); None = the model's own
     cache_latents: bool = False
     cache_latents_to_disk: bool = False
@@ -113,6 +122,8 @@ def _apply(obj: Any, values: dict[str, Any], where: str) -> None:
                 value = float(value)
             if expected is not None and not isinstance(value, expected):
                 raise UserError(msg("{where}: '{key}' must be {type}, got {value}", where=where, key=key, type=expected.__name__, value=repr(value)))
+        if key == "resize_interpolation":
+            check_interpolation(value, where)
         setattr(obj, key, value)
 
 
@@ -154,8 +165,9 @@ def _check_keys(table: dict, allowed: set[str], where: str) -> None:
         raise UserError("\n".join([msg("{source}: unknown keys:", source=where)] + [f"  '{k}'{close_match_hint(k, allowed)}" for k in unknown]))
 
 
-def load_dataset_toml(path: str | os.PathLike) -> DatasetSpec:
-    """Read an sd-scripts dataset config. Relative image_dir paths are relative to the file."""
+def load_dataset_toml(path: str | os.PathLike, default_repeats: int = 1) -> DatasetSpec:
+    """Read an sd-scripts dataset config. Relative image_dir paths are relative to the file.
+    `default_repeats`: num_repeats where the file sets none (sd-scripts falls back to --dataset_repeats)."""
     path = Path(path)
     data = read_toml(path, "dataset config")
     _check_keys(data, {"general", "datasets"}, str(path))
@@ -174,19 +186,29 @@ def load_dataset_toml(path: str | os.PathLike) -> DatasetSpec:
         for j, s in enumerate(d.get("subsets") or []):
             swhere = f"{where} subset #{j + 1}"
             _check_keys(s, SUBSET_KEYS, swhere)
-            if "image_dir" not in s:
+            if "image_dir" not in s and "metadata_file" not in s:
                 raise UserError(msg("{where}: image_dir is required", where=swhere))
-            subset = SubsetSpec()
+            if "metadata_file" in s and s.get("is_reg"):
+                raise UserError(msg("{where}: a subset with metadata_file cannot be is_reg (sd-scripts' fine-tuning subsets have no "
+                                    "regularization images)", where=swhere))
+            subset = SubsetSpec(num_repeats=default_repeats)
             _apply(subset, {k: v for k, v in general.items() if k in ASCENDABLE}, f"{path} [general]")
             _apply(subset, {k: v for k, v in d.items() if k in ASCENDABLE}, where)
             _apply(subset, s, swhere)
-            image_dir = Path(subset.image_dir)
-            subset.image_dir = str(image_dir if image_dir.is_absolute() else (path.parent / image_dir))
+            subset.image_dir = _relative_to(path, subset.image_dir)
+            subset.metadata_file = _relative_to(path, subset.metadata_file)
             block.subsets.append(subset)
         if not block.subsets:
             raise UserError(msg("{where}: has no [[datasets.subsets]]", where=where))
         spec.datasets.append(block)
     return spec
+
+
+def _relative_to(toml: Path, value: str | None) -> str | None:
+    if not value:
+        return value
+    p = Path(value)
+    return str(p if p.is_absolute() else toml.parent / p)
 
 
 def dataset_toml_dict(spec: DatasetSpec) -> dict:
@@ -196,7 +218,8 @@ def dataset_toml_dict(spec: DatasetSpec) -> dict:
     for block in spec.datasets:
         d = {k: list(v) if k == "resolution" else v for k in DATASET_KEYS if (v := getattr(block, k)) != getattr(default_block, k) and v is not None}
         d["subsets"] = [
-            {k: v for k, v in dataclasses.asdict(s).items() if k == "image_dir" or (v != getattr(default_subset, k) and v is not None)}
+            {k: v for k, v in dataclasses.asdict(s).items()
+             if (k == "image_dir" and not s.metadata_file) or (v != getattr(default_subset, k) and v is not None)}
             for s in block.subsets
         ]
         out.append(d)

@@ -47,7 +47,6 @@ NOTED: dict[str, str] = {
     "vae_batch_size": msg("latents are encoded one image at a time"),
     "skip_cache_check": msg("LoRA Train always checks cached latents against their image's hash"),
     # satellites of a refused option: without it they do nothing, in sd-scripts too
-    "dataset_repeats": msg("read only with in_json; repeats come from the <repeats>_<name> folder names or num_repeats in dataset_config"),
     "skip_until_initial_step": msg("read only with initial_step or initial_epoch"),
     "base_weights_multiplier": msg("read only with base_weights"),
     "huggingface_repo_id": _UPLOAD,
@@ -116,10 +115,9 @@ REFUSED: dict[str, str] = {
     "metadata_trigger_phrase": _METADATA,
     "metadata_preprocessor": _METADATA,
     "metadata_is_negative_embedding": _METADATA,
-    "face_crop_aug_range": _not_yet(msg("crop augmentation around faces")),
-    "resize_interpolation": _not_yet(msg("choosing the resize filter (LoRA Train shrinks images with Lanczos and enlarges them with bicubic)")),
+    "face_crop_aug_range": _not_yet(msg("crop augmentation around faces (sd-scripts reads where each face is from the file "
+                                        "names its face-detection tool writes; without that, use random_crop)")),
     "dataset_class": msg("a Python dataset class cannot be loaded from a config; use train_data_dir or dataset_config"),
-    "in_json": _not_yet(msg("the fine-tuning metadata JSON written by merge_captions_to_metadata.py (use train_data_dir with .txt captions)")),
     "resume_from_huggingface": _not_yet(msg("resuming from a Hugging Face repository (download the state folder and set resume to it)")),
     "save_n_epoch_ratio": _not_yet(msg("saving a number of LoRAs spread over the run (use save_every_n_epochs)")),
     "vae": _not_yet(msg("a separate VAE file in place of the checkpoint's own")),
@@ -158,7 +156,7 @@ ALIASES: dict[str, tuple[str, Any, str]] = {
 
 # sd-scripts' defaults that are not false, empty or 0: a config that writes them asks for nothing
 DEFAULTS: dict[str, Any] = {
-    "dataset_repeats": 1, "zero_stage": 2, "max_data_loader_n_workers": 8, "vae_batch_size": 1,
+    "zero_stage": 2, "max_data_loader_n_workers": 8, "vae_batch_size": 1,
     "dynamo_backend": "inductor", "initial_epoch": 1,
 }
 
