@@ -331,3 +331,38 @@ def test_the_standalone_host_reloads_for_another_vae(tmp_path):
         assert swapped.vae_fp32 and not torch.equal(swapped.vae.encoder.conv_in.weight, first)
     with host.session(TrainConfig(), "c") as again:
         assert torch.equal(again.vae.encoder.conv_in.weight, first) and not again.vae_fp32
+
+
+def test_a_diffusers_vae_folder_and_a_diffusers_model_folder(tmp_path):
+    folder = tmp_path / "sd-vae" / "vae"
+    folder.mkdir(parents=True)
+    path = _vae_file(tmp_path)
+    ldm = safetensors.torch.load_file(str(path))
+    # back to diffusers' names: the pairs the renaming test checks by hand, applied to every key
+    to_diffusers = _diffusers_names(ldm)
+    _save({to_diffusers[k]: v.squeeze(-1).squeeze(-1) if ".attn_1." in k and v.ndim == 4 else v for k, v in ldm.items()},
+          folder / "diffusion_pytorch_model.safetensors")
+    adapter = registry.load_adapter("builtin:tiny", model_config=ModelConfig(vae=str(tmp_path / "sd-vae")))
+    assert all(torch.equal(adapter.vae.state_dict()[k], v) for k, v in ldm.items())
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "model_index.json").write_text("{}")
+    with pytest.raises(UserError, match=r"^pretrained_model_name_or_path '.*model' is a diffusers model \(model_index.json"):
+        registry.load_model(str(tmp_path / "model"))
+
+
+def _diffusers_names(ldm: dict) -> dict:
+    """ldm VAE name -> diffusers name, written the other way round from the code under test."""
+    import re
+
+    last = max(int(m.group(1)) for k in ldm if (m := re.match(r"decoder\.up\.(\d+)\.", k)))
+    attention = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
+    out = {}
+    for key in ldm:
+        new = re.sub(r"^encoder\.down\.(\d+)\.block\.", r"encoder.down_blocks.\1.resnets.", key)
+        new = re.sub(r"^encoder\.down\.(\d+)\.downsample\.", r"encoder.down_blocks.\1.downsamplers.0.", new)
+        new = re.sub(r"^decoder\.up\.(\d+)\.block\.", lambda m: f"decoder.up_blocks.{last - int(m.group(1))}.resnets.", new)
+        new = re.sub(r"^decoder\.up\.(\d+)\.upsample\.", lambda m: f"decoder.up_blocks.{last - int(m.group(1))}.upsamplers.0.", new)
+        new = new.replace(".mid.block_1.", ".mid_block.resnets.0.").replace(".mid.block_2.", ".mid_block.resnets.1.")
+        new = re.sub(r"\.mid\.attn_1\.(\w+)\.", lambda m: f".mid_block.attentions.0.{attention[m.group(1)]}.", new)
+        out[key] = new.replace(".nin_shortcut.", ".conv_shortcut.").replace(".norm_out.", ".conv_norm_out.")
+    return out

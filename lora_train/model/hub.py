@@ -79,8 +79,7 @@ def _pick(repo: str, files: list[str], spec: str, key: str) -> str:
     if len(found) == 1:
         return found[0]
     if not found and "model_index.json" in files:
-        raise UserError(msg("{key} '{spec}' is a diffusers model (model_index.json, unet/, vae/ ...), which LoRA Train does not "
-                            "read yet: name a single-file checkpoint, e.g. owner/name/file.safetensors", key=key, spec=spec))
+        raise diffusers_refused(key, spec)
     if not found:
         raise UserError(msg("{key} '{spec}': the repository has no .safetensors or .ckpt file at its root; name the file as "
                             "{repo}/path/file.safetensors", key=key, spec=spec, repo=repo))
@@ -97,3 +96,8 @@ def _fetch_yaml_beside(repo: str, filename: str) -> None:
         huggingface_hub.hf_hub_download(repo, yaml)
     except Exception:  # most checkpoints have none: the stock config is chosen from the keys
         pass
+
+
+def diffusers_refused(key: str, spec: str) -> UserError:
+    return UserError(msg("{key} '{spec}' is a diffusers model (model_index.json, unet/, vae/ ...), which LoRA Train does not "
+                         "read yet: name a single-file checkpoint, e.g. owner/name/file.safetensors", key=key, spec=spec))

@@ -203,7 +203,11 @@ def load_checkpoint(path: str | os.PathLike, v2: bool = False, v_parameterizatio
 
     from lora_train.model import sgm_loading, stock
 
+    from lora_train.model.hub import diffusers_refused
+
     path = Path(path)
+    if (path / "model_index.json").is_file():
+        raise diffusers_refused("pretrained_model_name_or_path", str(path))
     if not path.is_file():
         raise UserError(msg("model file '{path}' does not exist", path=path))
     yaml_path = path.with_suffix(".yaml")

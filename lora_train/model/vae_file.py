@@ -22,7 +22,7 @@ def load_vae(model, spec: str) -> list[str]:
     from lora_train.model import hub
     from lora_train.model.loading import read_state_dict
 
-    path = hub.fetch(spec, "vae") if hub.is_hub_id(spec) else Path(spec).expanduser()
+    path = hub.fetch(spec, "vae") if hub.is_hub_id(spec) else _in_folder(Path(spec).expanduser())
     if not path.is_file():
         raise UserError(msg("vae: the file '{path}' does not exist", path=spec))
     state = vae_state_dict(read_state_dict(path))
@@ -40,6 +40,15 @@ def load_vae(model, spec: str) -> list[str]:
         for k, t in own.items():
             t.copy_(state[k])
     return [msg("vae: latents are encoded with {name} instead of the checkpoint's own VAE", name=path.name)]
+
+
+def _in_folder(path: Path) -> Path:
+    """A diffusers VAE folder (or a diffusers model's vae/ folder): its weights file."""
+    for folder in (path, path / "vae"):
+        for name in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"):
+            if (folder / name).is_file():
+                return folder / name
+    return path
 
 
 def vae_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
