@@ -366,3 +366,23 @@ def _diffusers_names(ldm: dict) -> dict:
         new = re.sub(r"\.mid\.attn_1\.(\w+)\.", lambda m: f".mid_block.attentions.0.{attention[m.group(1)]}.", new)
         out[key] = new.replace(".nin_shortcut.", ".conv_shortcut.").replace(".norm_out.", ".conv_norm_out.")
     return out
+
+
+def test_the_vae_file_is_named_in_the_lora_metadata_as_sd_scripts_does(tmp_path):
+    import hashlib
+
+    from conftest import make_dataset, small_run_config
+
+    from safetensors import safe_open
+
+    from lora_train.app import job
+
+    path = _vae_file(tmp_path)
+    config = small_run_config(make_dataset(tmp_path / "data", count=2), "m", epochs=1, max_train_steps=1,
+                              output_dir=str(tmp_path / "out"), vae=str(path))
+    lora = job.build_trainer(config, registry.load_adapter("builtin:tiny", model_config=config.model)).run()
+    with safe_open(str(lora), "pt") as f:
+        md = f.metadata()
+    assert md["ss_vae_name"] == path.name
+    assert md["ss_new_vae_hash"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert md["ss_vae_hash"] == hashlib.sha256(path.read_bytes()[0x100000:0x110000]).hexdigest()[:8]

@@ -20,6 +20,7 @@ class ModelInfo:
     resolution: int  # native training resolution
     name: str | None = None  # checkpoint file name
     path: str | None = None
+    vae: str | None = None  # the VAE file that replaced the checkpoint's own (`vae`)
     notes: list[str] = field(default_factory=list)
 
     @property

@@ -11,6 +11,7 @@ from lora_train.model.adapter import ModelAdapter
 def adapter_for(model, name: str | None = None, clip_skip: int | None = 1, device: torch.device | None = None) -> ModelAdapter:
     adapter = _adapter(model, name, clip_skip, device)
     adapter.info.notes += getattr(model, "load_notes", [])  # what our loader decided (loading.py)
+    adapter.info.vae = getattr(model, "vae_file", None)
     return adapter
 
 

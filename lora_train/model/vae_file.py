@@ -39,6 +39,7 @@ def load_vae(model, spec: str) -> list[str]:
     with torch.no_grad():
         for k, t in own.items():
             t.copy_(state[k])
+    model.vae_file = str(path)
     return [msg("vae: latents are encoded with {name} instead of the checkpoint's own VAE", name=path.name)]
 
 
