@@ -386,3 +386,9 @@ def test_the_vae_file_is_named_in_the_lora_metadata_as_sd_scripts_does(tmp_path)
     assert md["ss_vae_name"] == path.name
     assert md["ss_new_vae_hash"] == hashlib.sha256(path.read_bytes()).hexdigest()
     assert md["ss_vae_hash"] == hashlib.sha256(path.read_bytes()[0x100000:0x110000]).hexdigest()[:8]
+
+
+def test_builtin_models_say_they_do_not_read_v2():
+    adapter = registry.load_adapter("builtin:tiny", model_config=ModelConfig(v2=True, v_parameterization=True))
+    assert adapter.prediction_type == "epsilon"
+    assert adapter.info.notes == ["v2 and v_parameterization are not read for the built-in test models (eps models of SD1 or SDXL shape)"]

@@ -28,6 +28,8 @@ def load_model(spec: str | None, v2: bool = False, v_parameterization: bool = Fa
     `v_parameterization` are read for a checkpoint without a .yaml; `vae` replaces its VAE. What
     loading decided is in the model's `load_notes`."""
     model = _load(spec, v2, v_parameterization)
+    if spec in BUILTINS and (v2 or v_parameterization):
+        model.load_notes = [msg("v2 and v_parameterization are not read for the built-in test models (eps models of SD1 or SDXL shape)")]
     if vae:
         from lora_train.model.vae_file import load_vae
 
