@@ -59,7 +59,7 @@ def _run_training(config, loss_csv: Path) -> Path | None:
     from lora_train.sample.previews import preview_fn
     from lora_train.train.observers import LossCsv, tensorboard_or_note
 
-    adapter = load_adapter(config.model.pretrained_model_name_or_path, config.model.clip_skip)
+    adapter = load_adapter(config.model.pretrained_model_name_or_path, config.model.clip_skip, config.model)
     trainer = job.build_trainer(config, adapter, sample_fn=preview_fn(config, adapter))
     if not _is_main_process():  # under accelerate launch, rank 0 reports and writes
         return trainer.run(None, threading.Event())

@@ -9,7 +9,7 @@ from pathlib import Path
 from lora_train.access import AccessPolicy
 from lora_train.host.base import Host
 from lora_train.model.adapter import ModelAdapter
-from lora_train.model.registry import display_name, family_of, load_model, resolution_of
+from lora_train.model.registry import display_name, family_of, load_model, loading_options, resolution_of, with_options
 from lora_train.model.select import adapter_for
 
 
@@ -26,6 +26,7 @@ class StandaloneHost(Host):
         self._work_dir = Path(work_dir)
         self._lock = threading.Lock()  # the standalone "queue lock"
         self._loaded = None
+        self._loaded_with: dict | None = None  # the [model] keys it was loaded with
         self.adapter: ModelAdapter | None = None
 
     def model_label(self) -> str:
@@ -52,15 +53,23 @@ class StandaloneHost(Host):
     def access(self) -> AccessPolicy:
         return self._access
 
-    def _model(self):
-        if self._loaded is None:  # loaded once, on first use, like the WebUI keeps its checkpoint
-            self._loaded = load_model(self._spec)
+    def _model(self, options: dict | None = None):
+        # loaded once, on first use, like the WebUI keeps its checkpoint; again when a run asks for
+        # another VAE or SD2 reading
+        if options is None:
+            options = self._loaded_with if self._loaded is not None else loading_options(None)
+        if self._loaded is None or options != self._loaded_with:
+            self._loaded = None
+            self._loaded = load_model(self._spec, **options)
+            self._loaded_with = options
         return self._loaded
 
     @contextlib.contextmanager
     def session(self, config, run_id):
         with self._lock:
-            self.adapter = adapter_for(self._model(), name=display_name(self._spec), clip_skip=config.model.clip_skip or 1)
+            model = self._model(loading_options(config.model))
+            self.adapter = with_options(adapter_for(model, name=display_name(self._spec), clip_skip=config.model.clip_skip or 1),
+                                        config.model)
             yield self.adapter
 
     def sample_fn(self, config, adapter, prompts, folder):

@@ -21,6 +21,7 @@ class ModelInfo:
     resolution: int  # native training resolution
     name: str | None = None  # checkpoint file name
     path: str | None = None
+    vae: str | None = None  # the VAE file that replaced the checkpoint's own (`vae`)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -46,6 +47,9 @@ class ModelAdapter:
     # Where work happens. Fixed by a host that moves modules on and off the GPU by itself (the
     # WebUI's --medvram): the UNet's parameters are not always there.
     _device: torch.device | None = None
+    # no_half_vae: a half-precision VAE encodes in float32 (the WebUI keeps its VAE in fp16 unless
+    # started with --no-half-vae; a file loaded here is float32 already)
+    vae_fp32: bool = False
 
     @property
     def unet(self) -> nn.Module:
@@ -76,6 +80,27 @@ class ModelAdapter:
 
     def sample_latents(self, mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         raise NotImplementedError
+
+    @contextlib.contextmanager
+    def vae_for_encoding(self, upcast: bool = False):
+        """The VAE's dtype for an encode: float32 when `upcast` or `vae_fp32` asks for it and the
+        VAE is in half precision, for the call only; its own tensors are put back after, bit for bit."""
+        vae = self.vae
+        dtype = next(vae.parameters()).dtype
+        if dtype == torch.float32 or not (upcast or self.vae_fp32):
+            yield dtype
+            return
+        saved = [(m, store, name, t) for m in vae.modules() for store in (m._parameters, m._buffers)
+                 for name, t in store.items() if t is not None]
+        kept = [(t, t.data) for _m, _store, _name, t in saved]
+        vae.float()
+        try:
+            yield torch.float32
+        finally:
+            for t, data in kept:
+                t.data = data
+            for _m, store, name, t in saved:
+                store[name] = t
 
     def encode_images(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Pixels in [-1, 1] to UNet latents: encode, then one posterior draw from `generator`."""

@@ -52,8 +52,8 @@ class LdmAdapter(ModelAdapter):
     @torch.no_grad()
     def encode_posterior(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`pixels` in [-1, 1], NCHW -> the VAE posterior's (mean, std), unscaled."""
-        dtype = next(self.vae.parameters()).dtype
-        posterior = self.model.encode_first_stage(pixels.to(self.device, dtype))
+        with self.vae_for_encoding() as dtype:
+            posterior = self.model.encode_first_stage(pixels.to(self.device, dtype))
         return posterior.mean.float(), posterior.std.float()
 
     def sample_latents(self, mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """Build and load SD1/SD2 models with the host's own `ldm` classes, offline.
 
 A checkpoint is a `.safetensors` (or `.ckpt`) file with a same-named `.yaml` beside it, the way the
-WebUI finds configs; without one we use the stock v1 inference config. Text-encoder weights come
+WebUI finds configs; without one, a stock config (stock.py). Text-encoder weights come
 from the checkpoint, so `from_pretrained` is only asked for a config and a tokenizer (no hub).
 """
 
@@ -194,14 +194,20 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return data.get("state_dict", data)
 
 
-def load_checkpoint(path: str | os.PathLike):
-    """Load `path` with its same-named `.yaml` (or the stock config) into an ldm model, or an sgm
-    one for SDXL (its yaml names sgm classes, or the file has SDXL's keys)."""
+def load_checkpoint(path: str | os.PathLike, v2: bool = False, v_parameterization: bool = False):
+    """Load `path` with its same-named `.yaml` into an ldm model, or an sgm one for SDXL (its yaml
+    names sgm classes, or the file has SDXL's keys). Without a yaml, the file's keys choose the stock
+    SD1/SD2 config and `v_parameterization` the prediction (see stock.py). What the loader had to
+    decide is kept in the model's `load_notes`."""
     from omegaconf import OmegaConf
 
-    from lora_train.model import sgm_loading
+    from lora_train.model import sgm_loading, stock
+
+    from lora_train.model.hub import diffusers_refused
 
     path = Path(path)
+    if (path / "model_index.json").is_file():
+        raise diffusers_refused("pretrained_model_name_or_path", str(path))
     if not path.is_file():
         raise UserError(msg("model file '{path}' does not exist", path=path))
     yaml_path = path.with_suffix(".yaml")
@@ -211,10 +217,11 @@ def load_checkpoint(path: str | os.PathLike):
             model_config = OmegaConf.to_container(OmegaConf.load(yaml_path).model, resolve=True)
         except Exception as e:
             raise UserError(msg("{path}: not a model config with a 'model:' section ({error})", path=yaml_path, error=e)) from e
+        notes = stock.yaml_notes(model_config, path.name, v2, v_parameterization)
     elif sgm_loading.has_sdxl_keys(state):
-        model_config = sgm_loading.stock_sdxl_config(path)
+        model_config, notes = sgm_loading.stock_sdxl_config(path), sdxl_notes(path.name, v2, v_parameterization)
     else:
-        model_config = V1_INFERENCE_CONFIG
+        model_config, notes = stock.stock_config(state, path.name, v2, v_parameterization)
     if sgm_loading.is_sgm_config(model_config):
         model = sgm_loading.instantiate(model_config, base_dir=path.parent)
     else:
@@ -229,7 +236,15 @@ def load_checkpoint(path: str | os.PathLike):
             path=path, count=len(weights_missing), first=weights_missing[0], config=yaml_path.name,
         ))
     model.checkpoint_path = str(path)
+    model.load_notes = notes
     return model
+
+
+def sdxl_notes(name: str, v2: bool, v_parameterization: bool) -> list[str]:
+    if v_parameterization:
+        raise UserError(msg("v_parameterization is set, but {name} is an SDXL checkpoint: LoRA Train trains SDXL with its own "
+                            "eps prediction; remove v_parameterization", name=name))
+    return [msg("v2 is set, but {name} is an SDXL checkpoint: v2 ignored", name=name)] if v2 else []
 
 
 def _is_optional_buffer(key: str) -> bool:

@@ -17,12 +17,28 @@ BUILTINS = (BUILTIN_TINY, BUILTIN_TINYBASE, BUILTIN_TINY_SDXL)
 
 
 MODEL_MISSING = ("pretrained_model_name_or_path is not set: name the checkpoint to train on, a .safetensors or "
-                 ".ckpt file (with its .yaml beside it for SD2/SDXL), or a built-in test model (builtin:tiny, "
+                 ".ckpt file (for SD2 without its .yaml beside it, also set v2 and v_parameterization), a Hugging "
+                 "Face id (owner/name), or a built-in test model (builtin:tiny, "
                  "builtin:tinybase, builtin:tiny-sdxl); in the config's [model] section, or with "
                  "--set pretrained_model_name_or_path=PATH")
 
 
-def load_model(spec: str | None):
+def load_model(spec: str | None, v2: bool = False, v_parameterization: bool = False, vae: str | None = None):
+    """The model `spec` names: a built-in one, a checkpoint file or a Hugging Face id. `v2` /
+    `v_parameterization` are read for a checkpoint without a .yaml; `vae` replaces its VAE. What
+    loading decided is in the model's `load_notes`."""
+    model = _load(spec, v2, v_parameterization)
+    if spec in BUILTINS and (v2 or v_parameterization):
+        model.load_notes = [msg("v2 and v_parameterization are not read for the built-in test models (eps models of SD1 or SDXL shape)")]
+    if vae:
+        from lora_train.model.vae_file import load_vae
+
+        model.load_notes = [*getattr(model, "load_notes", []), *load_vae(model, vae)]
+    return model
+
+
+def _load(spec: str | None, v2: bool, v_parameterization: bool):
+    from lora_train.model import hub
     from lora_train.model.loading import load_checkpoint
 
     if not spec:
@@ -42,7 +58,9 @@ def load_model(spec: str | None):
         return build_tiny_sdxl(sgm=sgm_available())
     if spec.startswith("builtin:"):
         raise UserError(msg("unknown built-in model '{name}' (known: {known})", name=spec, known=", ".join(BUILTINS)))
-    return load_checkpoint(spec)
+    if hub.is_hub_id(spec):
+        spec = str(hub.fetch(spec, "pretrained_model_name_or_path"))
+    return load_checkpoint(spec, v2=v2, v_parameterization=v_parameterization)
 
 
 def display_name(spec: str) -> str | None:
@@ -50,8 +68,22 @@ def display_name(spec: str) -> str | None:
     return spec.split(":", 1)[1] if spec in BUILTINS and spec != BUILTIN_TINYBASE else None
 
 
-def load_adapter(spec: str | None, clip_skip: int | None = None) -> ModelAdapter:
-    return adapter_for(load_model(spec), name=display_name(spec), clip_skip=clip_skip or 1)
+def load_adapter(spec: str | None, clip_skip: int | None = None, model_config=None) -> ModelAdapter:
+    """`model_config`: the run's [model] section (v2, v_parameterization, vae, no_half_vae)."""
+    model = load_model(spec, **loading_options(model_config))
+    return with_options(adapter_for(model, name=display_name(spec), clip_skip=clip_skip or 1), model_config)
+
+
+def loading_options(model_config) -> dict:
+    """The [model] keys that decide how a file loads (a host that loads files keeps one model per set)."""
+    get = (lambda key: None) if model_config is None else (lambda key: getattr(model_config, key))
+    return {"v2": bool(get("v2")), "v_parameterization": bool(get("v_parameterization")), "vae": get("vae") or None}
+
+
+def with_options(adapter: ModelAdapter, model_config) -> ModelAdapter:
+    """The [model] keys the adapter reads while training."""
+    adapter.vae_fp32 = bool(model_config is not None and model_config.no_half_vae)
+    return adapter
 
 
 def resolution_of(spec: str) -> int:

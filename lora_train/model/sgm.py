@@ -105,15 +105,8 @@ class SgmAdapter(ModelAdapter):
         """`pixels` in [-1, 1] -> the VAE posterior's (mean, std), unscaled. SDXL's VAE overflows in
         fp16 (NaN latents), so an fp16 VAE encodes in fp32 for the call and goes back exactly."""
         vae = self.vae
-        dtype = next(vae.parameters()).dtype
-        upcast = dtype == torch.float16
-        if upcast:
-            vae.float()
-        try:
-            moments = vae.quant_conv(vae.encoder(pixels.to(self.device, torch.float32 if upcast else dtype)))
-        finally:
-            if upcast:
-                vae.half()
+        with self.vae_for_encoding(upcast=next(vae.parameters()).dtype == torch.float16) as dtype:
+            moments = vae.quant_conv(vae.encoder(pixels.to(self.device, dtype)))
         mean, logvar = moments.float().chunk(2, dim=1)
         if not torch.isfinite(mean).all():
             raise UserError(msg("the VAE gave non-finite latents for this image (an fp16 VAE overflow?): use an fp32 or the fp16-fix SDXL VAE"))

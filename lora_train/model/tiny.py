@@ -106,3 +106,16 @@ def save_checkpoint(model, path: str | os.PathLike, config_for=None) -> Path:
     yaml_text = OmegaConf.to_yaml(OmegaConf.create({"model": (config_for or tiny_model_config)(str(clip_dir.resolve()))}))
     path.with_suffix(".yaml").write_text(yaml_text, encoding="utf-8")
     return path
+
+
+def tiny_sd2_config(clip_version: str | None = None) -> dict:
+    """The tiny model with SD2's parts: OpenCLIP text encoder (its smallest bundled tower), read at
+    the penultimate layer, and linear projections in the transformers. eps; set
+    params.parameterization = "v" for an SD2-v model."""
+    from lora_train.model.tiny_sdxl import TE2_WIDTH, TINY_OPENCLIP
+
+    cfg = tiny_model_config()
+    cfg["params"]["unet_config"]["params"].update(context_dim=TE2_WIDTH, use_linear_in_transformer=True)
+    cfg["params"]["cond_stage_config"] = {"target": "ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder",
+                                          "params": {"arch": TINY_OPENCLIP, "version": None, "layer": "penultimate"}}
+    return cfg

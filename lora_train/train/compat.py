@@ -93,17 +93,14 @@ NOTED: dict[str, str] = {
 }
 
 _METADATA = _not_yet(msg("writing metadata_* into the LoRA file's modelspec metadata"))
-_FP8 = _not_yet(msg("keeping the base model in fp8 to save VRAM"))
+_FP8 = msg("keeps the base model in 8-bit floats to save VRAM, a GPU-only path LoRA Train does not have yet "
+           "(and on a CPU there is no fp8 compute at all); remove it: the model stays in its own precision")
 _START_AT = _not_yet(msg("starting the count at a later epoch or step (to continue a run, use resume)"))
 _VALIDATION = msg("validation belongs to the After-training tools (not yet)")
 
 # key -> why a run cannot take it. Options that change the result are here until they are
 # implemented: a note would let a run differ from sd-scripts' without the user deciding so.
 REFUSED: dict[str, str] = {
-    "v2": _not_yet(msg("reading an SD2 checkpoint without its .yaml (LoRA Train takes the model from the .yaml beside "
-                       "the checkpoint: with one there, remove v2)")),
-    "v_parameterization": _not_yet(msg("v-prediction without the model's .yaml (LoRA Train takes it from the .yaml beside the "
-                                       "checkpoint, parameterization: v; with one there, remove v_parameterization)")),
     "metadata_title": _METADATA,
     "metadata_author": _METADATA,
     "metadata_description": _METADATA,
@@ -120,7 +117,6 @@ REFUSED: dict[str, str] = {
     "dataset_class": msg("a Python dataset class cannot be loaded from a config; use train_data_dir or dataset_config"),
     "resume_from_huggingface": _not_yet(msg("resuming from a Hugging Face repository (download the state folder and set resume to it)")),
     "save_n_epoch_ratio": _not_yet(msg("saving a number of LoRAs spread over the run (use save_every_n_epochs)")),
-    "vae": _not_yet(msg("a separate VAE file in place of the checkpoint's own")),
     "fp8_base": _FP8,
     "fp8_base_unet": _FP8,
     "deepspeed": msg("DeepSpeed is not used: LoRA Train trains on several GPUs with accelerate launch, and a LoRA needs no ZeRO sharding"),
@@ -133,7 +129,6 @@ REFUSED: dict[str, str] = {
     "no_metadata": _not_yet(msg("saving the LoRA without its training metadata")),
     "scale_weight_norms": _not_yet(msg("scaling down LoRA modules whose weight norm exceeds the limit")),
     "base_weights": _not_yet(msg("merging LoRA files into the model before training")),
-    "no_half_vae": _not_yet(msg("a float32 VAE under mixed precision (in the WebUI, start it with --no-half-vae)")),
     "initial_epoch": _START_AT,
     "initial_step": _START_AT,
     "validation_seed": _VALIDATION,

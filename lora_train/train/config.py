@@ -28,8 +28,13 @@ from lora_train.train.noise import NoiseOptions
 @dataclass
 class ModelConfig:
     # no default: a run names its model (a file, or a built-in test model), never a silent stand-in
-    pretrained_model_name_or_path: Optional[str] = None
+    pretrained_model_name_or_path: Optional[str] = None  # a file, a built-in model or a Hugging Face id
     clip_skip: Optional[int] = None
+    # a checkpoint without its .yaml: SD2 (v2) and v-prediction (v_parameterization), as in sd-scripts
+    v2: bool = False
+    v_parameterization: bool = False
+    vae: Optional[str] = None  # a VAE file (or Hugging Face id) in place of the checkpoint's own
+    no_half_vae: bool = False  # a half-precision VAE encodes in float32
 
 
 @dataclass

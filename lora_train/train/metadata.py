@@ -77,6 +77,7 @@ def training_metadata(
             network_args.setdefault("conv_dim", _s(network.conv_dim))
             network_args["conv_alpha"] = _s(network.conv_alpha)
     model_hash, new_model_hash = model_hashes(info.path)
+    vae_hash, new_vae_hash = model_hashes(info.vae)
     md = {
         "ss_session_id": _s(session_id),
         "ss_training_started_at": _s(started_at),
@@ -154,9 +155,9 @@ def training_metadata(
         "ss_sd_model_name": _s(info.name),
         "ss_sd_model_hash": model_hash,
         "ss_new_sd_model_hash": new_model_hash,
-        "ss_vae_name": "None",
-        "ss_vae_hash": "None",
-        "ss_new_vae_hash": "None",
+        "ss_vae_name": _s(info.vae and os.path.basename(info.vae)),
+        "ss_vae_hash": vae_hash,
+        "ss_new_vae_hash": new_vae_hash,
     }
     if network_args:  # sd-scripts leaves the key out when there are none (older LoRA Train files have "None")
         md["ss_network_args"] = json.dumps(network_args)

@@ -22,7 +22,8 @@ def session(host, config, run_id: str):
     """Hold the WebUI for one run (see the package docstring); `host` records the lock owner and task."""
     from modules import call_queue, progress, shared
 
-    from lora_train.model.select import adapter_for
+    from lora_train.model.registry import with_options
+    from lora_train.model.select import adapter_for, hosted_notes
 
     task = task_id(run_id)
     progress.add_task_to_queue(task)  # the progress API says "In queue" while we wait
@@ -48,6 +49,8 @@ def session(host, config, run_id: str):
             adapter = adapter_for(model, name=os.path.basename(filename) if filename else None,
                                   clip_skip=int(opt("CLIP_stop_at_last_layers", 1) or 1), device=devices.device)
             adapter.info.path = filename
+            with_options(adapter, config.model)
+            adapter.info.notes += hosted_notes(config.model, adapter)
             if medvram(model):
                 adapter.info.notes += medvram_config(config)
                 pin_unet(model, devices.device)
