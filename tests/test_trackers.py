@@ -127,3 +127,28 @@ def test_secrets_stay_out_of_the_saved_config(tmp_path):
     config = config_for(tmp_path, wandb_api_key="k" * 40, huggingface_token="hf_secret", huggingface_repo_id="me/loras")
     text = (config.save_toml(tmp_path / "run.toml")).read_text(encoding="utf-8")
     assert "hf_secret" not in text and "k" * 40 not in text and "me/loras" in text
+
+
+def test_the_tab_logs_what_the_config_asks_and_refuses_a_missing_tracker(tmp_path, tiny_model, monkeypatch):
+    """A config loaded in the tab: its log_with is honoured there too; no_metadata files still publish and self-test."""
+    from conftest import small_run_config
+    from test_runs import TinyHost
+
+    from lora_train.app.runs import RunManager, RunRequest
+
+    data = make_dataset(tmp_path / "data", count=2)
+    host = TinyHost(tiny_model, tmp_path / "Lora", tmp_path / "runs")
+    manager = RunManager(host)
+    config = small_run_config(data, "tab", 1, logging_dir=str(tmp_path / "logs"), no_metadata=True)
+    status = manager.submit(RunRequest(config))
+    assert manager.wait(300)
+    run = manager.run(status.id)
+    assert run.phase == "finished", run.error
+    assert list((tmp_path / "logs").glob("*/network_train/events.out.tfevents.*"))
+    assert run.checks and all("every module matched" in c for c in run.checks.values())
+
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    status = manager.submit(RunRequest(small_run_config(data, "tab2", 1, log_with="wandb")))
+    assert manager.wait(300)
+    run = manager.run(status.id)
+    assert (run.phase, run.error) == ("failed", "log_with wandb: the wandb package is not installed: pip install wandb")

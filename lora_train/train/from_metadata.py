@@ -114,11 +114,14 @@ def _datasets(text: str, values: dict, notes: list[str]) -> None:
             values[key] = train[0][key]
         elif len(seen) > 1:
             notes.append(msg("ss_datasets: the subsets differ in {key}; set it per folder in a dataset_config", key=key))
-    if subsets:
-        notes.append("\n".join([msg("dataset: the images were in these folders; set train_data_dir to their parent:")] + [
-            "  " + msg("{folder}: {count} images, {repeats} repeats", folder=s.get("image_dir") or s.get("metadata_file") or "?",
-                       count=s.get("img_count"), repeats=s.get("num_repeats"))
-            + ("  " + msg("(regularization)") if s.get("is_reg") else "") for s in subsets]))
+    lines = []
+    for s in subsets:
+        found = {"folder": s.get("image_dir") or s.get("metadata_file") or "?", "count": s.get("img_count"), "repeats": s.get("num_repeats")}
+        reg = s.get("is_reg")
+        lines.append("  " + (msg("{folder}: {count} regularization images, {repeats} repeats", **found) if reg
+                             else msg("{folder}: {count} images, {repeats} repeats", **found)))
+    if lines:
+        notes.append("\n".join([msg("dataset: the images were in these folders; set train_data_dir to their parent:")] + lines))
 
 
 def config_from_metadata(md: dict[str, str]) -> tuple[TrainConfig, list[str]]:
