@@ -39,6 +39,8 @@ def _progress_listener(shown: frozenset[str] = frozenset()):
             tqdm.write(tr(msg("saved {path}", path=e.path)), file=sys.stderr)
         elif isinstance(e, ev.Samples):
             tqdm.write(tr(msg("samples: {paths}", paths=", ".join(e.paths))), file=sys.stderr)
+        elif isinstance(e, ev.Notice):
+            tqdm.write(f"{t('note')}: {tr(e.text)}", file=sys.stderr)
         elif isinstance(e, (ev.Finished, ev.Cancelled, ev.Failed)):
             if "bar" in state:
                 state["bar"].close()
@@ -57,16 +59,15 @@ def _run_training(config, loss_csv: Path) -> Path | None:
     from lora_train.app import job
     from lora_train.model.registry import load_adapter
     from lora_train.sample.previews import preview_fn
-    from lora_train.train.observers import LossCsv, tensorboard_or_note
+    from lora_train.train.observers import LossCsv
+    from lora_train.train.trackers import build_trackers
 
     adapter = load_adapter(config.model.pretrained_model_name_or_path, config.model.clip_skip, config.model)
     trainer = job.build_trainer(config, adapter, sample_fn=preview_fn(config, adapter))
     if not _is_main_process():  # under accelerate launch, rank 0 reports and writes
         return trainer.run(None, threading.Event())
     listeners = [_progress_listener(frozenset(config.warnings + config.notes)), LossCsv(loss_csv)]
-    board = tensorboard_or_note(config.logging.logging_dir, config.logging.log_prefix, trainer.notes)
-    if board:
-        listeners.append(board)
+    listeners += build_trackers(config.logging, trainer.notes)
     plan = trainer.plan
     for problem in plan.scan.problems + plan.problems:
         print(f"{t('warning')}: {tr(msg('skipped {problem}', problem=problem))}", file=sys.stderr)
@@ -105,6 +106,9 @@ def cmd_train(args) -> int:
         print(f"{t('warning')}: {tr(warning)}", file=sys.stderr)
     for note in config.notes:
         print(f"{t('note')}: {tr(note)}", file=sys.stderr)
+    from lora_train.train.trackers import check_trackers
+
+    check_trackers(config.logging)  # before the model loads: a tracker asked for is never skipped
     out = Path(config.saving.output_dir)
     path = _run_training(config, out / f"{config.saving.output_name}-loss.csv")
     if path and _is_main_process():

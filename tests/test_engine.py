@@ -285,7 +285,7 @@ def test_tensorboard_and_samples_from_cli(tmp_path):
     assert "Seed: 7" in Image.open(samples[0]).info["parameters"]
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     run = next((tmp_path / "logs").iterdir())
-    acc = EventAccumulator(str(run))
+    acc = EventAccumulator(str(run / "network_train"))  # sd-scripts' (accelerate's) folder: <dated>/<log_tracker_name>
     acc.Reload()
     assert {"loss/current", "loss/average", "loss/epoch", "lr/unet", "lr/textencoder"} <= set(acc.Tags()["scalars"])
 

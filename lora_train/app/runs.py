@@ -268,9 +268,11 @@ class RunManager:
                         return
                 status.phase = "training"
                 from lora_train.train.observers import LossCsv
+                from lora_train.train.trackers import build_trackers
 
                 csv = LossCsv(folder / f"{status.name}-loss.csv")
                 listeners = [lambda e: self._observe(status, e), csv, self.host.on_event, publisher]
+                listeners += build_trackers(config.logging, trainer.notes)  # log_with from a loaded config
                 trainer.run(lambda e: [listen(e) for listen in listeners], self._cancel)
         except UserError as e:
             status.phase = "failed"
@@ -322,6 +324,8 @@ class RunManager:
                     status.eta_seconds = (status.total_steps - e.step) / status.steps_per_second
             elif isinstance(e, ev.Samples):
                 status.previews += e.paths
+            elif isinstance(e, ev.Notice):
+                status.messages.append(e.text)
             elif isinstance(e, ev.Finished):
                 status.phase = "finished"
             elif isinstance(e, ev.Cancelled):

@@ -27,12 +27,10 @@ def _not_yet(what: str) -> str:
 _CONSOLE = msg("LoRA Train prints its progress and messages to the terminal; redirect them to a file to keep a log")
 _ATTENTION = msg("attention: LoRA Train uses the model's own attention (in the WebUI, the cross-attention optimization chosen in its settings)")
 _LOADER = msg("images load in the training process, one batch at a time, with no DataLoader worker processes")
-_UPLOAD = msg("nothing is uploaded: LoRA Train does not upload to Hugging Face yet; the files stay in output_dir")
 _STATE_KEPT = msg("state folders are removed together with their LoRA files (save_last_n_epochs / save_last_n_steps)")
 _PRECISION = msg("LoRA Train keeps the LoRA weights and their gradients in fp32 and computes in mixed_precision: "
                  "more memory, no loss of precision")
 _DDP = msg("several GPUs: under accelerate launch LoRA Train averages the gradients itself, with no DDP wrapper to tune")
-_TRACKER = msg("for wandb and other trackers, which LoRA Train does not log to yet; TensorBoard logs go to logging_dir")
 _MEMORY = msg("no effect in LoRA Train (in the WebUI, its own --lowram and --medvram flags decide where the model is kept)")
 _DEEPSPEED_OPTION = msg("a DeepSpeed option, read only with deepspeed, which LoRA Train does not use")
 
@@ -49,13 +47,6 @@ NOTED: dict[str, str] = {
     # satellites of a refused option: without it they do nothing, in sd-scripts too
     "skip_until_initial_step": msg("read only with initial_step or initial_epoch"),
     "base_weights_multiplier": msg("read only with base_weights"),
-    "huggingface_repo_id": _UPLOAD,
-    "huggingface_repo_type": _UPLOAD,
-    "huggingface_path_in_repo": _UPLOAD,
-    "huggingface_token": _UPLOAD,
-    "huggingface_repo_visibility": _UPLOAD,
-    "save_state_to_huggingface": _UPLOAD,
-    "async_upload": _UPLOAD,
     "save_last_n_epochs_state": _STATE_KEPT,
     "save_last_n_steps_state": _STATE_KEPT,
     "mem_eff_attn": _ATTENTION,
@@ -70,10 +61,6 @@ NOTED: dict[str, str] = {
     "ddp_timeout": _DDP,
     "ddp_gradient_as_bucket_view": _DDP,
     "ddp_static_graph": _DDP,
-    "log_tracker_name": _TRACKER,
-    "wandb_run_name": _TRACKER,
-    "log_tracker_config": _TRACKER,
-    "wandb_api_key": _TRACKER,
     "log_config": msg("LoRA Train always saves the config of a run as a .toml beside its LoRA, and its settings in the ss_* metadata of the file"),
     "lowram": _MEMORY,
     "highvram": _MEMORY,
@@ -92,7 +79,6 @@ NOTED: dict[str, str] = {
     "disable_mmap_load_safetensors": msg("loading speed only: the checkpoint is loaded the way LoRA Train or the WebUI loads it"),
 }
 
-_METADATA = _not_yet(msg("writing metadata_* into the LoRA file's modelspec metadata"))
 _FP8 = msg("keeps the base model in 8-bit floats to save VRAM, a GPU-only path LoRA Train does not have yet "
            "(and on a CPU there is no fp8 compute at all); remove it: the model stays in its own precision")
 _START_AT = _not_yet(msg("starting the count at a later epoch or step (to continue a run, use resume)"))
@@ -101,21 +87,9 @@ _VALIDATION = msg("validation belongs to the After-training tools (not yet)")
 # key -> why a run cannot take it. Options that change the result are here until they are
 # implemented: a note would let a run differ from sd-scripts' without the user deciding so.
 REFUSED: dict[str, str] = {
-    "metadata_title": _METADATA,
-    "metadata_author": _METADATA,
-    "metadata_description": _METADATA,
-    "metadata_license": _METADATA,
-    "metadata_tags": _METADATA,
-    "metadata_usage_hint": _METADATA,
-    "metadata_thumbnail": _METADATA,
-    "metadata_merged_from": _METADATA,
-    "metadata_trigger_phrase": _METADATA,
-    "metadata_preprocessor": _METADATA,
-    "metadata_is_negative_embedding": _METADATA,
     "face_crop_aug_range": _not_yet(msg("crop augmentation around faces (sd-scripts reads where each face is from the file "
                                         "names its face-detection tool writes; without that, use random_crop)")),
     "dataset_class": msg("a Python dataset class cannot be loaded from a config; use train_data_dir or dataset_config"),
-    "resume_from_huggingface": _not_yet(msg("resuming from a Hugging Face repository (download the state folder and set resume to it)")),
     "save_n_epoch_ratio": _not_yet(msg("saving a number of LoRAs spread over the run (use save_every_n_epochs)")),
     "fp8_base": _FP8,
     "fp8_base_unet": _FP8,
@@ -126,7 +100,6 @@ REFUSED: dict[str, str] = {
     "lr_scheduler_args": _not_yet(msg("arguments passed to the scheduler")),
     "lr_decay_steps": _not_yet(msg("the decay steps of lr_scheduler warmup_stable_decay")),
     "lr_scheduler_timescale": _not_yet(msg("the timescale of lr_scheduler inverse_sqrt")),
-    "no_metadata": _not_yet(msg("saving the LoRA without its training metadata")),
     "scale_weight_norms": _not_yet(msg("scaling down LoRA modules whose weight norm exceeds the limit")),
     "base_weights": _not_yet(msg("merging LoRA files into the model before training")),
     "initial_epoch": _START_AT,

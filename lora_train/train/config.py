@@ -89,6 +89,8 @@ NETWORK_ARGS = (
     "unbalanced_factorization", "constraint", "rescaled", "train_on_input", "rank_dropout_scale", "bypass_mode", "train_norm",
     "unit",
 )
+# never written out: the run's .toml lies beside its LoRA, which gets shared (sd-scripts keeps them out of its logs too)
+SECRET_KEYS = ("huggingface_token", "wandb_api_key")
 # old names LyCORIS still reads: name -> (new name, whether the value flips)
 NETWORK_ARG_ALIASES = {"use_cp": ("use_tucker", False), "use_conv_cp": ("use_tucker", False),
                        "disable_conv_cp": ("use_tucker", True), "constrain": ("constraint", False), "dropout": ("network_dropout", False),
@@ -145,13 +147,39 @@ class SavingConfig:
     save_state_on_train_end: bool = False
     resume: Optional[str] = None  # a state folder written by save_state
     training_comment: Optional[str] = None
+    no_metadata: bool = False  # keep only the ss_* keys loaders need, and the modelspec.* keys
+    # modelspec.* of the saved file, as sd-scripts' sai_model_spec writes them; title defaults to output_name
+    metadata_title: Optional[str] = None
+    metadata_author: Optional[str] = None
+    metadata_description: Optional[str] = None
+    metadata_license: Optional[str] = None
+    metadata_tags: Optional[str] = None  # comma-separated
+    metadata_usage_hint: Optional[str] = None
+    metadata_thumbnail: Optional[str] = None  # a data: URL, or an image file embedded as one
+    metadata_merged_from: Optional[str] = None
+    metadata_trigger_phrase: Optional[str] = None
+    metadata_preprocessor: Optional[str] = None
+    metadata_is_negative_embedding: Optional[str] = None
+    # upload each save to a Hugging Face repository (huggingface_hub), as sd-scripts does
+    huggingface_repo_id: Optional[str] = None
+    huggingface_repo_type: Optional[str] = None  # model (huggingface_hub's default), dataset, space
+    huggingface_path_in_repo: Optional[str] = None
+    huggingface_token: Optional[str] = None  # None: huggingface_hub's own login (HF_TOKEN, huggingface-cli login)
+    huggingface_repo_visibility: Optional[str] = None  # "public"; anything else creates a private repo
+    save_state_to_huggingface: bool = False
+    resume_from_huggingface: bool = False  # resume = "owner/repo/path/in/repo[:revision[:repo_type]]"
+    async_upload: bool = False
 
 
 @dataclass
 class LoggingConfig:
     logging_dir: Optional[str] = None  # TensorBoard event files go here
-    log_with: Optional[str] = None  # tensorboard (default when logging_dir is set)
+    log_with: Optional[str] = None  # tensorboard (default when logging_dir is set), wandb, all
     log_prefix: Optional[str] = None
+    log_tracker_name: Optional[str] = None  # sd-scripts' default: network_train
+    wandb_run_name: Optional[str] = None
+    log_tracker_config: Optional[str] = None  # a TOML file: per-tracker init arguments ([wandb], [tensorboard])
+    wandb_api_key: Optional[str] = None
 
 
 @dataclass
@@ -235,7 +263,7 @@ class TrainConfig:
     def to_toml_dict(self) -> dict[str, dict[str, Any]]:
         out: dict[str, dict[str, Any]] = {}
         for section in self.sections():
-            values = {k: v for k, v in dataclasses.asdict(getattr(self, section)).items() if v is not None}
+            values = {k: v for k, v in dataclasses.asdict(getattr(self, section)).items() if v is not None and k not in SECRET_KEYS}
             if section == "network":
                 extra = [f"{k}={values.pop(k)}" for k in NETWORK_ARGS if k in values and values[k] != getattr(NetworkConfig(), k)]
                 for k in NETWORK_ARGS:

@@ -44,6 +44,13 @@ class Samples:
 
 
 @dataclass
+class Notice:
+    """A message during the run (an upload that failed); the run goes on."""
+
+    text: str
+
+
+@dataclass
 class Finished:
     path: str
     steps: int
@@ -61,5 +68,5 @@ class Failed:
     step: int
 
 
-Event = Started | Step | EpochEnd | CheckpointSaved | Samples | Finished | Cancelled | Failed
+Event = Started | Step | EpochEnd | CheckpointSaved | Samples | Notice | Finished | Cancelled | Failed
 Listener = Callable[[Event], None]

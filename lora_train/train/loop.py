@@ -30,6 +30,7 @@ from lora_train.train import loss as loss_fn
 from lora_train.train import noise as noise_fn
 from lora_train.train.config import TrainConfig
 from lora_train.train.distributed import Distributed
+from lora_train.train.hub_upload import HubUpload, resume_folder
 from lora_train.train.metadata import save_time_metadata, training_metadata
 from lora_train.train.optimizers import build_optimizer, optimizer_eval_mode, optimizer_name, optimizer_train_mode
 from lora_train.train.schedulers import build_scheduler, scheduler_label
@@ -61,6 +62,7 @@ class Trainer:
         # what reading the config said comes first: the front ends show the notes when the run starts
         self.notes: list[str] = [*config.warnings, *config.notes, *adapter.info.notes]
         self._epoch_losses: list[float] = []
+        self.uploader: HubUpload | None = None  # set in run() when huggingface_repo_id is
         self._save_requested = threading.Event()  # "Save now" from a front end, taken after the current step
         # TrainingConfig is a NoiseOptions and a LossOptions (it inherits their fields)
         self.noise_options = self.loss_options = config.training
@@ -77,8 +79,9 @@ class Trainer:
         self.caption_rng = random.Random(self.seed)
         self.optimizer, self.scheduler = self._optimizer_and_scheduler()
         self.scaler = self._grad_scaler(device)
+        self.uploader = HubUpload.from_config(self.config.saving, lambda text: emit(ev.Notice(text)))
         if self.config.saving.resume:
-            self._resume(self.config.saving.resume)
+            self._resume(resume_folder(self.config.saving))
         self.metadata = training_metadata(
             self.config, self.adapter.info, self.network, self.plan, self.plan.scan,
             session_id=random.randint(0, 2**31 - 1), started_at=time.time(), seed=self.seed,
@@ -105,7 +108,9 @@ class Trainer:
             emit(ev.Cancelled(self.step, str(path) if path else None))
             return path
         s = self.config.saving
-        path = self.save(s.output_name, with_state=s.save_state or s.save_state_on_train_end)
+        path = self.save(s.output_name, with_state=s.save_state or s.save_state_on_train_end, final=True)
+        if self.uploader is not None:
+            self.uploader.wait()
         emit(ev.Finished(str(path), self.step))
         return path
 
@@ -113,17 +118,20 @@ class Trainer:
         """Save `<name>-step<N>` (with state) after the step in progress; safe from any thread."""
         self._save_requested.set()
 
-    def save(self, name: str, with_state: bool = False) -> Path:
+    def save(self, name: str, with_state: bool = False, final: bool = False) -> Path:
         path = self.output_dir / f"{name}.safetensors"
         if not getattr(self, "dist", Distributed()).is_main:
             return path  # rank 0 writes; every rank holds the same weights
         dtype = SAVE_DTYPES[self.config.saving.save_precision]
-        metadata = save_time_metadata(self.metadata, self.epoch, self.step)
+        metadata = save_time_metadata(self.metadata, self.epoch, self.step, self.config.saving.no_metadata)
         path = save_lora(path, self.network.kohya_state_dict(dtype), metadata)
+        state = None
         if with_state:
-            save_state(self.output_dir / f"{name}-state", self._state(), {"step": self.step, "epoch": self.epoch,
-                       "batches_done": self.batches_done, "lora": path.name, "seed": self.seed})
+            state = save_state(self.output_dir / f"{name}-state", self._state(), {"step": self.step, "epoch": self.epoch,
+                               "batches_done": self.batches_done, "lora": path.name, "seed": self.seed})
         self.last_save = path
+        if self.uploader is not None:
+            self.uploader.saved(path, state, final=final)
         return path
 
     # -- setup -----------------------------------------------------------------------------------

@@ -4,9 +4,11 @@ which sd-scripts leaves out when there are none."""
 
 from __future__ import annotations
 
+import base64
 import datetime
 import hashlib
 import json
+import mimetypes
 import os
 import time
 
@@ -15,6 +17,7 @@ import torch
 from lora_train import __version__
 from lora_train.dataset.plan import DatasetPlan
 from lora_train.dataset.scan import Scan
+from lora_train.errors import UserError, msg
 from lora_train.model.adapter import ModelInfo
 from lora_train.network.network import LoRANetwork
 from lora_train.train.config import NETWORK_ARGS, NetworkConfig, TrainConfig
@@ -168,25 +171,58 @@ def training_metadata(
     date = datetime.datetime.fromtimestamp(started_at).isoformat(timespec="seconds")
     md.update(
         {
-            "modelspec.sai_model_spec": "1.0.0",
+            "modelspec.sai_model_spec": "1.0.1",
             "modelspec.architecture": info.modelspec_architecture,
             "modelspec.implementation": "https://github.com/Stability-AI/generative-models" if info.family == "sdxl" else "diffusers",
-            "modelspec.title": c.saving.output_name,
             "modelspec.resolution": f"{resolution[0]}x{resolution[1]}",
             "modelspec.date": date,
             "modelspec.implementation_version": f"lora-train/{__version__}",
             "modelspec.prediction_type": info.prediction_type,
         }
     )
+    if t.min_timestep is not None or t.max_timestep is not None:  # as sd-scripts: the range trained on
+        md["modelspec.timestep_range"] = f"{t.min_timestep if t.min_timestep is not None else 0},{t.max_timestep if t.max_timestep is not None else 1000}"
     if c.model.clip_skip:
         md["modelspec.encoder_layer"] = _s(c.model.clip_skip)
+    md.update(user_modelspec(c))
     return md
 
 
-def save_time_metadata(metadata: dict[str, str], epoch: int, step: int) -> dict[str, str]:
+# config key -> modelspec.* key, as sd-scripts' --metadata_* options write them
+USER_MODELSPEC = {f"metadata_{name}": f"modelspec.{name}" for name in (
+    "title", "author", "description", "license", "tags", "usage_hint", "thumbnail", "merged_from", "trigger_phrase",
+    "preprocessor", "is_negative_embedding")}
+
+# what sd-scripts keeps with no_metadata: the keys loaders and metadata filters need
+MINIMUM_KEYS = ("ss_v2", "ss_base_model_version", "ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_network_args")
+
+
+def user_modelspec(config: TrainConfig) -> dict[str, str]:
+    """The metadata_* keys the user set; modelspec.title is the output name when metadata_title is unset."""
+    s = config.saving
+    md = {spec: str(getattr(s, key)) for key, spec in USER_MODELSPEC.items() if getattr(s, key) is not None}
+    md.setdefault("modelspec.title", s.output_name)
+    if "modelspec.thumbnail" in md and not md["modelspec.thumbnail"].startswith("data:"):
+        md["modelspec.thumbnail"] = _data_url(md["modelspec.thumbnail"])
+    return md
+
+
+def _data_url(path: str) -> str:
+    """An image file as a data: URL, as sd-scripts embeds metadata_thumbnail."""
+    if not os.path.isfile(path):
+        raise UserError(msg("metadata_thumbnail: '{path}' does not exist (give an image file or a data: URL)", path=path))
+    mime = mimetypes.guess_type(path)[0] or "application/octet-stream"
+    with open(path, "rb") as f:
+        return f"data:{mime};base64,{base64.b64encode(f.read()).decode('ascii')}"
+
+
+def save_time_metadata(metadata: dict[str, str], epoch: int, step: int, no_metadata: bool = False) -> dict[str, str]:
     """What differs between the saves of one run. ss_output_name and modelspec.title stay the run's
     name in every file (epoch, step and interrupted saves alike), as sd-scripts writes them: tools
-    group a run's epochs by it."""
+    group a run's epochs by it. With no_metadata only MINIMUM_KEYS and the modelspec.* keys are kept,
+    as sd-scripts does."""
+    if no_metadata:
+        return {k: v for k, v in metadata.items() if k in MINIMUM_KEYS or k.startswith("modelspec.")}
     out = dict(metadata)
     out["ss_training_finished_at"] = _s(time.time())
     out["ss_steps"] = _s(step)

@@ -1,10 +1,10 @@
-"""Event listeners that write what a run did: `loss.csv` and TensorBoard scalars with sd-scripts' names."""
+"""Event listeners that write what a run did: `loss.csv` and TensorBoard scalars with sd-scripts' names
+(trackers.py picks the trackers a config asks for)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from lora_train.errors import msg
 from lora_train.train import events as ev
 
 
@@ -22,35 +22,66 @@ class LossCsv:
             self.file.close()
 
 
-class TensorBoard:
-    """`loss/current`, `loss/average` (running mean of the epoch), `loss/epoch`, `lr/<group>`."""
+class Scalars:
+    """The scalars sd-scripts logs, by its names: `loss/current`, `loss/average` (running mean of the
+    epoch) and `lr/<group>` at each step, `loss/epoch` at the end of an epoch. A tracker writes them."""
 
-    def __init__(self, logging_dir: Path, prefix: str | None = None):
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.writer = SummaryWriter(str(logging_dir / f"{prefix or ''}{__import__('time').strftime('%Y%m%d%H%M%S')}"))
+    def __init__(self):
         self._epoch: list[float] = []
+        self.step = 0
 
     def __call__(self, e) -> None:
-        w = self.writer
         if isinstance(e, ev.Step):
             self._epoch.append(e.loss)
-            w.add_scalar("loss/current", e.loss, e.step)
-            w.add_scalar("loss/average", sum(self._epoch) / len(self._epoch), e.step)
-            for name, lr in e.lr.items():
-                w.add_scalar(f"lr/{name}", lr, e.step)
+            self.step = e.step
+            values = {"loss/current": e.loss, "loss/average": sum(self._epoch) / len(self._epoch)}
+            self.write(values | {f"lr/{name}": lr for name, lr in e.lr.items()}, e.step)
         elif isinstance(e, ev.EpochEnd):
-            w.add_scalar("loss/epoch", e.mean_loss, e.epoch)
+            self.write_epoch(e.mean_loss, e.epoch)
             self._epoch = []
         elif isinstance(e, (ev.Finished, ev.Cancelled, ev.Failed)):
-            w.close()
+            self.close()
+
+    def write(self, values: dict[str, float], step: int) -> None:
+        raise NotImplementedError
+
+    def write_epoch(self, mean_loss: float, epoch: int) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
 
 
-def tensorboard_or_note(logging_dir: str | None, prefix: str | None, notes: list[str]):
-    if not logging_dir:
-        return None
-    try:
-        return TensorBoard(Path(logging_dir), prefix)
-    except ImportError:
-        notes.append(msg("logging_dir is set but the tensorboard package is missing: pip install tensorboard"))
-        return None
+class TensorBoard(Scalars):
+    def __init__(self, folder: Path, **writer_kwargs):
+        from torch.utils.tensorboard import SummaryWriter
+
+        super().__init__()
+        self.writer = SummaryWriter(str(folder), **writer_kwargs)
+
+    def write(self, values: dict[str, float], step: int) -> None:
+        for name, value in values.items():
+            self.writer.add_scalar(name, value, step)
+
+    def write_epoch(self, mean_loss: float, epoch: int) -> None:
+        self.writer.add_scalar("loss/epoch", mean_loss, epoch)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class Wandb(Scalars):
+    """A wandb run; the epoch mean is logged at the epoch's last step (wandb's steps only go forward)."""
+
+    def __init__(self, run):
+        super().__init__()
+        self.run = run
+
+    def write(self, values: dict[str, float], step: int) -> None:
+        self.run.log(values, step=step)
+
+    def write_epoch(self, mean_loss: float, epoch: int) -> None:
+        self.run.log({"loss/epoch": mean_loss, "epoch": epoch}, step=self.step)
+
+    def close(self) -> None:
+        self.run.finish()
