@@ -28,7 +28,6 @@ _CONSOLE = msg("LoRA Train prints its progress and messages to the terminal; red
 _ATTENTION = msg("attention: LoRA Train uses the model's own attention (in the WebUI, the cross-attention optimization chosen in its settings)")
 _LOADER = msg("images load in the training process, one batch at a time, with no DataLoader worker processes")
 _UPLOAD = msg("nothing is uploaded: LoRA Train does not upload to Hugging Face yet; the files stay in output_dir")
-_STATE_KEPT = msg("state folders are removed together with their LoRA files (save_last_n_epochs / save_last_n_steps)")
 _PRECISION = msg("LoRA Train keeps the LoRA weights and their gradients in fp32 and computes in mixed_precision: "
                  "more memory, no loss of precision")
 _DDP = msg("several GPUs: under accelerate launch LoRA Train averages the gradients itself, with no DDP wrapper to tune")
@@ -49,8 +48,6 @@ NOTED: dict[str, str] = {
     # satellites of a refused option: without it they do nothing, in sd-scripts too
     "dataset_repeats": msg("read only with in_json; repeats come from the <repeats>_<name> folder names or num_repeats in dataset_config"),
     "token_warmup_min": msg("read only with token_warmup_step"),
-    "skip_until_initial_step": msg("read only with initial_step or initial_epoch"),
-    "base_weights_multiplier": msg("read only with base_weights"),
     "huggingface_repo_id": _UPLOAD,
     "huggingface_repo_type": _UPLOAD,
     "huggingface_path_in_repo": _UPLOAD,
@@ -58,8 +55,6 @@ NOTED: dict[str, str] = {
     "huggingface_repo_visibility": _UPLOAD,
     "save_state_to_huggingface": _UPLOAD,
     "async_upload": _UPLOAD,
-    "save_last_n_epochs_state": _STATE_KEPT,
-    "save_last_n_steps_state": _STATE_KEPT,
     "mem_eff_attn": _ATTENTION,
     "xformers": _ATTENTION,
     "sdpa": _ATTENTION,
@@ -96,7 +91,6 @@ NOTED: dict[str, str] = {
 
 _METADATA = _not_yet(msg("writing metadata_* into the LoRA file's modelspec metadata"))
 _FP8 = _not_yet(msg("keeping the base model in fp8 to save VRAM"))
-_START_AT = _not_yet(msg("starting the count at a later epoch or step (to continue a run, use resume)"))
 _VALIDATION = msg("validation belongs to the After-training tools (not yet)")
 
 # key -> why a run cannot take it. Options that change the result are here until they are
@@ -123,7 +117,6 @@ REFUSED: dict[str, str] = {
     "dataset_class": msg("a Python dataset class cannot be loaded from a config; use train_data_dir or dataset_config"),
     "in_json": _not_yet(msg("the fine-tuning metadata JSON written by merge_captions_to_metadata.py (use train_data_dir with .txt captions)")),
     "resume_from_huggingface": _not_yet(msg("resuming from a Hugging Face repository (download the state folder and set resume to it)")),
-    "save_n_epoch_ratio": _not_yet(msg("saving a number of LoRAs spread over the run (use save_every_n_epochs)")),
     "max_token_length": _not_yet(msg("captions longer than 75 tokens (150/225); without it a caption is cut at 75 tokens, as in sd-scripts")),
     "vae": _not_yet(msg("a separate VAE file in place of the checkpoint's own")),
     "fp8_base": _FP8,
@@ -131,17 +124,9 @@ REFUSED: dict[str, str] = {
     "deepspeed": msg("DeepSpeed is not used: LoRA Train trains on several GPUs with accelerate launch, and a LoRA needs no ZeRO sharding"),
     "conditioning_data_dir": _not_yet(msg("mask images for masked_loss")),
     "masked_loss": _not_yet(msg("weighting the loss by a mask (alpha_mask or conditioning_data_dir)")),
-    "lr_scheduler_type": _not_yet(msg("a custom scheduler class")),
-    "lr_scheduler_args": _not_yet(msg("arguments passed to the scheduler")),
-    "lr_decay_steps": _not_yet(msg("the decay steps of lr_scheduler warmup_stable_decay")),
-    "lr_scheduler_timescale": _not_yet(msg("the timescale of lr_scheduler inverse_sqrt")),
     "weighted_captions": _not_yet(msg("(word:1.3) weights in captions")),
     "no_metadata": _not_yet(msg("saving the LoRA without its training metadata")),
-    "scale_weight_norms": _not_yet(msg("scaling down LoRA modules whose weight norm exceeds the limit")),
-    "base_weights": _not_yet(msg("merging LoRA files into the model before training")),
     "no_half_vae": _not_yet(msg("a float32 VAE under mixed precision (in the WebUI, start it with --no-half-vae)")),
-    "initial_epoch": _START_AT,
-    "initial_step": _START_AT,
     "validation_seed": _VALIDATION,
     "validation_split": _VALIDATION,
     "validate_every_n_steps": _VALIDATION,
@@ -163,7 +148,7 @@ ALIASES: dict[str, tuple[str, Any, str]] = {
 # sd-scripts' defaults that are not false, empty or 0: a config that writes them asks for nothing
 DEFAULTS: dict[str, Any] = {
     "dataset_repeats": 1, "token_warmup_min": 1, "zero_stage": 2, "max_data_loader_n_workers": 8, "vae_batch_size": 1,
-    "dynamo_backend": "inductor", "max_token_length": 75, "initial_epoch": 1,
+    "dynamo_backend": "inductor", "max_token_length": 75,
 }
 
 
