@@ -129,6 +129,33 @@ def test_base_weights_merge_equals_the_lora_applied_and_restore_exactly(tiny_ada
     assert_same_as(tiny_model, before)
 
 
+def test_base_weights_on_sdxl_fused_attention_parts(tmp_path):
+    """SDXL's text encoder 2 has fused attention: the merge changes slices of in_proj_weight."""
+    from lora_train.model.loading import quiet
+    from lora_train.model.sgm import SgmAdapter
+    from lora_train.model.tiny_sdxl import build_tiny_sdxl
+    from lora_train.network.network import LoRANetwork
+
+    with quiet():
+        model = build_tiny_sdxl(0, sgm=False)
+    xl = SgmAdapter(model, name="tinyxl")
+    net = LoRANetwork(xl.lora_targets(), dim=4, alpha=4)
+    assert any(m.part in ("q", "k", "v") for m in net.lora_modules.values())
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for m in net.lora_modules.values():
+            m.lora_up.weight.copy_(torch.randn(m.lora_up.weight.shape, generator=gen) * 0.2)
+    path = save_lora(tmp_path / "xl.safetensors", net.kohya_state_dict(), {})
+    before = snapshot(model)
+    net.set_multiplier(1.5)
+    with net.applied():
+        applied = _predict(xl)
+    with base_weights.merged([str(path)], ["1.5"], xl.file_targets()):
+        merged = _predict(xl)
+    torch.testing.assert_close(merged, applied, atol=1e-5, rtol=1e-4)
+    assert_same_as(model, before)
+
+
 def test_base_weights_multipliers_follow_sd_scripts():
     assert base_weights.multipliers(["a", "b", "c"], [0.5]) == [0.5, 1.0, 1.0]
     with pytest.raises(UserError, match="not a number"):
@@ -219,6 +246,12 @@ def test_skip_until_initial_step_skips_the_first_steps_batches(tiny_adapter, tmp
     # the step count starts at 3 (in epoch 2), the run ends at max_train_steps, on the batches of steps 4..8
     assert [(s.step, s.epoch) for s in rec.of(ev.Step)] == [(s.step, s.epoch) for s in full.of(ev.Step)][3:]
     assert batches == full_batches[3:]
+
+
+def test_initial_epoch_1_and_initial_step_0_change_nothing(tiny_adapter, tmp_path):
+    for options in ({"initial_epoch": 1}, {"initial_epoch": 0}, {"initial_step": 0, "skip_until_initial_step": True}):
+        trainer = job.build_trainer(config_for(tmp_path, **options), tiny_adapter)
+        assert trainer._start_later() == 10 and (trainer.step, trainer.epoch, trainer.batches_done) == (0, 1, 0)
 
 
 def test_initial_step_must_be_below_the_total(tiny_adapter, tmp_path):

@@ -246,12 +246,8 @@ class Trainer:
             if t.skip_until_initial_step:
                 self.notes.append(msg("skip_until_initial_step: read only with initial_step or initial_epoch"))
             return plan.total_steps
-        if t.initial_step is not None and t.initial_step < 0:
-            raise UserError(msg("initial_step must be 0 or more, got {value}", value=t.initial_step))
-        if t.initial_step is None and t.initial_epoch < 1:
-            raise UserError(msg("initial_epoch must be 1 or more (1 is the first epoch), got {value}", value=t.initial_epoch))
         start = t.initial_step if t.initial_step is not None else (t.initial_epoch - 1) * plan.steps_per_epoch  # initial_step wins
-        if start == 0:
+        if start <= 0:  # sd-scripts: initial_epoch 0 or 1, initial_step 0 (or below) change nothing
             return plan.total_steps
         if start >= plan.total_steps:
             raise UserError(msg("initial_step {start} must be below the {total} training steps (max_train_steps)", start=start,
