@@ -111,18 +111,26 @@ def _predict(adapter):
         return adapter.predict(noisy, torch.tensor([100, 700]), cond)
 
 
+def _merged_equals_applied(adapter, model, net, path, multiplier):
+    """The prediction with the file merged at `multiplier` is the one with the LoRA hooked on at it,
+    and the model is bit-identical afterwards. Returns that prediction."""
+    before = snapshot(model)
+    net.set_multiplier(multiplier)
+    with net.applied():
+        applied = _predict(adapter)
+    with base_weights.merged([str(path)], [str(multiplier)], adapter.file_targets()):
+        merged = _predict(adapter)
+    torch.testing.assert_close(merged, applied, atol=1e-5, rtol=1e-4)
+    assert_same_as(model, before)
+    return applied
+
+
 def test_base_weights_merge_equals_the_lora_applied_and_restore_exactly(tiny_adapter, tiny_model, tmp_path):
     net, path = _base_lora(tiny_adapter, tmp_path)
     before = snapshot(tiny_model)
     plain = _predict(tiny_adapter)
-    net.set_multiplier(0.7)
-    with net.applied():
-        applied = _predict(tiny_adapter)
-    with base_weights.merged([str(path)], ["0.7"], tiny_adapter.file_targets()):
-        merged = _predict(tiny_adapter)
+    applied = _merged_equals_applied(tiny_adapter, tiny_model, net, path, 0.7)
     assert not torch.allclose(plain, applied, atol=1e-4)  # the LoRA changes the prediction
-    torch.testing.assert_close(merged, applied, atol=1e-5, rtol=1e-4)
-    assert_same_as(tiny_model, before)  # bit-identical afterwards
     with pytest.raises(RuntimeError):
         with base_weights.merged([str(path)], [], tiny_adapter.file_targets()):
             raise RuntimeError("a run that fails")
@@ -146,14 +154,7 @@ def test_base_weights_on_sdxl_fused_attention_parts(tmp_path):
         for m in net.lora_modules.values():
             m.lora_up.weight.copy_(torch.randn(m.lora_up.weight.shape, generator=gen) * 0.2)
     path = save_lora(tmp_path / "xl.safetensors", net.kohya_state_dict(), {})
-    before = snapshot(model)
-    net.set_multiplier(1.5)
-    with net.applied():
-        applied = _predict(xl)
-    with base_weights.merged([str(path)], ["1.5"], xl.file_targets()):
-        merged = _predict(xl)
-    torch.testing.assert_close(merged, applied, atol=1e-5, rtol=1e-4)
-    assert_same_as(model, before)
+    _merged_equals_applied(xl, model, net, path, 1.5)
 
 
 def test_base_weights_multipliers_follow_sd_scripts():
