@@ -72,7 +72,8 @@ def test_scale_weight_norms_caps_every_module_of_a_run_and_logs(tiny_adapter, tm
     assert all(set(s.norms) == {"max_norm/keys_scaled", "norm/avg_key_norm", "max_norm/max_key_norm"} for s in steps)
     assert max(s.norms["max_norm/keys_scaled"] for s in steps) > 0  # the LR is high enough to push some above it
     assert all(s.norms["max_norm/max_key_norm"] <= limit * (1 + 1e-5) for s in steps)
-    tensors = load_lora(path)[0]
+    tensors, metadata = load_lora(path)
+    assert metadata["ss_scale_weight_norms"] == "0.05"  # as sd-scripts records it
     for key in [k for k in tensors if k.endswith("lora_down.weight")]:
         name = key[: -len(".lora_down.weight")]
         down, up = tensors[key].float().flatten(1), tensors[f"{name}.lora_up.weight"].float().flatten(1)
