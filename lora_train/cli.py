@@ -34,7 +34,9 @@ def _progress_listener(shown: frozenset[str] = frozenset()):
         elif isinstance(e, ev.Step):
             bar = state["bar"]
             bar.update(1)
-            bar.set_postfix(epoch=e.epoch, loss=f"{e.loss:.4f}", refresh=False)
+            # with scale_weight_norms, sd-scripts' bar shows the keys scaled and the average key norm too
+            norms = {"keys_scaled": int(e.norms["max_norm/keys_scaled"]), "avg_key_norm": f"{e.norms['norm/avg_key_norm']:.4g}"} if e.norms else {}
+            bar.set_postfix(epoch=e.epoch, loss=f"{e.loss:.4f}", **norms, refresh=False)
         elif isinstance(e, ev.CheckpointSaved):
             tqdm.write(tr(msg("saved {path}", path=e.path)), file=sys.stderr)
         elif isinstance(e, ev.Samples):

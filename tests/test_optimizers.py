@@ -226,7 +226,7 @@ def test_scheduler_name_errors():
     with pytest.raises(UserError, match="did you mean 'cosine_with_restarts'"):
         curve("cosine_with_restart")
     with pytest.raises(UserError, match="not supported yet"):
-        curve("warmup_stable_decay")
+        curve("piecewise_constant")
     with pytest.raises(UserError, match="constant_with_warmup"):  # sd-scripts refuses warmup on constant
         curve("constant", warmup_steps=10)
     with pytest.raises(UserError, match="lr_scheduler 'cosine'"):

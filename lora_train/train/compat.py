@@ -27,7 +27,6 @@ def _not_yet(what: str) -> str:
 _CONSOLE = msg("LoRA Train prints its progress and messages to the terminal; redirect them to a file to keep a log")
 _ATTENTION = msg("attention: LoRA Train uses the model's own attention (in the WebUI, the cross-attention optimization chosen in its settings)")
 _LOADER = msg("images load in the training process, one batch at a time, with no DataLoader worker processes")
-_STATE_KEPT = msg("state folders are removed together with their LoRA files (save_last_n_epochs / save_last_n_steps)")
 _PRECISION = msg("LoRA Train keeps the LoRA weights and their gradients in fp32 and computes in mixed_precision: "
                  "more memory, no loss of precision")
 _DDP = msg("several GPUs: under accelerate launch LoRA Train averages the gradients itself, with no DDP wrapper to tune")
@@ -45,10 +44,6 @@ NOTED: dict[str, str] = {
     "vae_batch_size": msg("latents are encoded one image at a time"),
     "skip_cache_check": msg("LoRA Train always checks cached latents against their image's hash"),
     # satellites of a refused option: without it they do nothing, in sd-scripts too
-    "skip_until_initial_step": msg("read only with initial_step or initial_epoch"),
-    "base_weights_multiplier": msg("read only with base_weights"),
-    "save_last_n_epochs_state": _STATE_KEPT,
-    "save_last_n_steps_state": _STATE_KEPT,
     "mem_eff_attn": _ATTENTION,
     "xformers": _ATTENTION,
     "sdpa": _ATTENTION,
@@ -81,7 +76,6 @@ NOTED: dict[str, str] = {
 
 _FP8 = msg("keeps the base model in 8-bit floats to save VRAM, a GPU-only path LoRA Train does not have yet "
            "(and on a CPU there is no fp8 compute at all); remove it: the model stays in its own precision")
-_START_AT = _not_yet(msg("starting the count at a later epoch or step (to continue a run, use resume)"))
 _VALIDATION = msg("validation belongs to the After-training tools (not yet)")
 
 # key -> why a run cannot take it. Options that change the result are here until they are
@@ -90,20 +84,11 @@ REFUSED: dict[str, str] = {
     "face_crop_aug_range": _not_yet(msg("crop augmentation around faces (sd-scripts reads where each face is from the file "
                                         "names its face-detection tool writes; without that, use random_crop)")),
     "dataset_class": msg("a Python dataset class cannot be loaded from a config; use train_data_dir or dataset_config"),
-    "save_n_epoch_ratio": _not_yet(msg("saving a number of LoRAs spread over the run (use save_every_n_epochs)")),
     "fp8_base": _FP8,
     "fp8_base_unet": _FP8,
     "deepspeed": msg("DeepSpeed is not used: LoRA Train trains on several GPUs with accelerate launch, and a LoRA needs no ZeRO sharding"),
     "conditioning_data_dir": _not_yet(msg("mask images for masked_loss")),
     "masked_loss": _not_yet(msg("weighting the loss by a mask (alpha_mask or conditioning_data_dir)")),
-    "lr_scheduler_type": _not_yet(msg("a custom scheduler class")),
-    "lr_scheduler_args": _not_yet(msg("arguments passed to the scheduler")),
-    "lr_decay_steps": _not_yet(msg("the decay steps of lr_scheduler warmup_stable_decay")),
-    "lr_scheduler_timescale": _not_yet(msg("the timescale of lr_scheduler inverse_sqrt")),
-    "scale_weight_norms": _not_yet(msg("scaling down LoRA modules whose weight norm exceeds the limit")),
-    "base_weights": _not_yet(msg("merging LoRA files into the model before training")),
-    "initial_epoch": _START_AT,
-    "initial_step": _START_AT,
     "validation_seed": _VALIDATION,
     "validation_split": _VALIDATION,
     "validate_every_n_steps": _VALIDATION,
@@ -124,8 +109,7 @@ ALIASES: dict[str, tuple[str, Any, str]] = {
 
 # sd-scripts' defaults that are not false, empty or 0: a config that writes them asks for nothing
 DEFAULTS: dict[str, Any] = {
-    "zero_stage": 2, "max_data_loader_n_workers": 8, "vae_batch_size": 1,
-    "dynamo_backend": "inductor", "initial_epoch": 1,
+    "zero_stage": 2, "max_data_loader_n_workers": 8, "vae_batch_size": 1, "dynamo_backend": "inductor",
 }
 
 

@@ -80,6 +80,9 @@ class NetworkConfig:
     bypass_mode: bool = False
     train_norm: bool = False  # LyCORIS: also train the norm layers of the blocks the preset names
     unit: Optional[int] = None  # DyLoRA (networks.dylora): ranks trained in steps of this; LyCORIS' algo=dylora calls it block_size
+    # LoRA files added to the model for the run (sd-scripts merges them in before training); `train/base_weights.py`
+    base_weights: list = field(default_factory=list)
+    base_weights_multiplier: list = field(default_factory=list)  # one per file; a missing one is 1.0
 
 
 NETWORK_ARGS = (
@@ -110,6 +113,10 @@ class OptimizerConfig:
     lr_scheduler_num_cycles: int = 1
     lr_scheduler_power: float = 1.0
     lr_scheduler_min_lr_ratio: Optional[float] = None
+    lr_scheduler_timescale: Optional[int] = None  # inverse_sqrt; None: the warmup steps
+    lr_decay_steps: float = 0  # warmup_stable_decay: steps, or a fraction (< 1) of the total steps
+    lr_scheduler_type: str = ""  # a scheduler class: a torch.optim.lr_scheduler name or a dotted import path
+    lr_scheduler_args: list = field(default_factory=list)  # ["T_max=100"], passed to the scheduler
 
 
 @dataclass
@@ -131,6 +138,12 @@ class TrainingConfig(NoiseOptions, LossOptions):
     weighted_captions: bool = False
     # how often the loss is read back from the device (a sync); NaN/inf is noticed then
     loss_readback_steps: int = 1
+    # max-norm regularisation: after each step, LoRA modules whose weight change is longer than this are scaled down
+    scale_weight_norms: Optional[float] = None
+    # start the count later (sd-scripts' initial_epoch / initial_step); the LR schedule still starts at 0
+    initial_epoch: Optional[int] = None
+    initial_step: Optional[int] = None
+    skip_until_initial_step: bool = False  # also skip the first steps' batches, instead of restarting the epoch's data
 
 
 @dataclass
@@ -143,6 +156,9 @@ class SavingConfig:
     save_every_n_steps: Optional[int] = None
     save_last_n_epochs: Optional[int] = None
     save_last_n_steps: Optional[int] = None
+    save_n_epoch_ratio: Optional[int] = None  # at least this many epoch saves: save_every_n_epochs = epochs // ratio (at least 1)
+    save_last_n_epochs_state: Optional[int] = None  # keep this many epoch state folders (default: save_last_n_epochs)
+    save_last_n_steps_state: Optional[int] = None  # keep the state folders of this many last steps (default: save_last_n_steps)
     save_state: bool = False  # also write optimizer/scheduler/RNG state with each save, for resume
     save_state_on_train_end: bool = False
     resume: Optional[str] = None  # a state folder written by save_state

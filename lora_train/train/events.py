@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 
@@ -21,6 +21,8 @@ class Step:
     epoch: int  # 1-based
     loss: float
     lr: dict[str, float]  # "unet" / "textencoder"
+    # with scale_weight_norms: sd-scripts' max-norm statistics by its log names (train/max_norm.py)
+    norms: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass

@@ -25,8 +25,11 @@ from lora_train.model.caption_tokens import TextOptions
 from lora_train.network.kind import network_kind
 from lora_train.network.files import save_lora
 from lora_train.network.network import LoRANetwork
+from lora_train.train import base_weights
+from lora_train.train import checkpoints
 from lora_train.train import events as ev
 from lora_train.train import loss as loss_fn
+from lora_train.train import max_norm
 from lora_train.train import noise as noise_fn
 from lora_train.train.config import TrainConfig
 from lora_train.train.distributed import Distributed
@@ -82,17 +85,20 @@ class Trainer:
         self.uploader = HubUpload.from_config(self.config.saving, lambda text: emit(ev.Notice(text)))
         if self.config.saving.resume:
             self._resume(resume_folder(self.config.saving))
+        end_step = self._start_later()
         self.metadata = training_metadata(
             self.config, self.adapter.info, self.network, self.plan, self.plan.scan,
             session_id=random.randint(0, 2**31 - 1), started_at=time.time(), seed=self.seed,
             train_unet=self.train_unet, train_te=self.train_te,
             optimizer=optimizer_name(self.optimizer), lr_scheduler=scheduler_label(self.config.optimizer.lr_scheduler, self.optimizer),
         )
-        emit(ev.Started(self.plan.total_steps, self.plan.steps_per_epoch, self.plan.epochs, self.plan.train_images, self.notes))
-        targets = {t.name: t.module for t in self.adapter.file_targets()}
-        t = self.config.training
+        emit(ev.Started(end_step, self.plan.steps_per_epoch, self.plan.epochs, self.plan.train_images, self.notes))
+        file_targets = self.adapter.file_targets()
+        targets = {t.name: t.module for t in file_targets}
+        t, net = self.config.training, self.config.network
         try:
-            with self.adapter.frozen(), \
+            # base_weights go in after the freeze and come out before it is undone: the host's weights are restored first
+            with self.adapter.frozen(), base_weights.merged(net.base_weights, net.base_weights_multiplier, file_targets), \
                     self.adapter.training(t.gradient_checkpointing, self.network.dropout_generator, train_text_encoder=self.train_te), \
                     self.network.applied({n: targets[n] for n in self.network.lora_modules}):
                 cancelled = self._loop(emit, cancel)
@@ -160,6 +166,9 @@ class Trainer:
             self.notes.append(msg("network_args bypass_mode: the same result either way; LoRA Train picks the path per algorithm"))
         if c.training.gradient_accumulation_steps < 1:
             raise UserError(msg("gradient_accumulation_steps must be at least 1"))
+        max_norm.check(self.network, c.training.scale_weight_norms)
+        base_weights.check(c.network.base_weights)
+        base_weights.multipliers(c.network.base_weights, c.network.base_weights_multiplier)
         if not self.train_unet and not self.train_te:
             raise UserError(msg("nothing to train: the text encoder cannot be trained on this model and network_train_text_encoder_only is set"))
         self.text_options = TextOptions(c.training.max_token_length, c.training.weighted_captions)
@@ -183,7 +192,9 @@ class Trainer:
         optimizer = build_optimizer(o.optimizer_type, groups, o.learning_rate, o.optimizer_args, notes=self.notes)
         scheduler = build_scheduler(o.lr_scheduler, optimizer, self.plan.total_steps, warmup_steps=o.lr_warmup_steps,
                                     num_cycles=o.lr_scheduler_num_cycles, power=o.lr_scheduler_power,
-                                    min_lr_ratio=o.lr_scheduler_min_lr_ratio, notes=self.notes)
+                                    min_lr_ratio=o.lr_scheduler_min_lr_ratio, timescale=o.lr_scheduler_timescale,
+                                    decay_steps=o.lr_decay_steps, scheduler_type=o.lr_scheduler_type,
+                                    scheduler_args=o.lr_scheduler_args, notes=self.notes)
         return optimizer, scheduler
 
     def _grad_scaler(self, device: torch.device):
@@ -234,6 +245,33 @@ class Trainer:
         self.step, self.epoch, self.batches_done = state["step"], state["epoch"], state["batches_done"]
         self.notes.append(msg("resumed from '{folder}' at step {step} (epoch {epoch})", folder=folder, step=self.step, epoch=self.epoch))
 
+    def _start_later(self) -> int:
+        """sd-scripts' initial_epoch / initial_step: the epoch count (and the epoch numbers in file names)
+        starts later, and the LR schedule still starts at 0. Without skip_until_initial_step the step
+        count starts at 0 and the data at the start of that epoch, so the run ends with the last epoch,
+        earlier; with it, the first steps' batches are skipped, the step count starts at initial_step
+        and the run ends at max_train_steps. Returns the step the run ends at."""
+        t, plan = self.config.training, self.plan
+        if t.initial_step is None and t.initial_epoch is None:
+            if t.skip_until_initial_step:
+                self.notes.append(msg("skip_until_initial_step: read only with initial_step or initial_epoch"))
+            return plan.total_steps
+        start = t.initial_step if t.initial_step is not None else (t.initial_epoch - 1) * plan.steps_per_epoch  # initial_step wins
+        if start <= 0:  # sd-scripts: initial_epoch 0 or 1, initial_step 0 (or below) change nothing
+            return plan.total_steps
+        if start >= plan.total_steps:
+            raise UserError(msg("initial_step {start} must be below the {total} training steps (max_train_steps)", start=start,
+                                total=plan.total_steps))
+        if self.config.saving.resume:
+            self.notes.append(msg("resume: the step and epoch counts start from initial_step / initial_epoch, not from the state, as in sd-scripts"))
+        self.epoch = 1 + start // plan.steps_per_epoch
+        if t.skip_until_initial_step:
+            self.step = start
+            self.batches_done = (start % plan.steps_per_epoch) * self.config.training.gradient_accumulation_steps
+            return plan.total_steps
+        self.step, self.batches_done = 0, 0
+        return min(plan.total_steps, (plan.epochs - self.epoch + 1) * plan.steps_per_epoch)
+
     def _save_interrupted(self) -> Path | None:
         if self.step == 0:
             return None
@@ -258,7 +296,7 @@ class Trainer:
                     self._conditioning(captions[i:i + 16], te_cache)
         self.network.train()
         optimizer_train_mode(self.optimizer)
-        pending: list[tuple[int, int, torch.Tensor, dict]] = []
+        pending: list[tuple[int, int, torch.Tensor, dict, dict]] = []
         if cfg.sampling.sample_at_first and self.step == 0:
             self._sample(emit)
         while self.step < plan.total_steps:
@@ -272,12 +310,12 @@ class Trainer:
                 group = batches[self.batches_done : self.batches_done + accum]
                 step_loss = sum(self._backward(items, epoch, alphas, te_cache, accum) for items in group)
                 self.dist.sum_([step_loss.view(1)])
-                self._optimizer_step(params)
+                norms = self._optimizer_step(params)
                 self.batches_done += len(group)
                 self.step += 1
                 stepped = True
                 lrs = {g.get("name", f"group{i}"): lr for i, (g, lr) in enumerate(zip(self.optimizer.param_groups, self.scheduler.get_last_lr()))}
-                pending.append((self.step, epoch, step_loss, lrs))
+                pending.append((self.step, epoch, step_loss, lrs, norms))
                 if len(pending) >= cfg.training.loss_readback_steps:
                     self._flush(pending, emit)
                 self._after_step(emit, pending)
@@ -334,13 +372,13 @@ class Trainer:
                     te_cache[c] = text
         return cond_ops.stack([te_cache[c] for c in captions])
 
-    def _optimizer_step(self, params) -> None:
-        max_norm = self.config.optimizer.max_grad_norm
+    def _optimizer_step(self, params) -> dict[str, torch.Tensor]:
+        max_grad_norm = self.config.optimizer.max_grad_norm
         self.dist.sum_grads(params)
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
-        if max_norm:
-            torch.nn.utils.clip_grad_norm_(params, max_norm)
+        if max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
         if self.scaler:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -348,18 +386,20 @@ class Trainer:
             self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        limit = self.config.training.scale_weight_norms
+        return max_norm.apply(self.network, limit) if limit else {}
 
     def _flush(self, pending: list, emit: ev.Listener) -> None:
         """Read losses back from the device (one sync) and check them."""
         if not pending:
             return
         values = torch.stack([p[2] for p in pending]).float().cpu().tolist()
-        for (step, epoch, _, lrs), value in zip(pending, values):
+        for (step, epoch, _, lrs, norms), value in zip(pending, values):
             if value != value or value in (float("inf"), float("-inf")):
                 pending.clear()
                 raise TrainingDiverged(self._diverged_message(step, value))
             self._epoch_losses.append(value)
-            emit(ev.Step(step, epoch, value, lrs))
+            emit(ev.Step(step, epoch, value, lrs, {k: float(v) for k, v in norms.items()}))
         pending.clear()
 
     def _diverged_message(self, step: int, value: float) -> str:
@@ -381,11 +421,10 @@ class Trainer:
             self._flush(pending, emit)  # never save weights that might already be NaN
             path = self.save(f"{s.output_name}-step{self.step:08d}", with_state=requested or s.save_state)
             emit(ev.CheckpointSaved(str(path), self.epoch, self.step))
-            if periodic and s.save_last_n_steps:
-                old = self.step - s.save_last_n_steps - 1
-                old -= old % s.save_every_n_steps
-                if old > 0:
-                    self._remove(f"{s.output_name}-step{old:08d}")
+            if periodic:
+                old = checkpoints.step_to_remove(self.step, s.save_every_n_steps, s.save_last_n_steps)
+                old_state = checkpoints.step_to_remove(self.step, s.save_every_n_steps, s.save_last_n_steps_state or s.save_last_n_steps)
+                self._remove(lambda n: f"{s.output_name}-step{n:08d}", old, old_state)
         if sm.sample_every_n_steps and self.step % sm.sample_every_n_steps == 0:
             self._flush(pending, emit)
             self._sample(emit)
@@ -393,19 +432,23 @@ class Trainer:
     def _after_epoch(self, emit: ev.Listener) -> None:
         s, sm = self.config.saving, self.config.sampling
         epoch = self.epoch
-        if s.save_every_n_epochs and epoch % s.save_every_n_epochs == 0 and epoch < self.plan.epochs:
+        every = checkpoints.every_n_epochs(s.save_every_n_epochs, s.save_n_epoch_ratio, self.plan.epochs)
+        if epoch in checkpoints.save_epochs(every, self.plan.epochs):
             path = self.save(f"{s.output_name}-{epoch:06d}", with_state=s.save_state)
             emit(ev.CheckpointSaved(str(path), epoch, self.step))
-            if s.save_last_n_epochs:
-                old = epoch - s.save_every_n_epochs * s.save_last_n_epochs
-                if old > 0:
-                    self._remove(f"{s.output_name}-{old:06d}")
+            old = checkpoints.epoch_to_remove(epoch, every, s.save_last_n_epochs)
+            old_state = checkpoints.epoch_to_remove(epoch, every, s.save_last_n_epochs_state or s.save_last_n_epochs)
+            self._remove(lambda n: f"{s.output_name}-{n:06d}", old, old_state)
         if sm.sample_every_n_epochs and epoch % sm.sample_every_n_epochs == 0:
             self._sample(emit)
 
-    def _remove(self, name: str) -> None:
-        (self.output_dir / f"{name}.safetensors").unlink(missing_ok=True)
-        shutil.rmtree(self.output_dir / f"{name}-state", ignore_errors=True)
+    def _remove(self, name, lora: int | None, state: int | None) -> None:
+        """Remove the LoRA file of save `lora` and the state folder of save `state` (their epoch or step);
+        save_last_n_*_state keeps state folders longer or shorter than the LoRA files."""
+        if lora is not None:
+            (self.output_dir / f"{name(lora)}.safetensors").unlink(missing_ok=True)
+        if state is not None:
+            shutil.rmtree(self.output_dir / f"{name(state)}-state", ignore_errors=True)
 
     def _sample(self, emit: ev.Listener) -> None:
         if self.sample_fn is None or not self.dist.is_main:

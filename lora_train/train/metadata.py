@@ -127,7 +127,7 @@ def training_metadata(
         "ss_face_crop_aug_range": "None",
         "ss_prior_loss_weight": _s(c.training.prior_loss_weight),
         "ss_min_snr_gamma": _s(t.min_snr_gamma),
-        "ss_scale_weight_norms": "None",
+        "ss_scale_weight_norms": _s(t.scale_weight_norms),
         "ss_ip_noise_gamma": _s(t.ip_noise_gamma),
         "ss_debiased_estimation": _s(t.debiased_estimation_loss),
         "ss_noise_offset_random_strength": _s(t.noise_offset_random_strength),

@@ -6,17 +6,21 @@ from __future__ import annotations
 from pathlib import Path
 
 from lora_train.train import events as ev
+from lora_train.train.max_norm import AVERAGE_KEY_NORM, KEYS_SCALED, MAX_KEY_NORM
+
+_NORM_COLUMNS = (KEYS_SCALED, AVERAGE_KEY_NORM, MAX_KEY_NORM)  # empty unless scale_weight_norms is set
 
 
 class LossCsv:
     def __init__(self, path: Path):
         path.parent.mkdir(parents=True, exist_ok=True)
         self.file = path.open("w", encoding="utf-8")
-        self.file.write("step,epoch,loss,lr_unet,lr_textencoder\n")
+        self.file.write("step,epoch,loss,lr_unet,lr_textencoder,keys_scaled,average_key_norm,max_key_norm\n")
 
     def __call__(self, e) -> None:
         if isinstance(e, ev.Step):
-            self.file.write(f"{e.step},{e.epoch},{e.loss:.6f},{e.lr.get('unet', '')},{e.lr.get('textencoder', '')}\n")
+            norms = ",".join(f"{e.norms[k]:g}" if k in e.norms else "" for k in _NORM_COLUMNS)
+            self.file.write(f"{e.step},{e.epoch},{e.loss:.6f},{e.lr.get('unet', '')},{e.lr.get('textencoder', '')},{norms}\n")
             self.file.flush()
         elif isinstance(e, (ev.Finished, ev.Cancelled, ev.Failed)):
             self.file.close()
@@ -24,7 +28,8 @@ class LossCsv:
 
 class Scalars:
     """The scalars sd-scripts logs, by its names: `loss/current`, `loss/average` (running mean of the
-    epoch) and `lr/<group>` at each step, `loss/epoch` at the end of an epoch. A tracker writes them."""
+    epoch), `lr/<group>` and, with scale_weight_norms, `max_norm/keys_scaled`, `norm/avg_key_norm`,
+    `max_norm/max_key_norm` at each step; `loss/epoch` at the end of an epoch. A tracker writes them."""
 
     def __init__(self):
         self._epoch: list[float] = []
@@ -35,7 +40,7 @@ class Scalars:
             self._epoch.append(e.loss)
             self.step = e.step
             values = {"loss/current": e.loss, "loss/average": sum(self._epoch) / len(self._epoch)}
-            self.write(values | {f"lr/{name}": lr for name, lr in e.lr.items()}, e.step)
+            self.write(values | {f"lr/{name}": lr for name, lr in e.lr.items()} | e.norms, e.step)
         elif isinstance(e, ev.EpochEnd):
             self.write_epoch(e.mean_loss, e.epoch)
             self._epoch = []

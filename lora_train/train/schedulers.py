@@ -1,8 +1,8 @@
 """LR schedulers by sd-scripts' `lr_scheduler` names, built as its get_scheduler_fix builds them.
 
 The curves are transformers' own schedule functions (the ones sd-scripts calls), except
-`cosine_with_min_lr`, which the pinned transformers 4.30.2 lacks and which is written here with the
-formula of later transformers releases.
+`cosine_with_min_lr` and `warmup_stable_decay`, which the pinned transformers 4.30.2 lacks and which
+are written here with the formulas of the transformers release sd-scripts pins (4.54).
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from lora_train.train.optimizers import OptimizerArgs, adafactor_initial_lr, is_
 
 SCHEDULERS = [
     "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial",
-    "inverse_sqrt", "cosine_with_min_lr", "adafactor",
+    "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay", "adafactor",
 ]
-_NOT_YET = ["warmup_stable_decay", "piecewise_constant"]  # sd-scripts has them; we do not yet
+_NOT_YET = ["piecewise_constant"]  # sd-scripts has them; we do not yet
 
 Steps = Union[int, float, str]
 
@@ -61,12 +61,13 @@ def build_scheduler(
     power: float = 1.0,
     min_lr_ratio: Optional[float] = None,
     timescale: Optional[int] = None,
+    decay_steps: Optional[Steps] = 0,
     scheduler_type: str = "",
     scheduler_args: OptimizerArgs = None,
     notes: Optional[list[str]] = None,
 ) -> LRScheduler:
     """sd-scripts' `lr_scheduler` (+ `lr_warmup_steps`, `lr_scheduler_num_cycles`, `lr_scheduler_power`,
-    `lr_scheduler_min_lr_ratio`, `lr_scheduler_timescale`, `lr_scheduler_type`, `lr_scheduler_args`).
+    `lr_scheduler_min_lr_ratio`, `lr_scheduler_timescale`, `lr_decay_steps`, `lr_scheduler_type`, `lr_scheduler_args`).
 
     Step it after optimizer.step() and before zero_grad(): the adafactor one reads the LR from the gradients.
     """
@@ -116,6 +117,17 @@ def build_scheduler(
         # sd-scripts passes half the cycles: 1 cycle is one fall from the peak to the floor
         try:
             return _cosine_with_min_lr(optimizer, **span, num_cycles=num_cycles / 2, min_lr_rate=min_lr_ratio, **kwargs)
+        except TypeError as e:
+            raise UserError(msg("lr_scheduler '{name}': {error}", name=name, error=e)) from e
+    if name == "warmup_stable_decay":
+        decay = warmup_step_count(decay_steps, num_training_steps, "lr_decay_steps")
+        if warmup + decay > num_training_steps:
+            raise UserError(msg("lr_scheduler '{name}': lr_warmup_steps ({warmup}) and lr_decay_steps ({decay}) add up to more than "
+                                "the {total} training steps", name=name, warmup=warmup, decay=decay, total=num_training_steps))
+        # sd-scripts: the stable phase is what warmup and decay leave; half the cycles, as for cosine_with_min_lr
+        try:
+            return _warmup_stable_decay(optimizer, num_warmup_steps=warmup, num_stable_steps=num_training_steps - warmup - decay,
+                                        num_decay_steps=decay, num_cycles=num_cycles / 2, min_lr_ratio=min_lr_ratio or 0.0, **kwargs)
         except TypeError as e:
             raise UserError(msg("lr_scheduler '{name}': {error}", name=name, error=e)) from e
 
@@ -197,4 +209,35 @@ def _cosine_with_min_lr(optimizer, num_warmup_steps: int, num_training_steps: in
         raise UserError(msg("lr_scheduler 'cosine_with_min_lr' needs lr_scheduler_min_lr_ratio (for example 0.1)"))
     factor = partial(_cosine_with_min_lr_factor, num_warmup_steps=num_warmup_steps,
                      num_training_steps=num_training_steps, num_cycles=num_cycles, min_lr_rate=min_lr_rate)
+    return LambdaLR(optimizer, factor)
+
+
+_WSD_SHAPES = ("linear", "cosine", "1-sqrt")
+
+
+def _wsd_factor(step: int, *, num_warmup_steps: int, num_stable_steps: int, num_decay_steps: int, warmup_type: str,
+                decay_type: str, min_lr_ratio: float, num_cycles: float) -> float:
+    """Warm up from min_lr_ratio to 1, hold 1, decay back to min_lr_ratio, then stay there."""
+    if step < num_warmup_steps:
+        progress = step / max(1, num_warmup_steps)
+        factor = {"linear": progress, "cosine": 0.5 * (1.0 - math.cos(math.pi * progress)),
+                  "1-sqrt": 1.0 - math.sqrt(1.0 - progress)}[warmup_type]
+        return max(0.0, factor * (1.0 - min_lr_ratio) + min_lr_ratio)
+    if step < num_warmup_steps + num_stable_steps:
+        return 1.0
+    if step < num_warmup_steps + num_stable_steps + num_decay_steps:
+        progress = (step - num_warmup_steps - num_stable_steps) / max(1, num_decay_steps)
+        factor = {"linear": 1.0 - progress, "cosine": 0.5 * (1.0 + math.cos(math.pi * num_cycles * 2.0 * progress)),
+                  "1-sqrt": 1.0 - math.sqrt(progress)}[decay_type]
+        return max(0.0, factor * (1.0 - min_lr_ratio) + min_lr_ratio)
+    return min_lr_ratio
+
+
+def _warmup_stable_decay(optimizer, num_warmup_steps: int, num_stable_steps: int, num_decay_steps: int, num_cycles: float,
+                         min_lr_ratio: float, warmup_type: str = "linear", decay_type: str = "cosine") -> LRScheduler:
+    for what, value in (("warmup_type", warmup_type), ("decay_type", decay_type)):
+        if value not in _WSD_SHAPES:
+            raise UserError(msg("lr_scheduler_args {what}='{value}' must be one of {known}", what=what, value=value, known=", ".join(_WSD_SHAPES)))
+    factor = partial(_wsd_factor, num_warmup_steps=num_warmup_steps, num_stable_steps=num_stable_steps, num_decay_steps=num_decay_steps,
+                     warmup_type=warmup_type, decay_type=decay_type, min_lr_ratio=min_lr_ratio, num_cycles=num_cycles)
     return LambdaLR(optimizer, factor)
