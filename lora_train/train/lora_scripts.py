@@ -20,7 +20,7 @@ _TRAIN_TYPES = {"sd-lora": None, "sdxl-lora": None,
                    for name, family in (("flux-finetune", "Flux.1"), ("flux-lora", "Flux.1"), ("sd3-lora", "SD3"),
                                         ("lumina2-lora", "Lumina Image 2.0"))}}
 # form field -> the network_args / optimizer_args entry its GUI writes
-_NETWORK_FIELDS = {"lycoris_algo": "algo", "lokr_factor": "factor", "dylora_unit": "unit", "dropout": "network_dropout"}
+_NETWORK_FIELDS = {"lycoris_algo": "algo", "lokr_factor": "factor", "dylora_unit": "unit"}
 _OPTIMIZER_FIELDS = {"prodigy_d0": "d0", "prodigy_d_coef": "d_coef"}
 # switch -> the fields it shows; off, the GUI does not send them
 _SWITCHES = {
@@ -32,7 +32,7 @@ _SWITCHES = {
 }
 _PROMPT_FORM = ("positive_prompts", "negative_prompts", "sample_width", "sample_height", "sample_cfg", "sample_seed", "sample_steps",
                 "randomly_choice_prompt")
-FIELDS = {"lr_restart_cycles", "model_train_type", "gpu_ids", "network_args_custom", "optimizer_args_custom", "ui_custom_params", "prompt_file",
+FIELDS = {"lr_restart_cycles", "model_train_type", "dropout", "gpu_ids", "network_args_custom", "optimizer_args_custom", "ui_custom_params", "prompt_file",
           *_NETWORK_FIELDS, *_OPTIMIZER_FIELDS, *_SWITCHES, *_PROMPT_FORM}
 
 
@@ -88,33 +88,12 @@ def translate(flat: dict[str, Any], source: str) -> tuple[dict[str, Any], list[s
             raise UserError(msg("{source}: {key}: not supported yet: preview prompts from the form fields; write them into a "
                                 "file and set sample_prompts (or prompt_file) to it", source=source, key=", ".join(form)))
         note(", ".join(form), msg("not used: sample_prompts is set, which lora-scripts reads first"))
-    network_args = list(_as_list(out.pop("network_args", [])))
-    for field, arg in _NETWORK_FIELDS.items():
-        if field in out:
-            value = out.pop(field)
-            if arg == "network_dropout":
-                out.setdefault("network_dropout", value)
-            else:
-                network_args.append(f"{arg}={value}")
-            note(field, msg("read as network_args {arg}", arg=arg))
-    custom = _as_list(out.pop("network_args_custom", []))
-    if custom:
-        network_args += custom
-        note("network_args_custom", msg("appended to network_args"))
-    if network_args:
-        out["network_args"] = network_args
-    optimizer_args = list(_as_list(out.pop("optimizer_args", [])))
-    for field, arg in _OPTIMIZER_FIELDS.items():
-        value = out.pop(field, None)
-        if value not in (None, ""):
-            optimizer_args.append(f"{arg}={value}")
-            note(field, msg("read as optimizer_args {arg}", arg=arg))
-    custom = _as_list(out.pop("optimizer_args_custom", []))
-    if custom:
-        optimizer_args += custom
-        note("optimizer_args_custom", msg("appended to optimizer_args"))
-    if optimizer_args:
-        out["optimizer_args"] = optimizer_args
+    if "dropout" in out:  # LyCORIS' dropout, sd-scripts' network_dropout
+        out.setdefault("network_dropout", out.pop("dropout"))
+        out.pop("dropout", None)
+        note("dropout", msg("read as {key}", key="network_dropout"))
+    _merge_args(out, "network_args", _NETWORK_FIELDS, note)
+    _merge_args(out, "optimizer_args", _OPTIMIZER_FIELDS, note)
     if out.pop("gpu_ids", None):
         note("gpu_ids", msg("the GUI's GPU choice is not a training setting: set CUDA_VISIBLE_DEVICES, or use accelerate launch"))
     custom_params = out.pop("ui_custom_params", None)
@@ -122,22 +101,32 @@ def translate(flat: dict[str, Any], source: str) -> tuple[dict[str, Any], list[s
         from lora_train.tomlfile import parse_toml_text
 
         extra = parse_toml_text(str(custom_params), msg("{source}: ui_custom_params", source=source))
-        out.update({k: v for table in (extra,) for k, v in _flat(table).items()})
-        note("ui_custom_params", msg("read as {keys}", keys=", ".join(sorted(_flat(extra)))))
+        from lora_train.train.config import flatten_one_level
+
+        extra = flatten_one_level(extra)
+        out.update(extra)
+        note("ui_custom_params", msg("read as {keys}", keys=", ".join(sorted(extra))))
     return out, notes
+
+
+def _merge_args(out: dict[str, Any], key: str, fields: dict[str, str], note) -> None:
+    """The form's fields for `key` (network_args / optimizer_args) and its `<key>_custom` lines,
+    appended to the list, as lora-scripts' GUI builds it."""
+    args = _as_list(out.pop(key, []))
+    for field, arg in fields.items():
+        value = out.pop(field, None)
+        if value not in (None, ""):
+            args.append(f"{arg}={value}")
+            note(field, msg("read as {key} {arg}", key=key, arg=arg))
+    custom = _as_list(out.pop(key + "_custom", []))
+    if custom:
+        args += custom
+        note(key + "_custom", msg("appended to {key}", key=key))
+    if args:
+        out[key] = args
 
 
 def _as_list(value: Any) -> list[str]:
     if isinstance(value, (list, tuple)):
         return [str(v) for v in value if str(v).strip()]
     return [line.strip() for line in str(value).splitlines() if line.strip()]
-
-
-def _flat(data: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in data.items():
-        if isinstance(v, dict):
-            out.update(v)
-        else:
-            out[k] = v
-    return out
