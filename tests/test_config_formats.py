@@ -196,3 +196,14 @@ def test_kohya_ss_json_trains_what_it_says(tmp_path):
     assert weights and all(k.startswith("lora_unet_") for k in weights)
     assert any(k.endswith("lokr_w1") for k in weights) and not any("lora_down" in k for k in weights)
     assert "attn" in next(iter(weights))  # LyCORIS_preset attn-only
+
+
+def test_tab_load_takes_kohya_ss_json(tmp_path):
+    """Config file > Load (with the access rules of a listening UI): a kohya_ss .json loads, with its notes."""
+    from lora_train.access import AccessPolicy
+    from lora_train.app.guard import load_config
+
+    path = tmp_path / "k.json"
+    path.write_text(KOHYA.read_text(encoding="utf-8"), encoding="utf-8")
+    config = load_config(AccessPolicy.build([tmp_path], remote=True, insecure_allowed=False), str(path))
+    assert config.network.algo == "lokr" and any("LoRA_type" in n for n in config.notes)
