@@ -97,7 +97,7 @@ def _run_training(config, loss_csv: Path) -> Path | None:
 def cmd_train(args) -> int:
     from lora_train.train.config import TrainConfig, parse_set_value
 
-    config = TrainConfig.from_toml(args.config) if args.config else TrainConfig()
+    config = TrainConfig.from_file(args.config) if args.config else TrainConfig()
     for item in args.set or []:
         key, sep, value = item.partition("=")
         if not sep:
@@ -111,10 +111,34 @@ def cmd_train(args) -> int:
     from lora_train.train.trackers import check_trackers
 
     check_trackers(config.logging)  # before the model loads: a tracker asked for is never skipped
+    if args.dry_run:
+        return _dry_run(config)
     out = Path(config.saving.output_dir)
     path = _run_training(config, out / f"{config.saving.output_name}-loss.csv")
     if path and _is_main_process():
         print(tr(msg("LoRA: {path}", path=path)))
+    return 0
+
+
+def _dry_run(config) -> int:
+    """The effective config (TOML, on stdout) and what a run would do, without loading the model."""
+    import tomli_w
+
+    from lora_train.app.dry_run import dry_run
+    from lora_train.dataset.check import format_report, plan_report
+
+    result = dry_run(config)
+    print(tomli_w.dumps(config.to_toml_dict()))
+    for note in result.notes:
+        print(f"{t('note')}: {tr(note)}", file=sys.stderr)
+    print(tr("\n".join([
+        msg("# dry run: nothing was loaded or trained"),
+        msg("model:    {model} ({family}, {resolution} px)", model=config.model.pretrained_model_name_or_path, family=result.family,
+            resolution=result.resolution),
+        msg("network:  {modules} modules, {parameters} parameters", modules=result.targets,
+            parameters="?" if result.parameters is None else f"{result.parameters:,}"),
+        format_report(plan_report(result.plan)),
+    ])))
     return 0
 
 
@@ -280,8 +304,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a LoRA from a config (sd-scripts key names)")
-    t.add_argument("--config", help="TOML config file (sd-scripts / kohya_ss / lora-scripts keys)")
+    t.add_argument("--config", help="config file: TOML (sd-scripts / lora-scripts keys) or a kohya_ss GUI .json")
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one config key (repeatable)")
+    t.add_argument("--dry-run", action="store_true",
+                   help="read and check the config, dataset and model family, print the effective config and the plan; load nothing, train nothing")
     t.set_defaults(func=cmd_train)
 
     d = sub.add_parser("demo", help="teach the built-in tiny base a new shape, and show it before and after")

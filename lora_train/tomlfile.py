@@ -152,6 +152,14 @@ def _shown(c: str) -> str:
     return f"U+{ord(c):04X}" if c in _SPACES else repr(c)
 
 
+def parse_toml_text(text: str, what: str) -> dict[str, Any]:
+    """TOML held in a string (a field of another config); `what` names it in the error."""
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(msg("{what}: not valid TOML ({error})", what=what, error=e)) from e
+
+
 def parse_toml_value(text: str) -> Any:
     """A TOML value (`1e-4`, `true`, `"x"`), or the text itself when it is not one."""
     try:

@@ -49,12 +49,13 @@ def guard_config(config: TrainConfig, access: AccessPolicy) -> None:
 
 
 def load_config(access: AccessPolicy, text: str) -> TrainConfig:
-    """The tab's Config file > Load. Where a stranger may type the path, only `.toml` files: the
-    form would show what another file's lines hold."""
+    """The tab's Config file > Load: a TOML, or a kohya_ss JSON. Where a stranger may type the path,
+    only those suffixes: the form would show what another file's lines hold. The tab writes no file
+    on Load, so a kohya_ss config's prompt text is not written out as kohya_ss does at its start."""
     path = guarded_path(access, text, msg("config file"))
-    if access.roots_only and path.suffix.lower() != ".toml":
-        raise UserError(msg("config file: {path}: a config is a .toml file", path=text))
-    return TrainConfig.from_toml(path)
+    if access.roots_only and path.suffix.lower() not in (".toml", ".json"):
+        raise UserError(msg("config file: {path}: a config is a .toml file (or a kohya_ss .json)", path=text))
+    return TrainConfig.from_file(path, write_prompts=False)
 
 
 def save_config(access: AccessPolicy, config: TrainConfig, text: str) -> Path:

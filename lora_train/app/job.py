@@ -59,25 +59,42 @@ def build_trainer(config: TrainConfig, adapter: ModelAdapter, warn=lambda msg: p
     return Trainer(config, adapter, build_network(config, adapter, seed), data, sample_fn=sample_fn)
 
 
-def build_network(config: TrainConfig, adapter: ModelAdapter, seed: int) -> LoRANetwork:
+def select_targets(config: TrainConfig, kind, lora_targets, norm_targets, can_train_text_encoder: bool) -> list:
+    """The modules a run trains: `lora_targets(conv)` lists the model's Linear/conv targets,
+    `norm_targets()` its norm layers (for train_norm). Shared with `train --dry-run`, which lists
+    them from a meta-device model."""
     n = config.network
-    kind = network_kind(n)
-    conv_dim, conv_alpha = n.conv_dim, n.conv_alpha if n.conv_alpha is not None else 1.0
     if kind.is_lycoris:
-        # LyCORIS trains the convs its preset names, with conv_dim / conv_alpha = network_dim / network_alpha unless set
-        targets = preset_targets(adapter.lora_targets(conv=True), kind.preset)
+        # LyCORIS trains the convs its preset names
+        targets = preset_targets(lora_targets(True), kind.preset)
         if kind.train_norm:
-            norms = sdxl_unet_norm_targets(adapter.unet) if adapter.info.family == "sdxl" else ldm_unet_norm_targets(adapter.unet)
-            targets += preset_targets(norms, kind.preset)
-        if conv_dim is None:
-            conv_dim, conv_alpha = n.network_dim or 4, n.conv_alpha if n.conv_alpha is not None else n.network_alpha
+            targets += preset_targets(norm_targets(), kind.preset)
     else:
-        targets = adapter.lora_targets(conv=bool(n.conv_dim or n.conv_block_dims))
-    if n.network_train_unet_only or not adapter.can_train_text_encoder():
+        targets = lora_targets(bool(n.conv_dim or n.conv_block_dims))
+    if n.network_train_unet_only or not can_train_text_encoder:
         # sd-scripts leaves the text-encoder modules out of a UNet-only file
         targets = [t for t in targets if t.name.startswith("lora_unet_")]
     elif n.network_train_text_encoder_only:
         targets = [t for t in targets if not t.name.startswith("lora_unet_")]
+    return targets
+
+
+def build_network(config: TrainConfig, adapter: ModelAdapter, seed: int) -> LoRANetwork:
+    kind = network_kind(config.network)
+
+    def norms():
+        return sdxl_unet_norm_targets(adapter.unet) if adapter.info.family == "sdxl" else ldm_unet_norm_targets(adapter.unet)
+
+    targets = select_targets(config, kind, lambda conv: adapter.lora_targets(conv=conv), norms, adapter.can_train_text_encoder())
+    return network_for_targets(config, kind, targets, seed)
+
+
+def network_for_targets(config: TrainConfig, kind, targets: list, seed: int) -> LoRANetwork:
+    n = config.network
+    conv_dim, conv_alpha = n.conv_dim, n.conv_alpha if n.conv_alpha is not None else 1.0
+    if kind.is_lycoris and conv_dim is None:
+        # LyCORIS: conv_dim / conv_alpha = network_dim / network_alpha unless set
+        conv_dim, conv_alpha = n.network_dim or 4, n.conv_alpha if n.conv_alpha is not None else n.network_alpha
     if n.network_weights and n.dim_from_weights:
         # sd-scripts' dim_from_weights: every module's rank and alpha come from the file
         network = network_from_file(n.network_weights, targets)

@@ -57,10 +57,7 @@ def check_dataset(path: str | Path, o: CheckOptions, default_resolution: int = 5
         s.items = good
     plan = make_plan(s, spec, batch_size=o.batch_size, max_train_epochs=o.epochs, max_train_steps=o.max_train_steps,
                      steps_multiple=min(64, o.bucket_reso_steps) if o.enable_bucket else 64)
-    report = plan.to_dict()
-    report["images"] = plan.train_images
-    report["problems"] = [{"path": str(p.path), "reason": p.reason} for p in s.problems + plan.problems]
-    report["notes"] = [{"path": str(p.path), "reason": p.reason} for p in s.notes]
+    report = plan_report(plan)
     report["items"] = [
         {"path": str(i.path), "size": list(i.size), "bucket": list(plan.assignment(i).bucket), "repeats": plan.repeats_of[id(i)],
          "is_reg": i.is_reg, "caption": i.caption, "caption_encoding": i.caption_encoding}
@@ -82,6 +79,15 @@ def check_dataset(path: str | Path, o: CheckOptions, default_resolution: int = 5
         dups = find_duplicates([i.path for i in plan.items])
         report["duplicates"] = [{"a": str(x.a), "b": str(x.b), "kind": x.kind, "distance": x.distance} for x in dups]
     return plan, report
+
+
+def plan_report(plan) -> dict:
+    """A plan as `format_report` and `--json` show it (`train --dry-run` too)."""
+    report = plan.to_dict()
+    report["images"] = plan.train_images
+    report["problems"] = [{"path": str(p.path), "reason": p.reason} for p in plan.scan.problems + plan.problems]
+    report["notes"] = [{"path": str(p.path), "reason": p.reason} for p in plan.scan.notes]
+    return report
 
 
 def format_report(r: dict) -> str:

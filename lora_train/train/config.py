@@ -294,9 +294,42 @@ class TrainConfig:
 
     @classmethod
     def from_toml(cls, path: str | os.PathLike) -> "TrainConfig":
+        """An sd-scripts or lora-scripts TOML (its GUI's own fields are read as the keys it sends)."""
+        from lora_train.train import lora_scripts
+
         config = cls()
         data = read_toml(path, msg("config file"), warn=config.warnings.append)
-        return config.update(flatten_one_level(data), source=str(path))
+        data, notes = lora_scripts.unwrap_template(data, str(path))
+        flat, more = lora_scripts.translate(flatten_one_level(data), str(path))
+        config.notes += notes + more
+        return config.update(flat, source=str(path))
+
+    @classmethod
+    def from_kohya_ss(cls, path: str | os.PathLike, write_prompts: bool = True) -> "TrainConfig":
+        """A kohya_ss GUI config (JSON), read as the sd-scripts keys kohya_ss passes (train/kohya_ss.py)."""
+        import json
+
+        from lora_train.train import kohya_ss
+
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(msg("{what} '{path}' does not exist", what=msg("config file"), path=path))
+        try:
+            data = json.loads(path.read_text(encoding="utf-8-sig"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UserError(msg("{path}: not valid JSON ({error})", path=path, error=e)) from e
+        config = cls()
+        known = set(config.key_index()) | compat.known_keys() | {"network_args"}
+        flat, notes = kohya_ss.translate(data, str(path), known.__contains__, write_prompts=write_prompts)
+        config.notes += notes
+        return config.update(flat, source=str(path))
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike, write_prompts: bool = True) -> "TrainConfig":
+        """`--config FILE`: a .json is a kohya_ss GUI config, anything else TOML."""
+        if Path(path).suffix.lower() == ".json":
+            return cls.from_kohya_ss(path, write_prompts)
+        return cls.from_toml(path)
 
 
 _SECTION_TYPES = {

@@ -24,7 +24,7 @@ def _message(text: str, error: bool = False, run_id: str = "") -> str:
     """The message under the buttons. One about a run (Started, Queued, Resuming, Stopping) carries its
     id, so the refresh can replace it with how the run ended."""
     cls = "lora-train-error" if error else "lora-train-note"
-    return f'<div class="{cls}" data-error="{int(error)}" data-run="{html.escape(run_id)}">{html.escape(text)}</div>'
+    return f'<div class="{cls}" data-error="{int(error)}" data-run="{html.escape(run_id)}" style="white-space: pre-line">{html.escape(text)}</div>'
 
 
 _MESSAGE_RUN = re.compile(r'data-run="([^"]+)"')
@@ -341,7 +341,10 @@ def create_train_tab(manager: RunManager, host: Host, t: Optional[Translator] = 
         def on_load_config(path, ntype, *values):
             try:
                 config = guard.load_config(host.access(), path)
-                return [*form.values_from_config(flds, config), presets.network_type_of(config.network), _message(t.labelled("Loaded", path))]
+                # what reading it translated or left out, as the CLI prints it
+                said = [f"{t('warning')}: {t.text(w)}" for w in config.warnings] + [f"{t('note')}: {t.text(n)}" for n in config.notes]
+                return [*form.values_from_config(flds, config), presets.network_type_of(config.network),
+                        _message("\n".join([t.labelled("Loaded", path), *said]))]
             except (UserError, OSError) as e:
                 return [*values, ntype, _message(t.text(e), True)]
 
