@@ -178,9 +178,10 @@ def test_every_fidelity_network_is_a_config_the_trainer_takes(tmp_path):
              for name in fidelity.NETWORKS}
     assert {n: (k.module, k.algo, k.dora) for n, k in kinds.items()} == {
         "lora": ("networks.lora", "lora", False), "locon": ("networks.lora", "lora", False),
-        "loha": ("lycoris.kohya", "loha", False), "lokr": ("lycoris.kohya", "lokr", False), "dora": ("lycoris.kohya", "lora", True)}
-    loha = fidelity.train_config(_options(tmp_path, network="loha"), tmp_path, "m").network
-    assert (loha.network_dim, loha.network_alpha, loha.conv_dim, loha.conv_alpha) == (8, 4, 4, 1)
+        "loha": ("lycoris.kohya", "loha", False), "lokr": ("lycoris.kohya", "lokr", False), "dora": ("lycoris.kohya", "locon", True)}
+    for name in ("loha", "dora"):
+        net = fidelity.train_config(_options(tmp_path, network=name), tmp_path, "m").network
+        assert (net.network_dim, net.network_alpha, net.conv_dim, net.conv_alpha) == (8, 4, 4, 1), name
     args = build_parser().parse_args(["fidelity", "--network", "lokr"])
     assert args.network == "lokr"
     sub = next(a for a in build_parser()._actions if a.dest == "command").choices["fidelity"]
