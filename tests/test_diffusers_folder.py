@@ -329,3 +329,8 @@ def test_a_hub_diffusers_repository_fetches_one_weights_file_per_part(sd1_folder
     adapter = registry.load_adapter("builtin:tiny", model_config=ModelConfig(vae="someone/sd15-diffusers"))
     assert calls == ["vae/diffusion_pytorch_model.safetensors"]
     assert torch.equal(adapter.vae.state_dict()["encoder.conv_in.weight"], model.state_dict()["first_stage_model.encoder.conv_in.weight"])
+    listed[:] = [f for f in listed if not f.startswith("vae/")]
+    with pytest.raises(UserError) as e:
+        registry.load_model("builtin:tiny", vae="someone/sd15-diffusers")
+    assert str(e.value) == ("vae 'someone/sd15-diffusers': the diffusers model has no vae/ weights "
+                            "(vae/diffusion_pytorch_model.safetensors); name a VAE file as someone/sd15-diffusers/path/file.safetensors")

@@ -122,6 +122,9 @@ def _fetch_diffusers(repo: str, files: list[str], key: str) -> Path:
         weights = next((name for name in weight_files(part) if name in files or name + ".index.json" in files), None)
         configs = [] if key == "vae" else [f"{part}/config.json"]
         wanted += [*configs, *_with_shards(repo, weights, files)] if weights else configs
+    if key == "vae" and not wanted:
+        raise UserError(msg("{key} '{spec}': the diffusers model has no vae/ weights ({file}); name a VAE file as "
+                            "{repo}/path/file.safetensors", key=key, spec=repo, file=weight_files("vae")[0], repo=repo))
     paths = [Path(huggingface_hub.hf_hub_download(repo, name)) for name in wanted if name in files]
     return paths[-1] if key == "vae" else paths[0].parent
 
