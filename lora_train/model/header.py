@@ -39,7 +39,12 @@ def tensor_names(path: str | Path) -> list[str]:
 
 
 def family_of_file(path: str | Path) -> str:
-    """"sd1" | "sd2" | "sdxl" (a yaml beside the file that names sgm classes is SDXL too)."""
+    """"sd1" | "sd2" | "sdxl" (a yaml beside the file that names sgm classes is SDXL too; a diffusers
+    folder says it in its configs)."""
+    from lora_train.model.diffusers_folder import family_of_folder, is_diffusers_folder
+
+    if is_diffusers_folder(Path(path)):
+        return family_of_folder(Path(path))
     names = tensor_names(path)
     if SDXL_KEY in names:
         return "sdxl"

@@ -2,11 +2,13 @@
 
 `owner/name` names a repository and `owner/name/path/file.safetensors` one file in it. The file comes
 through huggingface_hub, so its progress bar, its cache (HF_HOME) and HF_HUB_OFFLINE apply. A
-repository is read as one single-file checkpoint at its root; a diffusers folder is not read yet.
+repository is read as the one single-file checkpoint at its root or, when it has none, as a diffusers
+model: the files its parts need are fetched, and the snapshot folder is loaded (diffusers_folder.py).
 """
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -35,7 +37,10 @@ def fetch(spec: str, key: str) -> Path:
     repo = f"{owner}/{name}"
     where = _where(spec, repo, key)
     try:
-        filename = "/".join(rest) if rest else _pick(repo, _repo_files(repo), spec, key)
+        files = [] if rest else _repo_files(repo)
+        if not rest and not _root_checkpoints(files) and "model_index.json" in files:
+            return _fetch_diffusers(repo, files, key)
+        filename = "/".join(rest) if rest else _pick(repo, files, spec, key)
         path = Path(huggingface_hub.hf_hub_download(repo, filename))
         if key == "pretrained_model_name_or_path":
             _fetch_yaml_beside(repo, filename)
@@ -69,17 +74,20 @@ def _repo_files(repo: str) -> list[str]:
         return [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()]
 
 
-def _pick(repo: str, files: list[str], spec: str, key: str) -> str:
-    """The one checkpoint at the repository's root (a .safetensors over its .ckpt / .bin twin)."""
+def _root_checkpoints(files: list[str]) -> list[str]:
+    """The checkpoints at the repository's root (a .safetensors over its .ckpt / .bin twin)."""
     root = [f for f in files if "/" not in f and f.lower().endswith(CHECKPOINT_SUFFIXES)]
     by_stem: dict[str, str] = {}
     for f in sorted(root, key=lambda f: not f.lower().endswith(".safetensors")):
         by_stem.setdefault(f.rsplit(".", 1)[0], f)
-    found = sorted(by_stem.values())
+    return sorted(by_stem.values())
+
+
+def _pick(repo: str, files: list[str], spec: str, key: str) -> str:
+    """The one checkpoint at the repository's root."""
+    found = _root_checkpoints(files)
     if len(found) == 1:
         return found[0]
-    if not found and "model_index.json" in files:
-        raise diffusers_refused(key, spec)
     if not found:
         raise UserError(msg("{key} '{spec}': the repository has no .safetensors or .ckpt file at its root; name the file as "
                             "{repo}/path/file.safetensors", key=key, spec=spec, repo=repo))
@@ -98,6 +106,35 @@ def _fetch_yaml_beside(repo: str, filename: str) -> None:
         pass
 
 
-def diffusers_refused(key: str, spec: str) -> UserError:
-    return UserError(msg("{key} '{spec}' is a diffusers model (model_index.json, unet/, vae/ ...), which LoRA Train does not "
-                         "read yet: name a single-file checkpoint, e.g. owner/name/file.safetensors", key=key, spec=spec))
+def _fetch_diffusers(repo: str, files: list[str], key: str) -> Path:
+    """A diffusers repository: its configs and one weights file per part (not the fp16 twins, the
+    .bin copies or the tokenizers, which LoRA Train does not read); the snapshot folder they are in.
+    For `vae`, its VAE's weights file alone (a diffusers VAE is told apart by its names)."""
+    import huggingface_hub
+
+    from lora_train.model.diffusers_folder import weight_files
+
+    parts = ("vae",) if key == "vae" else ("unet", "vae", "text_encoder", "text_encoder_2")
+    wanted = [] if key == "vae" else ["model_index.json", "scheduler/scheduler_config.json"]
+    for part in parts:
+        if not any(f.startswith(part + "/") for f in files):
+            continue  # a missing part is named when the folder is read
+        weights = next((name for name in weight_files(part) if name in files or name + ".index.json" in files), None)
+        configs = [] if key == "vae" else [f"{part}/config.json"]
+        wanted += [*configs, *_with_shards(repo, weights, files)] if weights else configs
+    if key == "vae" and not wanted:
+        raise UserError(msg("{key} '{spec}': the diffusers model has no vae/ weights ({file}); name a VAE file as "
+                            "{repo}/path/file.safetensors", key=key, spec=repo, file=weight_files("vae")[0], repo=repo))
+    paths = [Path(huggingface_hub.hf_hub_download(repo, name)) for name in wanted if name in files]
+    return paths[-1] if key == "vae" else paths[0].parent
+
+
+def _with_shards(repo: str, weights: str, files: list[str]) -> list[str]:
+    """`weights`, or when it is split, its index and the pieces the index names."""
+    if weights in files:
+        return [weights]
+    import huggingface_hub
+
+    index = weights + ".index.json"
+    pieces = json.loads(Path(huggingface_hub.hf_hub_download(repo, index)).read_text(encoding="utf-8")).get("weight_map", {})
+    return [index, *sorted({f"{weights.rsplit('/', 1)[0]}/{p}" for p in pieces.values()})]

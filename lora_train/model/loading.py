@@ -198,21 +198,35 @@ def load_checkpoint(path: str | os.PathLike, v2: bool = False, v_parameterizatio
     """Load `path` with its same-named `.yaml` into an ldm model, or an sgm one for SDXL (its yaml
     names sgm classes, or the file has SDXL's keys). Without a yaml, the file's keys choose the stock
     SD1/SD2 config and `v_parameterization` the prediction (see stock.py). What the loader had to
-    decide is kept in the model's `load_notes`."""
+    decide is kept in the model's `load_notes`. A diffusers folder is read as the file it stands for
+    (diffusers_folder.py)."""
+    from lora_train.model import diffusers_folder
+
+    path = Path(path)
+    if diffusers_folder.is_diffusers_folder(path):
+        return diffusers_folder.load_folder(path, v2, v_parameterization)
+    if not path.is_file():
+        raise UserError(msg("model file '{path}' does not exist", path=path))
+    yaml_path = path.with_suffix(".yaml")
+    model, weights_missing, _ = build_and_load(read_state_dict(path), path, yaml_path if yaml_path.is_file() else None,
+                                               v2, v_parameterization)
+    if weights_missing:
+        raise UserError(msg(
+            "{path}: {count} weights the config expects are not in the file (first: {first}); is '{config}' the right config for it?",
+            path=path, count=len(weights_missing), first=weights_missing[0], config=yaml_path.name,
+        ))
+    return model
+
+
+def build_and_load(state: dict, path: Path, yaml_path: Path | None, v2: bool, v_parameterization: bool):
+    """The model `state` (single-file checkpoint keys) is for, from `yaml_path` or the stock config
+    its keys choose, with `state` loaded. Returns (model, weights the config expects that `state`
+    lacks, keys of `state` the model does not have)."""
     from omegaconf import OmegaConf
 
     from lora_train.model import sgm_loading, stock
 
-    from lora_train.model.hub import diffusers_refused
-
-    path = Path(path)
-    if (path / "model_index.json").is_file():
-        raise diffusers_refused("pretrained_model_name_or_path", str(path))
-    if not path.is_file():
-        raise UserError(msg("model file '{path}' does not exist", path=path))
-    yaml_path = path.with_suffix(".yaml")
-    state = read_state_dict(path)
-    if yaml_path.is_file():
+    if yaml_path is not None:
         try:
             model_config = OmegaConf.to_container(OmegaConf.load(yaml_path).model, resolve=True)
         except Exception as e:
@@ -227,17 +241,11 @@ def load_checkpoint(path: str | os.PathLike, v2: bool = False, v_parameterizatio
     else:
         model = instantiate(model_config, base_dir=path.parent)
     missing, unexpected = model.load_state_dict(state, strict=False)
-    # The stock configs carry a few buffers that older checkpoints lack (e.g. position_ids,
-    # the noise schedule); real weights missing means the config does not fit the file.
-    weights_missing = [k for k in missing if not _is_optional_buffer(k)]
-    if weights_missing:
-        raise UserError(msg(
-            "{path}: {count} weights the config expects are not in the file (first: {first}); is '{config}' the right config for it?",
-            path=path, count=len(weights_missing), first=weights_missing[0], config=yaml_path.name,
-        ))
     model.checkpoint_path = str(path)
     model.load_notes = notes
-    return model
+    # The stock configs carry a few buffers that older checkpoints lack (e.g. position_ids,
+    # the noise schedule); real weights missing means the config does not fit the file.
+    return model, [k for k in missing if not _is_optional_buffer(k)], list(unexpected)
 
 
 def sdxl_notes(name: str, v2: bool, v_parameterization: bool) -> list[str]:
