@@ -84,12 +84,6 @@ def test_scale_weight_norms_caps_every_module_of_a_run_and_logs(tiny_adapter, tm
     assert all(row.split(",")[-1] != "" for row in rows[1:])
 
 
-def test_scale_weight_norms_refuses_other_algorithms(tiny_adapter, tmp_path):
-    cfg = config_for(tmp_path, network_module="lycoris.kohya", network_args=["algo=loha"], scale_weight_norms=1.0)
-    with pytest.raises(UserError, match="scale_weight_norms scales LoRA and LoCon modules .* is LoHa"):
-        job.build_trainer(cfg, tiny_adapter).run()
-
-
 # --- base_weights --------------------------------------------------------------------------------
 
 

@@ -135,6 +135,9 @@ class DyLoRA(LoRA):
         return min(int(float(self._rand((1,), "cpu")) * self.blocks), self.blocks - 1)
 
     # -- the change --------------------------------------------------------------------------
+    def max_norm_tensor(self) -> torch.Tensor | None:
+        return None  # neither sd-scripts' networks.dylora nor LyCORIS' dylora has a max-norm
+
     def weight_delta(self, rank: int | None = None) -> torch.Tensor:
         """The change the first `rank` ranks make (the whole file's by default) at alpha / rank."""
         rank = self.lora_dim if rank is None else int(rank)

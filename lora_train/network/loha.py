@@ -131,6 +131,12 @@ class LoHa(NetworkModule):
             delta = delta * self.scalar
         return delta
 
+    def max_norm_tensor(self) -> torch.Tensor | None:
+        return self.weight_delta()
+
+    def scale_max_norm_(self, ratio: torch.Tensor) -> None:
+        self.hada_w1_a.mul_(ratio.to(self.hada_w1_a.dtype))  # the change is linear in each factor
+
     def _half(self, w_a: torch.Tensor, w_b: torch.Tensor, core: str) -> torch.Tensor:
         if self.tucker:
             # the core's two rank modes taken to out (by w_a) and in (by w_b): (out, in, kh, kw)

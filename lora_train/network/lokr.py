@@ -265,6 +265,13 @@ class LoKr(NetworkModule):
             keep = keep / keep.mean().clamp(min=1.0 / rows)
         return keep
 
+    def max_norm_tensor(self) -> torch.Tensor | None:
+        return self.weight_delta()
+
+    def scale_max_norm_(self, ratio: torch.Tensor) -> None:
+        w1 = self.lokr_w1 if self.layout.w1_rank is None else self.lokr_w1_a  # kron(w1, w2) is linear in w1
+        w1.mul_(ratio.to(w1.dtype))
+
     def weight_delta(self) -> torch.Tensor:
         w1 = self._w1()
         w1 = w1.reshape(*w1.shape, *[1] * len(self.layout.kernel))  # kron pairs axes, so w1 gets 1x1 "kernel" axes

@@ -80,6 +80,14 @@ class LoRA(NetworkModule):
             scale = scale / (1.0 - self.rank_dropout)
         return self.lora_up(lx if scale == 1.0 else lx * scale)
 
+    def max_norm_tensor(self) -> torch.Tensor | None:
+        return self.weight_delta()  # before DoRA: LyCORIS caps the LoCon product under DoRA too
+
+    def scale_max_norm_(self, ratio: torch.Tensor) -> None:
+        # sd-scripts shrinks both factors by sqrt(ratio); LyCORIS keeps a scalar, the same change
+        for weight in (self.lora_up.weight, self.lora_down.weight):
+            weight.mul_(ratio.sqrt().to(weight.dtype))
+
     def weight_delta(self) -> torch.Tensor:
         # up is (out, rank[, 1, 1]), down (rank, in[, kh, kw]): their product over the rank is the
         # weight change, with the down kernel's spatial shape (1x1 for LoRA, kxk for LoCon)

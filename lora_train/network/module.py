@@ -145,6 +145,16 @@ class NetworkModule(nn.Module):
     def scale(self) -> float:
         return self.alpha_value / self.lora_dim
 
+    # -- scale_weight_norms, as LyCORIS' apply_max_norm does it per algorithm -------------------------
+    def max_norm_tensor(self) -> torch.Tensor | None:
+        """The tensor whose norm scale_weight_norms caps, or None for the algorithms LyCORIS leaves
+        alone (IA3, full, GLoRA, norms, DyLoRA). Read with the module in eval mode: no rank dropout."""
+        return None
+
+    def scale_max_norm_(self, ratio: torch.Tensor) -> None:
+        """Multiply `max_norm_tensor()` by `ratio` through the trained parameters."""
+        raise NotImplementedError
+
     def refresh(self) -> None:
         """Re-read Python copies of buffers after their values were copied in."""
         self.alpha_value = float(self.alpha)

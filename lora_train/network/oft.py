@@ -172,6 +172,12 @@ class _OFT(NetworkModule):
     def weight_delta(self) -> torch.Tensor:
         return self._delta_at(1.0)
 
+    def max_norm_tensor(self) -> torch.Tensor | None:
+        return self.oft_blocks  # LyCORIS caps the blocks themselves, not the weight change they make
+
+    def scale_max_norm_(self, ratio: torch.Tensor) -> None:
+        self.oft_blocks.mul_(ratio.to(self.oft_blocks.dtype))
+
     def _rescaled(self, rotated: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """rescale * rotated - weight: the change, with the rescale at full strength."""
         return (rotated * self.rescale if self.rescaled else rotated) - weight

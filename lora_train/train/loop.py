@@ -166,7 +166,7 @@ class Trainer:
             self.notes.append(msg("network_args bypass_mode: the same result either way; LoRA Train picks the path per algorithm"))
         if c.training.gradient_accumulation_steps < 1:
             raise UserError(msg("gradient_accumulation_steps must be at least 1"))
-        max_norm.check(self.network, c.training.scale_weight_norms)
+        self.notes.extend(max_norm.check(self.network, c.training.scale_weight_norms))
         base_weights.check(c.network.base_weights)
         base_weights.multipliers(c.network.base_weights, c.network.base_weights_multiplier)
         if not self.train_unet and not self.train_te:
