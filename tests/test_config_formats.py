@@ -207,3 +207,32 @@ def test_tab_load_takes_kohya_ss_json(tmp_path):
     path.write_text(KOHYA.read_text(encoding="utf-8"), encoding="utf-8")
     config = load_config(AccessPolicy.build([tmp_path], remote=True, insecure_allowed=False), str(path))
     assert config.network.algo == "lokr" and any("LoRA_type" in n for n in config.notes)
+
+
+def test_dry_run_reads_a_hub_ids_family_from_what_the_run_will_load(tmp_path, capsys, monkeypatch):
+    """A Hugging Face id is fetched as the run fetches it (here: a stand-in download of an SDXL-keyed
+    header); offline and not cached it is the one-line error that says where to put the file."""
+    import huggingface_hub
+
+    from lora_train.model.sgm_loading import SDXL_KEY
+
+    data = make_dataset(tmp_path / "data", count=2)
+    args = ["train", "--dry-run", "--set", "pretrained_model_name_or_path=someone/some-xl", "--set", f"train_data_dir={data}",
+            "--set", "resolution=64", "--set", "min_bucket_reso=64", "--set", "network_dim=4", "--set", "learning_rate=1e-4"]
+    fetched = []
+    ckpt = _safetensors_header(tmp_path / "xl.safetensors", [SDXL_KEY, "conditioner.embedders.0.transformer.x"])
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", lambda repo_id, **kw: ["xl.safetensors", "README.md"])
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download",
+                        lambda repo_id, filename, **kw: fetched.append((repo_id, filename)) or str(ckpt) if filename.endswith(".safetensors")
+                        else (_ for _ in ()).throw(huggingface_hub.errors.EntryNotFoundError("no yaml")))
+    code = main(args)
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert fetched == [("someone/some-xl", "xl.safetensors")] and "(sdxl, 1024 px)" in captured.out
+    monkeypatch.undo()
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", lambda repo_id, **kw: (_ for _ in ()).throw(
+        huggingface_hub.errors.LocalEntryNotFoundError("offline")))
+    assert main(args) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "someone/some-xl" in err[0] and "huggingface.co/someone/some-xl" in err[0]

@@ -49,6 +49,12 @@ def dry_run(config: TrainConfig) -> DryRun:
         from lora_train.model.reference import reference_targets
         from lora_train.network.norm import ldm_unet_norm_targets, sdxl_unet_norm_targets
 
+        from lora_train.model import hub
+
+        if hub.is_hub_id(spec):
+            # fetched as the run would fetch it (into the Hugging Face cache; offline, the one-line error
+            # that says where to put it): the family is read from what the run will load
+            spec = str(hub.fetch(spec, "pretrained_model_name_or_path"))
         family = family_of_file(spec)
         arch, resolution = ARCH[family]
         targets = select_targets(config, kind, lambda conv: reference_targets(arch, conv=conv),
