@@ -122,6 +122,29 @@ def test_lora_scripts_names(tmp_path):
     assert "down_lr_weight: not used: enable_block_weights is off" in notes
 
 
+def test_lora_scripts_prompt_form_becomes_its_prompt_line(tmp_path):
+    """lora-scripts' GUI turns its preview form into one line (mikazuki/app/api.py get_sample_prompts) that
+    sd-scripts reads from a file; unset fields take its defaults (512, 512, cfg 7, 24 steps, seed 2333)."""
+    from lora_train.sample.prompts import load_prompts
+
+    cfg = tmp_path / "ls.toml"
+    cfg.write_text(f'output_dir = "{(tmp_path / "out").as_posix()}"\nenable_preview = true\nsample_every_n_epochs = 2\n'
+                   'positive_prompts = "1girl, zkz"\nnegative_prompts = "lowres"\nsample_width = 640\nsample_steps = 20\n', encoding="utf-8")
+    config = TrainConfig.from_file(cfg)
+    prompts = tmp_path / "out" / "sample" / "prompt.txt"
+    assert config.sampling.sample_prompts == str(prompts.resolve())
+    assert prompts.read_text(encoding="utf-8") == "1girl, zkz --n lowres --w 640 --h 512 --l 7 --s 20 --d 2333"
+    (p,) = load_prompts(str(prompts))
+    assert (p.prompt, p.negative, p.width, p.height, p.scale, p.steps, p.seed) == ("1girl, zkz", "lowres", 640, 512, 7.0, 20, 2333)
+    prompts.unlink()
+    config = TrainConfig.from_file(cfg, write_prompts=False)  # the tab's Load writes nothing, and says so
+    assert config.sampling.sample_prompts is None and not prompts.exists()
+    assert any("preview prompt form" in n for n in config.notes)
+    cfg.write_text('enable_preview = true\nrandomly_choice_prompt = true\npositive_prompts = "x"\n', encoding="utf-8")
+    with pytest.raises(UserError, match="randomly_choice_prompt: not supported yet"):
+        TrainConfig.from_file(cfg)
+
+
 def test_lora_scripts_template_and_flux(tmp_path):
     cfg = tmp_path / "preset.toml"
     cfg.write_text('[metadata]\nname = "mid"\nversion = "0.0.1"\nauthor = "me"\n[data]\nresolution = "768,768"\n', encoding="utf-8")

@@ -293,14 +293,14 @@ class TrainConfig:
         return write_toml(path, self.to_toml_dict())
 
     @classmethod
-    def from_toml(cls, path: str | os.PathLike) -> "TrainConfig":
+    def from_toml(cls, path: str | os.PathLike, write_prompts: bool = True) -> "TrainConfig":
         """An sd-scripts or lora-scripts TOML (its GUI's own fields are read as the keys it sends)."""
         from lora_train.train import lora_scripts
 
         config = cls()
         data = read_toml(path, msg("config file"), warn=config.warnings.append)
         data, notes = lora_scripts.unwrap_template(data, str(path))
-        flat, more = lora_scripts.translate(flatten_one_level(data), str(path))
+        flat, more = lora_scripts.translate(flatten_one_level(data), str(path), write_prompts)
         config.notes += notes + more
         return config.update(flat, source=str(path))
 
@@ -329,7 +329,7 @@ class TrainConfig:
         """`--config FILE`: a .json is a kohya_ss GUI config, anything else TOML."""
         if Path(path).suffix.lower() == ".json":
             return cls.from_kohya_ss(path, write_prompts)
-        return cls.from_toml(path)
+        return cls.from_toml(path, write_prompts)
 
 
 _SECTION_TYPES = {

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import math
 import shlex
-from pathlib import Path
 from typing import Any, Callable
 
 from lora_train.errors import UserError, close_match_hint, msg
+from lora_train.train.prompt_file import write_prompt_file
 
 # LoRA_type -> (network_module, LyCORIS algo or None, the kohya_ss fields it passes in network_args)
 _BLOCKS = ("down_lr_weight", "mid_lr_weight", "up_lr_weight", "block_lr_zero_threshold", "block_dims", "block_alphas",
@@ -295,13 +295,7 @@ class _Reader:
         if not write:
             self.note("sample_prompts", msg("prompt text, not a file: save it as a .txt file and set sample_prompts to it"))
             return
-        # kohya_ss writes the prompts into <output_dir>/sample/prompt.txt and passes that file
-        path = (Path(str(self.get("output_dir", "."))) / "sample" / "prompt.txt").resolve()
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(str(text), encoding="utf-8")
-        except OSError as e:
-            raise UserError(msg("{source}: sample_prompts: cannot write {path} ({error})", source=self.source, path=path, error=e)) from e
+        path = write_prompt_file(str(text), self.get("output_dir", "."), self.source)
         flat["sample_prompts"] = str(path)
         self.note("sample_prompts", msg("written to {path}, as kohya_ss does", path=path))
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from lora_train.errors import UserError, msg
+from lora_train.train.prompt_file import write_prompt_file
 
 # model_train_type -> what it trains (lora-scripts' trainer_mapping)
 _TRAIN_TYPES = {"sd-lora": None, "sdxl-lora": None,
@@ -49,8 +50,10 @@ def unwrap_template(data: dict[str, Any], source: str) -> tuple[dict[str, Any], 
     return {k: v for k, v in data.items() if k != "metadata"}, [note]
 
 
-def translate(flat: dict[str, Any], source: str) -> tuple[dict[str, Any], list[str]]:
-    """`flat` with lora-scripts' form fields read as the sd-scripts keys its GUI sends, and the notes."""
+def translate(flat: dict[str, Any], source: str, write_prompts: bool = True) -> tuple[dict[str, Any], list[str]]:
+    """`flat` with lora-scripts' form fields read as the sd-scripts keys its GUI sends, and the notes.
+    With write_prompts, the prompt form becomes a prompt file as the GUI makes it; without (the tab's
+    Load, which writes nothing), a note says so."""
     if not FIELDS & set(flat):
         return flat, []
     out = dict(flat)
@@ -80,14 +83,11 @@ def translate(flat: dict[str, Any], source: str) -> tuple[dict[str, Any], list[s
         out["sample_prompts"] = out.pop("prompt_file")
         note("prompt_file", msg("read as sample_prompts"))
     out.pop("prompt_file", None)
-    form = [k for k in _PROMPT_FORM if k in out]
-    if form:
-        for k in form:
-            out.pop(k)
-        if "sample_prompts" not in out:
-            raise UserError(msg("{source}: {key}: not supported yet: preview prompts from the form fields; write them into a "
-                                "file and set sample_prompts (or prompt_file) to it", source=source, key=", ".join(form)))
+    form = {k: out.pop(k) for k in _PROMPT_FORM if k in out}
+    if form and "sample_prompts" in out:
         note(", ".join(form), msg("not used: sample_prompts is set, which lora-scripts reads first"))
+    elif form:
+        _prompt_form(form, out, source, write_prompts, note)
     if "dropout" in out:  # LyCORIS' dropout, sd-scripts' network_dropout
         out.setdefault("network_dropout", out.pop("dropout"))
         out.pop("dropout", None)
@@ -107,6 +107,28 @@ def translate(flat: dict[str, Any], source: str) -> tuple[dict[str, Any], list[s
         out.update(extra)
         note("ui_custom_params", msg("read as {keys}", keys=", ".join(sorted(extra))))
     return out, notes
+
+
+def _prompt_form(form: dict[str, Any], out: dict[str, Any], source: str, write: bool, note) -> None:
+    """lora-scripts' preview form as the one prompt line its GUI writes, with its defaults."""
+    keys = ", ".join(form)
+    if form.get("randomly_choice_prompt"):
+        raise UserError(msg("{source}: randomly_choice_prompt: not supported yet: a random caption of the dataset as the preview "
+                            "prompt; write the prompt into positive_prompts", source=source))
+    positive = str(form.get("positive_prompts") or "").strip()
+    if not positive:
+        note(keys, msg("not used: positive_prompts is empty, so lora-scripts renders no previews"))
+        return
+    line = (f"{positive} --n {form.get('negative_prompts') or ''} --w {form.get('sample_width', 512)} "
+            f"--h {form.get('sample_height', 512)} --l {form.get('sample_cfg', 7)} --s {form.get('sample_steps', 24)} "
+            f"--d {form.get('sample_seed', 2333)}")
+    if not write:
+        note(keys, msg("the preview prompt form: saved as a prompt file when the config is run from the command line; "
+                       "here, set sample_prompts to a prompt file"))
+        return
+    path = write_prompt_file(line, out.get("output_dir"), source)
+    out["sample_prompts"] = str(path)
+    note(keys, msg("read as the prompt line lora-scripts writes, saved to {path}", path=path))
 
 
 def _merge_args(out: dict[str, Any], key: str, fields: dict[str, str], note) -> None:
