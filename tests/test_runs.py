@@ -223,3 +223,18 @@ def test_grid_rows_are_epochs_columns_weights_and_weight_zero_is_the_base(host, 
 
     assert np.array_equal(cell(0, 1), cell(1, 1)), "weight 0 renders the base model in every row"
     assert np.abs(cell(1, 0) - cell(1, 1)).mean() > 1.0, "weight 1 shows the LoRA"
+
+
+def test_the_end_time_comes_with_the_end_phase():
+    """The tab reads a status at any moment: one that says "finished" also says when (it read '-')."""
+    from lora_train.app.runs import RunStatus
+
+    status = RunStatus(id=1, name="x")
+    assert status.ended_at is None
+    status.phase = "training"
+    assert status.ended_at is None
+    status.phase = "finished"
+    first = status.ended_at
+    assert first is not None
+    status.phase = "finished"
+    assert status.ended_at == first

@@ -65,6 +65,12 @@ class RunStatus:
     stopping: bool = False  # Stop was pressed; the run saves after the current step
     ended_at: Optional[float] = None  # time.time() when it finished, stopped, failed or was refused
 
+    def __setattr__(self, name, value):
+        super().__setattr__(name, value)
+        # the end time comes with the ended phase: the tab may read the status between the two
+        if name == "phase" and value in ENDED and getattr(self, "ended_at", None) is None:
+            super().__setattr__("ended_at", time.time())
+
     @property
     def ended(self) -> bool:
         return self.phase in ENDED
@@ -151,7 +157,7 @@ class RunManager:
         with self._lock:
             n = len(self._queue)
             for status, _ in self._queue:
-                status.phase, status.error, status.ended_at = "cancelled", msg("removed from the queue"), time.time()
+                status.phase, status.error = "cancelled", msg("removed from the queue")
             self._queue.clear()
             return n
 
@@ -228,7 +234,9 @@ class RunManager:
             finally:
                 with self._lock:
                     # the status tells the state the run ended in, and when; nothing of the running one
-                    status.stopping, status.eta_seconds, status.ended_at = False, None, time.time()
+                    status.stopping, status.eta_seconds = False, None
+                    if status.ended_at is None:  # a phase that is not an end one (an exception before it was set)
+                        status.ended_at = time.time()
                     self._current = None
                     self._trainer = None
                     self._idle.notify_all()

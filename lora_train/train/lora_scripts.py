@@ -124,7 +124,7 @@ def _prompt_form(form: dict[str, Any], out: dict[str, Any], source: str, write: 
             f"--d {form.get('sample_seed', 2333)}")
     if not write:
         note(keys, msg("the preview prompt form: saved as a prompt file when the config is run from the command line; "
-                       "here, set sample_prompts to a prompt file"))
+                       "here, write the prompts into sample_prompts (Preview prompts in the tab)"))
         return
     path = write_prompt_file(line, out.get("output_dir"), source)
     out["sample_prompts"] = str(path)

@@ -189,7 +189,7 @@ def create_train_tab(manager: RunManager, host: Host, t: Optional[Translator] = 
                             with gr.Accordion(t(title), open=False):
                                 for f in rest:
                                     make(f)
-                    with gr.Accordion(t("Config file (sd-scripts TOML)"), open=False):
+                    with gr.Accordion(t("Config file (sd-scripts / lora-scripts TOML, kohya_ss JSON)"), open=False):
                         config_path = gr.Textbox(label=t("Path"), elem_id="lora_train_config_path", max_lines=1)
                         with gr.Row():
                             load_config = gr.Button(t("Load"), elem_id="lora_train_load_config")
