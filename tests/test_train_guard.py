@@ -57,7 +57,9 @@ def outside_value(key: str, outside: Path) -> str:
     return str({
         "train_data_dir": outside / "photos", "reg_data_dir": outside / "photos", "dataset_config": outside / "dataset.toml", "in_json": outside / "meta.json",
         "network_weights": outside / "weights.safetensors", "resume": outside / "state", "output_dir": outside / "out",
-        "logging_dir": outside / "logs", "sample_prompts": outside / "prompts.txt",
+        "logging_dir": outside / "logs", "sample_prompts": outside / "prompts.txt", "vae": outside / "vae.safetensors",
+        "base_weights": outside / "weights.safetensors", "metadata_thumbnail": outside / "thumb.png",
+        "log_tracker_config": outside / "trackers.toml",
     }[key])
 
 
@@ -69,7 +71,7 @@ def test_every_path_key_of_the_config_is_guarded():
 
     # a path key added to the config tree must be added to the guard too
     path_like = {k for k, (_, _, hint) in TrainConfig.key_index().items() if hint is not bool
-                 and (k.endswith(("_dir", "_config", "_weights", "_prompts")) or k in ("resume", "in_json"))}
+                 and (k.endswith(("_dir", "_config", "_weights", "_prompts")) or k in ("resume", "in_json", "vae", "metadata_thumbnail"))}
     assert path_like - {"pretrained_model_name_or_path"} == set(KEYS)
 
 
@@ -100,7 +102,8 @@ def test_local_mode_accepts_each_path_field(webui, key):
     config = small_run_config(root / "train" / "mine", "local", epochs=1)
     config.set(key, outside_value(key, outside))
     guard.guard_config(config, policy(root, remote=False))
-    assert config.get(key) == str(Path(outside_value(key, outside)).resolve())
+    want = str(Path(outside_value(key, outside)).resolve())
+    assert config.get(key) == ([want] if key == "base_weights" else want)
 
 
 def test_listening_refuses_a_relative_path_that_climbs_out(webui, tiny_model):

@@ -18,7 +18,14 @@ from lora_train.train.config import TrainConfig
 
 # every key of the config tree that names a file or folder (sd-scripts' names)
 PATH_KEYS = ("train_data_dir", "reg_data_dir", "dataset_config", "in_json", "network_weights", "resume", "output_dir", "logging_dir",
-             "sample_prompts")
+             "sample_prompts", "vae", "base_weights", "metadata_thumbnail", "log_tracker_config")
+
+
+def _not_a_path(key: str, value: str) -> bool:
+    """A thumbnail given inline, or a VAE named by its Hugging Face id: nothing on this machine is read."""
+    from lora_train.model.hub import is_hub_id
+
+    return (key == "metadata_thumbnail" and value.startswith("data:")) or (key == "vae" and is_hub_id(value))
 
 
 def guarded_path(access: AccessPolicy, text: str | os.PathLike, what: str) -> Path:
@@ -35,7 +42,9 @@ def guard_config(config: TrainConfig, access: AccessPolicy) -> None:
     for the first one refused. A dataset TOML's subset folders are checked too: the file is read here."""
     for key in PATH_KEYS:
         value = config.get(key)
-        if value is not None and str(value).strip():
+        if isinstance(value, list):  # base_weights: several files
+            config.set(key, [str(guarded_path(access, v, key)) for v in value if str(v).strip()])
+        elif value is not None and str(value).strip() and not _not_a_path(key, str(value)):
             config.set(key, str(guarded_path(access, value, key)))
     if config.dataset.dataset_config and access.roots_only:
         from lora_train.dataset.spec import load_dataset_toml
