@@ -179,6 +179,9 @@ def test_a_loha_merges_through_its_delta(shapes, tiny_adapter, tmp_path):
     full = max(min(shapes[n]) for n in names)  # a rank no module exceeds: the sum exactly
     out, _ = merge("h:1,a:-1", tmp_path / "m.safetensors", rank=full, lora_dir=tmp_path, targets=tiny_adapter.file_targets())
     assert_deltas_equal(lora_deltas(out), {n: dh[n] - da[n] for n in names}, tol=1e-3)
+    # the CLI, with the model by name: the same file
+    assert run("merge", "h:1,a:-1", "--rank", full, "--model", "builtin:tiny", "--lora-dir", tmp_path, "--output", tmp_path / "c.safetensors") == 0
+    assert_deltas_equal(lora_deltas(tmp_path / "c.safetensors"), {n: dh[n] - da[n] for n in names}, tol=1e-3)
     with pytest.raises(UserError, match="--rank"):  # exact needs LoRA/LoCon inputs
         merge("h:1,a:-1", tmp_path / "m2.safetensors", lora_dir=tmp_path)
 
@@ -275,3 +278,54 @@ def test_lbw_scales_loha_through_w1a(shapes, tmp_path):
     for n in names:
         delta = lambda t: (t[f"{n}.hada_w1_a"] @ t[f"{n}.hada_w1_b"]) * (t[f"{n}.hada_w2_a"] @ t[f"{n}.hada_w2_b"])  # noqa: E731
         assert torch.allclose(delta(got), outs.get(BLOCK[n], 0) * delta(src), atol=1e-6), n
+
+
+# -- SDXL: 12/20 layouts, and the fused OpenCLIP attention of its second text encoder ----------------
+XL_BLOCK = {
+    "lora_te1_text_model_encoder_layers_0_self_attn_k_proj": "BASE",
+    "lora_te2_text_model_encoder_layers_0_self_attn_q_proj": "BASE",  # a part of a fused in_proj
+    "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q": "IN04",
+    "lora_unet_input_blocks_8_1_proj_in": "IN08",
+    "lora_unet_middle_block_1_transformer_blocks_0_attn1_to_q": "M00",
+    "lora_unet_input_blocks_3_0_op": "IN03",  # a 3x3 conv: in the 20-value layout only
+}
+ID12 = ["BASE", "IN04", "IN05", "IN07", "IN08", "M00"] + [f"OUT{i:02}" for i in range(6)]
+ID20 = ["BASE"] + [f"IN{i:02}" for i in range(9)] + ["M00"] + [f"OUT{i:02}" for i in range(9)]
+
+
+@pytest.fixture(scope="module")
+def xl():
+    from lora_train.model import registry
+
+    adapter = registry.load_adapter("builtin:tiny-sdxl")
+    targets = adapter.file_targets()
+    return adapter, targets, {t.name: tuple(target_weight_shape(t.module)) for t in targets}
+
+
+@pytest.mark.parametrize("ids", [ID12, ID20], ids=["12", "20"])
+def test_lbw_sdxl_layouts(xl, tmp_path, ids):
+    _, _, shapes = xl
+    a = write_lora(tmp_path / "xl.safetensors", shapes, list(XL_BLOCK), rank=2, alpha=1, seed=20,
+                   metadata={"ss_base_model_version": "sdxl_base_v1-0"})
+    w = [round(0.3 * i - 1.2, 2) for i in range(len(ids))]
+    assert run("lbw", a, tmp_path / "o.safetensors", "--weights=" + ",".join(map(str, w))) == 0
+    da = lora_deltas(a)
+    want = {n: d * (w[ids.index(XL_BLOCK[n])] if XL_BLOCK[n] in ids else 0.0) for n, d in da.items()}
+    assert_deltas_equal(lora_deltas(tmp_path / "o.safetensors"), want)
+
+
+def test_ia3_on_a_fused_attention_part_merges_through_the_model(xl, tmp_path):
+    from lora_train.tools.merge import merge
+
+    adapter, targets, shapes = xl
+    name = "lora_te2_text_model_encoder_layers_0_self_attn_q_proj"
+    width = shapes[name][0]
+    w = torch.randn(width, generator=torch.Generator().manual_seed(21))
+    ia3 = save_lora(tmp_path / "ia3.safetensors", {f"{name}.weight": w, f"{name}.on_input": torch.tensor(0)},
+                    {"ss_base_model_version": "sdxl_base_v1-0"})
+    mha = next(t.module for t in targets if t.name == name)
+    wq = mha.in_proj_weight.detach()[:width]  # q is the first third of the fused in_proj
+    with pytest.raises(UserError, match=r"IA3.*--model"):
+        merge(f"{ia3}:1", tmp_path / "no_model.safetensors", rank=width)
+    out, _ = merge(f"{ia3}:0.5", tmp_path / "m.safetensors", rank=width, targets=targets)
+    assert_deltas_equal(lora_deltas(out), {name: 0.5 * wq * w[:, None]}, tol=1e-3)

@@ -85,10 +85,18 @@ def block_of(name: str, sdxl: bool) -> str | None:
 def parse_weights(text: str, sdxl: bool, presets: dict[str, str] | None = None, what: str = "--weights") -> dict[str, float]:
     """{block id: value} of a preset name or a value list, every block of the 26 (0 where the
     layout leaves it out, as the extension's `to26`)."""
+    return to26(dict(layout_values(text, sdxl, presets, what)))
+
+
+def to26(listed: dict[str, float]) -> dict[str, float]:
+    return {block: listed.get(block, 0.0) for block in BLOCKID26}
+
+
+def layout_values(text: str, sdxl: bool, presets: dict[str, str] | None = None, what: str = "--weights") -> list[tuple[str, float]]:
+    """(block id, value) of the blocks a preset name or value list gives, in its layout's order."""
     text = text.strip()
     known = {**PRESETS, **(presets or {})}
-    values_text = known.get(text, text)
-    parts = [p.strip() for p in values_text.split(",") if p.strip()]
+    parts = [p.strip() for p in known.get(text, text).split(",") if p.strip()]
     family = "sdxl" if sdxl else "sd"
     ids = LAYOUTS[family].get(len(parts))
     if ids is None:
@@ -101,8 +109,7 @@ def parse_weights(text: str, sdxl: bool, presets: dict[str, str] | None = None, 
     bad = [p for p in parts if not _number(p)]
     if bad:
         raise UserError(msg("{key}: '{value}' is not a number", key=what, value=bad[0]))
-    given = dict(zip(ids, (float(p) for p in parts)))
-    return {block: given.get(block, 0.0) for block in BLOCKID26}
+    return list(zip(ids, (float(p) for p in parts)))
 
 
 def _number(text: str) -> bool:
@@ -156,23 +163,18 @@ def bake(src: str | Path, dst: str | Path, weights_text: str, presets: dict[str,
     algorithms.check_keys(tensors)
     modules = algorithms.group(tensors)
     sdxl = blocks.layout_of(modules) is blocks.SDXL
-    weights = parse_weights(weights_text, sdxl, presets)
-    values = module_weights(modules, weights, sdxl)
+    listed = dict(layout_values(weights_text, sdxl, presets))
+    values = module_weights(modules, to26(listed), sdxl)
     out: dict[str, torch.Tensor] = {}
     for name, suffixes in modules.items():
         scaled = scale_module(name, {s: tensors[f"{name}.{s}"] for s in suffixes}, values[name])
         out.update({f"{name}.{s}": v for s, v in scaled.items()})
     notes = []
-    listed = set(LAYOUTS["sdxl" if sdxl else "sd"][len(_values_of(weights_text, presets))])
-    dropped = sorted({block_of(n, sdxl) for n in modules} - listed - {None}, key=BLOCKID26.index)
+    dropped = sorted({block_of(n, sdxl) for n in modules} - set(listed) - {None}, key=BLOCKID26.index)
     if dropped:
         notes.append(msg("the file has modules in {blocks}, which this layout does not list: they get 0, as in lora-block-weight",
                          blocks=", ".join(dropped)))
-    record = {"weights": weights_text.strip(), "blocks": {b: weights[b] for b in BLOCKID26 if b in listed}, "source": Path(src).name}
+    record = {"weights": weights_text.strip(), "blocks": listed, "source": Path(src).name}
     path = save_lora(dst, out, dict(metadata) | {"lora_train_lbw": json.dumps(record)})
     return path, notes
 
-
-def _values_of(text: str, presets: dict[str, str] | None) -> list[str]:
-    text = text.strip()
-    return [p for p in {**PRESETS, **(presets or {})}.get(text, text).split(",") if p.strip()]
