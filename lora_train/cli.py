@@ -299,6 +299,32 @@ def cmd_dataset_prepare(args) -> int:
     return 0
 
 
+def cmd_lbw(args) -> int:
+    from lora_train.tools.lbw import bake
+    from lora_train.tools.merge import parse_presets
+
+    path, notes = bake(args.input, args.output, args.weights, parse_presets(args.preset))
+    for note in notes:
+        print(f"{t('note')}: {tr(note)}", file=sys.stderr)
+    print(tr(msg("wrote {path}", path=path)))
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from lora_train.tools.merge import merge, parse_presets
+
+    targets = None
+    if args.model:
+        from lora_train.model import registry
+
+        targets = registry.load_adapter(args.model).file_targets()
+    path, notes = merge(args.formula, args.output, parse_presets(args.preset), args.rank, args.lora_dir, targets)
+    for note in notes:
+        print(f"{t('note')}: {tr(note)}", file=sys.stderr)
+    print(tr(msg("wrote {path}", path=path)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m lora_train", description="LoRA Train: kohya-compatible LoRA training.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -395,6 +421,23 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--enable-insecure-extension-access", action="store_true",
                    help="with --listen, allow any folder, moving files and model downloads (as the WebUI's flag)")
     u.set_defaults(func=cmd_ui)
+
+    lb = sub.add_parser("lbw", help="bake lora-block-weight's block weights into a new LoRA file")
+    lb.add_argument("input")
+    lb.add_argument("output", help="the new file (never the input)")
+    lb.add_argument("--weights", required=True, help="a preset (NONE, ALL, INS, IND, INALL, MIDD, OUTD, OUTS, OUTALL, ALL0.5) "
+                                                      "or 17/26 (SD1/SD2) or 12/20 (SDXL) comma-separated values")
+    lb.add_argument("--preset", action="append", metavar="NAME:V1,V2,...", help="a preset of your own (repeatable)")
+    lb.set_defaults(func=cmd_lbw)
+
+    mg = sub.add_parser("merge", help="merge / subtract LoRAs with SuperMerger's formula, e.g. \"A:1:GP1,B:-1:GP2\"")
+    mg.add_argument("formula", help="NAME:RATIO[:PRESET or block values],... ; NAME is a file or a LoRA in --lora-dir")
+    mg.add_argument("--preset", action="append", metavar="NAME:V1,V2,...", help="block weights the formula names (repeatable)")
+    mg.add_argument("--output", required=True)
+    mg.add_argument("--rank", type=int, help="SVD to this rank (default: exact, the inputs' ranks side by side)")
+    mg.add_argument("--model", help="the base model (checkpoint, builtin:tiny ...): needed for IA3, OFT, GLoRA and DoRA inputs")
+    mg.add_argument("--lora-dir", help="where LoRA names are looked up (default: the current folder)")
+    mg.set_defaults(func=cmd_merge)
 
     for needs_model in (t, sp, bn, u):
         needs_model.add_argument("--sgm-path", metavar="DIR",
