@@ -54,11 +54,12 @@ def cmd_resize(args, tr) -> int:
     result = resize(args.input, args.output, args.rank, args.new_conv_rank, args.dynamic, args.param, args.save_precision, args.model)
     kept = []
     for m in result.modules:
-        line = msg("{name} | sum(S) retained: {sum}, fro retained: {fro}, max(S) ratio: {ratio}", name=f"{m.name:75}",
-                   sum=f"{m.sum_retained:.1%}", fro=f"{m.fro_retained:.1%}", ratio=f"{m.max_ratio:0.1f}")
+        numbers = dict(name=f"{m.name:75}", sum=f"{m.sum_retained:.1%}", fro=f"{m.fro_retained:.1%}", ratio=f"{m.max_ratio:0.1f}")
         if args.dynamic:
-            line += msg(", dynamic | dim: {rank}, alpha: {alpha}", rank=m.rank, alpha=m.alpha)
-        print(tr(line))
+            print(tr(msg("{name} | sum(S) retained: {sum}, fro retained: {fro}, max(S) ratio: {ratio}, dynamic | dim: {rank}, alpha: {alpha}",
+                         rank=m.rank, alpha=m.alpha, **numbers)))
+        else:
+            print(tr(msg("{name} | sum(S) retained: {sum}, fro retained: {fro}, max(S) ratio: {ratio}", **numbers)))
         if m.fro_retained == m.fro_retained:  # NaN for an all-zero module, left out as sd-scripts does
             kept.append(m.fro_retained)
     if kept:
