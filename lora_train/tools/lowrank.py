@@ -35,8 +35,9 @@ class Factors:
         fro = float(s.pow(2).sum().sqrt())
         sum_kept = float(s[:r].abs().sum()) / total if total else float("nan")
         fro_kept = float(s[:r].pow(2).sum().sqrt()) / fro if fro else float("nan")
-        smallest = float(s[r - 1])
-        return sum_kept, fro_kept, (float(s[0]) / smallest if smallest else float("inf"))
+        largest, smallest = float(s[0]), float(s[r - 1])
+        ratio = largest / smallest if smallest else float("nan") if not largest else float("inf")  # 0/0 is NaN, as sd-scripts prints it
+        return sum_kept, fro_kept, ratio
 
 
 def svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

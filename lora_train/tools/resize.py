@@ -176,7 +176,8 @@ def _metadata(metadata: dict[str, str], result: ResizeResult, rank: int, conv_ra
         conv = "" if conv_rank == rank else f" (conv: {conv_rank})"
         md["ss_training_comment"] = f"dimension is resized from {result.old_rank} to {rank}{conv}; {comment}"
         md["ss_network_dim"] = str(rank)
-        linear = {m.alpha for m in result.modules if not m.conv3x3}
+        # the alpha of the modules at the new rank (an all-zero module is kept at rank 1, as in sd-scripts)
+        linear = {m.alpha for m in result.modules if not m.conv3x3 and m.rank == rank} or {m.alpha for m in result.modules if not m.conv3x3}
         md["ss_network_alpha"] = str(linear.pop()) if len(linear) == 1 else "Dynamic"  # modules of different scales
     if converted:  # the file is a plain LoRA / LoCon now: what loaders and config-from-lora read must say so
         md["ss_network_module"] = "networks.lora"
