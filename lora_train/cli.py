@@ -455,6 +455,9 @@ def build_parser() -> argparse.ArgumentParser:
     from lora_train.tagging.cli import add_parsers as add_tagging_parsers
 
     add_tagging_parsers(sub, t=t, tr=tr)
+    from lora_train.tools.weights_cli import add_parsers as add_weights_parsers
+
+    add_weights_parsers(sub, tr=tr)  # resize, bake, extract
     return p
 
 

@@ -286,7 +286,7 @@ def test_cli_messages_follow_the_language(tmp_path):
 
 
 MESSAGE_LISTS = {"notes", "warnings", "problems", "messages", "skipped"}  # lists whose items a user reads
-CLI_SOURCES = [ROOT / "lora_train" / "cli.py", ROOT / "lora_train" / "tagging" / "cli.py"]
+CLI_SOURCES = [ROOT / "lora_train" / "cli.py", ROOT / "lora_train" / "tagging" / "cli.py", ROOT / "lora_train" / "tools" / "weights_cli.py"]
 NOT_USER_TEXT = {"testing"}  # the fidelity harness reports to developers; `make demo` prints its verdict through cli.py
 
 

@@ -1,0 +1,36 @@
+"""The card beside a LoRA a tool wrote: the WebUI's `<name>.json`, whose notes say what the file was
+made from. A card beside the source LoRA is carried over (activation text, weight ...), its notes kept
+under the new line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from lora_train.network.card import SD_VERSION, Card
+from lora_train.network.files import atomic_write_bytes
+
+
+def write_card(lora: Path, family: str | None, note: str, source: Path | None = None) -> Path:
+    card = Card(sd_version=SD_VERSION.get(family or "", "SD1"), notes=note)
+    old = Path(source).with_suffix(".json") if source is not None else None
+    fields = {}
+    if old is not None and old.is_file():
+        try:
+            fields = json.loads(old.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            fields = {}
+    if isinstance(fields, dict):
+        card.activation_text = str(fields.get("activation text", ""))
+        card.negative_text = str(fields.get("negative text", ""))
+        card.description = str(fields.get("description", ""))
+        card.sd_version = str(fields.get("sd version", card.sd_version)) if family is None else card.sd_version
+        try:
+            card.preferred_weight = float(fields.get("preferred weight", 1.0))
+        except (TypeError, ValueError):
+            pass
+        previous = str(fields.get("notes", "")).strip()
+        card.notes = note + ("\n" + previous if previous else "")
+    path = Path(lora).with_suffix(".json")
+    atomic_write_bytes(path, json.dumps(card.to_json(), indent=4, ensure_ascii=False).encode("utf-8"))
+    return path
