@@ -128,7 +128,7 @@ def test_merge_lora_with_locon_and_an_inline_26_value_list(shapes, tmp_path):
 
 
 def test_a_lora_minus_itself_is_nothing(shapes, tmp_path):
-    a = write_lora(tmp_path / "a.safetensors", shapes, list(BLOCK), rank=4, alpha=1, seed=5)
+    write_lora(tmp_path / "a.safetensors", shapes, list(BLOCK), rank=4, alpha=1, seed=5)
     out = tmp_path / "zero.safetensors"
     assert run("merge", "a:1,a:-1", "--lora-dir", tmp_path, "--output", out) == 0
     for name, d in lora_deltas(out).items():
@@ -189,8 +189,8 @@ def test_a_loha_merges_through_its_delta(shapes, tiny_adapter, tmp_path):
 def test_merged_file_loads_with_no_unmatched_keys(shapes, tiny_adapter, tmp_path):
     from lora_train.network.network import network_from_file
 
-    a = write_lora(tmp_path / "a.safetensors", shapes, list(BLOCK) + list(CONV_BLOCK), rank=2, alpha=1, seed=10)
-    b = write_lora(tmp_path / "b.safetensors", shapes, list(BLOCK), rank=4, alpha=4, seed=11)
+    write_lora(tmp_path / "a.safetensors", shapes, list(BLOCK) + list(CONV_BLOCK), rank=2, alpha=1, seed=10)
+    write_lora(tmp_path / "b.safetensors", shapes, list(BLOCK), rank=4, alpha=4, seed=11)
     out = tmp_path / "m.safetensors"
     assert run("merge", "a:1:OUTALL,b:1", "--lora-dir", tmp_path, "--output", out) == 0
     net = network_from_file(out, tiny_adapter.file_targets())

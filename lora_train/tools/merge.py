@@ -28,7 +28,7 @@ import torch
 from lora_train.errors import UserError, msg
 from lora_train.network import algorithms, blocks
 from lora_train.network.files import load_lora, save_lora
-from lora_train.tools import lbw
+from lora_train.tools import lbw, lowrank
 from lora_train.tools.deltas import deltas_of, is_plain_lora
 
 
@@ -203,23 +203,11 @@ def _svd_of_sum(items: list[Item], factors: list[dict[str, float]], rank: int, t
     for name, delta in total.items():
         if delta.dim() < 2:
             continue  # a norm's weight change
-        up, down = low_rank(delta, rank)
+        down, up = lowrank.kohya_shapes(lowrank.factorize(delta.reshape(delta.shape[0], -1), rank), delta.shape)
         state[f"{name}.lora_down.weight"] = down.to(dtype)
         state[f"{name}.lora_up.weight"] = up.to(dtype)
         state[f"{name}.alpha"] = torch.tensor(float(down.shape[0]), dtype=dtype)
     return state
-
-
-@torch.no_grad()
-def low_rank(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(up, down) of the best rank-`rank` approximation of `delta` (out, in[, kh, kw]), scale 1."""
-    matrix = delta.float().reshape(delta.shape[0], -1)
-    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
-    r = min(rank, s.shape[0])
-    up, down = u[:, :r] * s[:r], vh[:r]
-    if delta.dim() == 4:
-        return up[:, :, None, None].contiguous(), down.reshape(r, *delta.shape[1:]).contiguous()
-    return up.contiguous(), down.contiguous()
 
 
 def _metadata(items: list[Item], state: dict[str, torch.Tensor], rank: int | None, name: str) -> dict[str, str]:

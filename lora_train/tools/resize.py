@@ -24,7 +24,7 @@ import torch
 from lora_train.errors import UserError, msg
 from lora_train.network import algorithms
 from lora_train.network.files import load_lora, save_lora
-from lora_train.tools import lowrank
+from lora_train.tools import deltas, lowrank
 from lora_train.tools.cards import write_card
 from lora_train.tools.checkpoint import check_output
 
@@ -72,38 +72,14 @@ def _is_conv3x3(shape) -> bool:
     return len(shape) == 4 and tuple(shape[2:]) != (1, 1)
 
 
-def _targets(metadata: dict[str, str], model: str | None, path: Path):
-    """Targets to rebuild non-LoRA modules on: `model`'s, else the reference architecture's (meta device)."""
+def _network(others: dict[str, torch.Tensor], metadata: dict[str, str], model: str | None, path: Path):
+    """The non-LoRA modules of the file as LoRA Train loads them: over `model`'s targets, else stand-ins."""
+    targets = None
     if model:
         from lora_train.model.registry import load_adapter
 
-        return load_adapter(model).file_targets()
-    from lora_train.model.reference import reference_targets
-
-    arch = {"sd1": "sd15", "sd2": "sd21", "sdxl": "sdxl"}.get(_family(metadata) or "")
-    if arch is None:
-        raise UserError(msg("{path}: its metadata names no base model version, so the shapes of its non-LoRA modules are unknown: give --model",
-                            path=path))
-    return reference_targets(arch, conv=True)
-
-
-def _convert(state: dict[str, torch.Tensor], targets, path: Path):
-    """(module, its delta) for each non-LoRA module in `state`, rebuilt as LoRA Train loads it."""
-    from lora_train.network.network import LoRANetwork
-
-    try:
-        network = LoRANetwork.from_state_dict(state, targets)
-    except KeyError as e:
-        raise UserError(msg("'{path}' does not fit this model: {reason}", path=path, reason=e.args[0] if e.args else e)) from e
-    network.eval()
-    with torch.no_grad():
-        for module in network.lora_modules.values():
-            delta = module.delta()
-            if delta.is_meta:
-                raise UserError(msg("{name}: the change of {algorithm} depends on the base model's weights: give --model", name=module.lora_name,
-                                    algorithm=module.algorithm))
-            bias = module.bias_delta() if hasattr(module, "bias_delta") else None
-            yield module, delta.float(), bias is not None and bool(bias.any())
+        targets = load_adapter(model).file_targets()
+    return deltas.network_of(others, metadata, str(path), targets)
 
 
 def resize(src: str | os.PathLike, dst: str | os.PathLike, rank: int, conv_rank: int | None = None, dynamic: str | None = None,
@@ -141,7 +117,9 @@ def resize(src: str | os.PathLike, dst: str | os.PathLike, rank: int, conv_rank:
             new.update(part)
             result.modules.append(row)
         if others:
-            for module, delta, bias in _convert(others, _targets(metadata, model, src), src):
+            for module in _network(others, metadata, model, src).lora_modules.values():
+                delta = module.delta().float()
+                bias = hasattr(module, "bias_delta") and module.bias_delta() is not None and bool(module.bias_delta().any())
                 result.old_rank = max(result.old_rank, module.lora_dim)
                 r = conv_rank if _is_conv3x3(delta.shape) else rank
                 part, row = _resized(module.lora_name, delta.reshape(delta.shape[0], -1), delta.shape, r, 1.0, dynamic, param, None, dtype,
