@@ -215,7 +215,7 @@ def test_merge_and_lbw_never_overwrite_an_input(shapes, tmp_path, capsys):
     before = a.read_bytes()
     assert run("merge", "a:1,a:0.5", "--lora-dir", tmp_path, "--output", a) == 2
     assert run("lbw", a, a, "--weights", "ALL0.5") == 2
-    assert "overwrite" in capsys.readouterr().err
+    assert capsys.readouterr().err.count("inputs are never overwritten") == 2
     assert a.read_bytes() == before
 
 
@@ -329,3 +329,18 @@ def test_ia3_on_a_fused_attention_part_merges_through_the_model(xl, tmp_path):
         merge(f"{ia3}:1", tmp_path / "no_model.safetensors", rank=width)
     out, _ = merge(f"{ia3}:0.5", tmp_path / "m.safetensors", rank=width, targets=targets)
     assert_deltas_equal(lora_deltas(out), {name: 0.5 * wq * w[:, None]}, tol=1e-3)
+
+
+def test_merge_and_lbw_outputs_have_cards_that_say_what_they_were_made_from(shapes, tmp_path):
+    import json
+
+    write_lora(tmp_path / "a.safetensors", shapes, list(BLOCK), rank=2, alpha=1, seed=21)
+    write_lora(tmp_path / "b.safetensors", shapes, list(BLOCK), rank=2, alpha=1, seed=22)
+    (tmp_path / "a.json").write_text(json.dumps({"activation text": "zkz", "notes": "trained by me"}), encoding="utf-8")
+    assert run("merge", "a:1,b:-1", "--lora-dir", tmp_path, "--output", tmp_path / "m.safetensors") == 0
+    card = json.loads((tmp_path / "m.json").read_text(encoding="utf-8"))
+    assert card["notes"].startswith("merged from a:1,b:-1") and "trained by me" in card["notes"]
+    assert card["activation text"] == "zkz"
+    assert run("lbw", tmp_path / "a.safetensors", tmp_path / "l.safetensors", "--weights", "OUTALL") == 0
+    card = json.loads((tmp_path / "l.json").read_text(encoding="utf-8"))
+    assert card["notes"].startswith("a.safetensors with the block weights OUTALL") and card["activation text"] == "zkz"

@@ -40,6 +40,8 @@ from lora_train.network.loha import LoHa
 from lora_train.network.lora import LoRA
 from lora_train.network.norm import Norm
 from lora_train.network.oft import BOFT, DiagOFT
+from lora_train.tools.cards import write_card
+from lora_train.tools.checkpoint import check_output
 
 BLOCKID26 = ["BASE"] + [f"IN{i:02}" for i in range(12)] + ["M00"] + [f"OUT{i:02}" for i in range(12)]
 BLOCKID17 = ["BASE", "IN01", "IN02", "IN04", "IN05", "IN07", "IN08", "M00"] + [f"OUT{i:02}" for i in range(3, 12)]
@@ -150,15 +152,9 @@ def scale_module(name: str, module: dict[str, torch.Tensor], value: float) -> di
     return out
 
 
-def same_file(a: str | Path, b: str | Path) -> bool:
-    a, b = Path(a), Path(b)
-    return a.resolve() == b.resolve() or (a.exists() and b.exists() and a.samefile(b))
-
-
 def bake(src: str | Path, dst: str | Path, weights_text: str, presets: dict[str, str] | None = None) -> tuple[Path, list[str]]:
     """Write `dst`: `src` with its block weights baked in. Returns the path and notes."""
-    if same_file(src, dst):
-        raise UserError(msg("{path}: the output would overwrite the input; give another file name", path=dst))
+    dst = check_output(dst, [src])
     tensors, metadata = load_lora(src)
     algorithms.check_keys(tensors)
     modules = algorithms.group(tensors)
@@ -176,5 +172,7 @@ def bake(src: str | Path, dst: str | Path, weights_text: str, presets: dict[str,
                          blocks=", ".join(dropped)))
     record = {"weights": weights_text.strip(), "blocks": listed, "source": Path(src).name}
     path = save_lora(dst, out, dict(metadata) | {"lora_train_lbw": json.dumps(record)})
+    write_card(path, "sdxl" if sdxl else None, msg("{source} with the block weights {weights}", source=Path(src).name,
+                                                   weights=weights_text.strip()), source=Path(src))
     return path, notes
 

@@ -29,6 +29,8 @@ from lora_train.errors import UserError, msg
 from lora_train.network import algorithms, blocks
 from lora_train.network.files import load_lora, save_lora
 from lora_train.tools import lbw, lowrank
+from lora_train.tools.cards import write_card
+from lora_train.tools.checkpoint import check_output
 from lora_train.tools.deltas import deltas_of, is_plain_lora
 
 
@@ -116,8 +118,8 @@ def merge(formula: str, output: str | Path, presets: dict[str, str] | None = Non
     items = parse_formula(formula)
     for item in items:
         item.path = resolve(item.source, folder)
-        if lbw.same_file(item.path, output):
-            raise UserError(msg("{path}: the output would overwrite the input; give another file name", path=output))
+    output = check_output(output, [item.path for item in items])
+    for item in items:
         tensors, item.metadata = load_lora(item.path)
         algorithms.check_keys(tensors)
         item.tensors = tensors
@@ -141,6 +143,8 @@ def merge(formula: str, output: str | Path, presets: dict[str, str] | None = Non
     if not state:
         raise UserError(msg("merge: every module's weight is 0 in this formula: nothing to write"))
     path = save_lora(output, state, _metadata(items, state, rank, Path(output).stem))
+    how = msg("ranks concatenated (exact)") if exact else msg("SVD to rank {rank}", rank=rank)
+    write_card(path, "sdxl" if sdxl else None, msg("merged from {formula}: {how}", formula=formula, how=how), source=items[0].path)
     return path, notes
 
 
