@@ -32,6 +32,17 @@ class EpochEnd:
 
 
 @dataclass
+class Validation:
+    """The loss on the held-out images after `step` (train/validation.py); `kind` "step" for
+    validate_every_n_steps, "epoch" at the end of an epoch (before its EpochEnd)."""
+
+    step: int
+    epoch: int
+    loss: float
+    kind: str
+
+
+@dataclass
 class CheckpointSaved:
     path: str
     epoch: int
@@ -70,5 +81,5 @@ class Failed:
     step: int
 
 
-Event = Started | Step | EpochEnd | CheckpointSaved | Samples | Notice | Finished | Cancelled | Failed
+Event = Started | Step | EpochEnd | Validation | CheckpointSaved | Samples | Notice | Finished | Cancelled | Failed
 Listener = Callable[[Event], None]
