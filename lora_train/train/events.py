@@ -13,6 +13,7 @@ class Started:
     epochs: int
     num_images: int
     notes: list[str]
+    resumed_at: Optional[int] = None  # the step a resumed run continues after
 
 
 @dataclass

@@ -93,7 +93,8 @@ class Trainer:
             train_unet=self.train_unet, train_te=self.train_te,
             optimizer=optimizer_name(self.optimizer), lr_scheduler=scheduler_label(self.config.optimizer.lr_scheduler, self.optimizer),
         )
-        emit(ev.Started(end_step, self.plan.steps_per_epoch, self.plan.epochs, self.plan.train_images, self.notes))
+        emit(ev.Started(end_step, self.plan.steps_per_epoch, self.plan.epochs, self.plan.train_images, self.notes,
+                        self.step if self.config.saving.resume else None))
         file_targets = self.adapter.file_targets()
         targets = {t.name: t.module for t in file_targets}
         t, net = self.config.training, self.config.network
