@@ -159,7 +159,7 @@ def side_by_side(ranking: Ranking, out: Path, size: int = 256) -> Path | None:
 def report_lines(ranking: Ranking) -> list[str]:
     """The table `pick` prints, the suggested file, and the previews of each save."""
     lines = [msg("run {name}: saves ranked by the loss on the held-out images ({path})", name=ranking.name, path=ranking.loss_csv),
-             f"{'#':>3}  {'file':<36} {'epoch':>5} {'step':>7}  {'validation':>10}"]
+             "  " + msg("#  file                                 epoch    step  validation")]
     for n, save in enumerate(ranking.saves, 1):
         loss = "-" if save.loss is None else f"{save.loss:.6f}"
         epoch, step = ("-" if v is None else str(v) for v in (save.epoch, save.step))
