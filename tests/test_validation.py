@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import make_dataset
+from test_training import Recorder as Events
 
 from lora_train.demo import make_dataset as demo_dataset
 
@@ -49,17 +50,6 @@ def expected_held_out(folder: Path, split: float, seed: int) -> set[str]:
     random.seed(seed)  # sd-scripts seeds Python's global random for the shuffle
     random.shuffle(paths)
     return set(paths[math.ceil(len(paths) * (1 - split)):])
-
-
-class Events:
-    def __init__(self):
-        self.events = []
-
-    def __call__(self, e):
-        self.events.append(e)
-
-    def of(self, kind):
-        return [e for e in self.events if isinstance(e, kind)]
 
 
 def validations(events) -> list[tuple[int, str, float]]:
@@ -266,3 +256,11 @@ def test_pick_without_validation_says_to_set_validation_split(tmp_path, capsys):
     assert cli.main(["pick", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "set validation_split" in err[0]
+
+
+def test_the_live_chart_draws_the_validation_loss_as_a_second_line():
+    from lora_train.ui import chart
+
+    svg = chart.loss_chart([(1, 0.5), (2, 0.4), (3, 0.45), (4, 0.3)], lambda s: s, validation=[(2, 0.6), (4, 0.55)])
+    assert 'id="lora_train_chart_validation" data-points="2"' in svg and "validation loss" in svg
+    assert "lora_train_chart_validation" not in chart.loss_chart([(1, 0.5), (2, 0.4)], lambda s: s)
