@@ -209,6 +209,16 @@ def cmd_info(args) -> int:
     return 1
 
 
+def cmd_pick(args) -> int:
+    from lora_train.tools.pick import rank, report_lines, side_by_side
+
+    ranking = rank(args.run)
+    print(tr("\n".join(report_lines(ranking))))
+    if args.grid and side_by_side(ranking, Path(args.grid)):
+        print(tr(msg("previews side by side: {path}", path=args.grid)))
+    return 0
+
+
 def cmd_targets(args) -> int:
     from lora_train.model.reference import describe, reference_targets
 
@@ -349,6 +359,11 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("file")
     i.add_argument("--json", action="store_true")
     i.set_defaults(func=cmd_info)
+
+    pk = sub.add_parser("pick", help="rank a run's saved epochs by validation loss and suggest one")
+    pk.add_argument("run", metavar="RUN_OR_FOLDER", help="the run's output_dir, one of its saves, its <name>-loss.csv, or FOLDER/NAME")
+    pk.add_argument("--grid", metavar="OUT.png", help="also paste the saves' preview images side by side into this image")
+    pk.set_defaults(func=cmd_pick)
 
     ds = sub.add_parser("dataset", help="check or prepare a dataset folder").add_subparsers(dest="dataset_command", required=True)
     c = ds.add_parser("check", help="scan report, problems, buckets and step plan of a kohya folder or dataset TOML")

@@ -28,7 +28,7 @@ from lora_train.train.config import TrainConfig
 from lora_train.train.loop import Trainer
 
 
-def plan_dataset(config: TrainConfig, default_resolution: int = 512, steps_multiple: int = 64) -> DatasetPlan:
+def plan_dataset(config: TrainConfig, default_resolution: int = 512, steps_multiple: int = 64, seed: int | None = None) -> DatasetPlan:
     t = config.training
     # under `accelerate launch` each of N processes trains train_batch_size samples of one global batch
     processes = max(1, int(os.environ.get("WORLD_SIZE", "1")))
@@ -36,7 +36,7 @@ def plan_dataset(config: TrainConfig, default_resolution: int = 512, steps_multi
     spec, folder_problems = spec_from_config(config.dataset, batch, default_resolution, processes)
     return make_plan(scan(spec, folder_problems), spec, batch_size=batch, max_train_epochs=t.max_train_epochs,
                      max_train_steps=t.max_train_steps, gradient_accumulation_steps=t.gradient_accumulation_steps,
-                     steps_multiple=steps_multiple)
+                     steps_multiple=steps_multiple, seed=seed if seed is not None else t.seed)
 
 
 def steps_multiple(family: str | None) -> int:
@@ -51,8 +51,8 @@ def plan_on_host(config: TrainConfig, host: Host) -> DatasetPlan:
 
 
 def build_trainer(config: TrainConfig, adapter: ModelAdapter, warn=lambda msg: print(msg, file=sys.stderr), sample_fn=None) -> Trainer:
-    plan = plan_dataset(config, adapter.info.resolution, steps_multiple(adapter.info.family))
     seed = config.training.seed if config.training.seed is not None else random.randint(0, 2**31 - 1)
+    plan = plan_dataset(config, adapter.info.resolution, steps_multiple(adapter.info.family), seed)
     d = config.dataset
     cache = LatentCache(module_fingerprint(adapter.vae), to_disk=d.cache_latents_to_disk, warn=warn) if (d.cache_latents or d.cache_latents_to_disk) else None
     data = TrainingData(plan, seed, cache)

@@ -52,6 +52,9 @@ class RunStatus:
     epoch: int = 0
     epochs: int = 0
     losses: list[tuple[int, float]] = field(default_factory=list)
+    validation: list[tuple[int, float]] = field(default_factory=list)  # (step, loss on the held-out images)
+    # epoch -> (step, loss on the held-out images) at the end of that epoch: what `pick` ranks the saves by
+    epoch_validation: dict[int, tuple[int, float]] = field(default_factory=dict)
     steps_per_second: float = 0.0
     eta_seconds: Optional[float] = None
     published: list[str] = field(default_factory=list)
@@ -126,6 +129,7 @@ class RunManager:
             status.messages.append(msg("resuming from {state}", state=old.resume_state))
             # one history for the whole training: what the stopped run trained and saved stays in view
             status.losses = list(old.losses)
+            status.validation, status.epoch_validation = list(old.validation), dict(old.epoch_validation)
             status.published, status.checks, status.previews = list(old.published), dict(old.checks), list(old.previews)
             old.resume_state = None  # resumed once; the new run saves its own state when stopped
             self._enqueue(status, request, True, front=True)  # it continues what was running
@@ -325,11 +329,18 @@ class RunManager:
                 if status.losses and status.losses[-1][0] >= e.step:  # resumed: drop the steps trained again
                     status.losses = [x for x in status.losses if x[0] < e.step]
                 status.losses.append((e.step, e.loss))
+                if status.validation and status.validation[-1][0] >= e.step:
+                    status.validation = [x for x in status.validation if x[0] < e.step]
                 done = e.step - self._step0
                 elapsed = time.time() - self._t0
                 if done > 0 and elapsed > 0:
                     status.steps_per_second = done / elapsed
                     status.eta_seconds = (status.total_steps - e.step) / status.steps_per_second
+            elif isinstance(e, ev.Validation):
+                if not status.validation or status.validation[-1][0] != e.step:  # a step's and its epoch's pass agree
+                    status.validation.append((e.step, e.loss))
+                if e.kind == "epoch":
+                    status.epoch_validation[e.epoch] = (e.step, e.loss)
             elif isinstance(e, ev.Samples):
                 status.previews += e.paths
             elif isinstance(e, ev.Notice):

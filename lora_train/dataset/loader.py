@@ -3,6 +3,7 @@ images augmented per sample; pixels, or cached VAE posteriors when latents are c
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass
 from typing import Callable
@@ -69,6 +70,10 @@ class TrainingData:
         self.seed = seed
         self.cache = cache
         self._options = {id(s): caption_options(s) for b in plan.blocks for s in b.block.subsets}
+        # held-out images are scored on the caption the LoRA is used with: no dropout, every tag
+        self._validation_options = {k: dataclasses.replace(o, caption_dropout_rate=0.0, caption_dropout_every_n_epochs=0,
+                                                           caption_tag_dropout_rate=0.0, token_warmup_step=0)
+                                    for k, o in self._options.items()}
         if cache is not None:
             bad = sorted({i.folder for i in plan.items if i.subset.random_crop or i.subset.color_aug})
             if bad:
@@ -88,6 +93,17 @@ class TrainingData:
         rng.shuffle(batches)
         return batches
 
+    def validation_batches(self) -> list[list[Item]]:
+        """The held-out images, each once, in batches of their dataset's batch size that never mix
+        buckets, always in the same order."""
+        out = []
+        for b in self.plan.blocks:
+            if b.held_out is not None:
+                for entries in b.held_out.groups().values():
+                    items = [e.item for e in entries]
+                    out += [items[i : i + b.batch_size] for i in range(0, len(items), b.batch_size)]
+        return out
+
     def _pixels(self, item: Item, flip: bool, rng: random.Random) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
         a = self.plan.assignment(item)
         im = load_rgb(item.path)
@@ -100,10 +116,12 @@ class TrainingData:
         return _to_tensor(im), box
 
     def load(self, items: list[Item], epoch: int, rng: random.Random, encode: Callable[[torch.Tensor], tuple] | None = None,
-             step: int = 0) -> Batch:
+             step: int = 0, validation: bool = False) -> Batch:
         """Captions and images for `items`; `step`: the optimizer steps done before them, which the
-        token warm-up counts. With a cache, `encode(pixels)` gives a posterior to store."""
-        captions = [cap.process_caption(i.caption, self._options[id(i.subset)], epoch, rng, step, self.plan.total_steps) for i in items]
+        token warm-up counts. With a cache, `encode(pixels)` gives a posterior to store. `validation`:
+        held-out images, with their captions whole."""
+        options = self._validation_options if validation else self._options
+        captions = [cap.process_caption(i.caption, options[id(i.subset)], epoch, rng, step, self.plan.total_steps) for i in items]
         flips = [bool(i.subset.flip_aug and rng.random() < 0.5) for i in items]
         is_reg = torch.tensor([i.is_reg for i in items], dtype=torch.bool)
         if self.cache is None:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from lora_train.dataset.buckets import Assignment, BucketConfig, Buckets
 from lora_train.dataset.scan import Item, Problem, Scan
 from lora_train.dataset.spec import DatasetBlock, DatasetSpec
+from lora_train.dataset import validation
 from lora_train.errors import UserError, msg
 
 # The community guideline (lora-scripts / Chinese guides): images x repeats x 2 with flip_aug, x 4
@@ -31,6 +32,7 @@ class BlockPlan:
     bucket_config: BucketConfig
     buckets: Buckets
     batch_size: int
+    held_out: Buckets | None = None  # validation_split's images, once each
 
     def report(self) -> dict:
         return self.buckets.report(self.batch_size)
@@ -54,13 +56,15 @@ class DatasetPlan:
     warnings: list[str] = field(default_factory=list)
     guideline_total: int = 0
     main_closeup_ratio: float | None = None
+    validation: list[Item] = field(default_factory=list)  # held out by validation_split: they never train
 
     def assignment(self, item: Item) -> Assignment:
         for b in self.blocks:
-            try:
-                return b.buckets.assignment(item)
-            except KeyError:
-                continue
+            for buckets in (x for x in (b.buckets, b.held_out) if x is not None):
+                try:
+                    return buckets.assignment(item)
+                except KeyError:
+                    continue
         raise KeyError(item.path)
 
     def to_dict(self) -> dict:
@@ -72,6 +76,7 @@ class DatasetPlan:
         return {
             "train_images": self.train_images,
             "reg_images": self.reg_images,
+            "validation_images": len(self.validation),
             "train_samples": self.train_samples,
             "reg_samples": self.reg_samples,
             "buckets": buckets,
@@ -117,7 +122,9 @@ def make_plan(
     max_train_steps: int = 1600,
     gradient_accumulation_steps: int = 1,
     steps_multiple: int = 64,
+    seed: int | None = None,
 ) -> DatasetPlan:
+    """`seed`: the run's seed, which picks the held-out images of a dataset without its own validation_seed."""
     if batch_size < 1:
         raise UserError(msg("train_batch_size must be at least 1"))
     problems: list[Problem] = []
@@ -126,12 +133,16 @@ def make_plan(
     used: list[Item] = []
     repeats_of: dict[int, int] = {}
     upscaled: list[Item] = []
+    held: list[Item] = []
     for block in spec.datasets:
         cfg = BucketConfig(block.resolution or (512, 512), block.enable_bucket, block.min_bucket_reso, block.max_bucket_reso,
                            block.bucket_reso_steps, block.bucket_no_upscale)
         warnings += cfg.validate(steps_multiple)
         members = {id(s) for s in block.subsets}
         items = [i for i in scan.items if id(i.subset) in members]
+        out = _held_out(block, items, seed)
+        out_ids = {id(h) for h in out}
+        items = [i for i in items if id(i) not in out_ids]
         train = [i for i in items if not i.is_reg]
         reg = [i for i in items if i.is_reg]
         block_repeats = {id(i): i.repeats for i in train}
@@ -151,7 +162,14 @@ def make_plan(
             repeats_of[id(item)] = block_repeats[id(item)]
             if a.resized[0] > item.size[0] or a.resized[1] > item.size[1]:
                 upscaled.append(item)
-        blocks.append(BlockPlan(block, cfg, buckets, block.batch_size or batch_size))
+        held_buckets = Buckets(cfg) if out else None
+        for item in out:
+            try:
+                held_buckets.add(item, *(item.bucket_size or item.size))
+                held.append(item)
+            except UserError as e:
+                problems.append(Problem(item.path, str(e)))
+        blocks.append(BlockPlan(block, cfg, buckets, block.batch_size or batch_size, held_buckets))
     batches = sum(b.buckets.steps_per_epoch(b.batch_size) for b in blocks if len(b.buckets))
     per_epoch = math.ceil(batches / gradient_accumulation_steps)
     if per_epoch == 0:
@@ -178,8 +196,21 @@ def make_plan(
         train_samples=sum(repeats_of[id(i)] for i in train_used), reg_samples=sum(repeats_of[id(i)] for i in reg_used),
         steps_per_epoch=per_epoch, epochs=epochs, total_steps=total,
         upscaled=upscaled, problems=problems, warnings=warnings,
-        guideline_total=guideline, main_closeup_ratio=ratio,
+        guideline_total=guideline, main_closeup_ratio=ratio, validation=held,
     )
+
+
+def _held_out(block: DatasetBlock, items: list[Item], seed: int | None) -> list[Item]:
+    split = block.validation_split or 0.0
+    validation.check_split(split, "validation_split")
+    if not split:
+        return []
+    seed = block.validation_seed if block.validation_seed is not None else (seed or 0)
+    out = []
+    for subset in block.subsets:
+        if validation.splits(subset):
+            out += validation.held_out([i for i in items if i.subset is subset], split, seed)
+    return out
 
 
 def _main_closeup_ratio(items: list[Item]) -> float | None:

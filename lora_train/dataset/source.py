@@ -34,6 +34,7 @@ def spec_from_config(d: DatasetConfig, batch_size: int, default_resolution: int,
         for block in spec.datasets:
             block.resolution = block.resolution or resolution
             block.batch_size = block.batch_size * processes if block.batch_size else batch_size
+            _validation_from_config(block, d)
         if d.in_json:
             return spec, [(Path(d.in_json), msg("in_json is not read with dataset_config (as in sd-scripts): set metadata_file in its subsets"))]
         return spec, []
@@ -52,7 +53,16 @@ def spec_from_config(d: DatasetConfig, batch_size: int, default_resolution: int,
         subsets += reg
         problems += reg_problems
     block = DatasetBlock(resolution=resolution, batch_size=batch_size, subsets=subsets, **{k: getattr(d, k) for k in BLOCK_FROM_ARGS})
+    _validation_from_config(block, d)
     return DatasetSpec([block]), problems
+
+
+def _validation_from_config(block: DatasetBlock, d: DatasetConfig) -> None:
+    """sd-scripts: a dataset's own validation_split / validation_seed, else the command line's."""
+    if block.validation_split is None:
+        block.validation_split = d.validation_split
+    if block.validation_seed is None:
+        block.validation_seed = d.validation_seed
 
 
 def _fine_tuning_spec(d: DatasetConfig, template: SubsetSpec, resolution: tuple[int, int], batch_size: int) -> tuple[DatasetSpec, list[tuple[Path, str]]]:
@@ -67,4 +77,5 @@ def _fine_tuning_spec(d: DatasetConfig, template: SubsetSpec, resolution: tuple[
         problems.append((Path(d.reg_data_dir), msg("reg_data_dir is not used with in_json (as in sd-scripts)")))
     subset = dataclasses.replace(template, image_dir=d.train_data_dir or "", metadata_file=d.in_json, num_repeats=d.dataset_repeats)
     block = DatasetBlock(resolution=resolution, batch_size=batch_size, subsets=[subset], **{k: getattr(d, k) for k in BLOCK_FROM_ARGS})
+    _validation_from_config(block, d)
     return DatasetSpec([block]), problems

@@ -85,12 +85,18 @@ class DatasetConfig(SubsetOptions, BucketOptions):
     resolution: Optional[str] = None  # "512" or "512,768" (width,height); None = the model's own
     cache_latents: bool = False
     cache_latents_to_disk: bool = False
+    # sd-scripts' held-out images: this fraction of each image folder never trains and gives the validation
+    # loss; which ones: the folder shuffled with validation_seed (None: the run's seed)
+    validation_split: float = 0.0
+    validation_seed: Optional[int] = None
 
 
 @dataclass
 class DatasetBlock(BucketOptions):
     resolution: Optional[tuple[int, int]] = None
     batch_size: Optional[int] = None
+    validation_split: Optional[float] = None  # None: the config's
+    validation_seed: Optional[int] = None
     subsets: list[SubsetSpec] = field(default_factory=list)
 
 

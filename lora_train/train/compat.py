@@ -76,7 +76,6 @@ NOTED: dict[str, str] = {
 
 _FP8 = msg("keeps the base model in 8-bit floats to save VRAM, a GPU-only path LoRA Train does not have yet "
            "(and on a CPU there is no fp8 compute at all); remove it: the model stays in its own precision")
-_VALIDATION = msg("validation belongs to the After-training tools (not yet)")
 
 # key -> why a run cannot take it. Options that change the result are here until they are
 # implemented: a note would let a run differ from sd-scripts' without the user deciding so.
@@ -89,11 +88,6 @@ REFUSED: dict[str, str] = {
     "deepspeed": msg("DeepSpeed is not used: LoRA Train trains on several GPUs with accelerate launch, and a LoRA needs no ZeRO sharding"),
     "conditioning_data_dir": _not_yet(msg("mask images for masked_loss")),
     "masked_loss": _not_yet(msg("weighting the loss by a mask (alpha_mask or conditioning_data_dir)")),
-    "validation_seed": _VALIDATION,
-    "validation_split": _VALIDATION,
-    "validate_every_n_steps": _VALIDATION,
-    "validate_every_n_epochs": _VALIDATION,
-    "max_validation_steps": _VALIDATION,
 }
 
 # key -> (the config key it sets, the value it sets there or None for its own value, the note)

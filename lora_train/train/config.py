@@ -144,6 +144,11 @@ class TrainingConfig(NoiseOptions, LossOptions):
     initial_epoch: Optional[int] = None
     initial_step: Optional[int] = None
     skip_until_initial_step: bool = False  # also skip the first steps' batches, instead of restarting the epoch's data
+    # the loss on the held-out images (validation_split, a dataset key): every N steps, and every N epochs
+    # (None: every epoch when there are held-out images), over at most max_validation_steps batches
+    validate_every_n_steps: Optional[int] = None
+    validate_every_n_epochs: Optional[int] = None
+    max_validation_steps: Optional[int] = None
 
 
 @dataclass

@@ -13,6 +13,7 @@ class Started:
     epochs: int
     num_images: int
     notes: list[str]
+    resumed_at: Optional[int] = None  # the step a resumed run continues after
 
 
 @dataclass
@@ -29,6 +30,17 @@ class Step:
 class EpochEnd:
     epoch: int
     mean_loss: float
+
+
+@dataclass
+class Validation:
+    """The loss on the held-out images after `step` (train/validation.py); `kind` "step" for
+    validate_every_n_steps, "epoch" at the end of an epoch (before its EpochEnd)."""
+
+    step: int
+    epoch: int
+    loss: float
+    kind: str
 
 
 @dataclass
@@ -70,5 +82,5 @@ class Failed:
     step: int
 
 
-Event = Started | Step | EpochEnd | CheckpointSaved | Samples | Notice | Finished | Cancelled | Failed
+Event = Started | Step | EpochEnd | Validation | CheckpointSaved | Samples | Notice | Finished | Cancelled | Failed
 Listener = Callable[[Event], None]

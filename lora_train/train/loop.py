@@ -38,6 +38,7 @@ from lora_train.train.metadata import save_time_metadata, training_metadata
 from lora_train.train.optimizers import build_optimizer, optimizer_eval_mode, optimizer_name, optimizer_train_mode
 from lora_train.train.schedulers import build_scheduler, scheduler_label
 from lora_train.train.state import load_state, save_state
+from lora_train.train.validation import Validation, check as check_validation
 
 SAVE_DTYPES = {None: None, "float": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -92,7 +93,8 @@ class Trainer:
             train_unet=self.train_unet, train_te=self.train_te,
             optimizer=optimizer_name(self.optimizer), lr_scheduler=scheduler_label(self.config.optimizer.lr_scheduler, self.optimizer),
         )
-        emit(ev.Started(end_step, self.plan.steps_per_epoch, self.plan.epochs, self.plan.train_images, self.notes))
+        emit(ev.Started(end_step, self.plan.steps_per_epoch, self.plan.epochs, self.plan.train_images, self.notes,
+                        self.step if self.config.saving.resume else None))
         file_targets = self.adapter.file_targets()
         targets = {t.name: t.module for t in file_targets}
         t, net = self.config.training, self.config.network
@@ -179,6 +181,7 @@ class Trainer:
             if dynamic:
                 raise UserError(msg("cache_text_encoder_outputs needs captions that do not change between steps; "
                                     "shuffle, dropout, wildcards or token warm-up are set for: {folders}", folders=", ".join(dynamic)))
+        self.notes += check_validation(c, self.plan)
         self.notes += loss_fn.validate_options(self.loss_options, self.noise_options, self.adapter.prediction_type,
                                                self.adapter.alphas_cumprod.shape[0])
 
@@ -288,6 +291,9 @@ class Trainer:
             alphas = noise_fn.zero_terminal_snr_alphas_cumprod(alphas)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         te_cache: dict[str, torch.Tensor] | None = {} if cfg.training.cache_text_encoder_outputs else None
+        self.train_alphas, self.te_cache = alphas, te_cache  # the validation pass noises and encodes as the steps do
+        vseed = cfg.dataset.validation_seed
+        self.validation = Validation(self, vseed if vseed is not None else self.seed)
         self.data.warm_cache(self.adapter.encode_posterior)
         if te_cache is not None:  # every caption once, before the first step, as sd-scripts caches them
             captions = self.data.static_captions()
@@ -321,6 +327,8 @@ class Trainer:
                 self._after_step(emit, pending)
             self._flush(pending, emit)
             if stepped:  # a resumed run does not repeat the end of an epoch it resumed after
+                if self.validation.at_epoch_end(epoch):
+                    self._validate(emit, "epoch")
                 emit(ev.EpochEnd(epoch, sum(self._epoch_losses) / max(1, len(self._epoch_losses))))
                 self._epoch_losses = []
             if self.batches_done < len(batches):
@@ -411,8 +419,15 @@ class Trainer:
                    "image, or a model whose VAE produces NaN latents.", value=value, step=step, kept=kept, lr=o.learning_rate,
                    unet_lr=o.unet_lr, te_lr=o.text_encoder_lr, precision=t.mixed_precision)
 
+    def _validate(self, emit: ev.Listener, kind: str) -> None:
+        if self.dist.is_main:  # the other ranks hold the same weights
+            emit(ev.Validation(self.step, self.epoch, self.validation.loss(self.step), kind))
+
     def _after_step(self, emit: ev.Listener, pending: list) -> None:
         s, sm = self.config.saving, self.config.sampling
+        if self.validation.at_step(self.step):
+            self._flush(pending, emit)  # the step's own loss comes first
+            self._validate(emit, "step")
         requested = self._save_requested.is_set()  # "Save now": always with state, so it can be resumed
         if requested:
             self._save_requested.clear()

@@ -136,6 +136,13 @@ def training_metadata(
         "ss_huber_schedule": t.huber_schedule,
         "ss_huber_scale": _s(t.huber_scale),
         "ss_huber_c": _s(t.huber_c),
+        # as sd-scripts records its validation options
+        "ss_num_validation_images": _s(len(plan.validation)),
+        "ss_validation_seed": _s(d.validation_seed),
+        "ss_validation_split": _s(d.validation_split),
+        "ss_max_validation_steps": _s(t.max_validation_steps),
+        "ss_validate_every_n_epochs": _s(t.validate_every_n_epochs),
+        "ss_validate_every_n_steps": _s(t.validate_every_n_steps),
         "ss_fp8_base": "False",
         "ss_fp8_base_unet": "False",
         # no --dataset_config: the flat dataset keys

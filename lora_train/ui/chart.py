@@ -28,15 +28,18 @@ def ema(values: list[float], weight: float = 0.9) -> list[float]:
     return out
 
 
-def loss_chart(losses: list[tuple[int, float]], t, width: int = 480, height: int = 180) -> str:
-    """Raw loss per step (light) and its moving average (bold), steps on x."""
+def loss_chart(losses: list[tuple[int, float]], t, width: int = 480, height: int = 180,
+               validation: list[tuple[int, float]] = ()) -> str:
+    """Raw loss per step (light) and its moving average (bold), steps on x; with validation_split, the
+    loss on the held-out images as a second line (blue, a dot per pass)."""
     n = len(losses)
     if n == 0:
         return f'<div id="lora_train_chart_svg" data-points="0" class="lora-train-chart-empty">{html.escape(t("No loss yet"))}</div>'
     steps = [s for s, _ in losses]
     values = [v if math.isfinite(v) else 0.0 for _, v in losses]
     smooth = ema(values)
-    lo, hi = min(values), max(values)
+    held = [(s, v) for s, v in validation if math.isfinite(v)]
+    lo, hi = min(values + [v for _, v in held]), max(values + [v for _, v in held])
     if hi - lo < 1e-12:
         lo, hi = lo - 0.5, hi + 0.5
     pad_l, pad_b, pad_t, pad_r = 48, 20, 8, 8
@@ -49,6 +52,14 @@ def loss_chart(losses: list[tuple[int, float]], t, width: int = 480, height: int
 
     raw = " ".join(xy(s, v) for s, v in zip(steps, values))
     avg = " ".join(xy(s, v) for s, v in zip(steps, smooth))
+    second = ""
+    if held:
+        points = [xy(s, v) for s, v in held]
+        dots = "".join(f'<circle cx="{p.split(",")[0]}" cy="{p.split(",")[1]}" r="2" fill="#3b82f6"/>' for p in points)
+        second = (f'<polyline id="lora_train_chart_validation" data-points="{len(held)}" points="{" ".join(points)}" fill="none" '
+                  f'stroke="#3b82f6" stroke-width="1.5"/>{dots}'
+                  f'<text x="{width - pad_r - 4}" y="{pad_t + 12}" font-size="10" text-anchor="end" fill="#3b82f6">'
+                  f'{html.escape(t("validation loss"))}</text>')
     label = html.escape(t("loss"))
     return (
         f'<svg id="lora_train_chart_svg" data-points="{n}" data-last-step="{steps[-1]}" viewBox="0 0 {width} {height}" '
@@ -60,7 +71,7 @@ def loss_chart(losses: list[tuple[int, float]], t, width: int = 480, height: int
         f'<text x="{width - pad_r}" y="{height - 4}" font-size="10" text-anchor="end" fill="currentColor">{steps[-1]}</text>'
         f'<polyline points="{raw}" fill="none" stroke="#f97316" stroke-opacity="0.35" stroke-width="1"/>'
         f'<polyline points="{avg}" fill="none" stroke="#f97316" stroke-width="2"/>'
-        f"</svg>"
+        f"{second}</svg>"
     )
 
 

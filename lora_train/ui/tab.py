@@ -305,7 +305,7 @@ def create_train_tab(manager: RunManager, host: Host, t: Optional[Translator] = 
             current = snap["latest"]
             previews_value = [(p, _preview_caption(p, t)) for p in (current.previews[-8:] if current else [])]
             return (_model_html(host, t), chart.status_html(current, t, snap["queue"], snap["paused"]),
-                    chart.loss_chart(current.losses if current else [], t),
+                    chart.loss_chart(current.losses if current else [], t, validation=current.validation if current else []),
                     previews_value,
                     chart.files_html(current, t),
                     _message_after(message_html, manager, t) or gr.update())
