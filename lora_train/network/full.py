@@ -38,6 +38,7 @@ def target_bias(org: nn.Module, part: str | None) -> torch.Tensor | None:
 
 class Full(NetworkModule):
     algorithm = "Full"
+    SCALES_WITH = ("diff", "diff_b")
     algo = "full"
     suffixes = ("diff", "diff_b")
     optional = ("diff_b",)

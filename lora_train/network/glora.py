@@ -47,6 +47,7 @@ _SWAP = {"a1.weight": "a2.weight", "a2.weight": "a1.weight", "b1.weight": "b2.we
 
 class GLoRA(NetworkModule):
     algorithm = "GLoRA"
+    SCALES_WITH = ("a1.weight", "b1.weight")  # W a1 a2 + b1 b2
     algo = "glora"
     suffixes = (*_KEYS, "alpha")
     optional = ("alpha",)

@@ -29,6 +29,7 @@ from lora_train.network.module import NetworkModule, describe_target
 
 class IA3(NetworkModule):
     algorithm = "IA3"
+    SCALES_WITH = ("weight",)
     algo = "ia3"
     suffixes = ("weight", "on_input")
     optional = ()

@@ -42,6 +42,7 @@ _TUCKER = ("hada_t1", "hada_t2")
 
 class LoHa(NetworkModule):
     algorithm = "LoHa"
+    SCALES_WITH = ("hada_w1_a",)
     algo = "loha"
     suffixes = (*_FACTORS, *_TUCKER, "alpha")
     optional = (*_TUCKER, "alpha")
@@ -133,9 +134,6 @@ class LoHa(NetworkModule):
 
     def max_norm_tensor(self) -> torch.Tensor | None:
         return self.weight_delta()
-
-    def scale_max_norm_(self, ratio: torch.Tensor) -> None:
-        self.hada_w1_a.mul_(ratio.to(self.hada_w1_a.dtype))  # the change is linear in each factor
 
     def _half(self, w_a: torch.Tensor, w_b: torch.Tensor, core: str) -> torch.Tensor:
         if self.tucker:

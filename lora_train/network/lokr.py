@@ -118,6 +118,7 @@ def _flag(value) -> bool:
 
 class LoKr(NetworkModule):
     algorithm = "LoKr"
+    SCALES_WITH = ("lokr_w1", "lokr_w1_a")  # kron(w1, w2) is linear in w1
     algo = "lokr"
     suffixes = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2", "alpha")
     optional = suffixes  # every key has an alternative; `claims` says which combinations make a module
@@ -267,10 +268,6 @@ class LoKr(NetworkModule):
 
     def max_norm_tensor(self) -> torch.Tensor | None:
         return self.weight_delta()
-
-    def scale_max_norm_(self, ratio: torch.Tensor) -> None:
-        w1 = self.lokr_w1 if self.layout.w1_rank is None else self.lokr_w1_a  # kron(w1, w2) is linear in w1
-        w1.mul_(ratio.to(w1.dtype))
 
     def weight_delta(self) -> torch.Tensor:
         w1 = self._w1()

@@ -21,6 +21,7 @@ def is_spatial_conv(org: nn.Module) -> bool:
 
 class LoRA(NetworkModule):
     algorithm = "LoRA"
+    SCALES_WITH = ("lora_up.weight",)
     suffixes = ("lora_down.weight", "lora_up.weight", "alpha")
 
     def __init__(self, name: str, org: nn.Module, dim: int, alpha: float | None, generator: torch.Generator | None = None,

@@ -145,7 +145,20 @@ class NetworkModule(nn.Module):
     def scale(self) -> float:
         return self.alpha_value / self.lora_dim
 
-    # -- scale_weight_norms, as LyCORIS' apply_max_norm does it per algorithm -------------------------
+    # -- scaling the change: block weights (tools/lbw.py) and scale_weight_norms ------------------------
+    # The tensors (by their key in a file) the change is linear in together: multiplying each one the
+    # module has by r multiplies its change by r. Empty: no such tensors (OFT rotates the weight).
+    SCALES_WITH: tuple[str, ...] = ()
+
+    def scale_delta_(self, ratio: torch.Tensor) -> None:
+        for key in self.SCALES_WITH:
+            try:
+                p = self.get_parameter(key)
+            except AttributeError:  # LoKr has lokr_w1 or lokr_w1_a, Full diff_b only with a bias
+                continue
+            p.mul_(ratio.to(p.dtype))
+
+    # scale_weight_norms as LyCORIS' apply_max_norm does it per algorithm
     def max_norm_tensor(self) -> torch.Tensor | None:
         """The tensor whose norm scale_weight_norms caps, or None for the algorithms LyCORIS leaves
         alone (IA3, full, GLoRA, norms, DyLoRA). Read with the module in eval mode: no rank dropout."""
@@ -153,7 +166,7 @@ class NetworkModule(nn.Module):
 
     def scale_max_norm_(self, ratio: torch.Tensor) -> None:
         """Multiply `max_norm_tensor()` by `ratio` through the trained parameters."""
-        raise NotImplementedError
+        self.scale_delta_(ratio)
 
     def refresh(self) -> None:
         """Re-read Python copies of buffers after their values were copied in."""

@@ -50,6 +50,7 @@ from lora_train.network.targets import UNET_BLOCKS, UNET_CONV_BLOCKS, Target, co
 
 class Norm(NetworkModule):
     algorithm = "Norm"
+    SCALES_WITH = ("w_norm", "b_norm")
     algo = "norm"  # LyCORIS' NormModule.name; not an `algo=` value: LyCORIS turns it on with train_norm
     suffixes = ("w_norm", "b_norm")
     optional = ("b_norm",)

@@ -32,13 +32,6 @@ import torch
 from lora_train.errors import UserError, msg
 from lora_train.network import algorithms, blocks
 from lora_train.network.files import load_lora, save_lora
-from lora_train.network.full import Full
-from lora_train.network.glora import GLoRA
-from lora_train.network.ia3 import IA3
-from lora_train.network.lokr import LoKr
-from lora_train.network.loha import LoHa
-from lora_train.network.lora import LoRA
-from lora_train.network.norm import Norm
 from lora_train.network.oft import BOFT, DiagOFT
 from lora_train.tools.cards import write_card
 from lora_train.tools.checkpoint import check_output
@@ -62,9 +55,6 @@ PRESETS = {
     "ALL0.5": "0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5",
 }
 
-# the tensors of each algorithm that its delta is linear in (scaling them scales the delta)
-SCALED = {LoRA: ("lora_up.weight",), LoHa: ("hada_w1_a",), LoKr: ("lokr_w1", "lokr_w1_a"), IA3: ("weight",),
-          GLoRA: ("a1.weight", "b1.weight"), Full: ("diff", "diff_b"), Norm: ("w_norm", "b_norm")}
 _SDXL_PART = re.compile(r"^lora_unet_(input_blocks|middle_block|output_blocks)_(\d+)_")
 
 
@@ -141,11 +131,9 @@ def scale_module(name: str, module: dict[str, torch.Tensor], value: float) -> di
         kind = "DoRA" if "dora_scale" in module else cls.algorithm
         raise UserError(msg("{name}: {algorithm} changes the weight non-linearly, so a block weight of {value:g} cannot be baked into it",
                             name=name, algorithm=kind, value=value))
-    if cls not in SCALED:
+    if cls is None or not cls.SCALES_WITH:
         raise UserError(msg("{name}: no algorithm LoRA Train loads has the keys {keys}", name=name, keys=", ".join(sorted(module))))
-    keys = [k for k in SCALED[cls] if k in module]
-    if cls is LoKr:
-        keys = keys[:1]  # w1 or its first factor, not both
+    keys = [k for k in cls.SCALES_WITH if k in module]
     out = dict(module)
     for key in keys:
         out[key] = (module[key].float() * value).to(module[key].dtype)
