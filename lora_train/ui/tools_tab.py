@@ -32,6 +32,12 @@ def ranking_html(ranking, t) -> str:
             f'<table id="lora_tools_pick_table"><tr><th>#</th>{head}</tr>{"".join(rows)}</table></div>')
 
 
+def _writes(t, key: str, action: str):
+    """A tool's output name, its button and its message."""
+    output = gr.Textbox(label=t("Output name"), max_lines=1, elem_id=f"lora_tools_{key}_output")
+    return output, gr.Button(action, variant="primary", elem_id=f"lora_tools_{key}"), gr.HTML("", elem_id=f"lora_tools_{key}_message")
+
+
 def build_tools_tab(manager: RunManager, t: Translator | None = None) -> None:
     """Create the tab's components in the current Blocks context."""
     from lora_train.tools.lbw import PRESETS
@@ -62,9 +68,7 @@ def build_tools_tab(manager: RunManager, t: Translator | None = None) -> None:
             lbw_preset = gr.Dropdown(label=t("Preset"), choices=list(PRESETS), elem_id="lora_tools_lbw_preset")
         lbw_weights = gr.Textbox(label=t("Block weights"), max_lines=1, elem_id="lora_tools_lbw_weights",
                                  info=t("A preset name (those above too) or the values: 17 or 26 for SD1/SD2, 12 or 20 for SDXL"))
-        lbw_output = gr.Textbox(label=t("Output name"), max_lines=1, elem_id="lora_tools_lbw_output")
-        lbw_button = gr.Button(t("Bake block weights"), variant="primary", elem_id="lora_tools_lbw")
-        lbw_message = gr.HTML("", elem_id="lora_tools_lbw_message")
+        lbw_output, lbw_button, lbw_message = _writes(t, "lbw", t("Bake block weights"))
 
     with gr.Accordion(t("Resize"), open=False):
         resize_source = gr.Dropdown(label=t("Source LoRA"), choices=files, elem_id="lora_tools_resize_source")
@@ -75,9 +79,7 @@ def build_tools_tab(manager: RunManager, t: Translator | None = None) -> None:
                                          elem_id="lora_tools_resize_dynamic")
             resize_param = gr.Number(label=t("Dynamic parameter"), value=0.9, elem_id="lora_tools_resize_param",
                                      info=t("sv_ratio: largest / smallest singular value kept; sv_fro, sv_cumulative: the share kept, 0-1"))
-        resize_output = gr.Textbox(label=t("Output name"), max_lines=1, elem_id="lora_tools_resize_output")
-        resize_button = gr.Button(t("Resize"), variant="primary", elem_id="lora_tools_resize")
-        resize_message = gr.HTML("", elem_id="lora_tools_resize_message")
+        resize_output, resize_button, resize_message = _writes(t, "resize", t("Resize"))
 
     with gr.Accordion(t("Pick the epoch"), open=False):
         pick_folder = gr.Textbox(label=t("Run folder"), max_lines=1, elem_id="lora_tools_pick_folder",
