@@ -462,3 +462,26 @@ def test_i_dataset_autotag_with_the_tiny_tagger(page, tag_data, tmp_path_factory
     assert (tag_data / "10_zkz" / "08.txt").read_text(encoding="utf-8") == "hatsune miku, red theme, long hair, ^_^"
     assert (tag_data / "10_zkz" / "09.txt").read_text(encoding="utf-8") == "hatsune miku, blue theme, long hair, ^_^"
     assert (tag_data / "10_zkz" / "00.txt").read_text(encoding="utf-8") == "1girl, red dress"  # prefill: captioned ones untouched
+
+
+def test_j_tools_tab_merges_the_guides_formula_into_the_lora_folder(page, server):
+    """Tools > Merge with the pre-filled GP1/GP2: the file and its card land in the LoRA folder, the message says so."""
+    from test_tools_tab import GP1, GP2, BLOCK, deltas, write_lora
+
+    a = write_lora(server.lora_dir / "tools_a.safetensors", rank=4, alpha=2, seed=1)
+    base = write_lora(server.lora_dir / "tools_a_BASE.safetensors", rank=2, alpha=1, seed=2)
+    page.locator("#lora_train_tabs button", has_text="Tools").first.click()
+    presets = page.locator("#lora_tools_presets textarea").first.input_value()
+    assert presets.startswith("GP1:1.0,0.6,0.9") and "\nGP2:0.3,0.1" in presets, "the guide's presets are pre-filled"
+    page.locator("#lora_tools_formula textarea, #lora_tools_formula input").first.fill("tools_a:1:GP1,tools_a_BASE:-1:GP2")
+    page.locator("#lora_tools_merge_output textarea, #lora_tools_merge_output input").first.fill("tools_a-distilled")
+    page.locator("#lora_tools_merge").first.click()
+    out = server.lora_dir / "tools_a-distilled.safetensors"
+    shown = page.locator("#lora_tools_merge_message [data-error]")
+    message = wait_for(page, "the merge message", lambda: shown.count() and shown.first.inner_text().strip(), 60)
+    shot(page, "j-tools-merge")
+    assert f"wrote {out}" in message, message
+    merged, da, db = deltas(out), deltas(a), deltas(base)
+    name, block = next(iter(BLOCK.items()))
+    assert (merged[name] - (GP1[block] * da[name] - GP2[block] * db[name])).abs().max() < 1e-4
+    assert out.with_suffix(".json").is_file()

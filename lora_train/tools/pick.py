@@ -164,10 +164,17 @@ def report_lines(ranking: Ranking) -> list[str]:
         loss = "-" if save.loss is None else f"{save.loss:.6f}"
         epoch, step = ("-" if v is None else str(v) for v in (save.epoch, save.step))
         lines.append(f"{n:>3}  {save.file.name:<36} {epoch:>5} {step:>7}  {loss:>10}")
-    best = ranking.best
-    lines.append(msg("suggested: {path} (the lowest validation loss, {loss}, epoch {epoch}, step {step})", path=best.file,
-                     loss=f"{best.loss:.6f}", epoch=best.epoch, step=best.step))
+    lines.append(suggestion(ranking))
     for save in ranking.saves:
         if save.previews:
             lines.append(msg("previews of {file}: {paths}", file=save.file.name, paths=", ".join(str(p) for p in save.previews)))
     return lines
+
+
+def suggestion(ranking: Ranking) -> str:
+    """The line naming the suggested save and why (the CLI's and the Tools tab's)."""
+    best = ranking.best
+    if best is None:  # no save was made at a step with a validation pass
+        return msg("no save of {name} has a validation loss, so none is suggested", name=ranking.name)
+    return msg("suggested: {path} (the lowest validation loss, {loss}, epoch {epoch}, step {step})", path=best.file,
+               loss=f"{best.loss:.6f}", epoch=best.epoch, step=best.step)

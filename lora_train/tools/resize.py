@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -134,6 +135,16 @@ def resize(src: str | os.PathLike, dst: str | os.PathLike, rank: int, conv_rank:
     save_lora(out, new, _metadata(metadata, result, rank, conv_rank, dynamic, param, bool(others)))
     write_card(out, _family(metadata), _card_note(src, rank, conv_rank, dynamic, param), source=src)
     return result
+
+
+def average_retention(modules: list[ModuleResize]) -> str | None:
+    """sd-scripts' closing line: the mean and spread of the modules' Frobenius norm retention
+    (an all-zero module's NaN left out, as sd-scripts does); None when no module counts."""
+    kept = [m.fro_retained for m in modules if m.fro_retained == m.fro_retained]
+    if not kept:
+        return None
+    return msg("Average Frobenius norm retention: {mean} | std: {std}", mean=f"{statistics.fmean(kept):.2%}",
+               std=f"{statistics.pstdev(kept):0.3f}")
 
 
 def _card_note(src: Path, rank: int, conv_rank: int, dynamic, param) -> str:

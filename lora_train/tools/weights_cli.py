@@ -3,7 +3,6 @@ resize.py, bake.py and extract.py; this file parses and prints)."""
 
 from __future__ import annotations
 
-import statistics
 import sys
 
 from lora_train.errors import msg
@@ -49,10 +48,9 @@ def _notes(notes, tr) -> None:
 
 
 def cmd_resize(args, tr) -> int:
-    from lora_train.tools.resize import resize
+    from lora_train.tools.resize import average_retention, resize
 
     result = resize(args.input, args.output, args.rank, args.new_conv_rank, args.dynamic, args.param, args.save_precision, args.model)
-    kept = []
     for m in result.modules:
         numbers = dict(name=f"{m.name:75}", sum=f"{m.sum_retained:.1%}", fro=f"{m.fro_retained:.1%}", ratio=f"{m.max_ratio:0.1f}")
         if args.dynamic:
@@ -60,11 +58,9 @@ def cmd_resize(args, tr) -> int:
                          rank=m.rank, alpha=m.alpha, **numbers)))
         else:
             print(tr(msg("{name} | sum(S) retained: {sum}, fro retained: {fro}, max(S) ratio: {ratio}", **numbers)))
-        if m.fro_retained == m.fro_retained:  # NaN for an all-zero module, left out as sd-scripts does
-            kept.append(m.fro_retained)
-    if kept:
-        print(tr(msg("Average Frobenius norm retention: {mean} | std: {std}", mean=f"{statistics.fmean(kept):.2%}",
-                     std=f"{statistics.pstdev(kept):0.3f}")))
+    average = average_retention(result.modules)
+    if average:
+        print(tr(average))
     _notes(result.notes, tr)
     print(tr(msg("wrote {path}", path=result.path)))
     return 0

@@ -1,4 +1,4 @@
-"""Both tabs of LoRA Train in one Blocks: Train first (what the page opens on), Dataset beside it.
+"""The tabs of LoRA Train in one Blocks: Train first (what the page opens on), Dataset and Tools beside it.
 The WebUI shows this as its "LoRA Train" tab; the standalone server as its page."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import gradio as gr
 from lora_train.ui.dataset_tab import build_dataset_tab
 from lora_train.ui.i18n import Translator
 from lora_train.ui.tab import create_train_tab
+from lora_train.ui.tools_tab import build_tools_tab
 
 
 def create_tabs(manager, host, t: Optional[Translator] = None) -> gr.Blocks:
@@ -21,4 +22,6 @@ def create_tabs(manager, host, t: Optional[Translator] = None) -> gr.Blocks:
                 train.render()
             with gr.TabItem(t("Dataset"), id="dataset", elem_id="lora_train_tab_dataset"):
                 build_dataset_tab(host, t, train.lora_fields, tabs, "train")
+            with gr.TabItem(t("Tools"), id="tools", elem_id="lora_train_tab_tools"):
+                build_tools_tab(manager, t)
     return blocks
