@@ -335,6 +335,12 @@ def cmd_merge(args) -> int:
     return 0
 
 
+def _standalone_host(model: str, folder: Path):
+    from lora_train.host.standalone import StandaloneHost
+
+    return StandaloneHost(model, folder, folder)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m lora_train", description="LoRA Train: kohya-compatible LoRA training.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -473,6 +479,9 @@ def build_parser() -> argparse.ArgumentParser:
     from lora_train.tools.weights_cli import add_parsers as add_weights_parsers
 
     add_weights_parsers(sub, tr=tr)  # resize, bake, extract
+    from lora_train.app.render_cli import add_parsers as add_render_parsers
+
+    add_render_parsers(sub, tr=tr, train=_run_training, host=_standalone_host)  # reg-images, base-style
     return p
 
 

@@ -83,6 +83,15 @@ class Host:
     def lora_files_changed(self) -> None:
         """Files were removed from `lora_dir()`: refresh the host's list of LoRA files."""
 
+    def txt2img(self, prompts: list) -> list:
+        """The host's own txt2img on its model, no LoRA: one PIL image per `SamplePrompt` (the images a
+        model makes itself: regularization images, the base-style LoRA's dataset)."""
+        raise NotImplementedError
+
+    def model_key(self) -> str:
+        """Names the loaded weights in a cache of their renders: changes when the model does."""
+        return self.model_label()
+
     def xyz_grid(self, files: list[Path], weights: list[float], prompt: str, seed: int, out: Path) -> Optional[Path]:
         """Render an epochs x weights comparison grid; None when the host cannot."""
         return None

@@ -96,6 +96,20 @@ class StandaloneHost(Host):
             return []
         return [self_test_message(path, unmatched_modules(path, self.adapter))]
 
+    def txt2img(self, prompts):
+        from lora_train.sample.render import render
+
+        with self._lock:
+            adapter = adapter_for(self._model(), name=display_name(self._spec))
+            return [render(adapter, p) for p in prompts]
+
+    def model_key(self) -> str:
+        path = Path(self._spec)
+        if path.is_file():  # path, size and time: a changed file is another model, without hashing gigabytes
+            stat = path.stat()
+            return f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+        return self._spec
+
     def xyz_grid(self, files, weights, prompt, seed, out):
         from lora_train.sample.grid import render_grid
 

@@ -141,6 +141,17 @@ class A1111Host(Host):
         with call_queue.queue_lock:
             yield
 
+    # -- the model's own images ----------------------------------------------------------------------
+    def txt2img(self, prompts) -> list:
+        from lora_train.host.a1111.txt2img import txt2img
+
+        return txt2img(self, prompts)
+
+    def model_key(self) -> str:
+        from lora_train.host.a1111.txt2img import model_key
+
+        return model_key()
+
     # -- comparison grid -----------------------------------------------------------------------------
     def xyz_grid(self, files, weights, prompt, seed, out):
         return render_grid(self, files, weights, prompt, seed, out)
