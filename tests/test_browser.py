@@ -471,6 +471,17 @@ def test_j_tools_tab_merges_the_guides_formula_into_the_lora_folder(page, server
     a = write_lora(server.lora_dir / "tools_a.safetensors", rank=4, alpha=2, seed=1)
     base = write_lora(server.lora_dir / "tools_a_BASE.safetensors", rank=2, alpha=1, seed=2)
     page.locator("#lora_train_tabs button", has_text="Tools").first.click()
+    # opening the tab lists the LoRAs written since the page loaded
+    page.get_by_text("Block weights (lora-block-weight)").first.click()
+    page.locator("#lora_tools_lbw_source input").first.click()
+    wait_for(page, "tools_a in the block-weight source list",
+             lambda: page.locator("#lora_tools_lbw_source ul.options li", has_text="tools_a").count() > 0, 30)
+    page.keyboard.press("Escape")
+    # a block-weight preset fills in its values, which the user then sees
+    page.locator("#lora_tools_lbw_preset input").first.click()
+    page.locator("#lora_tools_lbw_preset ul.options li", has_text="OUTS").first.click()
+    weights = page.locator("#lora_tools_lbw_weights textarea, #lora_tools_lbw_weights input").first
+    wait_for(page, "OUTS's values in the weights box", lambda: weights.input_value() == "1,0,0,0,0,0,0,0,0,0,0,0,1,1,1,1,1", 30)
     presets = page.locator("#lora_tools_presets textarea").first.input_value()
     assert presets.startswith("GP1:1.0,0.6,0.9") and "\nGP2:0.3,0.1" in presets, "the guide's presets are pre-filled"
     page.locator("#lora_tools_formula textarea, #lora_tools_formula input").first.fill("tools_a:1:GP1,tools_a_BASE:-1:GP2")

@@ -22,6 +22,7 @@ def create_tabs(manager, host, t: Optional[Translator] = None) -> gr.Blocks:
                 train.render()
             with gr.TabItem(t("Dataset"), id="dataset", elem_id="lora_train_tab_dataset"):
                 build_dataset_tab(host, t, train.lora_fields, tabs, "train")
-            with gr.TabItem(t("Tools"), id="tools", elem_id="lora_train_tab_tools"):
-                build_tools_tab(manager, t)
+            with gr.TabItem(t("Tools"), id="tools", elem_id="lora_train_tab_tools") as tools:
+                refresh_lists, sources = build_tools_tab(manager, t)
+            tools.select(refresh_lists, [], sources)  # the LoRAs runs published since the page was loaded
     return blocks

@@ -38,8 +38,9 @@ def _writes(t, key: str, action: str):
     return output, gr.Button(action, variant="primary", elem_id=f"lora_tools_{key}"), gr.HTML("", elem_id=f"lora_tools_{key}_message")
 
 
-def build_tools_tab(manager: RunManager, t: Translator | None = None) -> None:
-    """Create the tab's components in the current Blocks context."""
+def build_tools_tab(manager: RunManager, t: Translator | None = None):
+    """Create the tab's components in the current Blocks context; returns the function that refills
+    the LoRA lists and the lists, for the tab's select event."""
     from lora_train.tools.lbw import PRESETS
     from lora_train.tools.lowrank import DYNAMIC_METHODS
     from lora_train.tools.pick import report_lines
@@ -123,10 +124,12 @@ def build_tools_tab(manager: RunManager, t: Translator | None = None) -> None:
 
     refresh.click(lists, [], sources)
     merge_button.click(writing(tools.merge), [formula, presets, merge_output, merge_rank], [merge_message, *sources])
-    lbw_preset.change(lambda name: name or gr.update(), [lbw_preset], [lbw_weights])
+    # the preset's values, not its name: the user sees (and may edit) what will be applied
+    lbw_preset.change(lambda name: PRESETS.get(name, name) if name else gr.update(), [lbw_preset], [lbw_weights])
     lbw_source.change(suggest_output("lbw"), [lbw_source, lbw_output], [lbw_output])
     lbw_button.click(writing(tools.lbw), [lbw_source, lbw_weights, presets, lbw_output], [lbw_message, *sources])
     resize_source.change(suggest_output("resized"), [resize_source, resize_output], [resize_output])
     resize_button.click(writing(on_resize), [resize_source, resize_rank, resize_dynamic, resize_param, resize_output],
                         [resize_message, *sources])
     pick_button.click(on_pick, [pick_folder], [pick_message, pick_table, pick_image])
+    return lists, sources
