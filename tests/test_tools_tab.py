@@ -240,3 +240,22 @@ def test_the_tabs_merge_button_shows_chinese_and_lists_the_new_file(host):
     assert "A-distilled.safetensors" in lbw_list["choices"] and lbw_list["choices"] == resize_list["choices"]
     message, *_ = merge.fn("A:1,A_BASE:-1", "", "A", 0)
     assert 'data-error="1"' in message and "A.safetensors" in message and "wrote" not in message
+
+
+def test_the_pick_image_box_shows_only_with_previews(host):
+    """Without validation data Pick says so in one line and hides its (empty) image box."""
+    from lora_train.ui.tabs import create_tabs
+
+    run = host.work_dir() / "runs" / "plain"
+    run.mkdir(parents=True)
+    loss_csv = run / "plain-loss.csv"
+    loss_csv.write_text("step,epoch,loss,lr_unet,lr_textencoder\n1,1,0.5,1e-4,\n", encoding="utf-8")
+    blocks = create_tabs(RunManager(host), host)
+    ids = {block._id: getattr(block, "elem_id", None) for block in blocks.blocks.values()}
+    pick = next(fn for fn, dep in zip(blocks.fns, blocks.dependencies) if ids.get(dep["targets"][0]) == "lora_tools_pick")
+    message, table, image = pick.fn(str(run))
+    assert 'data-error="1"' in message and "validation_split" in message and table == ""
+    assert image["visible"] is False and image["value"] is None
+    loss_csv.write_text("step,loss\n1,0.5\n", encoding="utf-8")  # not ours: one line that names the file, not a KeyError
+    message, _, image = pick.fn(str(run))
+    assert 'data-error="1"' in message and "plain-loss.csv: line 2: not a loss.csv that LoRA Train wrote" in message

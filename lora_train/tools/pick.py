@@ -76,8 +76,12 @@ def read_validation(loss_csv: Path) -> tuple[dict[int, float], dict[int, float]]
     at_step: dict[int, float] = {}
     per_epoch: dict[int, float] = {}
     with loss_csv.open(encoding="utf-8", newline="") as f:
-        for row in csv.DictReader(f):
-            step, epoch = int(row["step"]), int(row["epoch"])
+        for line, row in enumerate(csv.DictReader(f), start=2):
+            try:
+                step, epoch = int(row["step"]), int(row["epoch"])
+            except (KeyError, TypeError, ValueError):
+                raise UserError(msg("{path}: line {line}: not a loss.csv that LoRA Train wrote (step and epoch columns)",
+                                    path=loss_csv, line=line)) from None
             epoch_value, step_value = row.get("validation_epoch_average") or "", row.get("validation_step_average") or ""
             if epoch_value:
                 per_epoch[epoch] = at_step[step] = float(epoch_value)

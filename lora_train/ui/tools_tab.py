@@ -88,7 +88,8 @@ def build_tools_tab(manager: RunManager, t: Translator | None = None):
         pick_button = gr.Button(t("Rank the saves"), variant="primary", elem_id="lora_tools_pick")
         pick_message = gr.HTML("", elem_id="lora_tools_pick_message")
         pick_table = gr.HTML("", elem_id="lora_tools_pick_box")
-        pick_image = gr.Image(label=t("Previews side by side"), type="filepath", interactive=False, elem_id="lora_tools_pick_image")
+        pick_image = gr.Image(label=t("Previews side by side"), type="filepath", interactive=False, visible=False,
+                              elem_id="lora_tools_pick_image")
 
     sources = [lbw_source, resize_source]
 
@@ -114,8 +115,10 @@ def build_tools_tab(manager: RunManager, t: Translator | None = None):
         try:
             ranking, grid = tools.pick(folder)
         except (UserError, OSError, ValueError) as e:
-            return _message(t.text(e), True), "", None
-        return _message(t.text(report_lines(ranking)[0])), ranking_html(ranking, t), str(grid) if grid else None
+            return _message(t.text(e), True), "", gr.update(value=None, visible=False)
+        # the image box shows only when there are previews to show
+        return (_message(t.text(report_lines(ranking)[0])), ranking_html(ranking, t),
+                gr.update(value=str(grid), visible=True) if grid else gr.update(value=None, visible=False))
 
     def suggest_output(suffix):
         def fill(source, current):
