@@ -168,7 +168,8 @@ def test_family_from_header(tmp_path):
     from lora_train.model.sgm_loading import SDXL_KEY
 
     assert family_of_file(_safetensors_header(tmp_path / "a.safetensors", [SDXL_KEY, "x"])) == "sdxl"
-    assert family_of_file(_safetensors_header(tmp_path / "b.safetensors", ["cond_stage_model.model.ln_final.weight"])) == "sd2"
+    # the key the loader (and the WebUI's sd_models_config) tells SD2 by
+    assert family_of_file(_safetensors_header(tmp_path / "b.safetensors", ["cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight"])) == "sd2"
     assert family_of_file(_safetensors_header(tmp_path / "c.safetensors", ["cond_stage_model.transformer.x"])) == "sd1"
 
 

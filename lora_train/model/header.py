@@ -8,10 +8,7 @@ import struct
 from pathlib import Path
 
 from lora_train.errors import UserError, msg
-from lora_train.model.sgm_loading import SDXL_KEY
 
-# a key only SD2's OpenCLIP text encoder has in an ldm checkpoint
-SD2_KEY_PREFIX = "cond_stage_model.model."
 # family -> the reference architecture its targets are listed from (model/arch.py), and its training size
 ARCH = {"sd1": ("sd15", 512), "sd2": ("sd21", 768), "sdxl": ("sdxl", 1024)}
 
@@ -45,10 +42,9 @@ def family_of_file(path: str | Path) -> str:
 
     if is_diffusers_folder(Path(path)):
         return family_of_folder(Path(path))
-    names = tensor_names(path)
-    if SDXL_KEY in names:
-        return "sdxl"
+    from lora_train.model.stock import family_of_keys
+
     yaml = Path(path).with_suffix(".yaml")
     if yaml.is_file() and "sgm." in yaml.read_text(encoding="utf-8", errors="replace"):
         return "sdxl"
-    return "sd2" if any(k.startswith(SD2_KEY_PREFIX) for k in names) else "sd1"
+    return family_of_keys(set(tensor_names(path)))  # the keys the loader itself decides by
