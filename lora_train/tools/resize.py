@@ -31,7 +31,6 @@ from lora_train.tools.checkpoint import check_output
 
 LORA_KEYS = {"lora_down.weight", "lora_up.weight", "alpha"}
 NORM_KEYS = {"w_norm", "b_norm"}
-FAMILY_OF_VERSION = (("sdxl_", "sdxl"), ("sd_v2", "sd2"), ("sd_v1", "sd1"))
 
 
 @dataclass
@@ -52,11 +51,6 @@ class ResizeResult:
     modules: list[ModuleResize] = field(default_factory=list)
     old_rank: int = 0
     notes: list[str] = field(default_factory=list)
-
-
-def _family(metadata: dict[str, str]) -> str | None:
-    version = metadata.get("ss_base_model_version", "")
-    return next((family for prefix, family in FAMILY_OF_VERSION if version.startswith(prefix)), None)
 
 
 def _resized(name: str, matrix: torch.Tensor, shape, rank: int, scale: float, dynamic, param, own_rank, dtype, algorithm: str):
@@ -133,7 +127,8 @@ def resize(src: str | os.PathLike, dst: str | os.PathLike, rank: int, conv_rank:
             result.notes.append(msg("{count} {algorithms} modules were turned into LoRA / LoCon modules through their delta",
                                     count=sum(m.algorithm != "LoRA" for m in result.modules), algorithms="/".join(kinds)))
     save_lora(out, new, _metadata(metadata, result, rank, conv_rank, dynamic, param, bool(others)))
-    write_card(out, _family(metadata), _card_note(src, rank, conv_rank, dynamic, param), source=src)
+    family = {"sd15": "sd1", "sd21": "sd2", "sdxl": "sdxl"}[deltas.family_of(tensors, metadata)]
+    write_card(out, family, _card_note(src, rank, conv_rank, dynamic, param), source=src)
     return result
 
 
