@@ -14,14 +14,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from lora_train.app.base_style import PRESETS
 from lora_train.app.guard import guarded_path
 from lora_train.app.runs import RunManager
 from lora_train.errors import UserError, msg
 from lora_train.network.card import safe_name
 
-# the guide's presets for `NAME:1:GP1,NAME_BASE:-1:GP2` (issue 21): keep the style, merge away the base model's own
-GUIDE_PRESETS = ("GP1:1.0,0.6,0.9,0.9,0.9,0.6,0.5,0.4,0.4,0.6,0.8,1.0,1.1,1.1,1.1,1.1,1.1\n"
-                 "GP2:0.3,0.1,0.1,0.1,0.1,0.1,0.1,0.1,0.1,0.1,0.1,0.1,0.2,0.2,0.2,0.2,0.2")
+# the guide's presets for `NAME:1:GP1,NAME_BASE:-1:GP2` (base_style.PRESETS), one per line as the tab shows them
+GUIDE_PRESETS = "\n".join(f"{name}:{values}" for name, values in PRESETS.items())
 WORST = 5  # modules listed by name under resize's average: where the rank cut hurts most
 
 
