@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import sys
 import threading
 import types
@@ -170,12 +171,21 @@ class FakeNetworks(types.ModuleType):
             m.bias.copy_(m.network_bias_backup)
 
     def list_available_networks(self):
+        # as in the WebUI: both dicts cleared in place, then models/Lora scanned again
         self.refreshes += 1
         self.available_networks.clear()
+        self.available_network_aliases.clear()
         folder = Path(self.lora_dir)
         for f in folder.glob("*.safetensors") if folder.is_dir() else []:
             self.available_networks[f.stem] = SimpleNamespace(name=f.stem, filename=str(f))
-        self.available_network_aliases = dict(self.available_networks)
+        self.available_network_aliases.update(self.available_networks)
+
+    def load_networks(self, names):
+        """The real one's lookup: when any name is unknown it calls the module's (global)
+        `list_available_networks()` and looks them all up again."""
+        if any(self.available_network_aliases.get(n) is None for n in names):
+            self.list_available_networks()
+        return [self.available_network_aliases.get(n) for n in names]
 
     def load_network(self, name, on_disk):
         self.loads.append((name, on_disk.filename))
@@ -675,24 +685,30 @@ def test_grid_uses_txt2img_with_lora_tags_and_waits_for_no_run(webui, host, tmp_
         host.xyz_grid(files, [1.0], "zkz", 7, tmp_path / "g2.png")
 
 
-def test_xyz_axes_register_once_and_edit_the_lora_tag(webui, tmp_path, monkeypatch):
-    from lora_train.host.a1111 import xyz as axes
-
+def fake_xyz_script(webui):
+    """The X/Y/Z plot script's module (scripts/xyz_grid.py) as `install_xyz_axes` finds it."""
     xyz = types.ModuleType("xyz_grid.py")
 
     class AxisOption:
         def __init__(self, label, type, apply, format_value=None, confirm=None, cost=0.0, choices=None, prepare=None):
             self.label, self.type, self.apply, self.confirm, self.choices = label, type, apply, confirm, choices
+            self.format_value = format_value
 
     xyz.AxisOption, xyz.axis_options = AxisOption, [AxisOption("Seed", int, None)]
     xyz.format_value_add_label = xyz.format_value = lambda p, opt, x: x
     script_class = type("Script", (), {"__module__": "xyz_grid.py"})
     webui.scripts.scripts_data.append(SimpleNamespace(script_class=script_class, module=xyz))
+    return xyz
 
+
+def test_xyz_axes_register_once_and_edit_the_lora_tag(webui, tmp_path, monkeypatch):
+    from lora_train.host.a1111 import xyz as axes
+
+    xyz = fake_xyz_script(webui)
     assert axes.install_xyz_axes() is True
     assert axes.install_xyz_axes() is False  # UI reload: not twice
     labels = [o.label for o in xyz.axis_options]
-    assert labels == ["Seed", "[LoRA Train] LoRA weight", "[LoRA Train] LoRA checkpoint"]
+    assert labels == ["Seed", "[LoRA Train] LoRA weight", "[LoRA Train] LoRA checkpoint", "[LoRA Train] block weights"]
     weight, checkpoint = xyz.axis_options[1], xyz.axis_options[2]
 
     lora_dir = Path(webui.shared.cmd_opts.lora_dir)
@@ -729,6 +745,131 @@ def test_xyz_axes_register_once_and_edit_the_lora_tag(webui, tmp_path, monkeypat
     assert p.prompt == "a dog <lora:Other:0.3>", "no LoRA chosen: the prompt's only tag"
     with pytest.raises(RuntimeError, match="no <lora:...>"):
         weight.apply(SimpleNamespace(prompt="a dog"), 0.3, [0.3])
+
+
+# kohya names -> lora-block-weight block, by hand (down_blocks_i attentions_j is input_blocks_(3i+j+1),
+# up_blocks_i attentions_j is output_blocks_(3i+j)); OUTS is 1,0,0,0,0,0,0,0,0,0,0,0,1,1,1,1,1 over
+# BASE, IN01, IN02, IN04, IN05, IN07, IN08, M00, OUT03-OUT11: BASE and OUT07-OUT11 on, the rest off
+LBW_BLOCKS = {
+    "lora_te_text_model_encoder_layers_0_self_attn_q_proj": ("BASE", 1.0),
+    "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q": ("IN01", 0.0),
+    "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn1_to_v": ("M00", 0.0),
+    "lora_unet_up_blocks_1_attentions_2_transformer_blocks_0_ff_net_2": ("OUT05", 0.0),
+    "lora_unet_up_blocks_3_attentions_0_proj_in": ("OUT09", 1.0),
+}
+
+
+def write_sd1_lora(path: Path, seed: int, extra: dict | None = None) -> Path:
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name in LBW_BLOCKS:
+        tensors[f"{name}.lora_down.weight"] = torch.randn(2, 8, generator=g)
+        tensors[f"{name}.lora_up.weight"] = torch.randn(8, 2, generator=g)
+        tensors[f"{name}.alpha"] = torch.tensor(1.0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({**tensors, **(extra or {})}, str(path), {"ss_base_model_version": "sd_v1", "ss_output_name": path.stem})
+    return path
+
+
+def lora_deltas(path) -> dict[str, torch.Tensor]:
+    """up @ down * alpha / rank of every module, by hand."""
+    with safe_open(str(path), "pt") as f:
+        t = {k: f.get_tensor(k) for k in f.keys()}
+    return {n: t[f"{n}.lora_up.weight"] @ t[f"{n}.lora_down.weight"] * float(t[f"{n}.alpha"]) / 2 for n in LBW_BLOCKS}
+
+
+def test_xyz_block_weights_axis_bakes_registers_and_reuses_a_copy(webui, tmp_path, monkeypatch):
+    import csv
+    import io
+
+    from lora_train.host.a1111 import xyz as axes
+
+    xyz = fake_xyz_script(webui)
+    assert axes.install_xyz_axes() is True
+    blocks = xyz.axis_options[3]
+    assert blocks.label == "[LoRA Train] block weights"
+    assert {"NONE", "ALL", "INS", "IND", "INALL", "MIDD", "OUTD", "OUTS", "OUTALL", "ALL0.5"} <= set(blocks.choices())
+    lora_dir = Path(webui.shared.cmd_opts.lora_dir)
+    src = write_sd1_lora(lora_dir / "mine.safetensors", seed=1)
+    write_sd1_lora(lora_dir / "mine-000001.safetensors", seed=2)
+    webui.networks.list_available_networks()
+    webui.shared.opts.data["lora_train_xyz_lora"] = "mine"
+
+    # what the lead types in the X/Y/Z values box: the WebUI splits it with csv (csv_string_to_list_strip)
+    typed = 'OUTS, "1,0,0,0,0,0,0,0,0,0,0,0,1,1,1,1,1", ALL0.5'
+    xs = [v.strip() for row in csv.reader(io.StringIO(typed), skipinitialspace=True) for v in row]
+    assert xs == ["OUTS", "1,0,0,0,0,0,0,0,0,0,0,0,1,1,1,1,1", "ALL0.5"]
+    assert [blocks.format_value(None, blocks, x) for x in xs] == xs, "the grid labels: the preset name or the value list"
+    blocks.confirm(SimpleNamespace(prompt="a cat <lora:mine:0.8>"), xs)
+
+    p = SimpleNamespace(prompt="a cat, <lora:Other:0.5> <lora:mine:0.8>")
+    blocks.apply(p, "OUTS", xs)
+    m = re.search(r"<lora:(mine_lbw_[0-9a-f]{8}):0\.8>", p.prompt)
+    assert m and p.prompt.startswith("a cat, <lora:Other:0.5> "), p.prompt
+    alias = m.group(1)
+    entry = webui.networks.available_network_aliases[alias]
+    baked = Path(entry.filename)
+    cache = tmp_path / "webui" / "lora_train" / "lbw-cache"
+    assert baked.parent == cache and baked.is_file(), "outside models/Lora"
+    assert alias not in webui.networks.available_networks, "not among the Lora cards"
+    want, got = lora_deltas(src), lora_deltas(baked)
+    for name, (block, value) in LBW_BLOCKS.items():
+        assert torch.allclose(got[name], value * want[name], atol=1e-6), (name, block)
+    assert got["lora_unet_up_blocks_3_attentions_0_proj_in"].abs().max() > 0
+
+    # reused: the same copy for the preset and its value list, not written again
+    stamp = baked.stat().st_mtime_ns
+    q = SimpleNamespace(prompt="a dog <lora:mine:1>")
+    blocks.apply(q, xs[1], xs)
+    assert q.prompt == f"a dog <lora:{alias}:1>" and baked.stat().st_mtime_ns == stamp
+    assert len(list(cache.glob("*.safetensors"))) == 2, "OUTS (= its list) and ALL0.5, baked in confirm"
+
+    # the built-in extension rescans (a missing name in the prompt clears its dicts): still there
+    assert webui.networks.load_networks(["typo", alias]) == [None, entry]
+    webui.networks.list_available_networks()
+    assert webui.networks.available_network_aliases[alias] is entry
+
+    # with the weight and checkpoint axes, in any order, one tag: the chosen file's copy at the weight
+    r = SimpleNamespace(prompt="a cat")
+    blocks.apply(r, "OUTS", xs)
+    xyz.axis_options[2].apply(r, "mine-000001", ["mine", "mine-000001"])
+    xyz.axis_options[1].apply(r, 0.5, [0.5])
+    m = re.fullmatch(r"a cat <lora:(mine-000001_lbw_[0-9a-f]{8}):0\.5>", r.prompt)
+    assert m, r.prompt
+    epoch = Path(webui.networks.available_network_aliases[m.group(1)].filename)
+    assert torch.allclose(lora_deltas(epoch)["lora_unet_up_blocks_3_attentions_0_proj_in"],
+                          lora_deltas(lora_dir / "mine-000001.safetensors")["lora_unet_up_blocks_3_attentions_0_proj_in"])
+
+
+def test_xyz_block_weights_that_do_not_fit_the_file_fail_in_confirm(webui, tmp_path, monkeypatch):
+    from lora_train.host.a1111 import xyz as axes
+
+    monkeypatch.setattr(axes, "_last_published", None)  # no LoRA chosen: the axis takes the prompt's tag
+    xyz = fake_xyz_script(webui)
+    axes.install_xyz_axes()
+    blocks = xyz.axis_options[3]
+    lora_dir = Path(webui.shared.cmd_opts.lora_dir)
+    src = write_sd1_lora(lora_dir / "mine.safetensors", seed=1)
+    p = SimpleNamespace(prompt="a cat <lora:mine:1>")
+    with pytest.raises(RuntimeError, match=r"block weights.*mine\.safetensors.*has 12 values; SD1/SD2 block weights take 17 or 26") as e:
+        blocks.confirm(p, ["OUTS", ",".join(["1"] * 12)])  # SDXL's 12-value layout on an SD1 file
+    assert "\n" not in str(e.value)
+    blocks.confirm(p, [",".join(["0.5"] * 26)])  # lora-block-weight's 26 values fit a plain LoRA too
+    with pytest.raises(RuntimeError, match="neither a preset"):
+        blocks.confirm(p, ["OUTZ"])
+    with pytest.raises(RuntimeError, match="neither a preset"):
+        blocks.confirm(SimpleNamespace(prompt="a cat"), ["OUTZ"])  # no LoRA to tell yet: checked against both families
+    name = next(iter(LBW_BLOCKS))
+    write_sd1_lora(lora_dir / "dora.safetensors", seed=3, extra={f"{name}.dora_scale": torch.ones(1, 8)})
+    with pytest.raises(RuntimeError, match=r"dora\.safetensors.*DoRA changes the weight non-linearly"):
+        blocks.confirm(SimpleNamespace(prompt="a cat <lora:dora:1>"), ["NONE"])
+    blocks.confirm(SimpleNamespace(prompt="a cat <lora:dora:1>"), ["OUTD"])  # BASE (the DoRA module) stays 1
+    with pytest.raises(RuntimeError, match="no LoRA named nope"):
+        blocks.confirm(SimpleNamespace(prompt="a cat <lora:nope:1>"), ["ALL"])
+    assert src.is_file() and sorted(p.name for p in lora_dir.iterdir()) == ["dora.safetensors", "mine.safetensors"], "nothing added to models/Lora"
+    monkeypatch.setitem(sys.modules, "network", None)  # built-in Lora extension disabled
+    with pytest.raises(RuntimeError, match="Lora extension is disabled"):
+        blocks.confirm(p, ["INS"])
 
 
 def test_parses_the_webui_didnt_match_log_line():

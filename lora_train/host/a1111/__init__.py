@@ -6,7 +6,8 @@ put fakes in `sys.modules`. Only `scripts/lora_train_tab.py` imports it. One job
 `webui.py` reads the WebUI's state, `host.py` is the Host, `refusals.py` says why a run cannot start,
 `session.py` holds the WebUI for a run, `memory.py` undoes merged LoRA weights and handles --medvram,
 `previews.py` renders previews through txt2img, `selftest.py` loads a file with the WebUI's Lora
-loader, `xyz.py` adds the X/Y/Z plot axes and renders the comparison grid.
+loader, `xyz.py` adds the X/Y/Z plot axes and renders the comparison grid, `xyz_blocks.py` bakes
+the block-weights axis' copies and registers them with the Lora extension.
 
 What a run does to the WebUI (see the reference notes, "Design checklist"):
 - It holds `call_queue.queue_lock` from start to end, in the run's own thread: txt2img, the API and

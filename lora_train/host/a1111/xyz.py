@@ -15,6 +15,7 @@ from lora_train.host.a1111.webui import LORA_EXTENSIONS, SETTING_XYZ_LORA, TASK_
 XYZ_PREFIX = "[LoRA Train]"
 XYZ_WEIGHT = f"{XYZ_PREFIX} LoRA weight"
 XYZ_CHECKPOINT = f"{XYZ_PREFIX} LoRA checkpoint"
+XYZ_BLOCKS = f"{XYZ_PREFIX} block weights"
 
 _last_published: Optional[str] = None  # stem of the last LoRA a run published (the XYZ axes' default)
 
@@ -57,6 +58,11 @@ def _find_tag(prompt: str, wanted: list[str], family: str):
     return None
 
 
+def no_lora_chosen(axis: str) -> RuntimeError:
+    return RuntimeError(msg("{axis}: the prompt has no <lora:...> and no LoRA is chosen (Settings > LoRA Train, or publish one with a run first)",
+                            axis=axis))
+
+
 def set_lora_weight(prompt: str, weight: float, target: str = "", family: str = "") -> tuple[str, str]:
     """Set the weight of our LoRA's `<lora:...>` tag in `prompt`, or append one. -> (prompt, name)."""
     m = _find_tag(prompt, [target] if target else [], family)
@@ -65,8 +71,7 @@ def set_lora_weight(prompt: str, weight: float, target: str = "", family: str = 
     if m is None:
         name = target or family
         if not name:
-            raise RuntimeError(f"{XYZ_WEIGHT}: the prompt has no <lora:...> and no LoRA is chosen "
-                               "(Settings > LoRA Train, or publish one with a run first)")
+            raise no_lora_chosen(XYZ_WEIGHT)
         return f"{prompt} <lora:{name}:{weight:g}>", name
     tag = f"<{m.group(1)}:{m.group(2)}:{weight:g}{m.group(4) or ''}>"
     return prompt[:m.start()] + tag + prompt[m.end():], m.group(2)
@@ -91,6 +96,10 @@ def apply_lora_weight(p, x, xs) -> None:
 def apply_lora_checkpoint(p, x, xs) -> None:
     p.prompt = set_lora_name(p.prompt, str(x), [str(v) for v in xs], getattr(p, "_lora_train_lora", ""), xyz_lora_name())
     p._lora_train_lora = str(x)
+    if getattr(p, "_lora_train_lbw", None) is not None:  # the block-weights axis came first: bake this file too
+        from lora_train.host.a1111.xyz_blocks import apply_block_weights
+
+        apply_block_weights(p, p._lora_train_lbw, None)
 
 
 def confirm_lora_checkpoints(p, xs) -> None:
@@ -111,6 +120,8 @@ def install_xyz_axes() -> bool:
     built with the UI). Returns False when the script is missing or the axes are already there."""
     from modules import scripts
 
+    from lora_train.host.a1111 import xyz_blocks as lbw_axis
+
     xyz = next((s.module for s in scripts.scripts_data if s.script_class.__module__ == "xyz_grid.py"), None)
     if xyz is None:
         return False
@@ -120,6 +131,9 @@ def install_xyz_axes() -> bool:
         xyz.AxisOption(XYZ_WEIGHT, float, apply_lora_weight, format_value=xyz.format_value_add_label),
         xyz.AxisOption(XYZ_CHECKPOINT, str, apply_lora_checkpoint, format_value=xyz.format_value_add_label,
                        confirm=confirm_lora_checkpoints, choices=lora_stems),
+        # value lists contain commas: typed quoted, with "Use text inputs instead of dropdowns" ticked
+        xyz.AxisOption(XYZ_BLOCKS, str, lbw_axis.apply_block_weights, format_value=lbw_axis.format_block_weights,
+                       confirm=lbw_axis.confirm_block_weights, choices=lbw_axis.preset_names),
     ])
     return True
 
