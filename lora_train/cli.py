@@ -117,7 +117,21 @@ def cmd_train(args) -> int:
     path = _run_training(config, out / f"{config.saving.output_name}-loss.csv")
     if path and _is_main_process():
         print(tr(msg("LoRA: {path}", path=path)))
+        _print_ranking(out, config.saving.output_name)
     return 0
+
+
+def _print_ranking(folder: Path, name: str) -> None:
+    """After a run with validation_split, `pick`'s ranking of its saves (the CLI writes no cards to note it in)."""
+    from lora_train.tools.pick import rank_if_validated, report_lines
+
+    try:
+        ranking = rank_if_validated(folder, name)
+    except UserError as e:  # the run itself went fine
+        print(f"{t('note')}: {tr(str(e))}", file=sys.stderr)
+        return
+    if ranking is not None:
+        print(tr("\n".join(report_lines(ranking))))
 
 
 def _dry_run(config) -> int:

@@ -259,3 +259,36 @@ def test_the_pick_image_box_shows_only_with_previews(host):
     loss_csv.write_text("step,loss\n1,0.5\n", encoding="utf-8")  # not ours: one line that names the file, not a KeyError
     message, _, image = pick.fn(str(run))
     assert 'data-error="1"' in message and "plain-loss.csv: line 2: not a loss.csv that LoRA Train wrote" in message
+
+
+def test_merge_reads_ia3_items_through_the_model_field(tmp_path, tiny_adapter):
+    """merge's --model in the tab: an IA3 item's change is its scale times the model's own weight."""
+    root = tmp_path / "webui"
+    host = FakeHost(root, AccessPolicy.build([root], remote=True))
+    tools = Tools(RunManager(host))
+    name = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    weight = next(t.module.weight for t in tiny_adapter.file_targets() if t.name == name).detach().float()
+    scale = torch.randn(weight.shape[0], generator=torch.Generator().manual_seed(14))
+    host.lora_dir().mkdir(parents=True)
+    save_lora(host.lora_dir() / "ia3.safetensors", {f"{name}.weight": scale, f"{name}.on_input": torch.tensor(0)},
+              {"ss_base_model_version": "sd_v1"})
+    full = min(weight.shape)
+    with pytest.raises(UserError, match=r"IA3.*--model"):
+        tools.merge("ia3:0.5", "", "no-model", full)
+    outside = tmp_path / "srv" / "model.safetensors"
+    outside.parent.mkdir()
+    outside.write_bytes(b"not read")
+    with pytest.raises(UserError, match="merge model: .*outside the allowed folders"):
+        tools.merge("ia3:0.5", "", "m", full, str(outside))
+    with pytest.raises(UserError, match="no such checkpoint file"):
+        tools.merge("ia3:0.5", "", "m", full, str(root / "models" / "missing.safetensors"))
+    assert host.published == []
+    written = tools.merge("ia3:0.5", "", "m", full, "builtin:tiny")
+    torch.testing.assert_close(deltas(written.path)[name], 0.5 * weight * scale[:, None], rtol=1e-3, atol=1e-4)
+    # the tab hands its Model field to the same call
+    from lora_train.ui.tabs import create_tabs
+
+    blocks = create_tabs(RunManager(host), host)
+    ids = {block._id: getattr(block, "elem_id", None) for block in blocks.blocks.values()}
+    dep = next(dep for dep in blocks.dependencies if ids.get(dep["targets"][0]) == "lora_tools_merge")
+    assert [ids[i] for i in dep["inputs"]][-1] == "lora_tools_merge_model"

@@ -59,6 +59,10 @@ class RunStatus:
     eta_seconds: Optional[float] = None
     published: list[str] = field(default_factory=list)
     checks: dict[str, str] = field(default_factory=dict)  # published path -> the host's load check
+    # after a run with validation_split: (file, epoch, validation loss) of each save, lowest loss first (`pick`'s
+    # ranking; the file is the published copy), and the published file it suggests
+    ranking: list[tuple[str, Optional[int], Optional[float]]] = field(default_factory=list)
+    suggested: str = ""
     previews: list[str] = field(default_factory=list)
     messages: list[str] = field(default_factory=list)
     error: str = ""
@@ -301,6 +305,8 @@ class RunManager:
                 state = trainer.last_save.with_name(trainer.last_save.stem + "-state")
                 if state.is_dir():
                     status.resume_state = str(state)
+            if status.phase in ("finished", "cancelled") and status.published:
+                publisher.suggest(Path(config.saving.output_dir))
 
     def _drop_interrupted(self, status: RunStatus) -> None:
         """A run that finished after a Resume: its `-interrupted` saves leave the LoRA folder (the work
@@ -361,6 +367,7 @@ class _Publisher:
         self.status = status
         self.card = Card(activation_text=request.trigger, preferred_weight=request.preferred_weight, notes=request.notes)
         self.done: set[str] = set()  # saved paths already published
+        self.copies: dict[str, str] = {}  # saved path -> its published copy (free_stem may have renamed it)
         self.without_preview: list[Path] = []
         self.last_samples: tuple[int, list[str]] | None = None
 
@@ -384,6 +391,7 @@ class _Publisher:
         stem = free_stem(folder, saved.stem)
         path = publish(saved, folder, stem, self.card)
         self.done.add(str(saved))
+        self.copies[str(saved)] = str(path)
         if self.last_samples and (step is None or self.last_samples[0] == step):
             set_preview(path, Path(self.last_samples[1][0]))
         else:
@@ -393,6 +401,32 @@ class _Publisher:
             self.status.published.append(str(path))
             self.status.checks[str(path)] = "; ".join(messages)
             self.status.messages += [m for m in messages if check_failed(m)]
+
+    def suggest(self, folder: Path) -> None:
+        """pick's ranking of the run's saves on the status, and its note on the cards of the suggested
+        and the final published file; older notes of the run (a stop before a Resume) go. Only the
+        LoRA folder's cards are written, never the run's saves."""
+        from lora_train.tools.cards import set_note
+        from lora_train.tools.pick import card_note, is_card_note, rank_if_validated
+
+        status = self.status
+        try:
+            ranking = rank_if_validated(folder, status.name)
+        except (UserError, OSError) as e:  # the run itself is fine: say why there is no suggestion
+            status.messages.append(str(e))
+            return
+        if ranking is None:  # no validation_split: nothing to rank
+            return
+        with self.manager._lock:
+            published = list(status.published)
+        copies = {Path(p).stem: p for p in published} | {Path(k).stem: v for k, v in self.copies.items()}
+        rows = [(copies.get(s.file.stem, str(s.file)), s.epoch, s.loss) for s in ranking.saves]
+        best = copies.get(ranking.best.file.stem, "") if ranking.best else ""
+        note = card_note(ranking, Path(best).stem) if best else None
+        with self.manager._lock:
+            status.ranking, status.suggested = rows, best
+        for path in published:
+            set_note(Path(path), note if path in (best, published[-1]) else None, is_card_note)
 
 
 def _require_dataset(config: TrainConfig) -> None:

@@ -90,16 +90,33 @@ class Tools:
         return Written(path, [msg("wrote {path}", path=path), *(more or []), *notes, *checks])
 
     # -- the tools ---------------------------------------------------------------------------------
-    def merge(self, formula: str, presets_text: str, output: str, rank: Optional[float]) -> Written:
-        """SuperMerger's formula over LoRAs named in the LoRA folder (or by a path)."""
+    def merge(self, formula: str, presets_text: str, output: str, rank: Optional[float], model: str = "") -> Written:
+        """SuperMerger's formula over LoRAs named in the LoRA folder (or by a path). `model`: merge's
+        --model, the checkpoint whose weights IA3, OFT, GLoRA and DoRA items change (empty: none)."""
         from lora_train.tools import merge
 
         folder = self._folder()
         for item in merge.parse_formula(formula):
             guarded_path(self.host.access(), merge.resolve(item.source, folder), item.source)
         out = self.output(output)
-        path, notes = merge.merge(formula, out, merge.parse_presets([presets_text or ""]), _rank(rank), folder)
+        targets = self._model_targets(model)
+        path, notes = merge.merge(formula, out, merge.parse_presets([presets_text or ""]), _rank(rank), folder, targets)
         return self._published(path, notes)
+
+    def _model_targets(self, model: str):
+        """The modules of the checkpoint named by `model` (a file the folder policy allows, or a built-in
+        model), loaded on its own beside the host's; None for an empty field."""
+        from lora_train.model import registry
+
+        spec = (model or "").strip()
+        if not spec:
+            return None
+        if not spec.startswith("builtin:"):
+            real = guarded_path(self.host.access(), spec, msg("merge model"))
+            if not real.is_file():
+                raise UserError(msg("{path}: no such checkpoint file", path=spec))
+            spec = str(real)
+        return registry.load_adapter(spec).file_targets()
 
     def lbw(self, source: str, weights: str, presets_text: str, output: str) -> Written:
         """lora-block-weight's values (a preset name, one of the presets given for merge, or a list) baked in."""

@@ -34,3 +34,32 @@ def write_card(lora: Path, family: str | None, note: str, source: Path | None = 
     path = Path(lora).with_suffix(".json")
     atomic_write_bytes(path, json.dumps(card.to_json(), indent=4, ensure_ascii=False).encode("utf-8"))
     return path
+
+
+def set_note(lora: Path, line: str | None, replaces=lambda old: False) -> bool:
+    """Add `line` to the notes of the card beside a published LoRA, after the notes it has; a line
+    `replaces` says is outdated goes. Every other field (activation text, weight, what the WebUI's editor
+    wrote) stays as it is. A file without a card gets one. Returns whether the card changed."""
+    path = Path(lora).with_suffix(".json")
+    if not path.is_file() and not line:
+        return False
+    fields: dict = {}
+    if path.is_file():
+        try:
+            fields = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            fields = {}
+    if not isinstance(fields, dict):
+        fields = {}
+    if not fields:
+        fields = Card().to_json()
+    old = str(fields.get("notes") or "")
+    lines = [x for x in old.splitlines() if not replaces(x)]
+    if line:
+        lines.append(line)
+    notes = "\n".join(lines).strip("\n")
+    if notes == old and fields.get("notes") is not None:
+        return False
+    fields["notes"] = notes
+    atomic_write_bytes(path, json.dumps(fields, indent=4, ensure_ascii=False).encode("utf-8"))
+    return True

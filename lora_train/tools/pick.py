@@ -108,6 +108,14 @@ def _int(text: str | None) -> int | None:
     return int(text) if text and text.isdigit() else None
 
 
+def rank_if_validated(folder: Path, name: str) -> Ranking | None:
+    """The ranking of a run that wrote validation loss; None for a run without (no validation_split)."""
+    loss_csv = Path(folder) / f"{name}{LOSS_SUFFIX}"
+    if not loss_csv.is_file() or not read_validation(loss_csv)[0]:
+        return None
+    return rank(Path(folder) / name)
+
+
 def rank(target: str | Path) -> Ranking:
     folder, name = find_run(target)
     loss_csv = folder / f"{name}{LOSS_SUFFIX}"
@@ -182,3 +190,22 @@ def suggestion(ranking: Ranking) -> str:
         return msg("no save of {name} has a validation loss, so none is suggested", name=ranking.name)
     return msg("suggested: {path} (the lowest validation loss, {loss}, epoch {epoch}, step {step})", path=best.file,
                loss=f"{best.loss:.6f}", epoch=best.epoch, step=best.step)
+
+
+# the card note below, as a pattern: a later ranking of the same run (after a Resume) replaces it
+_CARD_NOTE = re.compile(r"suggested epoch \S+ \(.*\): lowest validation loss \S+ of \d+ saves")
+
+
+def card_note(ranking: Ranking, stem: str | None = None) -> str | None:
+    """The line a published card's notes get: which epoch is suggested and why. `stem`: the suggested
+    file's name in the LoRA folder, when publishing renamed it."""
+    best = ranking.best
+    if best is None:
+        return None
+    return msg("suggested epoch {epoch} ({file}): lowest validation loss {loss} of {count} saves",
+               epoch="-" if best.epoch is None else best.epoch, file=stem or best.file.stem, loss=f"{best.loss:.4f}",
+               count=sum(s.loss is not None for s in ranking.saves))
+
+
+def is_card_note(line: str) -> bool:
+    return bool(_CARD_NOTE.fullmatch(line.strip()))

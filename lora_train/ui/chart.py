@@ -133,10 +133,28 @@ def files_html(status, t) -> str:
     for p in status.published:
         check = status.checks.get(p, "")
         mark = "✖" if check_failed(check) else ("✔" if check else "")
-        items.append(f'<li title="{html.escape(t.text(check))}">{mark} <code>{html.escape(Path(p).name)}</code></li>')
+        star = f' <span title="{html.escape(t("lowest validation loss"))}">★</span>' if p == status.suggested else ""
+        items.append(f'<li title="{html.escape(t.text(check))}">{mark} <code>{html.escape(Path(p).name)}</code>{star}</li>')
     return (f'<div id="lora_train_published" data-count="{len(status.published)}">'
             f'<div class="lora-train-folder">{html.escape(t.labelled("LoRA folder", ""))}<code>{html.escape(folder)}</code></div>'
-            f'<ul>{"".join(items)}</ul></div>')
+            f'<ul>{"".join(items)}</ul>{ranking_table(status, t)}</div>')
+
+
+def ranking_table(status, t) -> str:
+    """After a run with validation_split: its saves by the loss on the held-out images (`pick`'s
+    ranking), the suggested file starred."""
+    if not status.ranking:
+        return ""
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in (t("File"), t("Epoch"), t("Validation loss")))
+    rows = []
+    for file, epoch, loss in status.ranking:
+        best = file == status.suggested
+        attrs = f' class="lora-train-suggested" title="{html.escape(t("lowest validation loss"))}"' if best else ""
+        cells = (Path(file).name + (" ★" if best else ""), "-" if epoch is None else str(epoch), "-" if loss is None else f"{loss:.6f}")
+        rows.append(f'<tr data-file="{html.escape(Path(file).name)}" data-suggested="{int(best)}"{attrs}>'
+                    + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
+    return (f'<div id="lora_train_ranking"><p>{html.escape(t("Saves by validation loss"))}</p>'
+            f'<table class="lora-train-table"><tr>{head}</tr>{"".join(rows)}</table></div>')
 
 
 def plan_html(plan, t) -> str:

@@ -60,6 +60,8 @@ def build_tools_tab(manager: RunManager, t: Translator | None = None):
                                       info=t("A new file in the LoRA folder"))
             merge_rank = gr.Number(label=t("Rank"), value=0, precision=0, elem_id="lora_tools_merge_rank",
                                    info=t("0 = exact (ranks side by side); N = the best rank-N approximation (SVD)"))
+        merge_model = gr.Textbox(label=t("Model (for IA3/OFT/DoRA/GLoRA items)"), max_lines=1, elem_id="lora_tools_merge_model",
+                                 info=t("A checkpoint file, loaded beside the WebUI's model; empty for LoRA, LoCon, LoHa and LoKr"))
         merge_button = gr.Button(t("Merge"), variant="primary", elem_id="lora_tools_merge")
         merge_message = gr.HTML("", elem_id="lora_tools_merge_message")
 
@@ -126,7 +128,7 @@ def build_tools_tab(manager: RunManager, t: Translator | None = None):
         return fill
 
     refresh.click(lists, [], sources)
-    merge_button.click(writing(tools.merge), [formula, presets, merge_output, merge_rank], [merge_message, *sources])
+    merge_button.click(writing(tools.merge), [formula, presets, merge_output, merge_rank, merge_model], [merge_message, *sources])
     # the preset's values, not its name: the user sees (and may edit) what will be applied
     lbw_preset.change(lambda name: PRESETS.get(name, name) if name else gr.update(), [lbw_preset], [lbw_weights])
     lbw_source.change(suggest_output("lbw"), [lbw_source, lbw_output], [lbw_output])
