@@ -114,8 +114,8 @@ def test_base_style_button_trains_base_and_publishes_distilled(tmp_path, tiny_mo
     def build(values):
         return config, RunRequest(config, trigger="zkz")
 
-    message, run_message = panel.on_base(build, 2, PRESETS["GP1"], GP2_EDITED)
-    assert 'data-error="0"' in message and "rendering 2 images" in message and "style_BASE" in run_message
+    message = panel.on_base(build, 2, PRESETS["GP1"], GP2_EDITED)
+    assert 'data-error="0"' in message and "rendering 2 images" in message and "'style_BASE' trains now" in html.unescape(message)
     # the captions without the folder's class token zkz
     assert host.rendered == ["a red circle, white background", "a green square, white background"]
     assert manager.wait(120)
@@ -153,10 +153,9 @@ def test_base_style_button_trains_base_and_publishes_distilled(tmp_path, tiny_mo
 def test_base_style_button_without_the_style_lora(tmp_path, tiny_model):
     host, manager, panel = make(tmp_path, tiny_model)
     config = small_run_config(make_dataset(tmp_path / "data", count=2), "style", epochs=1)
-    message, run_message = panel.on_base(lambda values: (config, RunRequest(config)), None, PRESETS["GP1"], PRESETS["GP2"])
+    message = panel.on_base(lambda values: (config, RunRequest(config)), None, PRESETS["GP1"], PRESETS["GP2"])
     assert 'data-error="1"' in message and "train 'style' first" in html.unescape(message) and message.count("\n") == 0
     assert host.rendered == [] and manager.latest() is None
-    assert not isinstance(run_message, str)  # the tab's message stays as it was
 
 
 def test_base_style_button_refuses_a_wrong_preset_before_rendering(tmp_path, tiny_model):
@@ -165,7 +164,7 @@ def test_base_style_button_refuses_a_wrong_preset_before_rendering(tmp_path, tin
     trained = host.work_dir() / "style" / "style.safetensors"
     trained.parent.mkdir(parents=True)
     trained.write_bytes(b"")  # only its presence is looked at before rendering
-    message, _ = panel.on_base(lambda values: (config, RunRequest(config)), None, "1,2,3", PRESETS["GP2"])
+    message = panel.on_base(lambda values: (config, RunRequest(config)), None, "1,2,3", PRESETS["GP2"])
     assert 'data-error="1"' in message and "GP1" in message
     assert host.rendered == [] and manager.latest() is None
 
@@ -183,6 +182,13 @@ def test_the_accordions_are_in_the_train_tab(tmp_path):
     reg_dir = by_id["lora_train_reg_data_dir"]["id"]
     click = next(d for d in app.config["dependencies"] if by_id["lora_train_reg_make"]["id"] in d["targets"])
     assert reg_dir in click["outputs"]
+    deps = app.config["dependencies"]
+    # then the dataset plan is shown again, with the reg images in it
+    assert any(d.get("trigger_after") == deps.index(click) and by_id["lora_train_plan"]["id"] in d["outputs"] for d in deps)
+    base = next(d for d in app.config["dependencies"] if by_id["lora_train_base_make"]["id"] in d["targets"])
+    # the page's loraTrainReadTxt2img drops one output value and fills the last input, as for Start
+    assert len(base["outputs"]) == 1 and base["js"] == "loraTrainReadTxt2img"
+    assert base["inputs"][-1] == by_id["lora_train_txt2img_params"]["id"]
 
 
 def test_a_requests_after_runs_once_finished_only(tmp_path, tiny_model):

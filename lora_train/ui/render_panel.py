@@ -64,7 +64,7 @@ class RenderPanel:
         return str(folder), _message("\n".join(self.t.text(line) for line in lines))
 
     def on_base(self, build: Callable, n, gp1, gp2, *values):
-        """-> (panel message, the tab's message): what was rendered and the started NAME_BASE run."""
+        """-> the message: what was rendered, and the NAME_BASE run started (the tab's status follows it)."""
         from lora_train.ui.tab import _message
 
         lines: list[str] = []
@@ -72,15 +72,19 @@ class RenderPanel:
             config, request = build(values)
             status = self.work.base_style(config, request.trigger, n, {"GP1": gp1 or "", "GP2": gp2 or ""}, log=lines.append)
         except (UserError, OSError) as e:
-            return _message(self.t.text(e), True), gr.update()
+            return _message(self.t.text(e), True)
         lines.append(msg("'{base}' trains now; when it finishes, {name}-distilled is written into the LoRA folder (its line is in the run's messages)",
                          base=status.name, name=config.saving.output_name))
-        return _message("\n".join(self.t.text(line) for line in lines)), _message(self.t.labelled("Started", status.name), run_id=status.id)
+        return _message("\n".join(self.t.text(line) for line in lines))
 
-    def wire(self, fields: dict, build: Callable, all_inputs: list, message) -> None:
+    def wire(self, fields: dict, build: Callable, all_inputs: list, plan=None) -> None:
         """`fields`: the form's components by sd-scripts key; `build(values) -> (config, RunRequest)` over
-        `all_inputs`; `message`: the tab's message, which follows the started run to its end."""
-        self.reg_button.click(self.on_reg, [self.reg_prompt, self.reg_n, self.reg_repeats, fields["resolution"], fields["seed"],
-                                            fields["reg_data_dir"]], [fields["reg_data_dir"], self.reg_message])
+        `all_inputs`, whose last input the page fills with the txt2img tab's settings, as for Start (it
+        drops one output value: the button has one output). `plan`: (handler, inputs, outputs) that
+        shows the dataset plan again once reg_data_dir is filled."""
+        filled = self.reg_button.click(self.on_reg, [self.reg_prompt, self.reg_n, self.reg_repeats, fields["resolution"], fields["seed"],
+                                                     fields["reg_data_dir"]], [fields["reg_data_dir"], self.reg_message])
+        if plan is not None:
+            filled.then(*plan)
         self.base_button.click(lambda *v: self.on_base(build, *v), [self.base_n, self.gp1, self.gp2, *all_inputs],
-                               [self.base_message, message], _js="loraTrainReadTxt2img")
+                               [self.base_message], _js="loraTrainReadTxt2img")

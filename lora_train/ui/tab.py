@@ -392,6 +392,6 @@ def create_train_tab(manager: RunManager, host: Host, t: Optional[Translator] = 
         load_config.click(on_load_config, [config_path, network_type, *field_comps], [*field_comps, network_type, message])
         network_type.input(on_network_type, [network_type, *field_comps], [*field_comps, message])
         save_config.click(on_save_config, [config_path, *all_inputs], [message])
-        renders.wire(comps, build, all_inputs, message)
+        renders.wire(comps, build, all_inputs, plan=(on_plan, all_inputs, [plan]))
     tab.lora_fields = {"train_data_dir": comps["train_data_dir"], "trigger": trigger}  # for the Dataset tab's "Send to Train"
     return tab
