@@ -17,7 +17,7 @@ from lora_train.app.runs import RunStatus
 
 ROOT = Path(__file__).resolve().parents[1]
 ZH_CN = ROOT / "localizations" / "zh_CN.json"
-UI_SOURCES = [ROOT / "lora_train" / "ui" / name for name in ("tab.py", "chart.py", "app.py", "tabs.py", "dataset_tab.py", "tools_tab.py")] + [
+UI_SOURCES = [ROOT / "lora_train" / "ui" / name for name in ("tab.py", "chart.py", "app.py", "tabs.py", "dataset_tab.py", "tools_tab.py", "render_panel.py")] + [
     ROOT / "lora_train" / "cli.py"]
 WEBUI_SCRIPT = ROOT / "scripts" / "lora_train_tab.py"  # settings and XYZ labels the WebUI shows
 PHASES = tuple(chart.PHASE_LABELS)

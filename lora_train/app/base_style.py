@@ -19,6 +19,7 @@ from lora_train.dataset.scan import scan
 from lora_train.dataset.source import spec_from_config
 from lora_train.dataset.spec import parse_resolution
 from lora_train.errors import UserError, msg
+from lora_train.network.files import atomic_write_bytes
 from lora_train.tools.cards import write_card
 from lora_train.tools.merge import merge
 from lora_train.train.config import TrainConfig
@@ -110,13 +111,22 @@ def prepare(config: TrainConfig, renderer: Renderer, model_key: str, cache: str 
     return BaseStyle(base_config(config, folder), folder, source, triggers, prompts)
 
 
+def base_note(plan: BaseStyle) -> str:
+    """The _BASE LoRA's card notes: what it was trained on."""
+    return msg("trained on {count} images the base model rendered itself ({folder}) from the captions of "
+               "'{name}' without its trigger words ({triggers}): the base model's own style",
+               count=len(plan.prompts), folder=plan.folder, name=plan.source.stem, triggers=", ".join(plan.triggers) or "-")
+
+
 def finish(plan: BaseStyle, base_file: Path, family: str | None = None, presets: dict[str, str] | None = None) -> tuple[Path, list[str]]:
-    """After NAME_BASE trained: its card, and `NAME-distilled` = NAME:1:GP1,NAME_BASE:-1:GP2."""
+    """After NAME_BASE trained: its card, and `NAME-distilled` = NAME:1:GP1,NAME_BASE:-1:GP2 beside NAME."""
     base_file = Path(base_file)
-    write_card(base_file, family, msg("trained on {count} images the base model rendered itself ({folder}) from the captions of "
-                                      "'{name}' without its trigger words ({triggers}): the base model's own style",
-                                      count=len(plan.prompts), folder=plan.folder, name=plan.source.stem,
-                                      triggers=", ".join(plan.triggers) or "-"))
+    write_card(base_file, family, base_note(plan))
     name = plan.source.stem
+    beside = plan.source.with_name(f"{name}{BASE_SUFFIX}.safetensors")
+    if not (beside.is_file() and beside.samefile(base_file)):
+        # trained in a folder of its own (the run manager's, maybe renamed NAME_BASE_2): the formula
+        # reads both LoRAs from NAME's folder, so a copy of this one is put there under the name it uses
+        atomic_write_bytes(beside, base_file.read_bytes())
     output = plan.source.with_name(f"{name}{DISTILLED_SUFFIX}.safetensors")
     return merge(formula(name), output, {**PRESETS, **(presets or {})}, lora_dir=plan.source.parent)

@@ -40,6 +40,9 @@ class RunRequest:
     preferred_weight: float = 1.0
     notes: str = ""
     previews: bool = True  # preview images each epoch (from the prompts, else the trigger word)
+    # called once the run has finished (not when stopped or failed), the model free again: work that
+    # uses the finished file (the base-style step's NAME-distilled); its lines join the run's messages
+    after: Optional[Callable[["RunStatus"], list[str]]] = None
 
 
 @dataclass
@@ -300,6 +303,8 @@ class RunManager:
         finally:
             if status.phase == "finished":
                 self._drop_interrupted(status)
+                if request.after is not None:
+                    self._after(status, request.after)
             if trainer is not None and trainer.last_save is not None and status.phase in ("failed", "cancelled"):
                 publisher.publish(trainer.last_save)
                 state = trainer.last_save.with_name(trainer.last_save.stem + "-state")
@@ -307,6 +312,17 @@ class RunManager:
                     status.resume_state = str(state)
             if status.phase in ("finished", "cancelled") and status.published:
                 publisher.suggest(Path(config.saving.output_dir))
+
+    def _after(self, status: RunStatus, after: Callable[[RunStatus], list[str]]) -> None:
+        """The request's follow-up; its failure is one line of the run's messages, and the run stays finished."""
+        try:
+            lines = list(after(status))
+        except UserError as e:
+            lines = [str(e)]
+        except Exception as e:  # the trained file is saved and published: nothing of it is lost
+            lines = [msg("after the run: {error}", error=f"{type(e).__name__}: {e}")]
+        with self._lock:
+            status.messages += lines
 
     def _drop_interrupted(self, status: RunStatus) -> None:
         """A run that finished after a Resume: its `-interrupted` saves leave the LoRA folder (the work

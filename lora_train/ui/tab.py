@@ -16,6 +16,7 @@ from lora_train.errors import UserError
 from lora_train.host.base import Host
 from lora_train.ui import chart, form, presets
 from lora_train.ui.i18n import Translator
+from lora_train.ui.render_panel import RenderPanel
 
 DEFAULT_WEIGHTS = "1, 0.75, 0.5, 0.25, 0"
 
@@ -135,6 +136,7 @@ def create_train_tab(manager: RunManager, host: Host, t: Optional[Translator] = 
     flds = form.fields()
     config0 = initial_config(host)
     comps: dict[str, gr.components.Component] = {}
+    renders = RenderPanel(manager, t)  # images the model makes itself: reg_data_dir, the base-style LoRA
 
     def make(f: form.Field):
         label = f.key
@@ -182,6 +184,7 @@ def create_train_tab(manager: RunManager, host: Host, t: Optional[Translator] = 
                                               info=t("In the WebUI: prompt, negative prompt, size, steps, sampler, CFG and seed as the txt2img tab shows them at Start"))
                     txt2img_params = gr.Textbox(visible=False, elem_id="lora_train_txt2img_params")
                     preferred_weight = gr.Number(label=t("Preferred weight"), value=1.0, elem_id="lora_train_preferred_weight")
+                renders.reg_accordion()
                 with gr.Column(visible=False, elem_id="lora_train_expert") as expert:
                     for section, title in form.SECTION_TITLES.items():
                         rest = [f for f in flds if f.section == section and not f.basic]
@@ -218,6 +221,7 @@ def create_train_tab(manager: RunManager, host: Host, t: Optional[Translator] = 
                                              info=t("Empty = the trigger word"))
                     grid_button = gr.Button(t("Render grid"), elem_id="lora_train_grid")
                     grid_image = gr.Image(label=t("Grid"), type="filepath", interactive=False, elem_id="lora_train_grid_image")
+                renders.base_accordion()
 
         field_comps = [comps[f.key] for f in flds]
         # -1: fit the form on the first refresh of every page, since the WebUI restores its fields from
@@ -388,5 +392,6 @@ def create_train_tab(manager: RunManager, host: Host, t: Optional[Translator] = 
         load_config.click(on_load_config, [config_path, network_type, *field_comps], [*field_comps, network_type, message])
         network_type.input(on_network_type, [network_type, *field_comps], [*field_comps, message])
         save_config.click(on_save_config, [config_path, *all_inputs], [message])
+        renders.wire(comps, build, all_inputs, plan=(on_plan, all_inputs, [plan]))
     tab.lora_fields = {"train_data_dir": comps["train_data_dir"], "trigger": trigger}  # for the Dataset tab's "Send to Train"
     return tab
