@@ -209,7 +209,7 @@ def test_a_requests_after_runs_once_finished_only(tmp_path, tiny_model):
     assert run.messages[-1] == "merge: no LoRA named 'x'"
 
     host.step_gate = threading.Event()
-    manager.submit(RunRequest(small_run_config(data, "two", epochs=1), previews=False, after=lambda s: calls.append(s.name) or ["no"]))
+    manager.submit(RunRequest(small_run_config(data, "two", epochs=3), previews=False, after=lambda s: calls.append(s.name) or ["no"]))
     deadline = time.time() + 60
     while manager.latest().phase != "training" and time.time() < deadline:
         time.sleep(0.05)
