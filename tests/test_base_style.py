@@ -93,8 +93,9 @@ def test_base_style_end_to_end(tmp_path, capsys):
     data = make_dataset(tmp_path / "data", count=2)
     (data / "1_zkz" / "000.txt").write_text("zkz, a red circle, zkz style", encoding="utf-8")  # demo folder name: 1_zkz
     out = tmp_path / "out"
+    # validation_split is the style run's: _BASE trains on every image it rendered (ss_num_train_images below)
     config = small_run_config(data, "style", epochs=1, output_dir=str(out), pretrained_model_name_or_path="builtin:tiny",
-                              save_every_n_epochs=None)
+                              save_every_n_epochs=None, validation_split=0.5)
     toml = config.save_toml(tmp_path / "style.toml")
     assert main(["train", "--config", str(toml)]) == 0
     assert main(["base-style", "--config", str(toml), "--n", "3", "--steps", "2"]) == 0

@@ -63,7 +63,7 @@ def recorded(tmp_path_factory) -> set[str]:
     chart.loss_chart([(1, 0.3), (2, 0.2), (3, 0.25)], t)
     block = types.SimpleNamespace(report=lambda: {"buckets": [{"resolution": (512, 512), "images_x_repeats": 40}]})
     plan = types.SimpleNamespace(guideline_total=160, train_images=4, reg_images=2, train_samples=40, steps_per_epoch=40, epochs=2,
-                                 total_steps=80, blocks=[block], warnings=["w"], scan=types.SimpleNamespace(problems=["p"]), problems=[])
+                                 total_steps=80, blocks=[block], warnings=["w"], scan=types.SimpleNamespace(problems=["p"]), problems=[], validation=[1, 2])
     chart.plan_html(plan, t)
     return set(t.seen)
 

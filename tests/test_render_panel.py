@@ -121,6 +121,10 @@ def test_base_style_button_trains_base_and_publishes_distilled(tmp_path, tiny_mo
     assert manager.wait(120)
     run = manager.latest()
     assert run.name == "style_BASE" and run.phase == "finished", run.error
+    # the message names the run, so the tab's refresh replaces it with how the run ended
+    from lora_train.ui.tab import _message_after
+
+    assert f'data-run="{run.id}"' in message and "Finished" in _message_after(message, manager, Translator())
 
     lora = host.lora_dir()
     assert "the base model rendered itself" in json.loads((lora / "style_BASE.json").read_text(encoding="utf-8"))["notes"]

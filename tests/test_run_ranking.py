@@ -121,3 +121,16 @@ def test_the_cli_train_prints_the_ranking_when_there_is_validation_loss(tmp_path
     assert main(["train", *common, "--set", "output_name=p"]) == 0
     printed = capsys.readouterr()
     assert "suggested" not in printed.out + printed.err and "validation" not in printed.out + printed.err
+
+
+def test_a_tool_made_file_does_not_carry_the_sources_suggestion(tmp_path):
+    """lbw / merge / resize copy the source card's notes under their own line: the source run's
+    "suggested epoch" line is about the source, not the new file."""
+    from lora_train.tools.cards import write_card
+
+    source = tmp_path / "src.safetensors"
+    source.with_suffix(".json").write_text(json.dumps({"activation text": "zkz", "notes": "my own note\n"
+                                                       "suggested epoch 4 (src): lowest validation loss 0.2272 of 4 saves"}))
+    card = json.loads(write_card(tmp_path / "src-lbw.safetensors", "sd1", "src.safetensors with the block weights OUTS", source).read_text())
+    assert card["notes"] == "src.safetensors with the block weights OUTS\nmy own note"
+    assert card["activation text"] == "zkz"

@@ -65,6 +65,10 @@ def test_the_split_follows_sd_scripts_rule_per_folder(tmp_path):
     assert {str(i.path) for i in plan.validation} == want
     assert not {str(i.path) for i in plan.items} & want
     assert plan.train_images == 12 - 3 and plan.to_dict()["validation_images"] == 3
+    from lora_train.ui.chart import plan_html
+    from lora_train.ui.i18n import Translator
+
+    assert "<th>Held-out images (validation_split)</th><td>3</td>" in plan_html(plan, Translator())
     # without validation_seed the run's seed picks them
     by_seed = job.plan_dataset(cfg(tmp_path, data, validation_split=0.3, seed=5, max_train_epochs=1))
     assert {str(i.path) for i in by_seed.validation} == want

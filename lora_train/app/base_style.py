@@ -91,6 +91,8 @@ def base_config(config: TrainConfig, folder: Path) -> TrainConfig:
     base = copy.deepcopy(config)
     d = base.dataset
     d.train_data_dir, d.dataset_config, d.in_json, d.reg_data_dir = str(folder), None, None, None
+    # every rendered image trains: holding some out would only shrink _BASE (its epochs are not picked by loss)
+    d.validation_split = 0.0
     s = base.saving
     s.output_name = config.saving.output_name + BASE_SUFFIX
     s.save_model_as = "safetensors"  # merge reads safetensors

@@ -29,7 +29,10 @@ def write_card(lora: Path, family: str | None, note: str, source: Path | None = 
             card.preferred_weight = float(fields.get("preferred weight", 1.0))
         except (TypeError, ValueError):
             pass
-        previous = str(fields.get("notes", "")).strip()
+        # pick's "suggested epoch" line is about the source's own run, not about what a tool made of it
+        from lora_train.tools.pick import is_card_note
+
+        previous = "\n".join(x for x in str(fields.get("notes", "")).splitlines() if not is_card_note(x)).strip()
         card.notes = note + ("\n" + previous if previous else "")
     path = Path(lora).with_suffix(".json")
     atomic_write_bytes(path, json.dumps(card.to_json(), indent=4, ensure_ascii=False).encode("utf-8"))

@@ -162,6 +162,7 @@ def plan_html(plan, t) -> str:
     rows = [
         (t("Training images"), plan.train_images),
         (t("Regularization images"), plan.reg_images),
+        *([(t("Held-out images (validation_split)"), len(plan.validation))] if plan.validation else []),
         (t("Images x repeats"), plan.train_samples),
         (t("Steps per epoch"), plan.steps_per_epoch),
         (t("Epochs"), plan.epochs),

@@ -75,7 +75,7 @@ class RenderPanel:
             return _message(self.t.text(e), True)
         lines.append(msg("'{base}' trains now; when it finishes, {name}-distilled is written into the LoRA folder (its line is in the run's messages)",
                          base=status.name, name=config.saving.output_name))
-        return _message("\n".join(self.t.text(line) for line in lines))
+        return _message("\n".join(self.t.text(line) for line in lines), run_id=status.id)  # the refresh says how it ended
 
     def wire(self, fields: dict, build: Callable, all_inputs: list, plan=None) -> None:
         """`fields`: the form's components by sd-scripts key; `build(values) -> (config, RunRequest)` over

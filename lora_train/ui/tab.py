@@ -304,7 +304,7 @@ def create_train_tab(manager: RunManager, host: Host, t: Optional[Translator] = 
             except UserError as e:
                 return _message(t.text(e), True)
 
-        def on_refresh(message_html):
+        def on_refresh(message_html, base_html):
             snap = manager.snapshot()
             current = snap["latest"]
             previews_value = [(p, _preview_caption(p, t)) for p in (current.previews[-8:] if current else [])]
@@ -312,7 +312,8 @@ def create_train_tab(manager: RunManager, host: Host, t: Optional[Translator] = 
                     chart.loss_chart(current.losses if current else [], t, validation=current.validation if current else []),
                     previews_value,
                     chart.files_html(current, t),
-                    _message_after(message_html, manager, t) or gr.update())
+                    _message_after(message_html, manager, t) or gr.update(),
+                    _message_after(base_html, manager, t) or gr.update())  # the base-style button's run
 
         def on_model(seen, current_message, subj, b, *values):
             try:
@@ -379,14 +380,16 @@ def create_train_tab(manager: RunManager, host: Host, t: Optional[Translator] = 
         for key in ("train_data_dir", "reg_data_dir", "resolution"):
             comps[key].blur(on_plan, all_inputs, [plan])
             comps[key].submit(on_plan, all_inputs, [plan])
-        for key in ("max_train_epochs", "max_train_steps", "train_batch_size", "enable_bucket", "gradient_accumulation_steps"):
+        for key in ("max_train_epochs", "max_train_steps", "train_batch_size", "enable_bucket", "gradient_accumulation_steps",
+                    "validation_split", "validation_seed"):  # the held-out images leave the training set
             getattr(comps[key], "blur" if isinstance(comps[key], gr.Textbox) else "change")(on_plan, all_inputs, [plan])
         start.click(lambda *v: submit(True, *v), all_inputs, [message], _js="loraTrainReadTxt2img")
         enqueue.click(lambda *v: submit(False, *v), all_inputs, [message], _js="loraTrainReadTxt2img")
         stop.click(on_stop, [], [message])
         save_now.click(on_save_now, [], [message])
         resume.click(on_resume, [], [message])
-        refresh.click(on_refresh, [message], [model_label, status, loss, previews, files, message], show_progress=False).then(
+        refresh.click(on_refresh, [message, renders.base_message], [model_label, status, loss, previews, files, message, renders.base_message],
+                      show_progress=False).then(
             on_model, [model_seen, message, subject, base, *field_comps], [model_seen, base, *field_comps, message], show_progress=False)
         grid_button.click(on_grid, [grid_weights, grid_prompt, trigger], [grid_image, message])
         load_config.click(on_load_config, [config_path, network_type, *field_comps], [*field_comps, network_type, message])
