@@ -562,8 +562,8 @@ def test_medvram_caches_first_then_keeps_the_unet_on_the_gpu(webui, host, data, 
     assert low.module_in_gpu is unet
 
 
-def test_session_on_an_sdxl_model_gives_the_sgm_adapter(webui, host):
-    from lora_train.model.sgm import SgmAdapter
+def load_tiny_sdxl(webui):
+    """The tiny SDXL as the WebUI's loaded checkpoint."""
     from lora_train.model.tiny_sdxl import build_tiny_sdxl
 
     with quiet():
@@ -571,6 +571,13 @@ def test_session_on_an_sdxl_model_gives_the_sgm_adapter(webui, host):
     model.is_sdxl = True
     model.sd_checkpoint_info = SimpleNamespace(title="tinyxl.safetensors", filename="/models/tinyxl.safetensors")
     webui.sd_models.model_data.sd_model = model
+    return model
+
+
+def test_session_on_an_sdxl_model_gives_the_sgm_adapter(webui, host):
+    from lora_train.model.sgm import SgmAdapter
+
+    model = load_tiny_sdxl(webui)
     assert host.model_family() == "sdxl" and host.model_resolution() == 1024
     with host.session(TrainConfig(), "run-xl") as adapter:
         assert isinstance(adapter, SgmAdapter) and adapter.model is model
@@ -714,15 +721,10 @@ def test_a_published_name_the_real_webui_does_not_map_fails_the_self_test(webui,
 
 def test_sdxl_self_test_matches_every_module_we_train_and_names_an_sd1_text_encoder_key(webui, host):
     from lora_train.model.sgm import SgmAdapter
-    from lora_train.model.tiny_sdxl import build_tiny_sdxl
     from lora_train.network.files import save_lora
     from lora_train.network.network import LoRANetwork
 
-    with quiet():
-        model = build_tiny_sdxl(0, sgm=False)
-    model.is_sdxl = True
-    model.sd_checkpoint_info = SimpleNamespace(title="tinyxl.safetensors", filename="/models/tinyxl.safetensors")
-    webui.sd_models.model_data.sd_model = model
+    model = load_tiny_sdxl(webui)
     net = LoRANetwork(SgmAdapter(model).lora_targets(conv=True), 4, 1.0, conv_dim=4, conv_alpha=1.0)
     tensors = {k: v.detach().contiguous() for k, v in net.state_dict().items()}
     host.lora_dir().mkdir(parents=True)
