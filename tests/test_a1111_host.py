@@ -5,6 +5,7 @@ package (queue lock, shared.state, progress, processing ...) and a fake built-in
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import re
@@ -21,6 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from conftest import assert_same_as, make_dataset, small_run_config, snapshot
+from webui_names import webui_names, webui_unmapped
 from lora_train.errors import UserError
 from lora_train.model.loading import quiet
 from lora_train.train import events as ev
@@ -150,7 +152,8 @@ class Processing:
 
 class FakeNetworks(types.ModuleType):
     """The built-in Lora extension's `networks`: in-place merge bookkeeping and a loader that logs
-    "didn't match keys" like the real one."""
+    "didn't match keys" like the real one, and places only the names the real loader mapped on the
+    loaded model (builtin:tiny, or the tiny SDXL)."""
 
     def __init__(self):
         super().__init__("networks")
@@ -158,7 +161,7 @@ class FakeNetworks(types.ModuleType):
         self.loaded_networks = []
         self.available_networks = {}
         self.available_network_aliases = {}
-        self.known_modules = None  # None: every module matches
+        self.known_modules = None  # None: the names the real WebUI mapped on the loaded model
         self.load_error = None
         self.log_failures = True
         self.refreshes = 0
@@ -192,10 +195,14 @@ class FakeNetworks(types.ModuleType):
         if self.load_error:
             raise self.load_error
         failed, placed = {}, {}
+        known = self.known_modules
+        if known is None:
+            model = sys.modules["modules.sd_models"].model_data.sd_model
+            known = webui_names("sdxl" if getattr(model, "is_sdxl", False) else "tiny")
         with safe_open(on_disk.filename, "pt") as f:
             for key in f.keys():
                 module = key.partition(".")[0]
-                if self.known_modules is not None and module not in self.known_modules:
+                if module not in known:
                     failed[key] = module.replace("lora_unet", "diffusion_model")
                 elif module not in placed:
                     placed[module] = SimpleNamespace(network_key=key)
@@ -555,8 +562,8 @@ def test_medvram_caches_first_then_keeps_the_unet_on_the_gpu(webui, host, data, 
     assert low.module_in_gpu is unet
 
 
-def test_session_on_an_sdxl_model_gives_the_sgm_adapter(webui, host):
-    from lora_train.model.sgm import SgmAdapter
+def load_tiny_sdxl(webui):
+    """The tiny SDXL as the WebUI's loaded checkpoint."""
     from lora_train.model.tiny_sdxl import build_tiny_sdxl
 
     with quiet():
@@ -564,6 +571,13 @@ def test_session_on_an_sdxl_model_gives_the_sgm_adapter(webui, host):
     model.is_sdxl = True
     model.sd_checkpoint_info = SimpleNamespace(title="tinyxl.safetensors", filename="/models/tinyxl.safetensors")
     webui.sd_models.model_data.sd_model = model
+    return model
+
+
+def test_session_on_an_sdxl_model_gives_the_sgm_adapter(webui, host):
+    from lora_train.model.sgm import SgmAdapter
+
+    model = load_tiny_sdxl(webui)
     assert host.model_family() == "sdxl" and host.model_resolution() == 1024
     with host.session(TrainConfig(), "run-xl") as adapter:
         assert isinstance(adapter, SgmAdapter) and adapter.model is model
@@ -641,21 +655,24 @@ def test_self_test_reports_unmatched_keys_and_never_raises(webui, host, tmp_path
     lora_dir = host.lora_dir()
     lora_dir.mkdir(parents=True)
     path = lora_dir / "probe.safetensors"
-    keys = ["lora_unet_a.lora_down.weight", "lora_unet_a.lora_up.weight", "lora_unet_gone.lora_down.weight", "lora_unet_gone.lora_up.weight"]
-    save_file({**{k: torch.zeros(2, 2) for k in keys}, "lora_unet_a.alpha": torch.tensor(1.0)}, str(path))
+    good = "lora_unet_down_blocks_0_attentions_0_proj_in"  # mapped by the real WebUI on the tiny model
+    gone = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_query"  # not mapped there
+    assert good in webui_names("tiny") and gone in webui_unmapped("tiny")
+    save_file({f"{good}.lora_down.weight": torch.zeros(2, 2), f"{good}.lora_up.weight": torch.zeros(2, 2),
+               f"{good}.alpha": torch.tensor(1.0)}, str(path))
     nets = webui.networks
 
     (msg,) = host.after_publish(path)
     assert "every module matched" in msg and nets.refreshes == 1 and nets.loads == [("probe", str(path))]
     assert webui.call_queue.queue_lock.acquisitions == 1 and webui.call_queue.queue_lock.is_free()
 
-    nets.known_modules = {"lora_unet_a"}
+    save_file({f"{m}.{part}": torch.zeros(2, 2) for m in (good, gone) for part in ("lora_down.weight", "lora_up.weight")}, str(path))
     (msg,) = host.after_publish(path)
-    assert msg.startswith("self-test FAILED") and "1 module(s)" in msg and "lora_unet_gone" in msg
+    assert msg.startswith("self-test FAILED") and "1 module(s)" in msg and gone in msg
     assert nets.logging is logging, "the loader's logging is put back"
     nets.log_failures = False  # a WebUI whose log line differs: the placed modules still tell
     (msg,) = host.after_publish(path)
-    assert msg.startswith("self-test FAILED") and "lora_unet_gone" in msg
+    assert msg.startswith("self-test FAILED") and gone in msg
 
     from lora_train.host.a1111 import xyz
 
@@ -668,6 +685,60 @@ def test_self_test_reports_unmatched_keys_and_never_raises(webui, host, tmp_path
     monkeypatch.setitem(sys.modules, "networks", None)  # built-in Lora extension disabled
     (msg,) = host.after_publish(path)
     assert "skipped" in msg
+
+
+def test_a_published_name_the_real_webui_does_not_map_fails_the_self_test(webui, host, data, monkeypatch):
+    """One module misnamed in training (`..._to_query`, which the real WebUI left unmapped on this
+    model) makes the run's self-test fail naming it; the same file with the right name all matches."""
+    from lora_train.model.ldm import LdmAdapter
+    from lora_train.network.files import load_lora, save_lora
+
+    slip = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_query"
+    right = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    assert slip in webui_unmapped("tiny") and right in webui_names("tiny")
+    real_targets = LdmAdapter.lora_targets
+
+    def misnamed(self, conv=False):
+        return [dataclasses.replace(t, name=slip) if t.name == right else t for t in real_targets(self, conv)]
+
+    monkeypatch.setattr(LdmAdapter, "lora_targets", misnamed)
+    manager = RunManager(host)
+    s = manager.submit(RunRequest(config_for(data, name="slip", epochs=1), previews=False))
+    assert manager.wait(120)
+    run = manager.run(s.id)
+    assert run.phase == "finished", run.error
+    (published,) = run.published
+    check = run.checks[published]
+    assert check.startswith("self-test FAILED") and "1 module(s)" in check and slip in check, check
+
+    tensors, metadata = load_lora(published)
+    assert any(k.startswith(slip + ".") for k in tensors)
+    fixed = host.lora_dir() / "slip-fixed.safetensors"
+    save_lora(fixed, {k.replace(slip + ".", right + "."): v for k, v in tensors.items()}, metadata)
+    (msg,) = host.after_publish(fixed)
+    assert "every module matched" in msg, msg
+
+
+def test_sdxl_self_test_matches_every_module_we_train_and_names_an_sd1_text_encoder_key(webui, host):
+    from lora_train.model.sgm import SgmAdapter
+    from lora_train.network.files import save_lora
+    from lora_train.network.network import LoRANetwork
+
+    model = load_tiny_sdxl(webui)
+    net = LoRANetwork(SgmAdapter(model).lora_targets(conv=True), 4, 1.0, conv_dim=4, conv_alpha=1.0)
+    tensors = {k: v.detach().contiguous() for k, v in net.state_dict().items()}
+    host.lora_dir().mkdir(parents=True)
+    path = host.lora_dir() / "xl.safetensors"
+    save_lora(path, tensors, {})
+    (msg,) = host.after_publish(path)
+    assert "every module matched" in msg, msg
+
+    right = "lora_te1_text_model_encoder_layers_0_self_attn_q_proj"
+    slip = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"  # SD1's prefix: the real WebUI left it unmapped on SDXL
+    assert slip in webui_unmapped("sdxl")
+    save_lora(path, {k.replace(right + ".", slip + "."): v for k, v in tensors.items()}, {})
+    (msg,) = host.after_publish(path)
+    assert msg.startswith("self-test FAILED") and "1 module(s)" in msg and slip in msg, msg
 
 
 def test_grid_uses_txt2img_with_lora_tags_and_waits_for_no_run(webui, host, tmp_path):
