@@ -3,7 +3,8 @@ encoder 2 attention, size conditioning, and a training run.
 
 Each test runs on two builds of the same shapes: from the host's ldm classes (always), and as a
 real sgm DiffusionEngine when sgm is importable (LORA_TRAIN_SGM_PATH; sgm is not on PyPI, so CI
-has only the first).
+has only the first). The comparisons with the host's own conditioner (sgm's, and the WebUI's
+`get_learned_conditioning` when sgm is a WebUI's) run on the sgm build only.
 """
 
 import copy
@@ -174,6 +175,107 @@ def test_vector_is_pooled_text_then_original_crop_target_sizes(xl):
     assert torch.equal(vector[:, :pooled], text["pooled"])
     for row in range(2):
         assert torch.allclose(vector[row, pooled:], _sinusoid(sizes[row].tolist()), atol=1e-5)
+
+
+# -- the host's own conditioning (sgm build only: the ldm build has no real conditioner) -----------
+SGM_ONLY = pytest.mark.parametrize("xl_model", [BUILDS[1]], indirect=True)
+CAPTIONS = ["a red cat", "", "A photo of a blue dog, sitting on green grass! " * 6, "sks person, 1girl, upper body"]
+# original (h, w), crop (top, left), target (h, w): every number distinct within a row, so a swapped pair shows
+SIZES = torch.tensor([[1536, 1024, 64, 32, 1024, 768], [768, 832, 0, 0, 768, 768],
+                      [512, 640, 8, 16, 1024, 1152], [2048, 1344, 320, 96, 896, 1088]], dtype=torch.float32)
+
+
+def _max_diff(a, b):
+    return (a.float() - b.float()).abs().max().item()
+
+
+def _diffs_from_host(text, ours, host):
+    """Max |ours - host| per output; the host's vector starts with the pooled text, as ours does."""
+    pooled = text["pooled"].shape[1]
+    return {"crossattn": _max_diff(ours["crossattn"], host["crossattn"]),
+            "pooled": _max_diff(text["pooled"], host["vector"][:, :pooled]),
+            "vector": _max_diff(ours["vector"], host["vector"])}
+
+
+@SGM_ONLY
+def test_conditioning_is_the_sgm_conditioners_own(xl, xl_model):
+    """The real sgm GeneralConditioner, fed the batch the host feeds it, gives what the adapter gives:
+    crossattn (CLIP-L hidden layer, OpenCLIP penultimate), pooled (OpenCLIP's EOS), vector (pooled,
+    then original, crop, target sizes). The empty caption takes sgm's normal path, as sd-scripts'
+    caption dropout does (it encodes "" like any caption)."""
+    batch = {"txt": list(CAPTIONS), "original_size_as_tuple": SIZES[:, 0:2],
+             "crop_coords_top_left": SIZES[:, 2:4], "target_size_as_tuple": SIZES[:, 4:6]}
+    with torch.no_grad():
+        host = xl_model.conditioner(batch)
+        text = xl.encode_captions(CAPTIONS)
+        ours = xl.condition(text, SIZES)
+    pooled = text["pooled"].shape[1]
+    diffs = _diffs_from_host(text, ours, host)
+    assert ours["crossattn"].shape == host["crossattn"].shape and ours["vector"].shape == host["vector"].shape
+    assert all(d <= 1e-5 for d in diffs.values()), diffs
+    # a caption's text changes every part (the comparison above is not of constants)
+    assert _max_diff(host["crossattn"][0], host["crossattn"][3]) > 1e-2 and _max_diff(host["vector"][0, :pooled], host["vector"][3, :pooled]) > 1e-2
+
+
+def _webui_get_learned_conditioning(opts):
+    """The WebUI's `get_learned_conditioning` (modules/sd_models_xl.py), compiled from its own source.
+    Importing the module needs the whole WebUI (modules.shared: gradio, its command line, its
+    requirements), so only the function is taken, with `shared.opts` and `devices` supplied."""
+    import __future__
+    import ast
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    import sgm
+
+    # sgm is the WebUI's repositories/generative-models/sgm when LORA_TRAIN_SGM_PATH names a WebUI
+    source = Path(sgm.__file__).resolve().parents[3] / "modules" / "sd_models_xl.py"
+    if not source.is_file():
+        pytest.skip(f"no WebUI around this sgm checkout ({source} missing)")
+    tree = ast.parse(source.read_text(encoding="utf-8"))
+    found = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "get_learned_conditioning"]
+    assert found, f"{source} has no get_learned_conditioning"
+    namespace = {"torch": torch, "shared": SimpleNamespace(opts=opts),
+                 "devices": SimpleNamespace(device=torch.device("cpu"), dtype=torch.float32)}
+    code = compile(ast.Module(body=found, type_ignores=[]), str(source), "exec",
+                   flags=__future__.annotations.compiler_flag, dont_inherit=True)
+    exec(code, namespace)
+    return namespace["get_learned_conditioning"]
+
+
+class _SdConditioning(list):
+    """The WebUI's prompt_parser.SdConditioning (a list of prompts with the image size); the module
+    itself needs lark, which is not ours to install."""
+
+    def __init__(self, prompts, is_negative_prompt=False, width=None, height=None):
+        super().__init__(prompts)
+        self.is_negative_prompt, self.width, self.height = is_negative_prompt, width, height
+
+
+@SGM_ONLY
+@pytest.mark.parametrize("width,height,top,left", [(1024, 1024, 0, 0), (832, 1216, 48, 16), (1344, 768, 0, 120)])
+def test_conditioning_matches_the_webuis_get_learned_conditioning(xl, xl_model, width, height, top, left):
+    from types import SimpleNamespace
+
+    opts = SimpleNamespace(sdxl_crop_top=top, sdxl_crop_left=left,
+                           sdxl_refiner_low_aesthetic_score=2.5, sdxl_refiner_high_aesthetic_score=6.0)
+    webui = _webui_get_learned_conditioning(opts)
+    captions = [c for c in CAPTIONS if len(c) < 60]  # the WebUI's own prompt wrappers chunk long ones; sgm's truncate
+    sizes = torch.tensor([[height, width, top, left, height, width]] * len(captions), dtype=torch.float32)
+    with torch.no_grad():
+        host = webui(xl_model, _SdConditioning(captions, width=width, height=height))
+        text = xl.encode_captions(captions)
+        ours = xl.condition(text, sizes)
+        zeroed = webui(xl_model, _SdConditioning([""] * 2, is_negative_prompt=True, width=width, height=height))
+        empty = xl.condition(xl.encode_captions([""] * 2), sizes[:2])
+    pooled = text["pooled"].shape[1]
+    diffs = _diffs_from_host(text, ours, host)
+    assert all(d <= 1e-5 for d in diffs.values()), diffs
+    # An empty negative prompt is zeroed by the WebUI (force_zero_embeddings); training encodes ""
+    # normally (sd-scripts' caption dropout), so only the size part agrees there.
+    assert not zeroed["crossattn"].abs().sum() and not zeroed["vector"][:, :pooled].abs().sum()
+    assert _max_diff(empty["vector"][:, pooled:], zeroed["vector"][:, pooled:]) <= 1e-5
+    assert empty["crossattn"].abs().max() > 1e-2
 
 
 def _plan(tmp_path, random_crop=False, flip_aug=False):
