@@ -1005,3 +1005,76 @@ def test_the_tab_follows_the_checkpoint_the_webui_loads(webui, host, tiny_model)
     webui.sd_models.model_data.sd_model = None
     (reason,) = host.preflight(TrainConfig())
     assert "No checkpoint is loaded" in reason
+
+
+# -- the WebUI's cross-attention optimisations ---------------------------------------------------------
+def _sliced_attention(calls, grad_through=True):
+    """A stand-in for the WebUI's replaced `CrossAttention.forward` (Settings > Optimizations), built
+    the way its split / sub-quadratic kernels are: the projections called as modules, attention
+    computed in query slices written in place into a preallocated buffer, the softmax under
+    activation checkpointing. `grad_through=False` breaks the gradient path (a negative control)."""
+    from torch.utils.checkpoint import checkpoint
+
+    def forward(self, x, context=None, mask=None, **kwargs):
+        calls.append(1)
+        h = self.heads
+        context = x if context is None else context
+        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
+        b, n, inner = q.shape
+        q, k, v = (t.reshape(b, t.shape[1], h, -1).transpose(1, 2).reshape(b * h, t.shape[1], -1) for t in (q, k, v))
+        if not grad_through:
+            q, k, v = q.detach(), k.detach(), v.detach()
+        out = torch.zeros(b * h, n, v.shape[-1], dtype=q.dtype, device=q.device)
+        for i in range(0, n, 5):  # uneven last slice on purpose
+            s = torch.einsum("bid,bjd->bij", q[:, i:i + 5], k)
+            s *= self.scale
+            out[:, i:i + 5] = checkpoint(lambda s_, v_: s_.softmax(dim=-1) @ v_, s, v, use_reentrant=False)
+        return self.to_out(out.reshape(b, h, n, -1).transpose(1, 2).reshape(b, n, inner))
+    return forward
+
+
+def _train_under(forward, data, name, monkeypatch, webui, host):
+    import ldm.modules.attention as attention
+
+    if forward is not None:
+        monkeypatch.setattr(attention.CrossAttention, "forward", forward)
+    installed = attention.CrossAttention.forward
+    host.events = []
+    manager = RunManager(host)
+    # SGD: the trained weights are a fixed linear mix of the gradients, so they compare gradients
+    s = manager.submit(RunRequest(config_for(data, name, epochs=1, optimizer_type="SGDNesterov", learning_rate=0.5,
+                                             save_every_n_epochs=None), trigger="zkz"))
+    assert manager.wait(120)
+    run = manager.run(s.id)
+    assert run.phase == "finished", run.error
+    assert attention.CrossAttention.forward is installed, "the run must leave the WebUI's chosen forward in place"
+    losses = [e.loss for e in host.events if isinstance(e, ev.Step)]
+    from safetensors.torch import load_file
+
+    return losses, load_file(run.published[-1])
+
+
+def _up_difference(a: dict, b: dict) -> float:
+    """Relative L2 difference of the lora_up tensors (they start at zero: all of them is training)."""
+    ups = [k for k in a if "lora_up" in k and k.startswith("lora_unet")]
+    num = sum(float(((a[k].double() - b[k].double()) ** 2).sum()) for k in ups)
+    return (num / sum(float((b[k].double() ** 2).sum()) for k in ups)) ** 0.5
+
+
+def test_training_under_the_webuis_replaced_attention_forward_matches_the_stock_one(webui, host, data, tiny_model, monkeypatch):
+    """The WebUI swaps `CrossAttention.forward` for its chosen optimisation. Our LoRA hooks the
+    projections, so a run under a sliced, in-place, checkpointed forward must train as under ldm's
+    own forward (float tolerance), and a forward that cuts the gradient path must show."""
+    base = snapshot(tiny_model)
+    stock_losses, stock = _train_under(None, data, "stock", monkeypatch, webui, host)
+    calls = []
+    sliced_losses, sliced = _train_under(_sliced_attention(calls), data, "sliced", monkeypatch, webui, host)
+    assert calls, "the replaced forward was not used"
+    assert len(sliced_losses) == len(stock_losses) == 2
+    assert sliced_losses == pytest.approx(stock_losses, rel=1e-5, abs=1e-7)
+    assert _up_difference(sliced, stock) < 1e-4
+    assert_same_as(tiny_model, base)
+
+    # the comparison can fail: no gradient through attention changes what trains
+    _, cut = _train_under(_sliced_attention([], grad_through=False), data, "cut", monkeypatch, webui, host)
+    assert _up_difference(cut, stock) > 1e-2
