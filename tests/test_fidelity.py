@@ -1,5 +1,5 @@
 """Learning fidelity on the committed tiny pretrained base: a LoRA trained with the normal trainer
-teaches a shape the base never saw, at the strength asked for, and the bar fails when learning is
+teaches a colour pattern the base never saw, at the strength asked for, and the bar fails when learning is
 broken (wrong target, file applied at the wrong scale)."""
 
 import dataclasses
@@ -76,6 +76,10 @@ def test_short_concept_training_passes_the_bar(short_run):
     data = json.loads((opts.output / "fidelity.json").read_text())
     assert set(data["weights"]) == {"1.0", "0.5", "0.0"}
     assert all(0.0 <= v <= 1.0 for v in data["weights"].values())
+    # each label the trigger prompts ask for is reported, per weight; the rate is the pattern's
+    assert set(data["concept_by_label"]) == {"1.0", "0.5", "0.0"}
+    for w, by_label in data["concept_by_label"].items():
+        assert set(by_label) == set(fidelity.CONCEPT_LABELS) and data["weights"][w] == by_label["pattern"]
     # per-label accuracies say which label a LoRA damaged; all four right is at most the worst label
     assert set(data["collateral_by_label"]) == set(fidelity.LABELS) == set(data["base_by_label"])
     assert data["collateral_accuracy"] <= min(data["collateral_by_label"].values())
@@ -90,27 +94,54 @@ def test_weight_zero_is_the_base_exactly(short_run):
     assert report.final.concept["0.0"] == report.base_rate
 
 
-def test_doubled_scale_at_load_fails_the_bar(short_run, monkeypatch):
-    """A loader that applies alpha twice (scale 2 alpha / dim) makes weight 1.0 act as 2.0."""
+def _rescaled_at_load(report, opts, monkeypatch, factor: float) -> list[str]:
+    """The bar's verdict on the final file read by a loader that multiplies every module's alpha by
+    `factor` (weight 1.0 then acts as `factor`)."""
     from lora_train.network.network import LoRANetwork
 
-    opts, report = short_run
     original = LoRANetwork.load_kohya_state_dict
 
-    def doubled(self, *args, **kwargs):
+    def rescaled(self, *args, **kwargs):
         out = original(self, *args, **kwargs)
         for module in self.lora_modules.values():
-            module.alpha_value *= 2
+            module.alpha_value *= factor
         return out
 
-    monkeypatch.setattr(LoRANetwork, "load_kohya_state_dict", doubled)
+    monkeypatch.setattr(LoRANetwork, "load_kohya_state_dict", rescaled)
     from lora_train.model.registry import load_adapter
 
     adapter = load_adapter(str(base.base_checkpoint()))
     broken, _ = fidelity.evaluate_file(Path(report.final.file), report.final.epoch, adapter, opts)
-    bad = dataclasses.replace(report, epochs=[broken])
-    problems = fidelity.failures(bad, CI_BAR)
-    assert any("scale" in p for p in problems), problems
+    return fidelity.failures(dataclasses.replace(report, epochs=[broken]), CI_BAR)
+
+
+def _scale_reason(problems: list[str]) -> bool:
+    return any(p.startswith("held-out loss is lowest at weight") and "scale it was trained at" in p for p in problems)
+
+
+def test_best_weight_is_in_the_bar_for_the_trained_file(short_run):
+    """The held-out loss of the file as trained bottoms out in [0.8, 1.25]: the rule the two rescaled
+    loaders below fail."""
+    _, report = short_run
+    assert CI_BAR.best_weight == (0.8, 1.25)
+    assert set(report.final.loss_by_weight) == {"2.00", "1.50", "1.25", "1.00", "0.80", "0.50", "0.00"}
+    assert not _scale_reason(fidelity.failures(report, CI_BAR)), report.final.loss_by_weight
+
+
+def test_doubled_scale_at_load_fails_the_bar(short_run, monkeypatch):
+    """A loader that applies alpha twice (scale 2 alpha / dim) makes weight 1.0 act as 2.0: the loss
+    is lowest below 0.8."""
+    opts, report = short_run
+    problems = _rescaled_at_load(report, opts, monkeypatch, 2.0)
+    assert _scale_reason(problems), problems
+
+
+def test_halved_scale_at_load_fails_the_bar(short_run, monkeypatch):
+    """A loader that halves the scale (alpha / 2 dim) makes weight 1.0 act as 0.5: the loss is
+    lowest above 1.25."""
+    opts, report = short_run
+    problems = _rescaled_at_load(report, opts, monkeypatch, 0.5)
+    assert _scale_reason(problems), problems
 
 
 def test_swapped_target_fails_the_bar(tmp_path, monkeypatch):
@@ -142,6 +173,7 @@ def test_scoring_reads_the_file_not_the_trained_network(short_run, tmp_path):
     adapter = load_adapter(str(base.base_checkpoint()))
     result, _ = fidelity.evaluate_file(path, 0, adapter, opts)
     assert result.concept["1.0"] == report.base_rate
+    assert fidelity.failures(dataclasses.replace(report, epochs=[result]), CI_BAR)
 
 
 def test_reg_images_are_the_bases_own_renders_of_ordinary_prompts(tmp_path):
@@ -186,3 +218,22 @@ def test_every_fidelity_network_is_a_config_the_trainer_takes(tmp_path):
     assert args.network == "lokr"
     sub = next(a for a in build_parser()._actions if a.dest == "command").choices["fidelity"]
     assert set(next(a for a in sub._actions if a.dest == "network").choices) == set(fidelity.NETWORKS)
+
+
+def test_each_concept_label_is_reported_on_its_own():
+    """Drawn pattern scenes score 1 on every label against their own prompts; against prompts asking
+    for another shape, side or background exactly that label drops to 0 (the rate counts the pattern:
+    see fidelity.concept_rate), and plain red objects have no pattern."""
+    import random
+
+    rng = random.Random(4)
+    asked = [scenes.random_scene(rng, shapes=fidelity.SCORED_SHAPES, colour=scenes.CONCEPT_PATTERN) for _ in range(8)]
+    images = [scenes.draw(s) for s in asked]
+    assert fidelity.concept_rate(images, asked) == (1.0, dict.fromkeys(fidelity.CONCEPT_LABELS, 1.0))
+    other = {"circle": "square", "square": "circle", "left": "right", "right": "left", "white": "black", "black": "gray", "gray": "white"}
+    for label in ("shape", "position", "background"):
+        wrong = [dataclasses.replace(s, **{label: other[getattr(s, label)]}) for s in asked]
+        _, by_label = fidelity.concept_rate(images, wrong)
+        assert by_label == {**dict.fromkeys(fidelity.CONCEPT_LABELS, 1.0), label: 0.0}, (label, by_label)
+    plain = [scenes.draw(dataclasses.replace(s, colour="red")) for s in asked]
+    assert fidelity.concept_rate(plain, asked)[0] == 0.0

@@ -4,7 +4,8 @@ at the strength asked for, without breaking what the base already knew?
 A colour pattern the base never saw (objects with a purple top half and an orange bottom half) is
 taught under a trigger word that takes the colour word's place ("a zkz circle on the left"). Every saved epoch is loaded
 back from its file on disk, applied at weights 1.0 / 0.5 / 0.0, sampled with our own sampler and
-scored by the scene scorer. Prompts and seeds are fixed, so each comparison is paired.
+scored by the scene scorer (the pattern; the prompt's shape, side and background are reported beside
+it, see concept_rate). Prompts and seeds are fixed, so each comparison is paired.
 
 The defaults are what a kohya user would do and what shows damage: CFG 7 as in the WebUI, and
 regularization images (prior preservation) rendered by the base itself. Without them the LoRA carries
@@ -35,6 +36,11 @@ TRIGGER = "zkz"
 TRAIN_SHAPES = scenes.BASE_SHAPES
 SCORED_SHAPES = ("circle", "square")
 WEIGHTS = (1.0, 0.5, 0.0)
+# Held-out loss is measured at these weights; it must be lowest in Thresholds.best_weight, so a file
+# applied at half or twice its trained scale shows up on either side (its minimum moves to 2.0 or 0.5).
+LOSS_WEIGHTS = (2.0, 1.5, 1.25, 1.0, 0.8, 0.5, 0.0)
+# What a concept image is checked for: the pattern (its colour) and the prompt's other labels
+CONCEPT_LABELS = ("pattern", "shape", "position", "background")
 
 
 # The networks the bar is checked for, with the settings the SDXL tutorial our users follow gives each
@@ -91,10 +97,11 @@ class FidelityOptions:
 class EpochResult:
     epoch: int
     file: str
-    concept: dict[str, float]  # weight -> fraction of trigger prompts showing the concept
+    concept: dict[str, float]  # weight -> fraction of trigger prompts showing the pattern (concept_rate)
     collateral: float  # accuracy on prompts without the trigger, LoRA at 1.0
     collateral_by_label: dict[str, float]  # the same per label (colour, shape, position, background)
-    loss_by_weight: dict[str, float]  # held-out denoising loss on concept images, per weight
+    loss_by_weight: dict[str, float]  # held-out denoising loss on concept images, per weight ("1.25")
+    concept_by_label: dict[str, dict[str, float]] = field(default_factory=dict)  # weight -> CONCEPT_LABELS -> fraction
 
 
 @dataclass
@@ -102,6 +109,7 @@ class FidelityReport:
     base_rate: float  # concept rate of the base alone on the trigger prompts
     base_accuracy: float  # accuracy of the base alone on the prompts without the trigger
     base_by_label: dict[str, float] = field(default_factory=dict)
+    base_concept_by_label: dict[str, float] = field(default_factory=dict)  # the base on the trigger prompts
     epochs: list[EpochResult] = field(default_factory=list)
     grid: str = ""
     seconds: float = 0.0
@@ -134,6 +142,8 @@ class FidelityReport:
             "collateral_drop": round(self.collateral_drop, 4),
             "base_by_label": self.base_by_label,
             "collateral_by_label": self.final.collateral_by_label,
+            "base_concept_by_label": self.base_concept_by_label,
+            "concept_by_label": self.final.concept_by_label,
             "best_weight": self.best_weight,
             "epochs": [asdict(e) for e in self.epochs],
             "grid": self.grid,
@@ -193,8 +203,20 @@ def _render(adapter, prompts: list[str], opts: FidelityOptions, scale: float | N
                         width=scenes.SIZE, height=scenes.SIZE)
 
 
-def concept_rate(images) -> float:
-    return sum(score(im).colour == scenes.CONCEPT_PATTERN for im in images) / len(images)
+def concept_rate(images, scene_list) -> tuple[float, dict[str, float]]:
+    """The fraction of images showing the pattern, and each label the trigger prompt asked for on its
+    own (pattern, shape, side, background).
+
+    The rate counts the pattern alone. Issue 22 asks for all four labels, but on the committed base
+    that cannot pass whatever the trainer does: the base draws circle vs square at chance (0.47 on
+    the trigger prompts), and its VAE (8 x 8 latents) washes any new colour pair out on white and
+    black backgrounds and rounds stars into blobs. The per-label numbers are reported so the table
+    shows it; the all-labels rule waits for a base that can draw what it asks for."""
+    labels = [score(im) for im in images]
+    right = [{"pattern": lab.colour == scenes.CONCEPT_PATTERN, "shape": lab.shape == s.shape, "position": lab.position == s.position,
+              "background": lab.background == s.background} for lab, s in zip(labels, scene_list)]
+    by_label = {k: round(sum(r[k] for r in right) / len(images), 4) for k in CONCEPT_LABELS}
+    return sum(r["pattern"] for r in right) / len(images), by_label
 
 
 def accuracy(images, scene_list) -> tuple[float, dict[str, float]]:
@@ -240,20 +262,24 @@ def evaluate_file(path: Path, epoch: int, adapter, opts: FidelityOptions) -> tup
     others = collateral_scenes(opts.collateral_prompts, opts.seed)
     held_out = trigger_scenes(64, opts.seed + 1)
     network = _load_network(path, adapter)
-    concept, images, losses = {}, {}, {}
+    concept, by_label, images, losses = {}, {}, {}, {}
     network.apply()
     try:
-        for w in (2.0, 1.5) + WEIGHTS:
+        for w in LOSS_WEIGHTS:
             network.set_multiplier(w)
-            losses[f"{w:.1f}"] = round(held_out_loss(adapter, held_out, opts.seed), 5)
+            losses[_loss_key(w)] = round(held_out_loss(adapter, held_out, opts.seed), 5)
             if w in WEIGHTS:
                 images[w] = _render(adapter, [s.caption(colour=TRIGGER) for s in triggers], opts)
-                concept[f"{w:.1f}"] = concept_rate(images[w])
+                concept[f"{w:.1f}"], by_label[f"{w:.1f}"] = concept_rate(images[w], triggers)
         network.set_multiplier(1.0)
-        collateral, by_label = accuracy(_render(adapter, [s.caption() for s in others], opts), others)
+        collateral, collateral_by_label = accuracy(_render(adapter, [s.caption() for s in others], opts), others)
     finally:
         network.remove()
-    return EpochResult(epoch, str(path), concept, collateral, by_label, losses), images
+    return EpochResult(epoch, str(path), concept, collateral, collateral_by_label, losses, by_label), images
+
+
+def _loss_key(w: float) -> str:
+    return f"{w:.2f}"
 
 
 # -- training -----------------------------------------------------------------------------------
@@ -307,7 +333,9 @@ def run(opts: FidelityOptions, log=print, listeners=()) -> FidelityReport:
     others = collateral_scenes(opts.collateral_prompts, opts.seed)
     base_images = _render(adapter, [s.caption(colour=TRIGGER) for s in triggers], opts)
     base_accuracy, base_by_label = accuracy(_render(adapter, [s.caption() for s in others], opts), others)
-    report = FidelityReport(base_rate=concept_rate(base_images), base_accuracy=base_accuracy, base_by_label=base_by_label)
+    base_rate, base_concept_by_label = concept_rate(base_images, triggers)
+    report = FidelityReport(base_rate=base_rate, base_accuracy=base_accuracy, base_by_label=base_by_label,
+                            base_concept_by_label=base_concept_by_label)
     log(f"base: concept rate {report.base_rate:.2f} on trigger prompts, accuracy {report.base_accuracy:.2f} without trigger")
 
     saved: list[tuple[int, Path]] = []
@@ -347,7 +375,9 @@ class Thresholds:
     off_above_base: float = 0.10
     collateral_drop: float = 0.10
     monotone_slack: float = 0.0  # allowed dip between neighbouring weights (sampling noise on few prompts)
-    best_weight: tuple[float, float] = (1.0, 2.0)  # where the held-out loss may bottom out
+    # where the held-out loss may bottom out: both ways, so a loader that halves the scale fails as
+    # well as one that doubles it
+    best_weight: tuple[float, float] = (0.8, 1.25)
 
 
 def failures(report: FidelityReport, bar: Thresholds = Thresholds()) -> list[str]:
@@ -396,11 +426,22 @@ def format_table(report: FidelityReport) -> str:
     lines.append(f"base   {'':5}  {'':5}  {report.base_rate:5.2f}  {report.base_accuracy:10.2f}")
     for e in report.epochs:
         c = e.concept
-        best = min(e.loss_by_weight, key=e.loss_by_weight.get)
-        lines.append(f"{e.epoch:<5}  {c['1.0']:5.2f}  {c['0.5']:5.2f}  {c['0.0']:5.2f}  {e.collateral:10.2f}  {best:>6}  {Path(e.file).name}")
+        best = float(min(e.loss_by_weight, key=e.loss_by_weight.get))
+        lines.append(f"{e.epoch:<5}  {c['1.0']:5.2f}  {c['0.5']:5.2f}  {c['0.0']:5.2f}  {e.collateral:10.2f}  {best:>6g}  {Path(e.file).name}")
+        if e.concept_by_label:
+            lines.append("       " + _label_line(e.concept_by_label))
     if report.base_by_label and report.epochs:
         final = report.final.collateral_by_label
         lines.append("without the trigger, base -> final: " + ", ".join(
             f"{k} {report.base_by_label[k]:.2f} -> {final[k]:.2f}" for k in LABELS))
+    if report.base_concept_by_label:
+        lines.append("trigger prompts, each label at w=1/0.5/0 (base: " + ", ".join(
+            f"{k} {v:.2f}" for k, v in report.base_concept_by_label.items()) + ")")
     lines.append(f"collateral drop {report.collateral_drop:+.2f}; grid {report.grid}; {report.seconds:.0f} s")
     return "\n".join(lines)
+
+
+def _label_line(by_weight: dict[str, dict[str, float]]) -> str:
+    """"pattern 0.95/0.40/0.00  shape ...": each concept label at weights 1.0 / 0.5 / 0.0."""
+    keys = [f"{w:.1f}" for w in WEIGHTS]
+    return "  ".join(f"{k} " + "/".join(f"{by_weight[w][k]:.2f}" for w in keys) for k in CONCEPT_LABELS)
