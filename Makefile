@@ -32,9 +32,11 @@ demo: setup
 browser:
 	@(test -x $(CHROMIUM) && test -d /usr/share/fonts/truetype/wqy) || $(APT_INSTALL) || ($(SUDO) apt-get update -q && $(APT_INSTALL))
 
+# Two workers (pytest-xdist) for the two cores, one test file each at a time: a file's module fixtures
+# (the shared fidelity run, the browser session) are built once, on one worker.
 test: setup browser
 	$(VENV)/bin/ruff check --select F,E9 lora_train tests benchmarks install.py
-	$(PY) -m pytest -q --durations=25 tests
+	$(PY) -m pytest -q --durations=25 -n 2 --dist loadfile tests
 
 clean:
 	rm -rf demo-output fidelity-output .pytest_cache

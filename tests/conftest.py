@@ -7,6 +7,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts its t
 import pytest
 import torch
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs two workers on two cores: one thread each, not two each fighting for both
+    torch.set_num_threads(1)
+
 from lora_train.model.loading import quiet
 
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
