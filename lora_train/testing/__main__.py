@@ -17,6 +17,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vae-steps", type=int, default=3000)
     p.add_argument("--unet-steps", type=int, default=1500)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--vae-free-colours", action="store_true",
+                   help="train the VAE also on scene layouts with objects of any colour, one or two (off in the committed base)")
+    p.add_argument("--vae-object-weight", type=float, default=0.0,
+                   help="weigh the VAE's loss on object pixels this much more than on background (0 in the committed base)")
     p = sub.add_parser("install-base", help="copy the base (+ yaml + tokenizer folder) into a folder such as the WebUI's models/Stable-diffusion")
     p.add_argument("folder")
     p = sub.add_parser("install-tiny-sdxl", help="write a tiny SDXL-architecture checkpoint (random weights, + yaml + tokenizer "
@@ -53,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "build-base":
             from lora_train.testing.base import build_base
 
-            build_base(args.output, vae_steps=args.vae_steps, unet_steps=args.unet_steps, seed=args.seed, log=lambda m: print(m, flush=True))
+            build_base(args.output, vae_steps=args.vae_steps, unet_steps=args.unet_steps, seed=args.seed, log=lambda m: print(m, flush=True),
+                       vae_free_colours=args.vae_free_colours, vae_object_weight=args.vae_object_weight)
         elif args.command == "install-base":
             from lora_train.testing.base import install_base
 

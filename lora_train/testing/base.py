@@ -54,7 +54,51 @@ def _lr(step: int, total: int, peak: float, warmup: int) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
 
 
-def train_vae(vae, steps: int, seed: int, batch: int = 8, log=print) -> None:
+def free_colour_scene(rng: random.Random):
+    """A scene's layout (shape, side, white/black/gray background) with an object of any colour, half
+    of them split at the middle into two colours like the concept's pattern. The scenes show the VAE
+    only the base's four colours on these backgrounds and broad_image shows any colour only on random
+    backgrounds: a new colour on white or black fell between the two and came back washed out."""
+    from PIL import Image, ImageDraw
+
+    def colour():
+        return tuple(rng.randrange(256) for _ in range(3))
+
+    s = scenes.SUPERSAMPLE
+    scene = scenes.random_scene(rng, shapes=scenes.SHAPES)
+    im = Image.new("RGB", (scenes.SIZE * s, scenes.SIZE * s), scenes.BACKGROUNDS[scene.background])
+    cx, cy = scene.centre
+    mask = Image.new("L", im.size, 0)
+    scenes._draw_shape(ImageDraw.Draw(mask), scene.shape, cx, cy, scene.radius, 255)
+    im.paste(Image.new("RGB", im.size, colour()), (0, 0), mask)
+    if rng.random() < 0.5:
+        lower = Image.new("L", im.size, 0)
+        ImageDraw.Draw(lower).rectangle((0, int(cy * s), im.width, im.height), fill=255)
+        im.paste(Image.new("RGB", im.size, colour()), (0, 0), Image.composite(mask, lower, lower))
+    return im.resize((scenes.SIZE, scenes.SIZE), Image.BOX)
+
+
+def object_weights(x: torch.Tensor, object_weight: float) -> torch.Tensor:
+    """Per-pixel loss weights, mean 1 per image, with pixels that differ from the border's median
+    (the object) `object_weight` + 1 times the background's: an object is about a tenth of a scene,
+    so a plain mean spends the loss on flat background."""
+    border = torch.cat([x[:, :, 0], x[:, :, -1], x[:, :, :, 0], x[:, :, :, -1]], dim=2)
+    bg = border.median(dim=2).values[:, :, None, None]
+    w = 1.0 + object_weight * ((x - bg).abs().sum(dim=1, keepdim=True) > 0.3).float()
+    return w / w.mean(dim=(2, 3), keepdim=True)
+
+
+def _vae_batch(rng: random.Random, batch: int, free_colours: bool) -> list:
+    if not free_colours:  # the committed base's mix: half scenes, half broad images
+        return [scenes.draw(scenes.random_scene(rng, shapes=scenes.SHAPES)) if i % 2 == 0 else scenes.broad_image(rng)
+                for i in range(batch)]
+    return [scenes.draw(scenes.random_scene(rng, shapes=scenes.SHAPES)) if i % 3 == 0
+            else free_colour_scene(rng) if i % 3 == 1 else scenes.broad_image(rng) for i in range(batch)]
+
+
+def train_vae(vae, steps: int, seed: int, batch: int = 8, log=print, free_colours: bool = False, object_weight: float = 0.0) -> None:
+    """`free_colours` and `object_weight` (both off in the committed base) are what a short continued
+    training showed to bring new colours through on white and black (see the README's base section)."""
     rng = random.Random(seed)
     g = torch.Generator().manual_seed(seed)
     vae.requires_grad_(True)
@@ -69,15 +113,14 @@ def train_vae(vae, steps: int, seed: int, batch: int = 8, log=print) -> None:
     torch.nn.Module.train(vae, True)
     started = time.time()
     for step in range(steps):
-        images = [
-            scenes.draw(scenes.random_scene(rng, shapes=scenes.SHAPES)) if i % 2 == 0 else scenes.broad_image(rng)
-            for i in range(batch)
-        ]
-        x = _to_tensor(images)
+        x = _to_tensor(_vae_batch(rng, batch, free_colours))
         posterior = vae.encode(x)
         z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=g)
         rec = vae.decode(z)
-        rec_loss = (rec - x).abs().mean() + (rec - x).pow(2).mean()
+        if object_weight:
+            rec_loss = (((rec - x).abs() + (rec - x).pow(2)) * object_weights(x, object_weight)).mean()
+        else:  # the committed base's expression, kept as is so its rebuild stays bit for bit
+            rec_loss = (rec - x).abs().mean() + (rec - x).pow(2).mean()
         kl = posterior.kl().mean()
         loss = rec_loss + 1e-6 * kl
         for group in opt.param_groups:
@@ -163,7 +206,8 @@ def train_diffusion(model, scene_list, means, stds, steps: int, seed: int, batch
     torch.nn.Module.train(text, False)
 
 
-def build_base(output: str | os.PathLike, vae_steps: int = 3000, unet_steps: int = 1500, n_scenes: int = 6144, seed: int = 0, log=print) -> Path:
+def build_base(output: str | os.PathLike, vae_steps: int = 3000, unet_steps: int = 1500, n_scenes: int = 6144, seed: int = 0, log=print,
+               vae_free_colours: bool = False, vae_object_weight: float = 0.0) -> Path:
     torch.manual_seed(seed)
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     started = time.time()
@@ -172,9 +216,12 @@ def build_base(output: str | os.PathLike, vae_steps: int = 3000, unet_steps: int
     _init_text_norms(model)
     vae = model.first_stage_model
     stage = Path(output) / "stage1-vae.safetensors"
-    stage_key = json.dumps({"vae_steps": vae_steps, "seed": seed, "config": base_config()["params"]["first_stage_config"]}, sort_keys=True)
+    key = {"vae_steps": vae_steps, "seed": seed, "config": base_config()["params"]["first_stage_config"]}
+    if vae_free_colours or vae_object_weight:  # only then: the committed build's stage key stays what it was
+        key.update(free_colours=vae_free_colours, object_weight=vae_object_weight)
+    stage_key = json.dumps(key, sort_keys=True)
     if not _load_stage(vae, stage, stage_key):  # a build that stopped after stage 1 resumes here
-        train_vae(vae, vae_steps, seed, log=log)
+        train_vae(vae, vae_steps, seed, log=log, free_colours=vae_free_colours, object_weight=vae_object_weight)
         _save_stage(vae, stage, stage_key)
     _reconstruction_sheet(vae, Path(output) / "vae-check.png", seed)
     log(f"VAE round trip: scorer reads {vae_round_trip_accuracy(vae, seed):.3f} of 200 scenes right ({time.time() - started:.0f} s)")
