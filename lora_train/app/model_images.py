@@ -26,7 +26,6 @@ from lora_train.train.config import TrainConfig
 # model, the prompt and the render settings (a run's own folder would render the same images again per name)
 REG_CACHE = "reg-images"
 BASE_CACHE = "base-style-images"  # under NAME's run folder, where the CLI keeps them too
-BUSY_PHASES = ("preparing", "training")
 
 Log = Optional[Callable[[str], None]]
 
@@ -52,8 +51,7 @@ class ModelImages:
     def model_free(self) -> None:
         """Refuse while a run holds the model: the WebUI's txt2img would wait for the whole run (or,
         standalone, block on the host's lock), with nothing on the page saying why."""
-        latest = self.manager.latest()
-        if getattr(self.host, "owner_thread", None) is not None or (latest is not None and latest.phase in BUSY_PHASES):
+        if getattr(self.host, "owner_thread", None) is not None or self.manager.running() is not None:
             raise UserError(msg("A training run is using the model right now: render the images when it has finished (or stop it)."))
 
     def settings(self, resolution: str, seed) -> RenderSettings:

@@ -221,6 +221,11 @@ class RunManager:
             self._paused = False
         self._ensure_worker()
 
+    def running(self) -> Optional[RunStatus]:
+        """The run the worker holds now (preparing, training or finishing), else None."""
+        with self._lock:
+            return self._current
+
     def _busy(self) -> bool:
         return self._current is not None or (bool(self._queue) and not self._paused)
 
