@@ -45,7 +45,9 @@ def lora_stems() -> list[str]:
     return sorted(stems, key=str.casefold)
 
 
-def _find_tag(prompt: str, wanted: list[str], family: str):
+def find_tag(prompt: str, wanted: list[str], family: str):
+    """Our LoRA's `<lora:...>` tag in `prompt`: one named in `wanted`, else one of `family` (NAME or
+    NAME-...); with no family chosen, the prompt's first LoRA tag. None when there is none."""
     tags = list(_LORA_TAG.finditer(prompt))
     for name in wanted:
         for m in tags:
@@ -55,7 +57,8 @@ def _find_tag(prompt: str, wanted: list[str], family: str):
         for m in tags:
             if m.group(2) == family or m.group(2).startswith(family + "-"):
                 return m
-    return None
+        return None
+    return tags[0] if tags else None
 
 
 def no_lora_chosen(axis: str) -> RuntimeError:
@@ -65,9 +68,7 @@ def no_lora_chosen(axis: str) -> RuntimeError:
 
 def set_lora_weight(prompt: str, weight: float, target: str = "", family: str = "") -> tuple[str, str]:
     """Set the weight of our LoRA's `<lora:...>` tag in `prompt`, or append one. -> (prompt, name)."""
-    m = _find_tag(prompt, [target] if target else [], family)
-    if m is None and not family:
-        m = _LORA_TAG.search(prompt)
+    m = find_tag(prompt, [target] if target else [], family)
     if m is None:
         name = target or family
         if not name:
@@ -79,9 +80,7 @@ def set_lora_weight(prompt: str, weight: float, target: str = "", family: str = 
 
 def set_lora_name(prompt: str, name: str, others: list[str], target: str = "", family: str = "") -> str:
     """Make our LoRA's `<lora:...>` tag in `prompt` use the file `name`, or append `<lora:name:1>`."""
-    m = _find_tag(prompt, ([target] if target else []) + [o for o in others if o], family)
-    if m is None and not family:
-        m = _LORA_TAG.search(prompt)
+    m = find_tag(prompt, ([target] if target else []) + [o for o in others if o], family)
     if m is None:
         return f"{prompt} <lora:{name}:1>"
     tag = f"<{m.group(1)}:{name}" + (f":{m.group(3)}" if m.group(3) is not None else "") + f"{m.group(4) or ''}>"

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from lora_train.errors import UserError, msg
 from lora_train.host.a1111.webui import lora_dir
-from lora_train.host.a1111.xyz import XYZ_BLOCKS, _LORA_TAG, _find_tag, no_lora_chosen, xyz_lora_name
+from lora_train.host.a1111.xyz import XYZ_BLOCKS, find_tag, no_lora_chosen, xyz_lora_name
 from lora_train.network import algorithms, blocks
 from lora_train.tools import lbw
 
@@ -134,8 +134,7 @@ def _keep_through_rescans(networks) -> None:
 
 def _our_tag(prompt: str, target: str):
     """The `<lora:...>` tag the axes act on (as the weight axis finds it), or None."""
-    m = _find_tag(prompt, [target] if target else [], xyz_lora_name())
-    return _LORA_TAG.search(prompt) if m is None and not xyz_lora_name() else m
+    return find_tag(prompt, [target] if target else [], xyz_lora_name())
 
 
 def _source_name(p) -> str:
