@@ -13,14 +13,8 @@ from lora_train.network.files import atomic_write_bytes
 
 def write_card(lora: Path, family: str | None, note: str, source: Path | None = None) -> Path:
     card = Card(sd_version=SD_VERSION.get(family or "", "SD1"), notes=note)
-    old = Path(source).with_suffix(".json") if source is not None else None
-    fields = {}
-    if old is not None and old.is_file():
-        try:
-            fields = json.loads(old.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            fields = {}
-    if isinstance(fields, dict):
+    fields = _read_card(Path(source)) if source is not None else {}
+    if fields:
         card.activation_text = str(fields.get("activation text", ""))
         card.negative_text = str(fields.get("negative text", ""))
         card.description = str(fields.get("description", ""))
@@ -46,16 +40,7 @@ def set_note(lora: Path, line: str | None, replaces=lambda old: False) -> bool:
     path = Path(lora).with_suffix(".json")
     if not path.is_file() and not line:
         return False
-    fields: dict = {}
-    if path.is_file():
-        try:
-            fields = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            fields = {}
-    if not isinstance(fields, dict):
-        fields = {}
-    if not fields:
-        fields = Card().to_json()
+    fields = _read_card(path) or Card().to_json()
     old = str(fields.get("notes") or "")
     lines = [x for x in old.splitlines() if not replaces(x)]
     if line:
@@ -66,3 +51,13 @@ def set_note(lora: Path, line: str | None, replaces=lambda old: False) -> bool:
     fields["notes"] = notes
     atomic_write_bytes(path, json.dumps(fields, indent=4, ensure_ascii=False).encode("utf-8"))
     return True
+
+
+def _read_card(lora: Path) -> dict:
+    """The fields of the card beside `lora` (or of the card path itself); {} when there is none or it is not a JSON object."""
+    path = Path(lora).with_suffix(".json")
+    try:
+        fields = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (OSError, ValueError):
+        return {}
+    return fields if isinstance(fields, dict) else {}
