@@ -30,13 +30,10 @@ just before them.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import os
-import resource
 import statistics
-import sys
 import time
 from dataclasses import dataclass, field
 
@@ -50,6 +47,7 @@ from lora_train.network.kind import LYCORIS, NetworkKind
 from lora_train.network.network import LoRANetwork
 from lora_train.network.targets import hf_clip_targets, ldm_unet_targets, sdxl_unet_targets
 from lora_train.train import loss as loss_fn
+from lora_train.train import memory
 
 ARCHS = ("sd15", "tiny", "sdxl", "tiny-sdxl")
 SDXL_RAM_GB = 16  # full-size SDXL UNet in fp32: 10.3 GB of weights, plus the step's activations
@@ -404,39 +402,5 @@ def _load_average() -> float | None:
         return None
 
 
-# -- memory ---------------------------------------------------------------------------------------
-def _ru_maxrss_mb() -> float:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
-
-
-def _rss_mb() -> float | None:
-    try:
-        import psutil
-
-        return psutil.Process().memory_info().rss / 2**20
-    except Exception:  # pragma: no cover - psutil is a host dependency, but optional here
-        return _proc_status_mb("VmRSS")
-
-
-def _vm_hwm_mb() -> float | None:
-    return _proc_status_mb("VmHWM")
-
-
-def _proc_status_mb(field_name: str) -> float | None:
-    with contextlib.suppress(OSError, ValueError):
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith(field_name + ":"):
-                    return int(line.split()[1]) / 2**10  # kB
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS counter of this process (Linux >= 4.0); False where unsupported."""
-    try:
-        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
-            f.write("5")
-    except OSError:
-        return False
-    return _vm_hwm_mb() is not None
+# -- memory: the helpers live in train/memory.py, which the run estimate shares ----------------------
+_ru_maxrss_mb, _rss_mb, _vm_hwm_mb, _reset_peak_rss = memory.ru_maxrss_mb, memory.rss_mb, memory.vm_hwm_mb, memory.reset_peak_rss

@@ -1,0 +1,73 @@
+"""Peak memory of this process: its resident set on CPU, the tensors allocated on a CUDA device.
+
+On Linux the kernel's peak-RSS counter can be reset (`/proc/self/clear_refs`), so the peak of a
+stretch of work (a calibration, a run) is measured without what came before it; elsewhere the
+process's lifetime peak (`ru_maxrss`) stands in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import resource
+import sys
+
+import torch
+
+
+def ru_maxrss_mb() -> float:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
+
+
+def rss_mb() -> float | None:
+    try:
+        import psutil
+
+        return psutil.Process().memory_info().rss / 2**20
+    except Exception:  # pragma: no cover - psutil is a host dependency, but optional here
+        return proc_status_mb("VmRSS")
+
+
+def vm_hwm_mb() -> float | None:
+    return proc_status_mb("VmHWM")
+
+
+def proc_status_mb(field_name: str) -> float | None:
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith(field_name + ":"):
+                    return int(line.split()[1]) / 2**10  # kB
+    return None
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS counter of this process (Linux >= 4.0); False where unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return vm_hwm_mb() is not None
+
+
+def memory_kind(device: torch.device) -> str:
+    """What `peak_mb` measures on `device`: "cuda" (allocated tensors) or "rss" (the process)."""
+    return "cuda" if device.type == "cuda" else "rss"
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        reset_peak_rss()
+
+
+def peak_mb(device: torch.device) -> float:
+    """The peak since `reset_peak(device)` (on CPU without a resettable counter: the process's peak)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    hwm = vm_hwm_mb()
+    return hwm if hwm is not None else ru_maxrss_mb()
