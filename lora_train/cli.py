@@ -57,18 +57,24 @@ def _is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def _run_training(config, loss_csv: Path) -> Path | None:
+def _run_training(config, loss_csv: Path, estimate: bool = False) -> Path | None:
     from lora_train.app import job
     from lora_train.model.registry import load_adapter
     from lora_train.sample.previews import preview_fn
+    from lora_train.train.estimate import RunTimer, after_run_lines
     from lora_train.train.observers import LossCsv
     from lora_train.train.trackers import build_trackers
 
     adapter = load_adapter(config.model.pretrained_model_name_or_path, config.model.clip_skip, config.model)
+    # a cached estimate is shown for free; calibration steps run only for --estimate or max_train_minutes
+    result, _, lines = job.prepare_estimate(config, adapter, calibrate=estimate)
     trainer = job.build_trainer(config, adapter, sample_fn=preview_fn(config, adapter))
     if not _is_main_process():  # under accelerate launch, rank 0 reports and writes
         return trainer.run(None, threading.Event())
-    listeners = [_progress_listener(frozenset(config.warnings + config.notes)), LossCsv(loss_csv)]
+    for line in lines:
+        print(tr(line), file=sys.stderr)
+    timer = RunTimer(adapter.device)
+    listeners = [_progress_listener(frozenset(config.warnings + config.notes)), LossCsv(loss_csv), timer]
     listeners += build_trackers(config.logging, trainer.notes)
     plan = trainer.plan
     for problem in plan.scan.problems + plan.problems:
@@ -92,6 +98,8 @@ def _run_training(config, loss_csv: Path) -> Path | None:
     finally:
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, previous)
+        for line in after_run_lines(config, result, trainer.plan, timer) if result is not None else []:
+            print(tr(line), file=sys.stderr)
 
 
 def cmd_train(args) -> int:
@@ -112,9 +120,9 @@ def cmd_train(args) -> int:
 
     check_trackers(config.logging)  # before the model loads: a tracker asked for is never skipped
     if args.dry_run:
-        return _dry_run(config)
+        return _dry_run(config, args.estimate)
     out = Path(config.saving.output_dir)
-    path = _run_training(config, out / f"{config.saving.output_name}-loss.csv")
+    path = _run_training(config, out / f"{config.saving.output_name}-loss.csv", args.estimate)
     if path and _is_main_process():
         print(tr(msg("LoRA: {path}", path=path)))
         _print_ranking(out, config.saving.output_name)
@@ -134,24 +142,37 @@ def _print_ranking(folder: Path, name: str) -> None:
         print(tr("\n".join(report_lines(ranking))))
 
 
-def _dry_run(config) -> int:
-    """The effective config (TOML, on stdout) and what a run would do, without loading the model."""
+def _dry_run(config, estimate: bool = False) -> int:
+    """The effective config (TOML, on stdout) and what a run would do, without loading the model;
+    with `estimate`, the model is loaded for the estimate (a few calibration steps unless cached),
+    and max_train_minutes fits the epochs as the run would."""
     import tomli_w
 
     from lora_train.app.dry_run import dry_run
     from lora_train.dataset.check import format_report, plan_report
 
+    lines = []
+    if estimate:
+        from lora_train.app import job
+        from lora_train.model.registry import load_adapter
+
+        adapter = load_adapter(config.model.pretrained_model_name_or_path, config.model.clip_skip, config.model)
+        lines = job.prepare_estimate(config, adapter, calibrate=True)[2]
+    elif config.training.max_train_minutes is not None:
+        lines = [msg("max_train_minutes: the epochs are fitted to it when the run starts (add --estimate to see them now)")]
     result = dry_run(config)
     print(tomli_w.dumps(config.to_toml_dict()))
     for note in result.notes:
         print(f"{t('note')}: {tr(note)}", file=sys.stderr)
     print(tr("\n".join([
-        msg("# dry run: nothing was loaded or trained"),
+        msg("# dry run: the model was loaded for the estimate; nothing was trained") if estimate
+        else msg("# dry run: nothing was loaded or trained"),
         msg("model:    {model} ({family}, {resolution} px)", model=config.model.pretrained_model_name_or_path, family=result.family,
             resolution=result.resolution),
         msg("network:  {modules} modules, {parameters} parameters", modules=result.targets,
             parameters="?" if result.parameters is None else f"{result.parameters:,}"),
         format_report(plan_report(result.plan)),
+        *lines,
     ])))
     return 0
 
@@ -364,6 +385,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one config key (repeatable)")
     t.add_argument("--dry-run", action="store_true",
                    help="read and check the config, dataset and model family, print the effective config and the plan; load nothing, train nothing")
+    t.add_argument("--estimate", action="store_true",
+                   help="time per step, total time and peak memory from a few calibration steps on the loaded model (cached per "
+                        "settings); with --dry-run the model is loaded for it. A cached estimate is shown at every start anyway")
     t.set_defaults(func=cmd_train)
 
     d = sub.add_parser("demo", help="teach the built-in tiny base a new shape, and show it before and after")

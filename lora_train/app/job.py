@@ -59,6 +59,30 @@ def build_trainer(config: TrainConfig, adapter: ModelAdapter, warn=lambda msg: p
     return Trainer(config, adapter, build_network(config, adapter, seed), data, sample_fn=sample_fn)
 
 
+def prepare_estimate(config: TrainConfig, adapter: ModelAdapter, cache_dir=None, calibrate: bool = False):
+    """Before `build_trainer`: the run's estimate and the lines that show it. A cached estimate is
+    always used; calibration steps run when `calibrate` asks or max_train_minutes needs them, and
+    max_train_minutes then sets the epochs in `config`. Returns (estimate or None, plan, lines)."""
+    from lora_train.train import estimate as est
+
+    seed = config.training.seed or 0
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every process would time itself, and could fit other epochs
+        plan = plan_dataset(config, adapter.info.resolution, steps_multiple(adapter.info.family), seed)
+        asked = calibrate or config.training.max_train_minutes is not None
+        return None, plan, [msg("the estimate and max_train_minutes are not used under accelerate launch (one process per device)")] if asked else []
+    plan = plan_dataset(config, adapter.info.resolution, steps_multiple(adapter.info.family), seed)
+    budget = config.training.max_train_minutes
+    result = est.estimate(config, adapter, plan, lambda: build_network(config, adapter, seed), cache_dir or est.default_cache_dir(),
+                          run_steps=calibrate or budget is not None)
+    if result is None:
+        return None, plan, []
+    lines = []
+    if budget is not None:
+        lines.append(est.apply_budget(config, result, plan))
+        plan = plan_dataset(config, adapter.info.resolution, steps_multiple(adapter.info.family), seed)
+    return result, plan, est.estimate_lines(config, result, plan) + lines
+
+
 def select_targets(config: TrainConfig, kind, lora_targets, norm_targets, can_train_text_encoder: bool) -> list:
     """The modules a run trains: `lora_targets(conv)` lists the model's Linear/conv targets,
     `norm_targets()` its norm layers (for train_norm). Shared with `train --dry-run`, which lists

@@ -142,6 +142,22 @@ class RunManager:
             self._enqueue(status, request, True, front=True)  # it continues what was running
             return status
 
+    def estimate(self, config: TrainConfig) -> tuple[object, list[str]]:
+        """The Train tab's Estimate: a few calibration steps on the host's model (or the cached
+        result), between runs only. Returns the plan (epochs fitted to max_train_minutes) and the lines to show."""
+        from lora_train.app import job
+
+        with self._lock:
+            if self._busy():
+                raise UserError(msg("a run is training or queued: estimate when the queue is idle"))
+        guard_config(config, self.host.access())
+        refusals = self.host.preflight(config)
+        if refusals:
+            raise UserError("\n".join(refusals))
+        with self.host.session(config, "estimate") as adapter:
+            _, plan, lines = job.prepare_estimate(config, adapter, self.host.work_dir(), calibrate=True)
+        return plan, lines
+
     def stop(self) -> bool:
         """Stop the current run (it saves and publishes `-interrupted`) and pause the queue."""
         with self._lock:
@@ -279,6 +295,9 @@ class RunManager:
                 if prompts and not (config.sampling.sample_every_n_epochs or config.sampling.sample_every_n_steps):
                     config.sampling.sample_every_n_epochs = 1
                 sample_fn = self.host.sample_fn(config, adapter, prompts, folder / "sample") if prompts else None
+                # a cached estimate shows for free; max_train_minutes calibrates and fits the epochs
+                estimated, _, lines = job.prepare_estimate(config, adapter, self.host.work_dir(), calibrate=False)
+                status.messages += lines
                 trainer = job.build_trainer(config, adapter, warn=status.messages.append, sample_fn=sample_fn)
                 publisher.card.sd_version = SD_VERSION.get(adapter.info.family, "SD1")
                 plan = trainer.plan
@@ -294,10 +313,15 @@ class RunManager:
                 from lora_train.train.observers import LossCsv
                 from lora_train.train.trackers import build_trackers
 
+                from lora_train.train.estimate import RunTimer, after_run_lines
+
                 csv = LossCsv(folder / f"{status.name}-loss.csv")
-                listeners = [lambda e: self._observe(status, e), csv, self.host.on_event, publisher]
+                timer = RunTimer(adapter.device)
+                listeners = [lambda e: self._observe(status, e), csv, self.host.on_event, publisher, timer]
                 listeners += build_trackers(config.logging, trainer.notes)  # log_with from a loaded config
                 trainer.run(lambda e: [listen(e) for listen in listeners], self._cancel)
+                if estimated is not None:
+                    status.messages += after_run_lines(config, estimated, trainer.plan, timer)
         except UserError as e:
             status.phase = "failed"
             status.error = str(e)

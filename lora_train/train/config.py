@@ -125,6 +125,8 @@ class TrainingConfig(NoiseOptions, LossOptions):
 
     max_train_steps: int = 1600
     max_train_epochs: Optional[int] = None
+    # ours: a time budget; the epochs are lowered (never raised) to what the run's estimate fits in it (train/estimate.py)
+    max_train_minutes: Optional[float] = None
     train_batch_size: int = 1
     gradient_accumulation_steps: int = 1
     gradient_checkpointing: bool = False

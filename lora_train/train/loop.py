@@ -78,11 +78,7 @@ class Trainer:
         device = self.adapter.device
         self.dist = Distributed.from_env(device)
         emit = (listener or (lambda e: None)) if self.dist.is_main else (lambda e: None)
-        self.network.to(device=device, dtype=torch.float32)  # LoRA weights train in fp32 whatever the host runs
-        self.gen = torch.Generator().manual_seed(self.seed)
-        self.caption_rng = random.Random(self.seed)
-        self.optimizer, self.scheduler = self._optimizer_and_scheduler()
-        self.scaler = self._grad_scaler(device)
+        self.prepare(device)
         self.uploader = HubUpload.from_config(self.config.saving, lambda text: emit(ev.Notice(text)))
         if self.config.saving.resume:
             self._resume(resume_folder(self.config.saving))
@@ -95,14 +91,8 @@ class Trainer:
         )
         emit(ev.Started(end_step, self.plan.steps_per_epoch, self.plan.epochs, self.plan.train_images, self.notes,
                         self.step if self.config.saving.resume else None))
-        file_targets = self.adapter.file_targets()
-        targets = {t.name: t.module for t in file_targets}
-        t, net = self.config.training, self.config.network
         try:
-            # base_weights go in after the freeze and come out before it is undone: the host's weights are restored first
-            with self.adapter.frozen(), base_weights.merged(net.base_weights, net.base_weights_multiplier, file_targets), \
-                    self.adapter.training(t.gradient_checkpointing, self.network.dropout_generator, train_text_encoder=self.train_te), \
-                    self.network.applied({n: targets[n] for n in self.network.lora_modules}):
+            with self.hooked():
                 cancelled = self._loop(emit, cancel)
         except TrainingDiverged as e:
             emit(ev.Failed(e, self.step))
@@ -143,6 +133,26 @@ class Trainer:
         return path
 
     # -- setup -----------------------------------------------------------------------------------
+    def prepare(self, device: torch.device) -> None:
+        """Network on the device, generators, optimizer, scheduler and scaler (also what a calibration steps with)."""
+        self.network.to(device=device, dtype=torch.float32)  # LoRA weights train in fp32 whatever the host runs
+        self.gen = torch.Generator().manual_seed(self.seed)
+        self.caption_rng = random.Random(self.seed)
+        self.optimizer, self.scheduler = self._optimizer_and_scheduler()
+        self.scaler = self._grad_scaler(device)
+
+    @contextlib.contextmanager
+    def hooked(self):
+        """The model frozen and set up for training with the network applied; restored exactly on exit."""
+        file_targets = self.adapter.file_targets()
+        targets = {t.name: t.module for t in file_targets}
+        t, net = self.config.training, self.config.network
+        # base_weights go in after the freeze and come out before it is undone: the host's weights are restored first
+        with self.adapter.frozen(), base_weights.merged(net.base_weights, net.base_weights_multiplier, file_targets), \
+                self.adapter.training(t.gradient_checkpointing, self.network.dropout_generator, train_text_encoder=self.train_te), \
+                self.network.applied({n: targets[n] for n in self.network.lora_modules}):
+            yield
+
     def _check_config(self) -> None:
         c = self.config
         if c.training.mixed_precision not in ("no", "fp32", "fp16", "bf16"):

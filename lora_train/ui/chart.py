@@ -157,7 +157,8 @@ def ranking_table(status, t) -> str:
             f'<table class="lora-train-table"><tr>{head}</tr>{"".join(rows)}</table></div>')
 
 
-def plan_html(plan, t) -> str:
+def plan_html(plan, t, estimate: list[str] = ()) -> str:
+    """The plan's numbers and buckets; `estimate`: its time and memory lines (translated), when estimated."""
     guideline = f"{plan.guideline_total}"
     rows = [
         (t("Training images"), plan.train_images),
@@ -174,6 +175,8 @@ def plan_html(plan, t) -> str:
              _table(rows)]
     if buckets:
         parts.append(f"<p>{html.escape(t.labelled('Buckets', ', '.join(buckets)))}</p>")
+    if estimate:
+        parts.append(f'<p id="lora_train_estimate" style="white-space: pre-line">{html.escape(chr(10).join(estimate))}</p>')
     notes = [f"⚠ {t.text(w)}" for w in plan.warnings] + [f"✖ {t.text(p)}" for p in plan.scan.problems + plan.problems]
     if notes:
         parts.append('<ul class="lora-train-warnings">' + "".join(f"<li>{html.escape(str(n))}</li>" for n in notes[:20]) + "</ul>")

@@ -52,6 +52,7 @@ HELP = {
     "output_name": "File name of the LoRA (a number is added if it exists)",
     "max_train_epochs": "Epochs to train; overrides max_train_steps",
     "max_train_steps": "Steps to train when max_train_epochs is empty",
+    "max_train_minutes": "Time budget in minutes: the epochs are lowered to what the estimate fits in it (never raised)",
     "train_batch_size": "Images per step",
     "network_dim": "Rank of the LoRA (size and capacity)",
     "network_alpha": "Scales the LoRA by alpha/dim; lower = gentler",

@@ -210,7 +210,10 @@ def create_train_tab(manager: RunManager, host: Host, t: Optional[Translator] = 
                 message = gr.HTML("", elem_id="lora_train_message")
                 with gr.Accordion(t("Dataset plan"), open=True):
                     plan = gr.HTML(_message(t("Set a dataset folder to see the plan.")), elem_id="lora_train_plan")
-                    check = gr.Button(t("Check dataset"), elem_id="lora_train_check")
+                    with gr.Row():
+                        check = gr.Button(t("Check dataset"), elem_id="lora_train_check")
+                        # a few training steps on the model: on a click only, never on every field change
+                        estimate = gr.Button(t("Estimate time and memory"), elem_id="lora_train_estimate_button")
                 status = gr.HTML(chart.status_html(None, t), elem_id="lora_train_status")
                 loss = gr.HTML(chart.loss_chart([], t), elem_id="lora_train_loss")
                 previews = gr.Gallery(label=t("Previews"), elem_id="lora_train_previews", columns=4, height=240)
@@ -277,6 +280,14 @@ def create_train_tab(manager: RunManager, host: Host, t: Optional[Translator] = 
             try:
                 config, _ = build(values)
                 return chart.plan_html(job.plan_on_host(config, host), t)
+            except UserError as e:
+                return chart.error_html(t.text(e))
+
+        def on_estimate(*values):
+            try:
+                config, _ = build(values)
+                estimated_plan, lines = manager.estimate(config)
+                return chart.plan_html(estimated_plan, t, [t.text(line) for line in lines])
             except UserError as e:
                 return chart.error_html(t.text(e))
 
@@ -377,6 +388,7 @@ def create_train_tab(manager: RunManager, host: Host, t: Optional[Translator] = 
         apply_preset.click(on_preset, [subject, base, *field_comps], [*field_comps, message])
         all_inputs = [*field_comps, *extra]
         check.click(on_plan, all_inputs, [plan])
+        estimate.click(on_estimate, all_inputs, [plan])
         for key in ("train_data_dir", "reg_data_dir", "resolution"):
             comps[key].blur(on_plan, all_inputs, [plan])
             comps[key].submit(on_plan, all_inputs, [plan])

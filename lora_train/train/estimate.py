@@ -1,0 +1,387 @@
+"""How long a run will take and how much memory it needs, before it starts.
+
+A calibration runs a few real training steps on the loaded model: the run's own network, optimizer,
+precision, checkpointing and text-encoder setting, through the trainer's own step code
+(`Trainer.hooked`, `_backward`, `_optimizer_step`), on one batch of random pixels (or, with
+cache_latents, a random cached posterior) at the size the run trains most of its steps at. The
+first step is a warm-up and is not counted; the median of the others is the time per step (one
+step slowed by another process does not move it). The model is left exactly as it was (the trainer's
+contexts restore it, and the caller's random state is kept); nothing is written but a JSON cache
+under the user's cache or work folder, keyed by the model and the settings that change the cost,
+so the second estimate of the same settings runs no step at all.
+
+From it: seconds per step, the total (steps from the plan, plus encoding the images once when
+latents are cached), the peak memory (the process's resident set on CPU, allocated tensors on
+CUDA), the epochs that fit `max_train_minutes`, and after the run, how far off it was.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from lora_train.dataset.loader import Batch
+from lora_train.dataset.plan import DatasetPlan
+from lora_train.errors import UserError, msg
+from lora_train.model.adapter import ModelAdapter
+from lora_train.network.network import LoRANetwork
+from lora_train.train import events as ev
+from lora_train.train import memory
+from lora_train.train.config import TrainConfig
+from lora_train.train.distributed import Distributed
+from lora_train.train.optimizers import optimizer_eval_mode, optimizer_train_mode
+
+CALIBRATION_VERSION = 1  # raise when the step's cost changes (attention, loader): old cache entries are not read
+CALIBRATION_STEPS = 3  # timed steps, after WARMUP_STEPS
+WARMUP_STEPS = 1
+CACHE_FILE = "estimates.json"
+
+
+@dataclass
+class Estimate:
+    seconds_per_step: float  # at the calibration size
+    peak_mb: float
+    memory: str  # "rss" (the process on CPU) | "cuda" (allocated tensors)
+    encode_seconds: float = 0.0  # one image through the VAE (cache_latents: every image once before the first step)
+    width: int = 0
+    height: int = 0
+    batch: int = 1
+    steps: int = 0  # timed calibration steps
+    cached: bool = False  # read from the cache: no step was run now
+
+    def step_seconds(self, plan: DatasetPlan) -> float:
+        """Seconds per step over the plan's buckets: each bucket's batches scaled by its area."""
+        return self.seconds_per_step * area_factor(plan, (self.width, self.height))
+
+    def setup_seconds(self, config: TrainConfig, plan: DatasetPlan) -> float:
+        d = config.dataset
+        if not (d.cache_latents or d.cache_latents_to_disk):
+            return 0.0
+        return self.encode_seconds * sum(2 if i.subset.flip_aug else 1 for i in plan.items)
+
+    def total_seconds(self, config: TrainConfig, plan: DatasetPlan, steps: int | None = None) -> float:
+        return self.setup_seconds(config, plan) + self.step_seconds(plan) * (plan.total_steps if steps is None else steps)
+
+    def to_json(self) -> dict:
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "cached"}
+
+
+# -- which settings change the cost --------------------------------------------------------------
+def model_id(adapter: ModelAdapter) -> str:
+    """The model, cheaply: a file's size and A1111's short hash (64 KiB at 1 MiB), else its name."""
+    info = adapter.info
+    path = info.path
+    if path and os.path.isfile(path):
+        with open(path, "rb") as f:
+            f.seek(0x100000)
+            short = hashlib.sha256(f.read(0x10000)).hexdigest()[:10]
+        return f"{os.path.getsize(path)}:{short}"
+    return f"{info.name or '?'}:{info.family}"
+
+
+def calibration_size(plan: DatasetPlan) -> tuple[tuple[int, int], int]:
+    """(width, height) of the bucket with the most batches, and its dataset's batch size."""
+    best = None
+    for b in plan.blocks:
+        for row in b.report()["buckets"]:
+            if best is None or row["batches"] > best[0]:
+                best = (row["batches"], tuple(row["resolution"]), b.batch_size)
+    if best is None:
+        block = plan.blocks[0]
+        return tuple(block.bucket_config.resolution), block.batch_size
+    return best[1], best[2]
+
+
+def area_factor(plan: DatasetPlan, size: tuple[int, int]) -> float:
+    """The plan's mean batch area (over all its batches) against `size`'s: 1.0 with one bucket at that size."""
+    batches = area = 0
+    for b in plan.blocks:
+        for row in b.report()["buckets"]:
+            w, h = row["resolution"]
+            batches += row["batches"]
+            area += row["batches"] * w * h
+    if not batches or not size[0] or not size[1]:
+        return 1.0
+    return area / batches / (size[0] * size[1])
+
+
+def cost_key(config: TrainConfig, adapter: ModelAdapter, plan: DatasetPlan) -> dict:
+    """Everything that changes how long a step takes or how much memory it needs; nothing else
+    (learning rates, epochs, names and folders leave an estimate valid)."""
+    t, d, o = config.training, config.dataset, config.optimizer
+    (width, height), batch = calibration_size(plan)
+    device = adapter.device
+    network = {k: v for k, v in dataclasses.asdict(config.network).items() if k not in ("base_weights", "base_weights_multiplier")}
+    return {
+        "version": CALIBRATION_VERSION,
+        "model": model_id(adapter), "family": adapter.info.family, "adapter": type(adapter).__name__, "vae": adapter.info.vae,
+        "device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "width": width, "height": height, "batch": batch, "accumulation": t.gradient_accumulation_steps,
+        "gradient_checkpointing": t.gradient_checkpointing, "mixed_precision": t.mixed_precision,
+        "cache_latents": bool(d.cache_latents or d.cache_latents_to_disk), "cache_text_encoder_outputs": t.cache_text_encoder_outputs,
+        "max_token_length": t.max_token_length, "scale_weight_norms": t.scale_weight_norms,
+        "can_train_text_encoder": adapter.can_train_text_encoder(), "network": network,
+        "optimizer": o.optimizer_type, "optimizer_args": list(o.optimizer_args), "max_grad_norm": bool(o.max_grad_norm),
+    }
+
+
+def default_cache_dir() -> Path:
+    from lora_train.model.clip_files import cache_dir
+
+    return cache_dir()
+
+
+class EstimateCache:
+    """estimates.json in `folder`: one entry per cost key (its sha1), written whole and atomically."""
+
+    def __init__(self, folder: str | os.PathLike):
+        self.path = Path(folder) / CACHE_FILE
+
+    def _read(self) -> dict:
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    @staticmethod
+    def digest(key: dict) -> str:
+        return hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+
+    def get(self, key: dict) -> Estimate | None:
+        entry = self._read().get(self.digest(key))
+        if not isinstance(entry, dict):
+            return None
+        try:
+            return Estimate(**{k: v for k, v in entry.items() if k != "key"}, cached=True)
+        except TypeError:  # an entry of another shape: calibrate again
+            return None
+
+    def put(self, key: dict, estimate: Estimate) -> None:
+        data = self._read()
+        data[self.digest(key)] = {**estimate.to_json(), "key": key}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True, default=str), encoding="utf-8")
+        os.replace(tmp, self.path)
+
+
+# -- calibration ---------------------------------------------------------------------------------
+class _RandomBatches:
+    """In the trainer's place of its TrainingData: the same random batch every step."""
+
+    def __init__(self, plan: DatasetPlan, batch: Batch):
+        self.plan, self.seed, self.batch = plan, 0, batch
+
+    def load(self, items, epoch, rng, encode=None, step: int = 0, validation: bool = False) -> Batch:
+        return self.batch
+
+
+def _random_batch(config: TrainConfig, adapter: ModelAdapter, plan: DatasetPlan, size: tuple[int, int], n: int) -> tuple[Batch, float]:
+    """Random pixels (or their posterior, with cache_latents) with the plan's own captions; and the
+    seconds one image took through the VAE (0 when latents are not cached: the step encodes them)."""
+    width, height = size
+    gen = torch.Generator().manual_seed(0)
+    pixels = torch.rand((n, 3, height, width), generator=gen) * 2 - 1
+    captions = [i.caption for i in plan.items[:n]] or [""]
+    captions = [captions[i % len(captions)] for i in range(n)]
+    sizes = torch.tensor([[height, width, 0, 0, height, width]] * n, dtype=torch.float32)
+    batch = Batch([None] * n, captions, torch.zeros(n, dtype=torch.bool), sizes=sizes)
+    d = config.dataset
+    if not (d.cache_latents or d.cache_latents_to_disk):
+        batch.pixels = pixels
+        return batch, 0.0
+    started = time.perf_counter()
+    mean, std = adapter.encode_posterior(pixels[:1])
+    _sync(adapter.device)
+    encode_seconds = time.perf_counter() - started
+    batch.posterior = (mean.expand(n, *mean.shape[1:]).clone(), std.expand(n, *std.shape[1:]).clone())
+    return batch, encode_seconds
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def calibrate(config: TrainConfig, adapter: ModelAdapter, network: LoRANetwork, plan: DatasetPlan,
+              steps: int = CALIBRATION_STEPS, warmup: int = WARMUP_STEPS) -> Estimate:
+    """Time `steps` training steps (after `warmup` uncounted ones) of `network` on `adapter`'s model.
+    `network` is used up (its weights train); the model is restored exactly."""
+    from lora_train.train.loop import Trainer  # the loop imports nothing of this module; kept late all the same
+
+    size, n = calibration_size(plan)
+    device = adapter.device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        batch, encode_seconds = _random_batch(config, adapter, plan, size, n)
+        trainer = Trainer(config, adapter, network, _RandomBatches(plan, batch))
+        trainer._check_config()  # the run's own checks: a config the run refuses is refused here
+        trainer.dist = Distributed()
+        trainer.prepare(device)
+        accum = config.training.gradient_accumulation_steps
+        params = [p for g in trainer.optimizer.param_groups for p in g["params"]]
+        times = []
+        with trainer.hooked():
+            alphas = trainer.snr_alphas = adapter.alphas_cumprod.to(device)
+            te_cache = {} if config.training.cache_text_encoder_outputs else None
+            if te_cache is not None:  # the run encodes every caption once before its first step
+                with trainer._autocast():
+                    trainer._conditioning(batch.captions, te_cache)
+            trainer.network.train()
+            optimizer_train_mode(trainer.optimizer)
+            memory.reset_peak(device)
+            try:
+                for i in range(warmup + steps):
+                    started = time.perf_counter()
+                    loss = sum(trainer._backward(batch.items, 1, alphas, te_cache, accum) for _ in range(accum))
+                    trainer._optimizer_step(params)
+                    float(loss)  # the loss read back, as every step of a run does (a device sync)
+                    if i >= warmup:
+                        times.append(time.perf_counter() - started)
+            finally:
+                trainer.optimizer.zero_grad(set_to_none=True)
+                optimizer_eval_mode(trainer.optimizer)
+            peak = memory.peak_mb(device)
+    return Estimate(statistics.median(times), peak, memory.memory_kind(device), encode_seconds, size[0], size[1], n, steps)
+
+
+def estimate(config: TrainConfig, adapter: ModelAdapter, plan: DatasetPlan, make_network: Callable[[], LoRANetwork],
+             cache_dir: str | os.PathLike, run_steps: bool = True, steps: int = CALIBRATION_STEPS) -> Estimate | None:
+    """The cached estimate for these settings, else (with `run_steps`) a calibration, cached; else None."""
+    cache = EstimateCache(cache_dir)
+    key = cost_key(config, adapter, plan)
+    found = cache.get(key)
+    if found is not None or not run_steps:
+        return found
+    result = calibrate(config, adapter, make_network(), plan, steps)
+    cache.put(key, result)
+    return result
+
+
+# -- the time budget -----------------------------------------------------------------------------
+def fit_epochs(seconds_per_step: float, steps_per_epoch: int, epochs: int, total_steps: int, budget_minutes: float,
+               setup_seconds: float = 0.0) -> int:
+    """The most epochs, at most `epochs` (the run's own), whose estimated time fits the budget; 1 when none does.
+    `total_steps`: the run's own step count, which may end inside its last epoch (max_train_steps)."""
+    budget = budget_minutes * 60
+    for e in range(epochs, 0, -1):
+        if setup_seconds + seconds_per_step * min(e * steps_per_epoch, total_steps) <= budget:
+            return e
+    return 1
+
+
+def apply_budget(config: TrainConfig, result: Estimate, plan: DatasetPlan) -> str:
+    """Set max_train_epochs to what fits max_train_minutes (never above the run's own epochs); one line saying so."""
+    budget = config.training.max_train_minutes
+    if not budget or budget <= 0:
+        raise UserError(msg("max_train_minutes must be above 0"))
+    per_step, setup = result.step_seconds(plan), result.setup_seconds(config, plan)
+    epochs = fit_epochs(per_step, plan.steps_per_epoch, plan.epochs, plan.total_steps, budget, setup)
+    minutes = f"{budget:g}"
+    if setup + per_step * plan.total_steps <= budget * 60:
+        return msg("max_train_minutes {budget}: all {epochs} epochs fit (about {time} estimated)", budget=minutes, epochs=epochs,
+                   time=duration(setup + per_step * plan.total_steps))
+    config.training.max_train_epochs = epochs
+    steps = epochs * plan.steps_per_epoch
+    if setup + per_step * steps > budget * 60:
+        return msg("max_train_minutes {budget}: even one epoch takes about {time}; training 1 epoch of {epochs}",
+                   budget=minutes, time=duration(setup + per_step * steps), epochs=plan.epochs)
+    return msg("max_train_minutes {budget}: {epochs} of {wanted} epochs fit ({steps} steps, about {time} estimated); max_train_epochs set to {epochs}",
+               budget=minutes, epochs=epochs, wanted=plan.epochs, steps=steps, time=duration(setup + per_step * steps))
+
+
+# -- what the front ends show --------------------------------------------------------------------
+def duration(seconds: float) -> str:
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds // 60 % 60:02d} min"
+
+
+def memory_label(result: Estimate) -> str:
+    return msg("RSS") if result.memory == "rss" else msg("CUDA allocated")
+
+
+def estimate_lines(config: TrainConfig, result: Estimate, plan: DatasetPlan) -> list[str]:
+    setup = result.setup_seconds(config, plan)
+    lines = [msg("estimate: {per_step} s/step x {steps} steps = {total}; peak memory {memory} MB ({kind})",
+                 per_step=f"{result.step_seconds(plan):.3g}", steps=plan.total_steps, total=duration(result.total_seconds(config, plan)),
+                 memory=f"{result.peak_mb:.0f}", kind=memory_label(result))]
+    if setup:
+        lines.append("  " + msg("(with {time} to cache the latents before the first step)", time=duration(setup)))
+    if result.cached:
+        lines.append("  " + msg("from the cache: these settings were calibrated on this model before"))
+    else:
+        lines.append("  " + msg("from {steps} calibration steps at {width}x{height}, batch {batch}", steps=result.steps,
+                         width=result.width, height=result.height, batch=result.batch))
+    return lines
+
+
+def error_percent(estimated: float, measured: float) -> float:
+    """How far the estimate was off, in % of the measured value (positive: it said more)."""
+    return (estimated - measured) / measured * 100
+
+
+class RunTimer:
+    """A listener that measures a run (time per step, total, peak memory) to compare with its estimate.
+
+    Time per step: from the first step's event to the last one's, per step in between (the first step
+    is the warm-up, as in the calibration). Total: from Started to the end. Peak memory: since Started."""
+
+    def __init__(self, device: torch.device, clock=time.perf_counter):
+        self.device, self.clock = device, clock
+        self.started = self.ended = None
+        self.first: tuple[int, float] | None = None
+        self.last: tuple[int, float] | None = None
+        self.peak_mb: float | None = None
+
+    def __call__(self, e) -> None:
+        if isinstance(e, ev.Started):
+            memory.reset_peak(self.device)
+            self.started = self.clock()
+        elif isinstance(e, ev.Step):
+            now = self.clock()
+            self.last = (e.step, now)
+            if self.first is None:
+                self.first = self.last
+        elif isinstance(e, (ev.Finished, ev.Cancelled, ev.Failed)):
+            self.ended = self.clock()
+            self.peak_mb = memory.peak_mb(self.device)
+
+    def measured(self) -> tuple[float, float, int] | None:
+        """(seconds per step, total seconds, steps run), or None before two steps have run."""
+        if self.started is None or self.ended is None or self.first is None or self.last[0] <= self.first[0]:
+            return None
+        per_step = (self.last[1] - self.first[1]) / (self.last[0] - self.first[0])
+        return per_step, self.ended - self.started, self.last[0] - self.first[0] + 1
+
+
+def error_line(est_per_step: float, est_total: float, per_step: float, total: float) -> str:
+    return msg("estimate vs measured: {est_step} vs {step} s/step ({step_error}), total {est_total} vs {total} ({total_error})",
+               est_step=f"{est_per_step:.3g}", step=f"{per_step:.3g}", step_error=f"{error_percent(est_per_step, per_step):+.1f} %",
+               est_total=duration(est_total), total=duration(total), total_error=f"{error_percent(est_total, total):+.1f} %")
+
+
+def after_run_lines(config: TrainConfig, result: Estimate, plan: DatasetPlan, timer: RunTimer) -> list[str]:
+    """The estimate's error after a run (nothing when it ran fewer than two steps)."""
+    measured = timer.measured()
+    if measured is None:
+        return []
+    per_step, total, steps = measured
+    lines = [error_line(result.step_seconds(plan), result.total_seconds(config, plan, steps), per_step, total)]
+    if timer.peak_mb:
+        lines.append("  " + msg("peak memory: {estimated} vs {measured} MB ({error})", estimated=f"{result.peak_mb:.0f}",
+                         measured=f"{timer.peak_mb:.0f}", error=f"{error_percent(result.peak_mb, timer.peak_mb):+.1f} %"))
+    return lines
