@@ -99,9 +99,10 @@ class Trainer:
         targets = {t.name: t.module for t in file_targets}
         t, net = self.config.training, self.config.network
         try:
-            # base_weights go in after the freeze and come out before it is undone: the host's weights are restored first
+            # base_weights go in after the freeze and come out before it is undone: the host's weights are restored first.
+            # attention(): SDPA in the attention layers for the run, unless the host chose its own
             with self.adapter.frozen(), base_weights.merged(net.base_weights, net.base_weights_multiplier, file_targets), \
-                    self.adapter.training(t.gradient_checkpointing, self.network.dropout_generator, train_text_encoder=self.train_te), \
+                    self.adapter.attention(self.train_te), self.adapter.training(t.gradient_checkpointing, self.network.dropout_generator, train_text_encoder=self.train_te), \
                     self.network.applied({n: targets[n] for n in self.network.lora_modules}):
                 cancelled = self._loop(emit, cancel)
         except TrainingDiverged as e:
