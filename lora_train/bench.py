@@ -30,6 +30,7 @@ just before them.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
@@ -41,6 +42,7 @@ import torch
 from torch import nn
 
 from lora_train.errors import msg
+from lora_train.model.attention import sdpa_attention
 from lora_train.model.loading import V1_INFERENCE_CONFIG, import_ldm, quiet
 from lora_train.network.naming import PREFIX_TE
 from lora_train.network.kind import LYCORIS, NetworkKind
@@ -198,9 +200,12 @@ def run_bench(
     model: BenchModel | None = None,
     seed: int = 0,
     network: str = "lora",
+    attention: str = "sdpa",
 ) -> dict:
     """Time a LoRA training step and its no-LoRA floor; see the module docstring for what is measured.
 
+    `attention`: "sdpa" runs both through PyTorch's SDPA as a training run does outside the WebUI
+    (model/attention.py), "model" through the classes' own einsum attention.
     `text=True` also runs the text encoder in every step, on random token ids, with a LoRA of its
     own trained at the same learning rate (the floor then runs it frozen, with its LoRA targets'
     outputs requiring grad, like the UNet's). `model` reuses a `build_model` result; the bench
@@ -239,6 +244,8 @@ def run_bench(
     targets = sdxl_unet_targets(unet) if model.is_sdxl else ldm_unet_targets(unet)
     if text_model is not None:
         targets = hf_clip_targets(text_model, PREFIX_TE) + targets
+    if attention not in ("sdpa", "model"):
+        raise ValueError(f"attention must be sdpa or model, not {attention!r}")
     if network not in NETWORKS:
         raise ValueError(f"network must be one of {', '.join(NETWORKS)}, not {network!r}")
     kind = NETWORKS[network]
@@ -296,9 +303,12 @@ def run_bench(
     model_rss = _rss_mb()
     build_peak = _ru_maxrss_mb()
     peak_reset = _reset_peak_rss()
+    swap = sdpa_attention(roots, text_encoder=text_model is not None) if attention == "sdpa" else contextlib.nullcontext([])
+    restore = contextlib.ExitStack()
     try:
         for root in roots:
             root.requires_grad_(False)
+        swapped = restore.enter_context(swap)
         for i in range(warmup + steps):
             floor_handles = [t.module.register_forward_hook(needs_grad) for t in targets]
             try:
@@ -316,6 +326,7 @@ def run_bench(
             if i >= warmup:
                 lora_times.append(elapsed)
     finally:
+        restore.close()  # the attention layers' own forwards again
         for h in floor_handles:
             h.remove()
         network.remove()
@@ -346,6 +357,8 @@ def run_bench(
         "unet_params": sum(p.numel() for p in unet.parameters()),
         "text_params": sum(p.numel() for p in text_model.parameters()) if text_model is not None else 0,
         "network": name,
+        "attention": attention,
+        "sdpa_modules": len(swapped),  # attention layers that ran through SDPA for the bench
         "lora_modules": len(network.lora_modules),
         "lora_params": lora_params,
         "hooked_modules": hooked,  # forward hooks on the model while the LoRA step ran
@@ -370,7 +383,8 @@ def format_bench(result: dict) -> str:
     text = " + text encoder" if r["text"] else ""
     lines = [
         f"bench {r['arch']}{text}  {r.get('network', 'lora')}  {r['resolution']}px  batch {r['batch']}  dim {r['dim']} (alpha {r['alpha']})  "
-        f"CPU fp32, torch {r['torch']}, {r['threads']} threads, {r['classes']} UNet class",
+        f"CPU fp32, torch {r['torch']}, {r['threads']} threads, {r['classes']} UNet class, "
+        f"attention {r.get('attention', 'model')}" + (f" ({r['sdpa_modules']} layers)" if r.get("attention") == "sdpa" else ""),
         f"  model      {r['unet_params'] / 1e6:.1f}M UNet params"
         + (f" + {r['text_params'] / 1e6:.1f}M text" if r["text"] else "")
         + f", {r['lora_modules']} LoRA modules, {r['lora_params'] / 1e6:.2f}M LoRA params; "

@@ -314,7 +314,8 @@ def cmd_config_from_lora(args) -> int:
 def cmd_bench(args) -> int:
     from lora_train.bench import format_bench, run_bench
 
-    print(tr(format_bench(run_bench(args.arch, args.resolution, args.dim, batch=args.batch, steps=args.steps, network=args.network))))
+    print(tr(format_bench(run_bench(args.arch, args.resolution, args.dim, batch=args.batch, steps=args.steps, network=args.network,
+                                     attention=args.attention))))
     return 0
 
 
@@ -466,6 +467,8 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--steps", type=int, default=5)
     bn.add_argument("--network", choices=["lora", "loha", "lokr", "dora"], default="lora",
                     help="the algorithm to time (LyCORIS' loha / lokr, or LoRA with DoRA)")
+    bn.add_argument("--attention", choices=["sdpa", "model"], default="sdpa",
+                    help="sdpa: PyTorch's fused attention, as a run outside the WebUI trains; model: the classes' own einsum attention")
     bn.set_defaults(func=cmd_bench)
 
     u = sub.add_parser("ui", help="serve the Train tab without the WebUI (standalone host)")

@@ -1040,6 +1040,11 @@ def _train_under(forward, data, name, monkeypatch, webui, host):
         monkeypatch.setattr(attention.CrossAttention, "forward", forward)
     installed = attention.CrossAttention.forward
     host.events = []
+    # outside the WebUI a run swaps SDPA in per module (model/attention.py); here the WebUI's own stays,
+    # its stock ldm forward included (the one a swap would take)
+    swapped = []
+    model = webui.shared.sd_model
+    host.on_step = lambda e: swapped.append(sum("forward" in m.__dict__ for m in model.modules()))
     manager = RunManager(host)
     # SGD: the trained weights are a fixed linear mix of the gradients, so they compare gradients
     s = manager.submit(RunRequest(config_for(data, name, epochs=1, optimizer_type="SGDNesterov", learning_rate=0.5,
@@ -1048,6 +1053,8 @@ def _train_under(forward, data, name, monkeypatch, webui, host):
     run = manager.run(s.id)
     assert run.phase == "finished", run.error
     assert attention.CrossAttention.forward is installed, "the run must leave the WebUI's chosen forward in place"
+    assert swapped and not any(swapped), "a run in the WebUI must not swap its attention"
+    host.on_step = None
     losses = [e.loss for e in host.events if isinstance(e, ev.Step)]
     from safetensors.torch import load_file
 

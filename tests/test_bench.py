@@ -56,6 +56,11 @@ def test_tiny_bench_times_and_leaves_the_model_as_it_was(tiny_model):
     assert_same_as(tiny_model, before)
     assert not [n for n, m in tiny_model.named_modules() if m._forward_hooks]
     assert all(p.grad is None for p in tiny_model.parameters())
+    # the attention a run trains with outside the WebUI: SDPA in the UNet's 32 CrossAttention layers, then theirs again
+    assert r["attention"] == "sdpa" and r["sdpa_modules"] == 32 and "attention sdpa (32 layers)" in format_bench(r)
+    assert not [n for n, m in tiny_model.named_modules() if "forward" in m.__dict__]
+    own = run_bench("tiny", 64, 4, steps=1, warmup=0, model=tiny_bench_model(tiny_model), attention="model")
+    assert own["sdpa_modules"] == 0 and own["floor_loss"] == pytest.approx(r["floor_loss"], rel=1e-5)
 
 
 def test_tiny_bench_with_text_encoder_leaves_it_as_it_was(tiny_model):

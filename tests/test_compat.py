@@ -58,7 +58,7 @@ def test_every_sd_scripts_option_is_known(fixtures_dir):
             assert [n for n in config.notes if n.startswith(f"s.toml: {key}: ")], f"{key}: accepted without a note"
             implemented = key in compat.ALIASES and key != "cache_text_encoder_outputs_to_disk"  # that one caches in memory
             counts["implemented" if implemented else "noted"] += 1
-    assert counts == {"implemented": 152, "noted": 37, "refused": 7}
+    assert counts == {"implemented": 153, "noted": 36, "refused": 7}
     assert not compat.known_keys() & set(index), "a compat key shadows a config key"
     assert compat.known_keys() <= {key for key, _, _ in rows}, "compat lists only sd-scripts' options"
 
@@ -78,14 +78,16 @@ def test_notes_share_a_line_and_are_not_repeated():
     config = TrainConfig().update({"xformers": True, "sdpa": True, "max_data_loader_n_workers": 4,
                                    "persistent_data_loader_workers": True}, source="a.toml")
     assert config.notes == [
-        f"a.toml: xformers, sdpa: {compat.NOTED['xformers']}",
-        f"a.toml: max_data_loader_n_workers, persistent_data_loader_workers: {compat.NOTED['max_data_loader_n_workers']}",
+        f"a.toml: xformers: {compat.NOTED['xformers']}",
+        f"a.toml: sdpa: {compat.NOTED['sdpa']}",
+        f"a.toml: persistent_data_loader_workers: {compat.NOTED['persistent_data_loader_workers']}",
     ]
+    assert config.dataset.max_data_loader_n_workers == 4  # a key now: threads that make the images ahead
     config.update({"sdpa": True}, source="--set")
     config.update({"sdpa": True}, source="--set")
-    assert config.notes[2:] == [f"--set: sdpa: {compat.NOTED['sdpa']}"]
+    assert config.notes[3:] == [f"--set: sdpa: {compat.NOTED['sdpa']}"]
     # notes are not settings: a saved config does not carry them, and they do not make configs differ
-    assert config == TrainConfig()
+    assert config == TrainConfig().update({"max_data_loader_n_workers": 4})
     assert "notes" not in config.to_toml_dict()
 
 
@@ -238,7 +240,7 @@ def test_config_notes_travel_with_the_trainer():
 def test_cli_prints_notes_and_the_paste_warning_before_a_failure(tmp_path):
     p = tmp_path / "c.toml"
     # pasted: a non-breaking space before "=", and no model, so the run stops before loading anything
-    p.write_text(f'train_data_dir = "{(tmp_path / "nope").as_posix()}"\nsdpa\u00a0= true\nmax_data_loader_n_workers = 2\n',
+    p.write_text(f'train_data_dir = "{(tmp_path / "nope").as_posix()}"\nsdpa\u00a0= true\npersistent_data_loader_workers = true\n',
                  encoding="utf-8")
     env = {k: v for k, v in os.environ.items() if k not in ("LANG", "LC_ALL", "LC_MESSAGES", "LORA_TRAIN_LANG")}
     r = subprocess.run([sys.executable, "-m", "lora_train", "train", "--config", str(p), "--set", "xformers=true"],
@@ -248,7 +250,7 @@ def test_cli_prints_notes_and_the_paste_warning_before_a_failure(tmp_path):
     assert lines[:4] == [
         f"warning: {p}: read after normalising text pasted from a web page: U+00A0→' ' ×1",
         f"note: {p}: sdpa: {compat.NOTED['sdpa']}",
-        f"note: {p}: max_data_loader_n_workers: {compat.NOTED['max_data_loader_n_workers']}",
+        f"note: {p}: persistent_data_loader_workers: {compat.NOTED['persistent_data_loader_workers']}",
         f"note: --set: xformers: {compat.NOTED['xformers']}",
     ], r.stderr
     assert lines[4].startswith("error: ") and "pretrained_model_name_or_path" in lines[4]

@@ -55,8 +55,23 @@ def build_trainer(config: TrainConfig, adapter: ModelAdapter, warn=lambda msg: p
     plan = plan_dataset(config, adapter.info.resolution, steps_multiple(adapter.info.family), seed)
     d = config.dataset
     cache = LatentCache(module_fingerprint(adapter.vae), to_disk=d.cache_latents_to_disk, warn=warn) if (d.cache_latents or d.cache_latents_to_disk) else None
-    data = TrainingData(plan, seed, cache)
-    return Trainer(config, adapter, build_network(config, adapter, seed), data, sample_fn=sample_fn)
+    notes: list[str] = []
+    data = TrainingData(plan, seed, cache, workers=0 if cache else image_threads(d.max_data_loader_n_workers, notes))
+    trainer = Trainer(config, adapter, build_network(config, adapter, seed), data, sample_fn=sample_fn)
+    trainer.notes += notes
+    return trainer
+
+
+def image_threads(asked: int, notes: list[str]) -> int:
+    """Threads for max_data_loader_n_workers: at most one per CPU core (more only wait for one)."""
+    if isinstance(asked, bool) or not isinstance(asked, int) or asked < 0:
+        raise UserError(msg("max_data_loader_n_workers must be a whole number, 0 or more (0: images load in the training thread)"))
+    cores = os.cpu_count() or 1
+    if asked > cores:
+        notes.append(msg("max_data_loader_n_workers {asked}: {threads} threads make the images ahead of each step, "
+                         "one per CPU core of this machine", asked=asked, threads=cores))
+        return cores
+    return asked
 
 
 def prepare_estimate(config: TrainConfig, adapter: ModelAdapter, cache_dir=None, calibrate: bool = False):

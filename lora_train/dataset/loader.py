@@ -1,12 +1,21 @@
 """Batches for the trainer, drawn per bucket in sd-scripts' order, with captions processed and
-images augmented per sample; pixels, or cached VAE posteriors when latents are cached."""
+images augmented per sample; pixels, or cached VAE posteriors when latents are cached.
+
+A batch is made in two parts: its random choices (`draw`: captions, flips, crops, hue shifts, in one
+order from the run's RNG) and the image work (`_image`: decode, resize, crop, flip, shift). Without a
+latent cache the image work of the coming batches runs in `workers` threads while the current step
+trains (`feed`, sd-scripts' max_data_loader_n_workers); the choices are drawn in the same order from
+the same RNG state either way, so the batches are bit for bit the ones the one-at-a-time path makes.
+"""
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import random
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -45,6 +54,16 @@ def size_row(item: Item, a: Assignment, box: tuple[int, int, int, int], flip: bo
     return [item.size[1], item.size[0], top, left, a.bucket[1], a.bucket[0]]
 
 
+@dataclass
+class Draws:
+    """A batch's random choices; `augment`: per image its crop box and hue shift (None without
+    color_aug), empty when latents are cached (no crop or colour is drawn then)."""
+    items: list[Item]
+    captions: list[str]
+    flips: list[bool]
+    augment: list[tuple[tuple[int, int, int, int], float | None]]
+
+
 def caption_options(subset: SubsetSpec) -> cap.CaptionOptions:
     return cap.CaptionOptions(**{k: getattr(subset, k) for k in cap.CaptionOptions.__dataclass_fields__})
 
@@ -65,10 +84,12 @@ def _to_tensor(im: Image.Image) -> torch.Tensor:
 
 
 class TrainingData:
-    def __init__(self, plan: DatasetPlan, seed: int, cache: LatentCache | None = None):
+    def __init__(self, plan: DatasetPlan, seed: int, cache: LatentCache | None = None, workers: int = 0):
         self.plan = plan
         self.seed = seed
         self.cache = cache
+        self.workers = workers  # image threads for `feed`; 0: every image in the training thread, when needed
+        self._pool: ThreadPoolExecutor | None = None
         self._options = {id(s): caption_options(s) for b in plan.blocks for s in b.block.subsets}
         # held-out images are scored on the caption the LoRA is used with: no dropout, every tag
         self._validation_options = {k: dataclasses.replace(o, caption_dropout_rate=0.0, caption_dropout_every_n_epochs=0,
@@ -104,32 +125,91 @@ class TrainingData:
                     out += [items[i : i + b.batch_size] for i in range(0, len(items), b.batch_size)]
         return out
 
-    def _pixels(self, item: Item, flip: bool, rng: random.Random) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
-        a = self.plan.assignment(item)
-        im = load_rgb(item.path)
-        box = crop_box(a, item.subset.random_crop, rng)
-        im = _resize_crop(im, a, box, item.subset.resize_interpolation)
+    def _image(self, item: Item, flip: bool, box: tuple[int, int, int, int], hue: float | None) -> torch.Tensor:
+        """The image work of one sample, with its choices already drawn: safe in any thread."""
+        im = _resize_crop(load_rgb(item.path), self.plan.assignment(item), box, item.subset.resize_interpolation)
         if flip:
             im = im.transpose(Image.FLIP_LEFT_RIGHT)
-        if item.subset.color_aug:
-            im = _shift_hue(im, rng.uniform(-HUE_SHIFT_DEGREES, HUE_SHIFT_DEGREES))
-        return _to_tensor(im), box
+        if hue is not None:
+            im = _shift_hue(im, hue)
+        return _to_tensor(im)
 
-    def load(self, items: list[Item], epoch: int, rng: random.Random, encode: Callable[[torch.Tensor], tuple] | None = None,
-             step: int = 0, validation: bool = False) -> Batch:
-        """Captions and images for `items`; `step`: the optimizer steps done before them, which the
-        token warm-up counts. With a cache, `encode(pixels)` gives a posterior to store. `validation`:
-        held-out images, with their captions whole."""
+    def draw(self, items: list[Item], epoch: int, rng: random.Random, step: int = 0, validation: bool = False) -> Draws:
+        """The random choices of a batch of `items`, all from `rng`, in this order: every caption, every
+        flip, then per image its crop and its hue shift. `step`: the optimizer steps done before the
+        batch, which the token warm-up counts. `validation`: held-out images, with their captions whole."""
         options = self._validation_options if validation else self._options
         captions = [cap.process_caption(i.caption, options[id(i.subset)], epoch, rng, step, self.plan.total_steps) for i in items]
         flips = [bool(i.subset.flip_aug and rng.random() < 0.5) for i in items]
-        is_reg = torch.tensor([i.is_reg for i in items], dtype=torch.bool)
+        augment = []
+        if self.cache is None:  # cached items have no random crop or colour (checked above)
+            for i in items:
+                box = crop_box(self.plan.assignment(i), i.subset.random_crop, rng)
+                augment.append((box, rng.uniform(-HUE_SHIFT_DEGREES, HUE_SHIFT_DEGREES) if i.subset.color_aug else None))
+        return Draws(items, captions, flips, augment)
+
+    def _batch(self, d: Draws, pixels: list[torch.Tensor]) -> Batch:
+        is_reg = torch.tensor([i.is_reg for i in d.items], dtype=torch.bool)
+        return Batch(d.items, d.captions, is_reg, pixels=torch.stack(pixels), sizes=self._sizes(d.items, [b for b, _ in d.augment], d.flips))
+
+    def load(self, items: list[Item], epoch: int, rng: random.Random, encode: Callable[[torch.Tensor], tuple] | None = None,
+             step: int = 0, validation: bool = False) -> Batch:
+        """Captions and images for `items`, made now in this thread (see `draw` for `step` and
+        `validation`). With a cache, `encode(pixels)` gives a posterior to store."""
+        d = self.draw(items, epoch, rng, step, validation)
         if self.cache is None:
-            pixels, boxes = zip(*(self._pixels(i, f, rng) for i, f in zip(items, flips)))
-            return Batch(items, captions, is_reg, pixels=torch.stack(pixels), sizes=self._sizes(items, boxes, flips))
-        means, stds = zip(*(self._cached_posterior(item, flip, encode) for item, flip in zip(items, flips)))
+            return self._batch(d, [self._image(i, f, box, hue) for i, f, (box, hue) in zip(items, d.flips, d.augment)])
+        means, stds = zip(*(self._cached_posterior(item, flip, encode) for item, flip in zip(items, d.flips)))
         boxes = [crop_box(self.plan.assignment(i)) for i in items]
-        return Batch(items, captions, is_reg, posterior=(torch.stack(means), torch.stack(stds)), sizes=self._sizes(items, boxes, flips))
+        is_reg = torch.tensor([i.is_reg for i in items], dtype=torch.bool)
+        return Batch(items, d.captions, is_reg, posterior=(torch.stack(means), torch.stack(stds)), sizes=self._sizes(items, boxes, d.flips))
+
+    def feed(self, batches: list[list[Item]], epoch: int, rng: random.Random, encode: Callable[[torch.Tensor], tuple] | None = None,
+             first_step: int = 0, accumulation: int = 1) -> Iterator[Batch]:
+        """The batches of `batches` in order, as `load` makes them; batch j counts `first_step + j //
+        accumulation` steps done. With `workers` and no cache, the images of the next batches are
+        made in threads while the caller trains on this one: the choices are drawn ahead from a copy
+        of `rng`, and `rng` is set, as each batch is handed out, to the state the one-at-a-time path
+        would leave it in (a run saved after it resumes the same). Close it to drop the batches made
+        ahead (their errors included: an image fails when its batch is handed out, as it would now)."""
+        if self.cache is not None or self.workers < 1:
+            for j, items in enumerate(batches):
+                yield self.load(items, epoch, rng, encode, step=first_step + j // accumulation)
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="lora-train-images")
+        ahead = random.Random()
+        ahead.setstate(rng.getstate())
+        todo = iter(enumerate(batches))
+        queue: collections.deque = collections.deque()
+
+        def submit() -> None:
+            job = next(todo, None)
+            if job is not None:
+                j, items = job
+                d = self.draw(items, epoch, ahead, first_step + j // accumulation)
+                futures = [self._pool.submit(self._image, i, f, box, hue) for i, f, (box, hue) in zip(items, d.flips, d.augment)]
+                queue.append((d, futures, ahead.getstate()))
+
+        try:
+            while len(queue) < max(2, self.workers) and len(queue) < len(batches):
+                submit()
+            while queue:
+                d, futures, state = queue.popleft()
+                submit()
+                pixels = [f.result() for f in futures]
+                rng.setstate(state)
+                yield self._batch(d, pixels)
+        finally:
+            for _d, futures, _state in queue:
+                for f in futures:
+                    f.cancel()
+
+    def close(self) -> None:
+        """Stop the image threads (a later `feed` starts them again)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
 
     def _sizes(self, items, boxes, flips) -> torch.Tensor:
         rows = [size_row(i, self.plan.assignment(i), box, f) for i, box, f in zip(items, boxes, flips)]
@@ -137,8 +217,8 @@ class TrainingData:
 
     def _cached_posterior(self, item: Item, flip: bool, encode: Callable[[torch.Tensor], tuple]) -> tuple[torch.Tensor, torch.Tensor]:
         a = self.plan.assignment(item)
-        # cached items have no random crop or colour (checked above), so no rng is drawn from here
-        compute = lambda: tuple(t[0] for t in encode(self._pixels(item, flip, random.Random(0))[0][None]))  # noqa: E731
+        # cached items have no random crop or colour (checked above): the centre crop, no hue shift
+        compute = lambda: tuple(t[0] for t in encode(self._image(item, flip, crop_box(a), None)[None]))  # noqa: E731
         return self.cache.get(CacheKey(item.path, a.bucket, a.resized, crop_box(a), flip, item.subset.resize_interpolation), compute)
 
     def static_captions(self) -> list[str]:

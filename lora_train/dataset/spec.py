@@ -89,6 +89,9 @@ class DatasetConfig(SubsetOptions, BucketOptions):
     # loss; which ones: the folder shuffled with validation_seed (None: the run's seed)
     validation_split: float = 0.0
     validation_seed: Optional[int] = None
+    # sd-scripts' DataLoader worker processes; here threads that make the next batches' images while a
+    # step trains (not used with cached latents), at most one per CPU core; 0: in the training thread
+    max_data_loader_n_workers: int = 8
 
 
 @dataclass

@@ -50,6 +50,9 @@ class ModelAdapter:
     # no_half_vae: a half-precision VAE encodes in float32 (the WebUI keeps its VAE in fp16 unless
     # started with --no-half-vae; a file loaded here is float32 already)
     vae_fp32: bool = False
+    # The host chose the model's attention (the WebUI's cross-attention optimisation): a run keeps it.
+    # Elsewhere a run swaps in SDPA (`attention()`).
+    host_attention: bool = False
 
     @property
     def unet(self) -> nn.Module:
@@ -147,6 +150,15 @@ class ModelAdapter:
                  train_text_encoder: bool = False):
         """Whatever the model needs switched for LoRA training (checkpoint flags), restored after."""
         yield self
+
+    def attention(self, train_text_encoder: bool = False):
+        """For a run: PyTorch's SDPA in the model's attention layers (`model/attention.py`; the text
+        encoder's only when it trains), restored after; nothing under a host that chose its own."""
+        if self.host_attention:
+            return contextlib.nullcontext([])
+        from lora_train.model.attention import sdpa_attention
+
+        return sdpa_attention(self.modules(), text_encoder=train_text_encoder)
 
     @contextlib.contextmanager
     def frozen(self):

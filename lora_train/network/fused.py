@@ -7,7 +7,8 @@ MultiheadAttention never calls its projections as modules (one fused `in_proj_we
 `out_proj.weight` read directly), so no forward hook can reach them. While any part is attached we
 give the attention an instance `forward` that computes the projections itself, each with its
 module's `forward_delta` added; the module, its weights and its name stay as they are, and
-detaching the last part deletes the instance attribute again.
+detaching the last part deletes the instance attribute again. Without attention weights asked for
+(OpenCLIP asks for none) the attention itself runs through SDPA, as torch's own forward does then.
 
 A module's `delta()` on a part is the change to that part's weight (`part_weight`), [embed_dim,
 embed_dim]: q, k and v are the three row blocks of `in_proj_weight`, out is `out_proj.weight`.
@@ -87,14 +88,19 @@ def _forward_with(mha: nn.MultiheadAttention):
         q = q.reshape(length, batch * heads, head_dim).transpose(0, 1)
         k = k.reshape(source, batch * heads, head_dim).transpose(0, 1)
         v = v.reshape(source, batch * heads, head_dim).transpose(0, 1)
-        scores = torch.bmm(q, k.transpose(1, 2)) / math.sqrt(head_dim)
-        mask = _merged_mask(attn_mask, key_padding_mask, is_causal, batch, heads, length, source, scores.dtype, scores.device)
-        if mask is not None:
-            scores = scores + mask
-        weights = scores.softmax(dim=-1)
-        if mha.training and mha.dropout > 0:
-            weights = F.dropout(weights, p=mha.dropout)
-        attn = torch.bmm(weights, v).transpose(0, 1).reshape(length, batch, embed)
+        mask = _merged_mask(attn_mask, key_padding_mask, is_causal, batch, heads, length, source, q.dtype, q.device)
+        dropout = mha.dropout if mha.training else 0.0
+        if need_weights:
+            scores = torch.bmm(q, k.transpose(1, 2)) / math.sqrt(head_dim)
+            if mask is not None:
+                scores = scores + mask
+            weights = scores.softmax(dim=-1)
+            if dropout > 0:
+                weights = F.dropout(weights, p=dropout)
+            attn = torch.bmm(weights, v)
+        else:  # what torch's own forward does without weights (OpenCLIP asks for none): no matrix kept for backward
+            attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        attn = attn.transpose(0, 1).reshape(length, batch, embed)
         out = _with_delta(F.linear(attn, mha.out_proj.weight, mha.out_proj.bias), attn, parts.get("out"))
         if mha.batch_first:
             out = out.transpose(0, 1)

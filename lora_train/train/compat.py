@@ -25,8 +25,6 @@ def _not_yet(what: str) -> str:
 
 
 _CONSOLE = msg("LoRA Train prints its progress and messages to the terminal; redirect them to a file to keep a log")
-_ATTENTION = msg("attention: LoRA Train uses the model's own attention (in the WebUI, the cross-attention optimization chosen in its settings)")
-_LOADER = msg("images load in the training process, one batch at a time, with no DataLoader worker processes")
 _PRECISION = msg("LoRA Train keeps the LoRA weights and their gradients in fp32 and computes in mixed_precision: "
                  "more memory, no loss of precision")
 _DDP = msg("several GPUs: under accelerate launch LoRA Train averages the gradients itself, with no DDP wrapper to tune")
@@ -43,14 +41,17 @@ NOTED: dict[str, str] = {
     "debug_dataset": msg("LoRA Train trains; to look at a dataset without training, run python -m lora_train dataset check"),
     "vae_batch_size": msg("latents are encoded one image at a time"),
     "skip_cache_check": msg("LoRA Train always checks cached latents against their image's hash"),
+    "sdpa": msg("what LoRA Train always does: attention runs through PyTorch's scaled_dot_product_attention "
+                "(in the WebUI, the cross-attention optimization chosen in its settings)"),
+    "xformers": msg("attention runs through PyTorch's scaled_dot_product_attention, which saves what xformers saves "
+                    "(xformers is not installed with LoRA Train and has no CPU build; in the WebUI, the cross-attention "
+                    "optimization chosen in its settings)"),
+    "mem_eff_attn": msg("attention runs through PyTorch's scaled_dot_product_attention, which saves the memory mem_eff_attn "
+                        "saves (in the WebUI, the cross-attention optimization chosen in its settings)"),
     # satellites of a refused option: without it they do nothing, in sd-scripts too
-    "mem_eff_attn": _ATTENTION,
-    "xformers": _ATTENTION,
-    "sdpa": _ATTENTION,
     "torch_compile": msg("the model is not compiled with torch.compile (speed only; the result is the same)"),
     "dynamo_backend": msg("read only with torch_compile, which LoRA Train does not use"),
-    "max_data_loader_n_workers": _LOADER,
-    "persistent_data_loader_workers": _LOADER,
+    "persistent_data_loader_workers": msg("the threads that load images (max_data_loader_n_workers) last the whole run either way"),
     "full_fp16": _PRECISION,
     "full_bf16": _PRECISION,
     "ddp_timeout": _DDP,
@@ -103,7 +104,7 @@ ALIASES: dict[str, tuple[str, Any, str]] = {
 
 # sd-scripts' defaults that are not false, empty or 0: a config that writes them asks for nothing
 DEFAULTS: dict[str, Any] = {
-    "zero_stage": 2, "max_data_loader_n_workers": 8, "vae_batch_size": 1, "dynamo_backend": "inductor",
+    "zero_stage": 2, "vae_batch_size": 1, "dynamo_backend": "inductor",
 }
 
 

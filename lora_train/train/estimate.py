@@ -40,7 +40,7 @@ from lora_train.train.config import TrainConfig
 from lora_train.train.distributed import Distributed
 from lora_train.train.optimizers import optimizer_eval_mode, optimizer_train_mode
 
-CALIBRATION_VERSION = 1  # raise when the step's cost changes (attention, loader): old cache entries are not read
+CALIBRATION_VERSION = 2  # raise when the step's cost changes (attention, loader): old cache entries are not read
 CALIBRATION_STEPS = 3  # timed steps, after WARMUP_STEPS
 WARMUP_STEPS = 1
 CACHE_FILE = "estimates.json"

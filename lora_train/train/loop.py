@@ -101,6 +101,8 @@ class Trainer:
             path = self._save_interrupted()
             emit(ev.Failed(e, self.step) if not isinstance(e, KeyboardInterrupt) else ev.Cancelled(self.step, path and str(path)))
             raise
+        finally:
+            self.data.close()  # the image threads (max_data_loader_n_workers) last the run
         if cancelled:
             path = self._save_interrupted()
             emit(ev.Cancelled(self.step, str(path) if path else None))
@@ -147,9 +149,10 @@ class Trainer:
         file_targets = self.adapter.file_targets()
         targets = {t.name: t.module for t in file_targets}
         t, net = self.config.training, self.config.network
-        # base_weights go in after the freeze and come out before it is undone: the host's weights are restored first
+        # base_weights go in after the freeze and come out before it is undone: the host's weights are restored first.
+        # attention(): SDPA in the attention layers for the run, unless the host chose its own
         with self.adapter.frozen(), base_weights.merged(net.base_weights, net.base_weights_multiplier, file_targets), \
-                self.adapter.training(t.gradient_checkpointing, self.network.dropout_generator, train_text_encoder=self.train_te), \
+                self.adapter.attention(self.train_te), self.adapter.training(t.gradient_checkpointing, self.network.dropout_generator, train_text_encoder=self.train_te), \
                 self.network.applied({n: targets[n] for n in self.network.lora_modules}):
             yield
 
@@ -319,22 +322,26 @@ class Trainer:
             epoch = self.epoch
             batches = self.data.epoch_batches(epoch)
             stepped = False
-            while self.batches_done < len(batches) and self.step < plan.total_steps:
-                if cancel.is_set():
-                    self._flush(pending, emit)
-                    return True
-                group = batches[self.batches_done : self.batches_done + accum]
-                step_loss = sum(self._backward(items, epoch, alphas, te_cache, accum) for items in group)
-                self.dist.sum_([step_loss.view(1)])
-                norms = self._optimizer_step(params)
-                self.batches_done += len(group)
-                self.step += 1
-                stepped = True
-                lrs = {g.get("name", f"group{i}"): lr for i, (g, lr) in enumerate(zip(self.optimizer.param_groups, self.scheduler.get_last_lr()))}
-                pending.append((self.step, epoch, step_loss, lrs, norms))
-                if len(pending) >= cfg.training.loss_readback_steps:
-                    self._flush(pending, emit)
-                self._after_step(emit, pending)
+            # the epoch's batches in order; without cached latents their images are made in threads ahead
+            feed = self.data.feed(batches[self.batches_done:], epoch, self.caption_rng, self.adapter.encode_posterior,
+                                  first_step=self.step, accumulation=accum)
+            with contextlib.closing(feed):
+                while self.batches_done < len(batches) and self.step < plan.total_steps:
+                    if cancel.is_set():
+                        self._flush(pending, emit)
+                        return True
+                    group = batches[self.batches_done : self.batches_done + accum]
+                    step_loss = sum(self._backward(next(feed), alphas, te_cache, accum) for _ in group)
+                    self.dist.sum_([step_loss.view(1)])
+                    norms = self._optimizer_step(params)
+                    self.batches_done += len(group)
+                    self.step += 1
+                    stepped = True
+                    lrs = {g.get("name", f"group{i}"): lr for i, (g, lr) in enumerate(zip(self.optimizer.param_groups, self.scheduler.get_last_lr()))}
+                    pending.append((self.step, epoch, step_loss, lrs, norms))
+                    if len(pending) >= cfg.training.loss_readback_steps:
+                        self._flush(pending, emit)
+                    self._after_step(emit, pending)
             self._flush(pending, emit)
             if stepped:  # a resumed run does not repeat the end of an epoch it resumed after
                 if self.validation.at_epoch_end(epoch):
@@ -353,9 +360,8 @@ class Trainer:
         optimizer_eval_mode(self.optimizer)
         return False
 
-    def _backward(self, items, epoch: int, alphas: torch.Tensor, te_cache, accum: int) -> torch.Tensor:
+    def _backward(self, batch, alphas: torch.Tensor, te_cache, accum: int) -> torch.Tensor:
         # Every rank draws the randomness of the whole global batch, then trains on its slice.
-        batch = self.data.load(items, epoch, self.caption_rng, self.adapter.encode_posterior, step=self.step)
         if batch.posterior is not None:
             latents = self.adapter.sample_latents(*batch.posterior, self.gen)
         else:

@@ -49,6 +49,7 @@ def session(host, config, run_id: str):
             adapter = adapter_for(model, name=os.path.basename(filename) if filename else None,
                                   clip_skip=int(opt("CLIP_stop_at_last_layers", 1) or 1), device=devices.device)
             adapter.info.path = filename
+            adapter.host_attention = True  # the cross-attention optimisation chosen in the WebUI's settings stays
             with_options(adapter, config.model)
             adapter.info.notes += hosted_notes(config.model, adapter)
             if medvram(model):
