@@ -243,7 +243,7 @@ def calibrate(config: TrainConfig, adapter: ModelAdapter, network: LoRANetwork, 
             try:
                 for i in range(warmup + steps):
                     started = time.perf_counter()
-                    loss = sum(trainer._backward(batch.items, 1, alphas, te_cache, accum) for _ in range(accum))
+                    loss = sum(trainer._backward(batch, alphas, te_cache, accum) for _ in range(accum))
                     trainer._optimizer_step(params)
                     float(loss)  # the loss read back, as every step of a run does (a device sync)
                     if i >= warmup:
