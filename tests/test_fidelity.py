@@ -3,13 +3,11 @@ teaches a colour pattern the base never saw, at the strength asked for, and the 
 broken (wrong target, file applied at the wrong scale)."""
 
 import dataclasses
-from pathlib import Path
 import json
 
 import pytest
-import torch
 
-from lora_train.testing import base, fidelity, scenes
+from lora_train.testing import base, controls, fidelity, scenes
 
 # Shorter than the default run, so the bar is lower than the acceptance bar (0.9 / 0.1 / 0.1);
 # it still fails on a broken trainer (see the two tests at the end).
@@ -94,27 +92,6 @@ def test_weight_zero_is_the_base_exactly(short_run):
     assert report.final.concept["0.0"] == report.base_rate
 
 
-def _rescaled_at_load(report, opts, monkeypatch, factor: float) -> list[str]:
-    """The bar's verdict on the final file read by a loader that multiplies every module's alpha by
-    `factor` (weight 1.0 then acts as `factor`)."""
-    from lora_train.network.network import LoRANetwork
-
-    original = LoRANetwork.load_kohya_state_dict
-
-    def rescaled(self, *args, **kwargs):
-        out = original(self, *args, **kwargs)
-        for module in self.lora_modules.values():
-            module.alpha_value *= factor
-        return out
-
-    monkeypatch.setattr(LoRANetwork, "load_kohya_state_dict", rescaled)
-    from lora_train.model.registry import load_adapter
-
-    adapter = load_adapter(str(base.base_checkpoint()))
-    broken, _ = fidelity.evaluate_file(Path(report.final.file), report.final.epoch, adapter, opts)
-    return fidelity.failures(dataclasses.replace(report, epochs=[broken]), CI_BAR)
-
-
 def _scale_reason(problems: list[str]) -> bool:
     return any(p.startswith("held-out loss is lowest at weight") and "scale it was trained at" in p for p in problems)
 
@@ -128,37 +105,31 @@ def test_best_weight_is_in_the_bar_for_the_trained_file(short_run):
     assert not _scale_reason(fidelity.failures(report, CI_BAR)), report.final.loss_by_weight
 
 
-def test_doubled_scale_at_load_fails_the_bar(short_run, monkeypatch):
+def test_doubled_scale_at_load_fails_the_bar(short_run):
     """A loader that applies alpha twice (scale 2 alpha / dim) makes weight 1.0 act as 2.0: the loss
     is lowest below 0.8."""
     opts, report = short_run
-    problems = _rescaled_at_load(report, opts, monkeypatch, 2.0)
-    assert _scale_reason(problems), problems
+    control = controls.run_control("double-scale", opts, report, CI_BAR)
+    assert _scale_reason(control.failures), control.failures
+    assert control.report.best_weight < CI_BAR.best_weight[0]
 
 
-def test_halved_scale_at_load_fails_the_bar(short_run, monkeypatch):
+def test_halved_scale_at_load_fails_the_bar(short_run):
     """A loader that halves the scale (alpha / 2 dim) makes weight 1.0 act as 0.5: the loss is
     lowest above 1.25."""
     opts, report = short_run
-    problems = _rescaled_at_load(report, opts, monkeypatch, 0.5)
-    assert _scale_reason(problems), problems
+    control = controls.run_control("half-scale", opts, report, CI_BAR)
+    assert _scale_reason(control.failures), control.failures
+    assert control.report.best_weight > CI_BAR.best_weight[1]
 
 
-def test_scoring_reads_the_file_not_the_trained_network(short_run, tmp_path):
+def test_scoring_reads_the_file_not_the_trained_network(short_run):
     """Zeroing the up weights in the file on disk removes the concept: what is scored is the file."""
-    import safetensors.torch
-
     opts, report = short_run
-    tensors = safetensors.torch.load_file(report.final.file)
-    zeroed = {k: (torch.zeros_like(v) if "lora_up" in k else v) for k, v in tensors.items()}
-    path = tmp_path / "zeroed.safetensors"
-    safetensors.torch.save_file(zeroed, str(path))
-    from lora_train.model.registry import load_adapter
-
-    adapter = load_adapter(str(base.base_checkpoint()))
-    result, _ = fidelity.evaluate_file(path, 0, adapter, opts)
-    assert result.concept["1.0"] == report.base_rate
-    assert fidelity.failures(dataclasses.replace(report, epochs=[result]), CI_BAR)
+    control = controls.run_control("zero-up", opts, report, CI_BAR)
+    assert control.report.final.file != report.final.file
+    assert control.report.final.concept["1.0"] == report.base_rate
+    assert any(p.startswith("concept rate at weight 1.0") for p in control.failures), control.failures
 
 
 def test_reg_images_are_the_bases_own_renders_of_ordinary_prompts(tmp_path):

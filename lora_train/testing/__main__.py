@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--model", help="a checkpoint (with its .yaml) instead of the committed tiny base")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.add_argument("--controls", action="store_true",
+                   help="then run every negative control (controls.CONTROLS) at the same length and prompts; each must fail the bar")
     p = sub.add_parser("score", help="labels of scene images: background, colour, shape, position")
     p.add_argument("images", nargs="+")
     return parser
@@ -100,14 +102,26 @@ def _fidelity(args) -> int:
     opts = fidelity.FidelityOptions(output=Path(args.output), train_text_encoder=not args.no_text_encoder,
                                     **{k: v for k, v in given.items() if v is not None})
     log = (lambda m: print(m, file=sys.stderr, flush=True)) if args.json else (lambda m: print(m, flush=True))
-    report = fidelity.run(opts, log=log)
+    # the base's own renders are the same for the positive and every control: rendered once
+    cache = opts.output / "render-cache" if args.controls else None
+    report = fidelity.run(opts, log=log, cache=cache)
     problems = fidelity.failures(report)
+    results = []
+    if args.controls:
+        from lora_train.testing import controls
+
+        results = controls.run_controls(opts, report, log=log, cache=cache)
     if args.json:
-        print(json.dumps(dict(report.as_dict(), passed=not problems, failures=problems)))
+        extra = {"controls": [{"name": r.name, "failures": r.failures, "weights": r.report.weights, "collateral_drop": r.report.collateral_drop,
+                               "best_weight": r.report.best_weight} for r in results]} if args.controls else {}
+        print(json.dumps(dict(report.as_dict(), passed=not problems, failures=problems, **extra)))
     else:
         print(fidelity.format_table(report))
         print("PASS" if not problems else "FAIL: " + "; ".join(problems))
-    return 0 if not problems else 1
+        if args.controls:
+            print(controls.format_controls(results))
+    # a control that passes the bar shows the bar cannot tell a broken run from a working one
+    return 0 if not problems and all(r.failed for r in results) else 1
 
 
 if __name__ == "__main__":

@@ -172,14 +172,15 @@ def make_concept_dataset(root: Path, images: int, repeats: int, seed: int) -> Pa
     return Path(root)
 
 
-def make_reg_dataset(root: Path, adapter, n: int, opts: "FidelityOptions") -> Path:
+def make_reg_dataset(root: Path, adapter, n: int, opts: "FidelityOptions", render=None) -> Path:
     """`root/1_scene/`: the base's own images for ordinary prompts (prior preservation, as kohya
-    users make them with the model they train on), captioned with those prompts."""
+    users make them with the model they train on), captioned with those prompts. `render`: `_render`
+    or a cached stand-in for it (render_cache.cached)."""
     rng = random.Random(opts.seed + 3000)
     folder = Path(root) / "1_scene"
     folder.mkdir(parents=True, exist_ok=True)
     prompts = [scenes.random_scene(rng).caption() for _ in range(n)]
-    for i, (prompt, image) in enumerate(zip(prompts, _render(adapter, prompts, opts, scale=opts.reg_scale))):
+    for i, (prompt, image) in enumerate(zip(prompts, (render or _render)(adapter, prompts, opts, scale=opts.reg_scale))):
         image.save(folder / f"{i:03d}.png")
         (folder / f"{i:03d}.txt").write_text(prompt, encoding="utf-8")
     return Path(root)
@@ -256,12 +257,13 @@ def _load_network(path: Path, adapter):
     return network_from_file(path, adapter.file_targets()).to(adapter.device)
 
 
-def evaluate_file(path: Path, epoch: int, adapter, opts: FidelityOptions) -> tuple[EpochResult, dict]:
-    """Score one LoRA file as it is on disk. Returns the result and the images per weight."""
+def evaluate_file(path: Path, epoch: int, adapter, opts: FidelityOptions, load=None) -> tuple[EpochResult, dict]:
+    """Score one LoRA file as it is on disk. Returns the result and the images per weight. `load(path,
+    adapter)` builds the network from the file (a negative control's broken loader, controls.py)."""
     triggers = trigger_scenes(opts.eval_prompts, opts.seed)
     others = collateral_scenes(opts.collateral_prompts, opts.seed)
     held_out = trigger_scenes(64, opts.seed + 1)
-    network = _load_network(path, adapter)
+    network = (load or _load_network)(path, adapter)
     concept, by_label, images, losses = {}, {}, {}, {}
     network.apply()
     try:
@@ -314,8 +316,12 @@ def train_config(opts: FidelityOptions, data: Path, model: str, reg: Path | None
     return config
 
 
-def run(opts: FidelityOptions, log=print, listeners=()) -> FidelityReport:
-    """Train, then score every saved epoch. `listeners` get the trainer's events (progress, loss log)."""
+def run(opts: FidelityOptions, log=print, listeners=(), *, prepare_data=None, final_only: bool = False,
+        cache: Path | None = None) -> FidelityReport:
+    """Train, then score every saved epoch. `listeners` get the trainer's events (progress, loss log).
+    For the negative controls (controls.py): `prepare_data(data, reg)` changes the datasets before
+    training, `final_only` scores the last file only, and `cache` is a folder that keeps the base's
+    own renders (regularization images, base scores) for the next run with the same base and options."""
     from lora_train.app import job
     from lora_train.model.registry import load_adapter
     from lora_train.model.tinybase import base_checkpoint
@@ -326,13 +332,20 @@ def run(opts: FidelityOptions, log=print, listeners=()) -> FidelityReport:
     model = opts.model or str(base_checkpoint())
     data = make_concept_dataset(opts.output / "dataset", opts.images, opts.repeats, opts.seed)
     adapter = load_adapter(model)
-    reg = make_reg_dataset(opts.output / "reg", adapter, opts.reg_images, opts) if opts.reg_images else None
+    render = _render
+    if cache:
+        from lora_train.testing.render_cache import cached
+
+        render = cached(_render, cache, model)
+    reg = make_reg_dataset(opts.output / "reg", adapter, opts.reg_images, opts, render) if opts.reg_images else None
+    if prepare_data:
+        prepare_data(data, reg)
     config = train_config(opts, data, model, reg)
 
     triggers = trigger_scenes(opts.eval_prompts, opts.seed)
     others = collateral_scenes(opts.collateral_prompts, opts.seed)
-    base_images = _render(adapter, [s.caption(colour=TRIGGER) for s in triggers], opts)
-    base_accuracy, base_by_label = accuracy(_render(adapter, [s.caption() for s in others], opts), others)
+    base_images = render(adapter, [s.caption(colour=TRIGGER) for s in triggers], opts)
+    base_accuracy, base_by_label = accuracy(render(adapter, [s.caption() for s in others], opts), others)
     base_rate, base_concept_by_label = concept_rate(base_images, triggers)
     report = FidelityReport(base_rate=base_rate, base_accuracy=base_accuracy, base_by_label=base_by_label,
                             base_concept_by_label=base_concept_by_label)
@@ -357,7 +370,7 @@ def run(opts: FidelityOptions, log=print, listeners=()) -> FidelityReport:
         raise RuntimeError("training did not finish")
     saved = [s for s in saved if s[1] != Path(final)] + [(trainer.epoch, Path(final))]
     rows = []
-    for epoch, path in saved:
+    for epoch, path in saved[-1:] if final_only else saved:
         result, images = evaluate_file(path, epoch, adapter, opts)
         report.epochs.append(result)
         rows.append((f"epoch {epoch}", images))
