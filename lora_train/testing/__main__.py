@@ -1,4 +1,4 @@
-"""`python -m lora_train.testing build-base | fidelity | score | install-base | install-tiny-sdxl`."""
+"""`python -m lora_train.testing build-base | refine-base | fidelity | score | install-base | install-tiny-sdxl`."""
 
 from __future__ import annotations
 
@@ -21,6 +21,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train the VAE also on scene layouts with objects of any colour, one or two (off in the committed base)")
     p.add_argument("--vae-object-weight", type=float, default=0.0,
                    help="weigh the VAE's loss on object pixels this much more than on background (0 in the committed base)")
+    p = sub.add_parser("refine-base", help="train a built base's decoder, then its UNet and text encoder, on (the committed base's second stage, "
+                                           "about 70 min on 2 CPU cores)")
+    p.add_argument("--output", required=True)
+    p.add_argument("--source", help="the built base to start from (default: the first stage, python -m lora_train.testing build-base)")
+    p.add_argument("--decoder-steps", type=int)
+    p.add_argument("--unet-steps", type=int)
+    p.add_argument("--seed", type=int, default=0)
     p = sub.add_parser("install-base", help="copy the base (+ yaml + tokenizer folder) into a folder such as the WebUI's models/Stable-diffusion")
     p.add_argument("folder")
     p = sub.add_parser("install-tiny-sdxl", help="write a tiny SDXL-architecture checkpoint (random weights, + yaml + tokenizer "
@@ -61,6 +68,11 @@ def main(argv: list[str] | None = None) -> int:
 
             build_base(args.output, vae_steps=args.vae_steps, unet_steps=args.unet_steps, seed=args.seed, log=lambda m: print(m, flush=True),
                        vae_free_colours=args.vae_free_colours, vae_object_weight=args.vae_object_weight)
+        elif args.command == "refine-base":
+            from lora_train.testing.base_refine import refine_base
+
+            steps = {k: v for k, v in (("decoder_steps", args.decoder_steps), ("unet_steps", args.unet_steps)) if v is not None}
+            refine_base(args.output, source=args.source, seed=args.seed, log=lambda m: print(m, flush=True), **steps)
         elif args.command == "install-base":
             from lora_train.testing.base import install_base
 

@@ -145,8 +145,10 @@ def encode_scenes(vae, scene_list, batch: int = 256) -> tuple[torch.Tensor, torc
     return torch.cat(means), torch.cat(stds)
 
 
-def train_diffusion(model, scene_list, means, stds, steps: int, seed: int, batch: int = 128, log=print, snapshot=None) -> None:
-    """UNet + text encoder, jointly, from scratch. EMA weights are what is kept."""
+def train_diffusion(model, scene_list, means, stds, steps: int, seed: int, batch: int = 128, log=print, snapshot=None,
+                    lr_at=None, pixel_weights: torch.Tensor | None = None) -> None:
+    """UNet + text encoder, jointly, from scratch (or on from the weights the model has, with
+    base_refine's `lr_at` schedule and `pixel_weights`, one latent map per scene). EMA weights are what is kept."""
     g = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
     unet = model.model.diffusion_model
@@ -181,9 +183,12 @@ def train_diffusion(model, scene_list, means, stds, steps: int, seed: int, batch
         noisy = a.sqrt() * z + (1 - a).sqrt() * noise
         context = text(input_ids=ids[tok_rows]).last_hidden_state
         pred = unet(noisy, t, context=context)
-        loss = ((pred - noise).pow(2).mean(dim=(1, 2, 3)) * weight[t]).mean()
+        if pixel_weights is None:  # the committed base's expression, kept as is so its rebuild stays bit for bit
+            loss = ((pred - noise).pow(2).mean(dim=(1, 2, 3)) * weight[t]).mean()
+        else:
+            loss = (((pred - noise).pow(2) * pixel_weights[idx]).mean(dim=(1, 2, 3)) * weight[t]).mean()
         for group in opt.param_groups:
-            group["lr"] = _lr(step, steps, 8e-4, 200)
+            group["lr"] = _lr(step, steps, 8e-4, 200) if lr_at is None else lr_at(step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
