@@ -1,7 +1,8 @@
 """The tiny base's second build stage: `python -m lora_train.testing refine-base --output DIR`.
 
 It starts from a built base (by default the one `build-base` made before, as committed up to issue 22)
-and trains on, in two seeded steps that leave the encoder, and so every latent, as it was:
+and trains on, in two seeded steps that leave the encoder, and so every latent, as it was
+(numbered by what they mend; the UNet runs first):
 
 1. the decoder alone, on the base's scenes, scenes with objects of any one or two colours, and the
    broad images, object pixels weighted: the first base's decoder washed new colours out on white and
@@ -12,7 +13,8 @@ and trains on, in two seeded steps that leave the encoder, and so every latent, 
    all of the loss on flat background. The encoder is frozen in step 1, so these are the latents the
    UNet learnt from.
 
-Each step is saved as a stage file, so a build that stopped resumes after the last finished one.
+The UNet goes first (its snapshots every 500 steps can be scored while the decoder trains); the
+decoder's stage file lets a stopped build skip it.
 """
 
 from __future__ import annotations
@@ -94,6 +96,21 @@ def refine_base(output: str | os.PathLike, source: str | os.PathLike | None = No
     source = Path(source) if source else base_checkpoint()
     model = load_adapter(str(source)).model.float()
     vae = model.first_stage_model
+    scale = float(model.scale_factor)
+
+    rng = random.Random(seed + 1)  # the first build's scenes and captions
+    scene_list = [scenes.random_scene(rng) for _ in range(6144)]
+    with torch.no_grad():
+        means, stds = base.encode_scenes(vae, scene_list)
+    pixel_weights = latent_object_weights(scene_list, s["object_weight"])
+
+    def snapshot(step):  # to score while the build goes on (decoded by the decoder as it is then)
+        base.save_base(model, output / f"snapshot-{step}" / f"{base.NAME}.safetensors", scale)
+
+    base.train_diffusion(model, scene_list, means, stds, s["unet_steps"], seed + 11, log=log, snapshot=snapshot,
+                         lr_at=continued_lr(s["unet_steps"], s["unet_lr"]), pixel_weights=pixel_weights)
+
+    # the decoder after the UNet: it changes no latent (the encoder stays), and the UNet's snapshots come sooner
     key = json.dumps({"source": base.sha256(source), "seed": seed, "steps": s["decoder_steps"], "lr": s["decoder_lr"],
                       "object_weight": s["object_weight"]}, sort_keys=True)
     stage = output / "stage2-decoder.safetensors"
@@ -102,14 +119,6 @@ def refine_base(output: str | os.PathLike, source: str | os.PathLike | None = No
         base._save_stage(vae, stage, key)
     base._reconstruction_sheet(vae, output / "vae-check.png", seed)
     log(f"VAE round trip: scorer reads {base.vae_round_trip_accuracy(vae, seed):.3f} of 200 scenes right ({time.time() - started:.0f} s)")
-
-    rng = random.Random(seed + 1)  # the first build's scenes and captions
-    scene_list = [scenes.random_scene(rng) for _ in range(6144)]
-    with torch.no_grad():
-        means, stds = base.encode_scenes(vae, scene_list)
-    pixel_weights = latent_object_weights(scene_list, s["object_weight"])
-    base.train_diffusion(model, scene_list, means, stds, s["unet_steps"], seed + 11, log=log,
-                         lr_at=continued_lr(s["unet_steps"], s["unet_lr"]), pixel_weights=pixel_weights)
-    path = base.save_base(model, output / f"{base.NAME}.safetensors", float(model.scale_factor))
+    path = base.save_base(model, output / f"{base.NAME}.safetensors", scale)
     log(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB) in {time.time() - started:.0f} s")
     return path
