@@ -198,6 +198,17 @@ def cmd_demo(args) -> int:
         msg("inspect:   {command}", command=f"python -m lora_train info {report.final.file}"),
         msg("done in {seconds} s", seconds=f"{time.time() - started:.0f}"),
     ])))
+    # the acceptance bar, so a new user reads whether training worked instead of judging a table
+    bar = fidelity.Thresholds()
+    problems = fidelity.failures(report, bar)
+    if problems:
+        print(tr(msg("FAIL: {reasons}", reasons="; ".join(problems))))
+        return 1
+    print(tr(msg("PASS: concept {at_1} at weight 1 (bar {bar_1}), {at_0} at weight 0 (base {base} + {off}), "
+                 "collateral drop {drop} (bar {bar_drop}), held-out loss lowest at weight {best}",
+                 at_1=f"{report.weights['1.0']:.2f}", bar_1=f">= {bar.concept_at_1:.2f}", at_0=f"{report.weights['0.0']:.2f}",
+                 base=f"{report.base_rate:.2f}", off=f"{bar.off_above_base:.2f}", drop=f"{report.collateral_drop:+.2f}",
+                 bar_drop=f"<= {bar.collateral_drop:.2f}", best=f"{report.best_weight:g}")))
     return 0
 
 

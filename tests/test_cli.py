@@ -15,9 +15,12 @@ def run_cli(*args, cwd=None):
 
 
 def test_demo_then_info(tmp_path, capsys):
-    # the whole pipeline on few renders; whether it teaches is test_fidelity's job
-    assert main(["demo", "--output", str(tmp_path), "--epochs", "2", "--prompts", "2", "--collateral-prompts", "4", "--reg", "8"]) == 0
+    # the whole pipeline on few renders; whether it teaches is test_fidelity's job. Two epochs on two
+    # prompts cannot reach the acceptance bar, so the demo says FAIL, names the rule and exits 1
+    assert main(["demo", "--output", str(tmp_path), "--epochs", "2", "--prompts", "2", "--collateral-prompts", "4", "--reg", "8"]) == 1
     out = capsys.readouterr().out
+    verdict = out.strip().splitlines()[-1]
+    assert verdict.startswith("FAIL: ") and "PASS" not in out, verdict
     lora = tmp_path / "demo-zkz.safetensors"
     assert f"LoRA:      {lora}" in out
     assert "w=1.0  w=0.5  w=0.0" in out  # the score table
@@ -33,6 +36,22 @@ def test_demo_then_info(tmp_path, capsys):
     assert report["tag_frequency"]["5_zkz"]["a zkz circle on the left"] > 0
     text = run_cli("info", str(lora)).stdout
     assert "valid: every key is a kohya LoRA name" in text
+
+
+def test_demo_says_pass_when_the_report_meets_the_acceptance_bar(tmp_path, capsys, monkeypatch):
+    """The verdict follows the acceptance bar (0.90 / base + 0.10 / 0.10 / best weight in [0.8, 1.25]):
+    a report on it passes, the same report with the concept at 0.89 fails on that rule."""
+    from lora_train.testing import fidelity
+
+    def report(at_1):
+        e = fidelity.EpochResult(4, str(tmp_path / "demo-zkz.safetensors"), {"1.0": at_1, "0.5": 0.4, "0.0": 0.1}, 0.5,
+                                 dict.fromkeys(fidelity.LABELS, 0.9), {"1.00": 0.01, "0.80": 0.02, "1.25": 0.02})
+        return fidelity.FidelityReport(base_rate=0.0, base_accuracy=0.6, epochs=[e], grid="g.png")
+
+    for at_1, code, verdict in ((0.90, 0, "PASS: concept 0.90 at weight 1"), (0.89, 1, "FAIL: concept rate at weight 1.0 is 0.89 < 0.90")):
+        monkeypatch.setattr(fidelity, "run", lambda opts, **kw: report(at_1))
+        assert main(["demo", "--output", str(tmp_path)]) == code
+        assert capsys.readouterr().out.strip().splitlines()[-1].startswith(verdict)
 
 
 def test_train_from_toml_with_set(tmp_path, capsys):
