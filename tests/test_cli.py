@@ -24,6 +24,9 @@ def test_demo_then_info(tmp_path, capsys):
     lora = tmp_path / "demo-zkz.safetensors"
     assert f"LoRA:      {lora}" in out
     assert "w=1.0  w=0.5  w=0.0" in out  # the score table
+    # every saved epoch is scored, from its own file: a row each
+    rows = [line.split() for line in out.splitlines()]
+    assert [r[-1] for r in rows if r and r[0] in ("1", "2")] == ["demo-zkz-000001.safetensors", "demo-zkz.safetensors"], out
     assert (tmp_path / "fidelity-grid.png").is_file()
     assert (tmp_path / "loss.csv").read_text().startswith("step,epoch,loss")
     assert (tmp_path / "demo-zkz-000001.safetensors").is_file()

@@ -25,7 +25,9 @@ def _options(path, **kw) -> fidelity.FidelityOptions:
 @pytest.fixture(scope="module")
 def short_run(tmp_path_factory):
     opts = _options(tmp_path_factory.mktemp("fidelity"))
-    return opts, fidelity.run(opts, log=lambda m: None)
+    # the final file only: the bar judges it, and scoring each saved epoch (what the CLI and the demo do,
+    # checked in tests/test_cli.py's demo run) would add two epochs of renders to CI
+    return opts, fidelity.run(opts, log=lambda m: None, final_only=True)
 
 
 def test_committed_base_is_intact_small_and_loads_with_ldm():
@@ -68,9 +70,9 @@ def test_base_draws_its_scenes_and_not_the_pattern(short_run):
 def test_short_concept_training_passes_the_bar(short_run):
     opts, report = short_run
     assert fidelity.failures(report, CI_BAR) == [], fidelity.format_table(report)
-    # every saved epoch is scored, from its file (past 4 epochs the test saves every second one)
-    assert [e.epoch for e in report.epochs] == list(range(2, CI_EPOCHS + 1, 2))
-    assert all(e.file.endswith(".safetensors") for e in report.epochs)
+    # the final file, scored from its file on disk
+    assert [e.epoch for e in report.epochs] == [CI_EPOCHS]
+    assert report.final.file.endswith(".safetensors")
     data = json.loads((opts.output / "fidelity.json").read_text())
     assert set(data["weights"]) == {"1.0", "0.5", "0.0"}
     assert all(0.0 <= v <= 1.0 for v in data["weights"].values())
