@@ -84,6 +84,20 @@ def continued_lr(steps: int, peak: float, warmup: int = 50):
     return lambda step: peak * min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
 
 
+def _refine_unet(model, s: dict, seed: int, output: Path, scale: float, log) -> None:
+    rng = random.Random(seed + 1)  # the first build's scenes and captions
+    scene_list = [scenes.random_scene(rng) for _ in range(6144)]
+    with torch.no_grad():
+        means, stds = base.encode_scenes(model.first_stage_model, scene_list)
+    pixel_weights = latent_object_weights(scene_list, s["object_weight"])
+
+    def snapshot(step):  # to score while the build goes on (decoded by the decoder as it is then)
+        base.save_base(model, output / f"snapshot-{step}" / f"{base.NAME}.safetensors", scale)
+
+    base.train_diffusion(model, scene_list, means, stds, s["unet_steps"], seed + 11, log=log, snapshot=snapshot,
+                         lr_at=continued_lr(s["unet_steps"], s["unet_lr"]), pixel_weights=pixel_weights)
+
+
 def refine_base(output: str | os.PathLike, source: str | os.PathLike | None = None, seed: int = 0, log=print, **settings) -> Path:
     from lora_train.model.registry import load_adapter
     from lora_train.model.tinybase import base_checkpoint
@@ -98,17 +112,8 @@ def refine_base(output: str | os.PathLike, source: str | os.PathLike | None = No
     vae = model.first_stage_model
     scale = float(model.scale_factor)
 
-    rng = random.Random(seed + 1)  # the first build's scenes and captions
-    scene_list = [scenes.random_scene(rng) for _ in range(6144)]
-    with torch.no_grad():
-        means, stds = base.encode_scenes(vae, scene_list)
-    pixel_weights = latent_object_weights(scene_list, s["object_weight"])
-
-    def snapshot(step):  # to score while the build goes on (decoded by the decoder as it is then)
-        base.save_base(model, output / f"snapshot-{step}" / f"{base.NAME}.safetensors", scale)
-
-    base.train_diffusion(model, scene_list, means, stds, s["unet_steps"], seed + 11, log=log, snapshot=snapshot,
-                         lr_at=continued_lr(s["unet_steps"], s["unet_lr"]), pixel_weights=pixel_weights)
+    if s["unet_steps"]:
+        _refine_unet(model, s, seed, output, scale, log)
 
     # the decoder after the UNet: it changes no latent (the encoder stays), and the UNet's snapshots come sooner
     key = json.dumps({"source": base.sha256(source), "seed": seed, "steps": s["decoder_steps"], "lr": s["decoder_lr"],
