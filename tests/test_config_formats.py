@@ -50,7 +50,7 @@ def test_kohya_ss_json_reads_as_kohya_ss_passes_it():
     notes = "\n".join(config.notes)
     for said in ("noise_offset=0.1: not used with noise_offset_type Multires", "train_on_input=True: not used with LoRA_type",
                  "model_list, save_as_bool, num_cpu_threads_per_process: settings of the kohya_ss GUI",
-                 "1 fields of other model families", "sample_prompts: not used", "sdpa: attention"):
+                 "1 fields of other model families", "sample_prompts: not used", "sdpa: what LoRA Train always does"):
         assert said in notes, notes
 
 

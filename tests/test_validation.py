@@ -111,13 +111,13 @@ def test_fixed_timesteps_are_sd_scripts():
 def test_held_out_images_never_train(tiny_adapter, tmp_path, monkeypatch):
     data = two_folders(tmp_path / "data")
     loads: list[tuple[bool, list[str]]] = []
-    original = TrainingData.load
+    original = TrainingData.draw  # every batch's images are drawn here, trained (by the threaded feed) or held out
 
-    def load(self, items, *args, validation=False, **kwargs):
+    def draw(self, items, epoch, rng, step=0, validation=False):
         loads.append((validation, [str(i.path) for i in items]))
-        return original(self, items, *args, validation=validation, **kwargs)
+        return original(self, items, epoch, rng, step, validation)
 
-    monkeypatch.setattr(TrainingData, "load", load)
+    monkeypatch.setattr(TrainingData, "draw", draw)
     events = Events()
     job.build_trainer(cfg(tmp_path, data, validation_split=0.3, validation_seed=5, max_train_epochs=2, validate_every_n_steps=3),
                       tiny_adapter).run(events)
