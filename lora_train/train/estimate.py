@@ -178,13 +178,11 @@ class EstimateCache:
 
 # -- calibration ---------------------------------------------------------------------------------
 class _RandomBatches:
-    """In the trainer's place of its TrainingData: the same random batch every step."""
+    """In the trainer's place of its TrainingData: the plan and seed it reads (calibration hands its
+    random batch to each step itself)."""
 
-    def __init__(self, plan: DatasetPlan, batch: Batch):
-        self.plan, self.seed, self.batch = plan, 0, batch
-
-    def load(self, items, epoch, rng, encode=None, step: int = 0, validation: bool = False) -> Batch:
-        return self.batch
+    def __init__(self, plan: DatasetPlan):
+        self.plan, self.seed = plan, 0
 
 
 def _random_batch(config: TrainConfig, adapter: ModelAdapter, plan: DatasetPlan, size: tuple[int, int], n: int) -> tuple[Batch, float]:
@@ -224,7 +222,7 @@ def calibrate(config: TrainConfig, adapter: ModelAdapter, network: LoRANetwork, 
     device = adapter.device
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         batch, encode_seconds = _random_batch(config, adapter, plan, size, n)
-        trainer = Trainer(config, adapter, network, _RandomBatches(plan, batch))
+        trainer = Trainer(config, adapter, network, _RandomBatches(plan))
         trainer._check_config()  # the run's own checks: a config the run refuses is refused here
         trainer.dist = Distributed()
         trainer.prepare(device)
