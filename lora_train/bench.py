@@ -300,9 +300,9 @@ def run_bench(
     floor_loss = math.nan
     hooked = 0
     threads = torch.get_num_threads()
-    model_rss = _rss_mb()
-    build_peak = _ru_maxrss_mb()
-    peak_reset = _reset_peak_rss()
+    model_rss = memory.rss_mb()
+    build_peak = memory.ru_maxrss_mb()
+    peak_reset = memory.reset_peak_rss()
     swap = sdpa_attention(roots, text_encoder=text_model is not None) if attention == "sdpa" else contextlib.nullcontext([])
     restore = contextlib.ExitStack()
     try:
@@ -333,7 +333,7 @@ def run_bench(
         optimizer.zero_grad(set_to_none=True)
         for p, flag in saved:
             p.requires_grad_(flag)
-    bench_peak = _vm_hwm_mb() if peak_reset else None
+    bench_peak = memory.vm_hwm_mb() if peak_reset else None
     load = _load_average()
     lora_ms = statistics.median(lora_times) * 1000
     floor_ms = statistics.median(floor_times) * 1000
@@ -372,7 +372,7 @@ def run_bench(
         "floor_times_ms": [t * 1000 for t in floor_times],
         "model_rss_mb": model_rss,
         "bench_peak_rss_mb": bench_peak,
-        "peak_rss_mb": max(x for x in (build_peak, _ru_maxrss_mb(), bench_peak) if x is not None),
+        "peak_rss_mb": max(x for x in (build_peak, memory.ru_maxrss_mb(), bench_peak) if x is not None),
         "build_s": model.build_s if built_here else 0.0,
         "total_s": time.perf_counter() - started,
     }
@@ -415,6 +415,3 @@ def _load_average() -> float | None:
     except (AttributeError, OSError):  # pragma: no cover - Windows
         return None
 
-
-# -- memory: the helpers live in train/memory.py, which the run estimate shares ----------------------
-_ru_maxrss_mb, _rss_mb, _vm_hwm_mb, _reset_peak_rss = memory.ru_maxrss_mb, memory.rss_mb, memory.vm_hwm_mb, memory.reset_peak_rss
