@@ -67,8 +67,9 @@ def _run_training(config, loss_csv: Path, estimate: bool = False) -> Path | None
 
     adapter = load_adapter(config.model.pretrained_model_name_or_path, config.model.clip_skip, config.model)
     # a cached estimate is shown for free; calibration steps run only for --estimate or max_train_minutes
-    result, _, lines = job.prepare_estimate(config, adapter, calibrate=estimate)
-    trainer = job.build_trainer(config, adapter, sample_fn=preview_fn(config, adapter))
+    sample_fn = preview_fn(config, adapter)
+    result, _, lines = job.prepare_estimate(config, adapter, calibrate=estimate, sample_fn=sample_fn)
+    trainer = job.build_trainer(config, adapter, sample_fn=sample_fn)
     if not _is_main_process():  # under accelerate launch, rank 0 reports and writes
         return trainer.run(None, threading.Event())
     for line in lines:
@@ -155,9 +156,10 @@ def _dry_run(config, estimate: bool = False) -> int:
     if estimate:
         from lora_train.app import job
         from lora_train.model.registry import load_adapter
+        from lora_train.sample.previews import preview_fn
 
         adapter = load_adapter(config.model.pretrained_model_name_or_path, config.model.clip_skip, config.model)
-        lines = job.prepare_estimate(config, adapter, calibrate=True)[2]
+        lines = job.prepare_estimate(config, adapter, calibrate=True, sample_fn=preview_fn(config, adapter))[2]
     elif config.training.max_train_minutes is not None:
         lines = [msg("max_train_minutes: the epochs are fitted to it when the run starts (add --estimate to see them now)")]
     result = dry_run(config)

@@ -77,15 +77,32 @@ def test_the_cache_is_reused_and_invalidated_by_a_cost_setting(tiny_adapter, dat
 
 
 def test_fit_epochs_takes_the_most_epochs_that_fit():
-    # 2 s/step, 30 steps per epoch: one epoch is 60 s
-    assert est.fit_epochs(2.0, 30, 10, 300, 7) == 7  # 7 x 60 = 420 s = 7 min exactly
-    assert est.fit_epochs(2.0, 30, 10, 300, 6.99) == 6
-    assert est.fit_epochs(2.0, 30, 10, 300, 7, setup_seconds=30) == 6  # 30 + 6 x 60 = 390 <= 420 < 30 + 420
-    assert est.fit_epochs(2.0, 30, 10, 300, 100) == 10  # never more than the run's own epochs
-    assert est.fit_epochs(2.0, 30, 10, 300, 0.5) == 1  # none fits: one epoch
-    # max_train_steps 100 ends inside epoch 4 (4 x 30 = 120): 100 steps x 2 s = 200 s fit 200 s
-    assert est.fit_epochs(2.0, 30, 4, 100, 200 / 60) == 4
-    assert est.fit_epochs(2.0, 30, 4, 100, 199 / 60) == 3
+    # 60 s per epoch and 30 s before the first step
+    def seconds(e):
+        return 30 + 60 * e
+
+    assert est.fit_epochs(seconds, 10, 7.5) == 7  # 30 + 420 = 450 s = 7.5 min exactly
+    assert est.fit_epochs(seconds, 10, 7.49) == 6
+    assert est.fit_epochs(seconds, 10, 100) == 10  # never more than the run's own epochs
+    assert est.fit_epochs(seconds, 10, 0.5) == 1  # none fits: one epoch
+
+
+def test_cut_to_epochs_keeps_a_step_budget_inside_the_last_epoch():
+    plan = SimpleNamespace(epochs=4, steps_per_epoch=30, total_steps=100)  # max_train_steps 100 ends inside epoch 4
+    cut = est.cut_to_epochs(dataclasses.replace(_plan_like(plan)), 3)
+    assert (cut.epochs, cut.total_steps) == (3, 90)
+    cut = est.cut_to_epochs(_plan_like(plan), 4)
+    assert (cut.epochs, cut.total_steps) == (4, 100)
+
+
+def _plan_like(ns):
+    @dataclasses.dataclass
+    class P:
+        epochs: int
+        steps_per_epoch: int
+        total_steps: int
+
+    return P(ns.epochs, ns.steps_per_epoch, ns.total_steps)
 
 
 def test_max_train_minutes_sets_the_epochs_and_says_so(tiny_adapter, data, tmp_path, monkeypatch):
@@ -124,7 +141,7 @@ def test_the_after_run_error_line():
         timer(ev.Step(step, 1, 0.1, {}))
     timer(ev.Finished("x.safetensors", 4))
     assert timer.measured() == (2.0, 20.0, 4)  # (16 - 10) / 3 steps after the first; 20 s from Started
-    plan = SimpleNamespace(blocks=[], items=[], total_steps=4)
+    plan = SimpleNamespace(blocks=[], items=[], total_steps=4, steps_per_epoch=4, epochs=1)
     config = TrainConfig()
     lines = est.after_run_lines(config, est.Estimate(2.5, 100.0, "rss", width=64, height=64), plan, timer)
     assert lines[0] == "estimate vs measured: 2.5 vs 2 s/step (+25.0 %), total 10 s vs 20 s (-50.0 %)"

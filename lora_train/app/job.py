@@ -74,10 +74,18 @@ def image_threads(asked: int, notes: list[str]) -> int:
     return asked
 
 
-def prepare_estimate(config: TrainConfig, adapter: ModelAdapter, cache_dir=None, calibrate: bool = False):
+def preview_plan(sample_fn) -> list:
+    """The previews a sample_fn renders at each sample event, for the estimate (its `prompts`)."""
+    from lora_train.train.overheads import Preview
+
+    return [Preview(p.steps, p.width, p.height, p.scale) for p in getattr(sample_fn, "prompts", None) or []]
+
+
+def prepare_estimate(config: TrainConfig, adapter: ModelAdapter, cache_dir=None, calibrate: bool = False, sample_fn=None):
     """Before `build_trainer`: the run's estimate and the lines that show it. A cached estimate is
     always used; calibration steps run when `calibrate` asks or max_train_minutes needs them, and
-    max_train_minutes then sets the epochs in `config`. Returns (estimate or None, plan, lines)."""
+    max_train_minutes then sets the epochs in `config`. `sample_fn`: the run's previews, priced in.
+    Returns (estimate or None, plan, lines)."""
     from lora_train.train import estimate as est
 
     seed = config.training.seed or 0
@@ -88,7 +96,7 @@ def prepare_estimate(config: TrainConfig, adapter: ModelAdapter, cache_dir=None,
     plan = plan_dataset(config, adapter.info.resolution, steps_multiple(adapter.info.family), seed)
     budget = config.training.max_train_minutes
     result = est.estimate(config, adapter, plan, lambda: build_network(config, adapter, seed), cache_dir or est.default_cache_dir(),
-                          run_steps=calibrate or budget is not None)
+                          run_steps=calibrate or budget is not None, previews=preview_plan(sample_fn))
     if result is None:
         return None, plan, []
     lines = []

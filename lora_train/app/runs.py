@@ -142,9 +142,17 @@ class RunManager:
             self._enqueue(status, request, True, front=True)  # it continues what was running
             return status
 
-    def estimate(self, config: TrainConfig) -> tuple[object, list[str]]:
+    def _sample_fn(self, config: TrainConfig, adapter, request: RunRequest, folder: Path):
+        """The run's previews through the host (every epoch unless the config says when), or None."""
+        prompts = (request.preview_prompts or ([request.trigger] if request.trigger else [])) if request.previews else []
+        if prompts and not (config.sampling.sample_every_n_epochs or config.sampling.sample_every_n_steps):
+            config.sampling.sample_every_n_epochs = 1
+        return self.host.sample_fn(config, adapter, prompts, folder / "sample") if prompts else None
+
+    def estimate(self, config: TrainConfig, request: Optional[RunRequest] = None) -> tuple[object, list[str]]:
         """The Train tab's Estimate: a few calibration steps on the host's model (or the cached
-        result), between runs only. Returns the plan (epochs fitted to max_train_minutes) and the lines to show."""
+        result), between runs only; `request`'s previews are priced in. Returns the plan (epochs
+        fitted to max_train_minutes) and the lines to show."""
         from lora_train.app import job
 
         with self._lock:
@@ -155,7 +163,8 @@ class RunManager:
         if refusals:
             raise UserError("\n".join(refusals))
         with self.host.session(config, "estimate") as adapter:
-            _, plan, lines = job.prepare_estimate(config, adapter, self.host.work_dir(), calibrate=True)
+            sample_fn = self._sample_fn(config, adapter, request, Path(config.saving.output_dir)) if request else None
+            _, plan, lines = job.prepare_estimate(config, adapter, self.host.work_dir(), calibrate=True, sample_fn=sample_fn)
         return plan, lines
 
     def stop(self) -> bool:
@@ -291,12 +300,9 @@ class RunManager:
                 config.model.pretrained_model_name_or_path = adapter.info.path or self.host.model_spec()
                 folder = Path(config.saving.output_dir)
                 folder.mkdir(parents=True, exist_ok=True)
-                prompts = (request.preview_prompts or ([request.trigger] if request.trigger else [])) if request.previews else []
-                if prompts and not (config.sampling.sample_every_n_epochs or config.sampling.sample_every_n_steps):
-                    config.sampling.sample_every_n_epochs = 1
-                sample_fn = self.host.sample_fn(config, adapter, prompts, folder / "sample") if prompts else None
+                sample_fn = self._sample_fn(config, adapter, request, folder)
                 # a cached estimate shows for free; max_train_minutes calibrates and fits the epochs
-                estimated, _, lines = job.prepare_estimate(config, adapter, self.host.work_dir(), calibrate=False)
+                estimated, _, lines = job.prepare_estimate(config, adapter, self.host.work_dir(), calibrate=False, sample_fn=sample_fn)
                 status.messages += lines
                 trainer = job.build_trainer(config, adapter, warn=status.messages.append, sample_fn=sample_fn)
                 publisher.card.sd_version = SD_VERSION.get(adapter.info.family, "SD1")

@@ -87,6 +87,7 @@ class StandaloneHost(Host):
                 paths.append(save_sample(image, path, prompt, {"Lora": name, "Epoch": epoch, "Step": step}))
             return paths
 
+        sample.prompts = parsed  # what each sample event renders: the estimate prices it
         return sample
 
     def after_publish(self, path: Path) -> list[str]:

@@ -27,6 +27,7 @@ def preview_fn(config: TrainConfig, adapter):
             paths.append(save_sample(image, path, prompt, {"Lora": name, "Epoch": epoch, "Step": step}))
         return paths
 
+    sample.prompts = prompts  # what each sample event renders: the estimate prices it
     return sample
 
 

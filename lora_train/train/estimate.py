@@ -10,9 +10,14 @@ contexts restore it, and the caller's random state is kept); nothing is written 
 under the user's cache or work folder, keyed by the model and the settings that change the cost,
 so the second estimate of the same settings runs no step at all.
 
+After the steps it times what a run does between steps, once each: a no-grad UNet forward and a
+VAE decode of one image (previews, validation), writing the LoRA file and the training state (saves,
+into a temporary folder); `train/overheads.py` counts how often the run does each.
+
 From it: seconds per step, the total (steps from the plan, plus encoding the images once when
-latents are cached), the peak memory (the process's resident set on CPU, allocated tensors on
-CUDA), the epochs that fit `max_train_minutes`, and after the run, how far off it was.
+latents are cached, plus saves, previews and validation), the peak memory (the process's resident
+set on CPU, allocated tensors on CUDA), the epochs that fit `max_train_minutes`, and after the run,
+how far off it was.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import hashlib
 import json
 import os
 import statistics
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,11 +42,12 @@ from lora_train.model.adapter import ModelAdapter
 from lora_train.network.network import LoRANetwork
 from lora_train.train import events as ev
 from lora_train.train import memory
+from lora_train.train import overheads
 from lora_train.train.config import TrainConfig
 from lora_train.train.distributed import Distributed
 from lora_train.train.optimizers import optimizer_eval_mode, optimizer_train_mode
 
-CALIBRATION_VERSION = 2  # raise when the step's cost changes (attention, loader): old cache entries are not read
+CALIBRATION_VERSION = 3  # raise when the step's cost changes (attention, loader): old cache entries are not read
 CALIBRATION_STEPS = 3  # timed steps, after WARMUP_STEPS
 WARMUP_STEPS = 1
 CACHE_FILE = "estimates.json"
@@ -52,11 +59,16 @@ class Estimate:
     peak_mb: float
     memory: str  # "rss" (the process on CPU) | "cuda" (allocated tensors)
     encode_seconds: float = 0.0  # one image through the VAE (cache_latents: every image once before the first step)
+    forward_seconds: float = 0.0  # one image through the UNet without gradients (previews, validation)
+    decode_seconds: float = 0.0  # one latent through the VAE decoder (previews)
+    save_seconds: float = 0.0  # one LoRA file written
+    state_seconds: float = 0.0  # one training state written (save_state)
     width: int = 0
     height: int = 0
     batch: int = 1
     steps: int = 0  # timed calibration steps
     cached: bool = False  # read from the cache: no step was run now
+    previews: tuple = ()  # overheads.Preview of each image a sample event renders (this run's, never cached)
 
     def step_seconds(self, plan: DatasetPlan) -> float:
         """Seconds per step over the plan's buckets: each bucket's batches scaled by its area."""
@@ -68,11 +80,23 @@ class Estimate:
             return 0.0
         return self.encode_seconds * sum(2 if i.subset.flip_aug else 1 for i in plan.items)
 
+    def extras(self, config: TrainConfig, plan: DatasetPlan) -> overheads.Extras:
+        """Saves, previews and validation passes of the whole run."""
+        return overheads.extras(config, plan, list(self.previews), save_seconds=self.save_seconds, state_seconds=self.state_seconds,
+                                forward_seconds=self.forward_seconds, decode_seconds=self.decode_seconds,
+                                encode_seconds=self.encode_seconds, area=self.width * self.height,
+                                area_factor=area_factor(plan, (self.width, self.height)))
+
     def total_seconds(self, config: TrainConfig, plan: DatasetPlan, steps: int | None = None) -> float:
-        return self.setup_seconds(config, plan) + self.step_seconds(plan) * (plan.total_steps if steps is None else steps)
+        """The run; `steps`: of a run that stopped early (its saves, previews and validation are then
+        counted in proportion)."""
+        extra = self.extras(config, plan).total
+        if steps is not None and plan.total_steps:
+            extra *= min(1.0, steps / plan.total_steps)
+        return self.setup_seconds(config, plan) + self.step_seconds(plan) * (plan.total_steps if steps is None else steps) + extra
 
     def to_json(self) -> dict:
-        return {k: v for k, v in dataclasses.asdict(self).items() if k != "cached"}
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("cached", "previews")}
 
 
 # -- which settings change the cost --------------------------------------------------------------
@@ -187,7 +211,7 @@ class _RandomBatches:
 
 def _random_batch(config: TrainConfig, adapter: ModelAdapter, plan: DatasetPlan, size: tuple[int, int], n: int) -> tuple[Batch, float]:
     """Random pixels (or their posterior, with cache_latents) with the plan's own captions; and the
-    seconds one image took through the VAE (0 when latents are not cached: the step encodes them)."""
+    seconds one image took through the VAE encoder."""
     width, height = size
     gen = torch.Generator().manual_seed(0)
     pixels = torch.rand((n, 3, height, width), generator=gen) * 2 - 1
@@ -196,14 +220,14 @@ def _random_batch(config: TrainConfig, adapter: ModelAdapter, plan: DatasetPlan,
     sizes = torch.tensor([[height, width, 0, 0, height, width]] * n, dtype=torch.float32)
     batch = Batch([None] * n, captions, torch.zeros(n, dtype=torch.bool), sizes=sizes)
     d = config.dataset
-    if not (d.cache_latents or d.cache_latents_to_disk):
-        batch.pixels = pixels
-        return batch, 0.0
-    started = time.perf_counter()
+    started = time.perf_counter()  # timed either way: validation encodes its images at every pass when not cached
     mean, std = adapter.encode_posterior(pixels[:1])
     _sync(adapter.device)
     encode_seconds = time.perf_counter() - started
-    batch.posterior = (mean.expand(n, *mean.shape[1:]).clone(), std.expand(n, *std.shape[1:]).clone())
+    if not (d.cache_latents or d.cache_latents_to_disk):
+        batch.pixels = pixels
+    else:
+        batch.posterior = (mean.expand(n, *mean.shape[1:]).clone(), std.expand(n, *std.shape[1:]).clone())
     return batch, encode_seconds
 
 
@@ -250,32 +274,89 @@ def calibrate(config: TrainConfig, adapter: ModelAdapter, network: LoRANetwork, 
                 trainer.optimizer.zero_grad(set_to_none=True)
                 optimizer_eval_mode(trainer.optimizer)
             peak = memory.peak_mb(device)
-    return Estimate(statistics.median(times), peak, memory.memory_kind(device), encode_seconds, size[0], size[1], n, steps)
+            forward_seconds, decode_seconds = _time_sampling(trainer, batch)
+        save_seconds, state_seconds = _time_saves(trainer)
+    return Estimate(statistics.median(times), peak, memory.memory_kind(device), encode_seconds, forward_seconds, decode_seconds,
+                    save_seconds, state_seconds, size[0], size[1], n, steps)
+
+
+def _time_sampling(trainer, batch: Batch, repeats: int = 2) -> tuple[float, float]:
+    """(one image's no-grad UNet forward, one latent's decode) at the batch's size, the network in
+    eval mode as previews and validation run it; the median forward of `repeats` (the training steps
+    before warmed it up)."""
+    adapter, device = trainer.adapter, trainer.adapter.device
+    gen = torch.Generator().manual_seed(0)
+    trainer.network.eval()
+    try:
+        with torch.no_grad():
+            if batch.posterior is not None:
+                latents = adapter.sample_latents(batch.posterior[0][:1], batch.posterior[1][:1], gen)
+            else:
+                latents = adapter.encode_images(batch.pixels[:1], gen)
+            with trainer._autocast():
+                cond = adapter.condition(adapter.encode_captions(batch.captions[:1], trainer.text_options), batch.sizes[:1])
+            t = torch.full((1,), adapter.alphas_cumprod.shape[0] // 2, dtype=torch.long, device=latents.device)
+            times = []
+            for _ in range(repeats):
+                started = time.perf_counter()
+                with trainer._autocast():
+                    adapter.predict(latents, t, cond)
+                _sync(device)
+                times.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            adapter.decode_latents(latents)
+            _sync(device)
+            decode = time.perf_counter() - started
+    finally:
+        trainer.network.train()
+    return statistics.median(times), decode
+
+
+def _time_saves(trainer) -> tuple[float, float]:
+    """(writing the LoRA file, writing the training state), into a temporary folder removed after."""
+    from lora_train.network.files import save_lora
+    from lora_train.train.state import save_state
+
+    with tempfile.TemporaryDirectory(prefix="lora-train-estimate-") as folder:
+        started = time.perf_counter()
+        path = save_lora(Path(folder) / "calibration.safetensors", trainer.network.kohya_state_dict(None), {})
+        lora = time.perf_counter() - started
+        started = time.perf_counter()
+        save_state(Path(folder) / "calibration-state", trainer._state(), {"step": 0, "epoch": 1, "lora": path.name})
+        state = time.perf_counter() - started
+    return lora, state
 
 
 def estimate(config: TrainConfig, adapter: ModelAdapter, plan: DatasetPlan, make_network: Callable[[], LoRANetwork],
-             cache_dir: str | os.PathLike, run_steps: bool = True, steps: int = CALIBRATION_STEPS) -> Estimate | None:
-    """The cached estimate for these settings, else (with `run_steps`) a calibration, cached; else None."""
+             cache_dir: str | os.PathLike, run_steps: bool = True, steps: int = CALIBRATION_STEPS,
+             previews: list[overheads.Preview] = ()) -> Estimate | None:
+    """The cached estimate for these settings, else (with `run_steps`) a calibration, cached; else None.
+    `previews`: what each of the run's sample events renders."""
     cache = EstimateCache(cache_dir)
     key = cost_key(config, adapter, plan)
-    found = cache.get(key)
-    if found is not None or not run_steps:
-        return found
-    result = calibrate(config, adapter, make_network(), plan, steps)
-    cache.put(key, result)
+    result = cache.get(key)
+    if result is None and run_steps:
+        result = calibrate(config, adapter, make_network(), plan, steps)
+        cache.put(key, result)
+    if result is not None:
+        result.previews = tuple(previews)
     return result
 
 
 # -- the time budget -----------------------------------------------------------------------------
-def fit_epochs(seconds_per_step: float, steps_per_epoch: int, epochs: int, total_steps: int, budget_minutes: float,
-               setup_seconds: float = 0.0) -> int:
-    """The most epochs, at most `epochs` (the run's own), whose estimated time fits the budget; 1 when none does.
-    `total_steps`: the run's own step count, which may end inside its last epoch (max_train_steps)."""
+def fit_epochs(seconds_for: Callable[[int], float], epochs: int, budget_minutes: float) -> int:
+    """The most epochs, at most `epochs` (the run's own), whose estimated time `seconds_for(e)` fits the
+    budget; 1 when none does."""
     budget = budget_minutes * 60
     for e in range(epochs, 0, -1):
-        if setup_seconds + seconds_per_step * min(e * steps_per_epoch, total_steps) <= budget:
+        if seconds_for(e) <= budget:
             return e
     return 1
+
+
+def cut_to_epochs(plan: DatasetPlan, epochs: int) -> DatasetPlan:
+    """The plan as max_train_epochs `epochs` makes it (the step budget may still end inside the last one)."""
+    return dataclasses.replace(plan, epochs=min(epochs, plan.epochs), total_steps=min(epochs * plan.steps_per_epoch, plan.total_steps))
 
 
 def apply_budget(config: TrainConfig, result: Estimate, plan: DatasetPlan) -> str:
@@ -283,24 +364,29 @@ def apply_budget(config: TrainConfig, result: Estimate, plan: DatasetPlan) -> st
     budget = config.training.max_train_minutes
     if not budget or budget <= 0:
         raise UserError(msg("max_train_minutes must be above 0"))
-    per_step, setup = result.step_seconds(plan), result.setup_seconds(config, plan)
-    epochs = fit_epochs(per_step, plan.steps_per_epoch, plan.epochs, plan.total_steps, budget, setup)
+
+    def seconds_for(epochs: int) -> float:
+        return result.total_seconds(config, cut_to_epochs(plan, epochs))
+
+    epochs = fit_epochs(seconds_for, plan.epochs, budget)
     minutes = f"{budget:g}"
-    if setup + per_step * plan.total_steps <= budget * 60:
+    if seconds_for(plan.epochs) <= budget * 60:
         return msg("max_train_minutes {budget}: all {epochs} epochs fit (about {time} estimated)", budget=minutes, epochs=epochs,
-                   time=duration(setup + per_step * plan.total_steps))
+                   time=duration(seconds_for(plan.epochs)))
     config.training.max_train_epochs = epochs
-    steps = epochs * plan.steps_per_epoch
-    if setup + per_step * steps > budget * 60:
+    steps = cut_to_epochs(plan, epochs).total_steps
+    if seconds_for(epochs) > budget * 60:
         return msg("max_train_minutes {budget}: even one epoch takes about {time}; training 1 epoch of {epochs}",
-                   budget=minutes, time=duration(setup + per_step * steps), epochs=plan.epochs)
+                   budget=minutes, time=duration(seconds_for(epochs)), epochs=plan.epochs)
     return msg("max_train_minutes {budget}: {epochs} of {wanted} epochs fit ({steps} steps, about {time} estimated); max_train_epochs set to {epochs}",
-               budget=minutes, epochs=epochs, wanted=plan.epochs, steps=steps, time=duration(setup + per_step * steps))
+               budget=minutes, epochs=epochs, wanted=plan.epochs, steps=steps, time=duration(seconds_for(epochs)))
 
 
 # -- what the front ends show --------------------------------------------------------------------
 def duration(seconds: float) -> str:
-    seconds = max(0, round(seconds))
+    if seconds < 9.95:  # a tenth of a second still tells a short preview or save from none
+        return f"{max(0.0, round(seconds, 1)):g} s"
+    seconds = round(seconds)
     if seconds < 60:
         return f"{seconds} s"
     if seconds < 3600:
@@ -319,6 +405,10 @@ def estimate_lines(config: TrainConfig, result: Estimate, plan: DatasetPlan) -> 
                  memory=f"{result.peak_mb:.0f}", kind=memory_label(result))]
     if setup:
         lines.append("  " + msg("(with {time} to cache the latents before the first step)", time=duration(setup)))
+    extra = result.extras(config, plan)
+    if extra.total > 0:
+        lines.append("  " + msg("(with {time} for saves {saves}, previews {previews}, validation {validation})", time=duration(extra.total),
+                                saves=duration(extra.saves), previews=duration(extra.previews), validation=duration(extra.validation)))
     if result.cached:
         lines.append("  " + msg("from the cache: these settings were calibrated on this model before"))
     else:
@@ -336,7 +426,11 @@ class RunTimer:
     """A listener that measures a run (time per step, total, peak memory) to compare with its estimate.
 
     Time per step: from the first step's event to the last one's, per step in between (the first step
-    is the warm-up, as in the calibration). Total: from Started to the end. Peak memory: since Started."""
+    is the warm-up, as in the calibration), less the pauses for saves, previews and validation in
+    between: the loop emits each of those right after doing it, so a pause is the time since the event
+    before. Total: from Started to the end. Peak memory: since Started."""
+
+    PAUSES = (ev.CheckpointSaved, ev.Samples, ev.Validation)
 
     def __init__(self, device: torch.device, clock=time.perf_counter):
         self.device, self.clock = device, clock
@@ -344,25 +438,31 @@ class RunTimer:
         self.first: tuple[int, float] | None = None
         self.last: tuple[int, float] | None = None
         self.peak_mb: float | None = None
+        self.previous: float | None = None  # when the last event came
+        self.pauses: list[tuple[float, float]] = []  # (when it ended, seconds)
 
     def __call__(self, e) -> None:
+        now = self.clock()
         if isinstance(e, ev.Started):
             memory.reset_peak(self.device)
-            self.started = self.clock()
+            self.started = now
         elif isinstance(e, ev.Step):
-            now = self.clock()
             self.last = (e.step, now)
             if self.first is None:
                 self.first = self.last
+        elif isinstance(e, self.PAUSES) and self.previous is not None:
+            self.pauses.append((now, now - self.previous))
         elif isinstance(e, (ev.Finished, ev.Cancelled, ev.Failed)):
-            self.ended = self.clock()
+            self.ended = now
             self.peak_mb = memory.peak_mb(self.device)
+        self.previous = now
 
     def measured(self) -> tuple[float, float, int] | None:
         """(seconds per step, total seconds, steps run), or None before two steps have run."""
         if self.started is None or self.ended is None or self.first is None or self.last[0] <= self.first[0]:
             return None
-        per_step = (self.last[1] - self.first[1]) / (self.last[0] - self.first[0])
+        paused = sum(seconds for when, seconds in self.pauses if self.first[1] < when <= self.last[1])
+        per_step = (self.last[1] - self.first[1] - paused) / (self.last[0] - self.first[0])
         return per_step, self.ended - self.started, self.last[0] - self.first[0] + 1
 
 

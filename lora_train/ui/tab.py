@@ -285,8 +285,8 @@ def create_train_tab(manager: RunManager, host: Host, t: Optional[Translator] = 
 
         def on_estimate(*values):
             try:
-                config, _ = build(values)
-                estimated_plan, lines = manager.estimate(config)
+                config, request = build(values)
+                estimated_plan, lines = manager.estimate(config, request)
                 return chart.plan_html(estimated_plan, t, [t.text(line) for line in lines])
             except UserError as e:
                 return chart.error_html(t.text(e))

@@ -77,6 +77,7 @@ def sample_fn(host, config, adapter, prompts, folder):
             _restore_progress_state(shared.state, saved_state)
         return paths
 
+    sample.prompts = parsed  # what each sample event renders: the estimate prices it
     return sample
 
 
