@@ -60,24 +60,25 @@ def test_the_schedule_counts_what_a_run_does(tiny_adapter, data, tmp_path, name)
 
 
 def test_previews_are_priced_per_call_and_area():
-    # 20 steps under CFG: 40 forwards of 1 s at the calibration area, plus a 2 s decode
-    assert overheads.preview_seconds([overheads.Preview(20, 64, 64, 7.0)], 1.0, 2.0, 64 * 64) == 42.0
-    assert overheads.preview_seconds([overheads.Preview(20, 64, 64, 1.0)], 1.0, 2.0, 64 * 64) == 22.0  # no CFG: one call a step
-    assert overheads.preview_seconds([overheads.Preview(20, 128, 64, 7.0)], 1.0, 2.0, 64 * 64) == 84.0  # twice the pixels
+    # 20 steps under CFG: 20 forwards of a batch of two (1.5 s) at the calibration area, plus a 2 s decode
+    assert overheads.preview_seconds([overheads.Preview(20, 64, 64, 7.0)], 1.0, 1.5, 2.0, 64 * 64) == 32.0
+    assert overheads.preview_seconds([overheads.Preview(20, 64, 64, 1.0)], 1.0, 1.5, 2.0, 64 * 64) == 22.0  # no CFG: batch of one
+    assert overheads.preview_seconds([overheads.Preview(20, 128, 64, 7.0)], 1.0, 1.5, 2.0, 64 * 64) == 64.0  # twice the pixels
 
 
 def test_the_estimate_total_includes_saves_and_previews(tiny_adapter, data, tmp_path):
     config = small_run_config(data, "ov", output_dir=str(tmp_path / "out"), max_train_epochs=2)
     plan = job.plan_dataset(config, 64, 1, config.training.seed)
     bare = est.Estimate(1.0, 100.0, "rss", width=64, height=64)
-    priced = est.Estimate(1.0, 100.0, "rss", forward_seconds=0.5, decode_seconds=1.0, save_seconds=2.0, state_seconds=3.0,
+    priced = est.Estimate(1.0, 100.0, "rss", forward_seconds=0.25, cfg_forward_seconds=0.5, decode_seconds=1.0, save_seconds=2.0,
+                          state_seconds=3.0,
                           width=64, height=64, previews=(overheads.Preview(4, 64, 64, 7.0),))
     config.sampling.sample_every_n_epochs = 1
-    # 8 steps; 2 saves (epoch 1 and the final file); 2 sample events of (8 x 0.5 + 1) s
+    # 8 steps; 2 saves (epoch 1 and the final file); 2 sample events of (4 steps x 0.5 + 1) s
     assert plan.total_steps == 8
     assert bare.total_seconds(config, plan) == 8.0
-    assert priced.total_seconds(config, plan) == 8.0 + 2 * 2.0 + 2 * 5.0
-    assert "(with 14 s for saves 4 s, previews 10 s, validation 0 s)" in "\n".join(est.estimate_lines(config, priced, plan))
+    assert priced.total_seconds(config, plan) == 8.0 + 2 * 2.0 + 2 * 3.0
+    assert "(with 10 s for saves 4 s, previews 6 s, validation 0 s)" in "\n".join(est.estimate_lines(config, priced, plan))
 
 
 def test_the_run_timer_takes_pauses_out_of_the_time_per_step():
@@ -96,7 +97,7 @@ def test_the_run_timer_takes_pauses_out_of_the_time_per_step():
 def test_a_calibration_times_the_units_it_prices(tiny_adapter, data, tmp_path):
     config = small_run_config(data, "ov", output_dir=str(tmp_path / "out"))
     result = job.prepare_estimate(config, tiny_adapter, tmp_path / "cache", calibrate=True)[0]
-    assert result.forward_seconds > 0 and result.decode_seconds > 0 and result.save_seconds > 0 and result.state_seconds > 0
+    assert result.forward_seconds > 0 and result.cfg_forward_seconds > 0 and result.decode_seconds > 0 and result.save_seconds > 0 and result.state_seconds > 0
     assert result.encode_seconds > 0
     assert not (tmp_path / "out").exists()
 

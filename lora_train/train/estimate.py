@@ -38,6 +38,7 @@ import torch
 from lora_train.dataset.loader import Batch
 from lora_train.dataset.plan import DatasetPlan
 from lora_train.errors import UserError, msg
+from lora_train.model import cond as cond_ops
 from lora_train.model.adapter import ModelAdapter
 from lora_train.network.network import LoRANetwork
 from lora_train.train import events as ev
@@ -59,7 +60,8 @@ class Estimate:
     peak_mb: float
     memory: str  # "rss" (the process on CPU) | "cuda" (allocated tensors)
     encode_seconds: float = 0.0  # one image through the VAE (cache_latents: every image once before the first step)
-    forward_seconds: float = 0.0  # one image through the UNet without gradients (previews, validation)
+    forward_seconds: float = 0.0  # one image through the UNet without gradients (validation, previews without CFG)
+    cfg_forward_seconds: float = 0.0  # the same with its unconditioned twin in one batch of two (a CFG sampler step)
     decode_seconds: float = 0.0  # one latent through the VAE decoder (previews)
     save_seconds: float = 0.0  # one LoRA file written
     state_seconds: float = 0.0  # one training state written (save_state)
@@ -83,7 +85,8 @@ class Estimate:
     def extras(self, config: TrainConfig, plan: DatasetPlan) -> overheads.Extras:
         """Saves, previews and validation passes of the whole run."""
         return overheads.extras(config, plan, list(self.previews), save_seconds=self.save_seconds, state_seconds=self.state_seconds,
-                                forward_seconds=self.forward_seconds, decode_seconds=self.decode_seconds,
+                                forward_seconds=self.forward_seconds, cfg_forward_seconds=self.cfg_forward_seconds,
+                                decode_seconds=self.decode_seconds,
                                 encode_seconds=self.encode_seconds, area=self.width * self.height,
                                 area_factor=area_factor(plan, (self.width, self.height)))
 
@@ -274,16 +277,16 @@ def calibrate(config: TrainConfig, adapter: ModelAdapter, network: LoRANetwork, 
                 trainer.optimizer.zero_grad(set_to_none=True)
                 optimizer_eval_mode(trainer.optimizer)
             peak = memory.peak_mb(device)
-            forward_seconds, decode_seconds = _time_sampling(trainer, batch)
+            forward_seconds, cfg_forward_seconds, decode_seconds = _time_sampling(trainer, batch)
         save_seconds, state_seconds = _time_saves(trainer)
-    return Estimate(statistics.median(times), peak, memory.memory_kind(device), encode_seconds, forward_seconds, decode_seconds,
-                    save_seconds, state_seconds, size[0], size[1], n, steps)
+    return Estimate(statistics.median(times), peak, memory.memory_kind(device), encode_seconds, forward_seconds, cfg_forward_seconds,
+                    decode_seconds, save_seconds, state_seconds, size[0], size[1], n, steps)
 
 
-def _time_sampling(trainer, batch: Batch, repeats: int = 2) -> tuple[float, float]:
-    """(one image's no-grad UNet forward, one latent's decode) at the batch's size, the network in
-    eval mode as previews and validation run it; the median forward of `repeats` (the training steps
-    before warmed it up)."""
+def _time_sampling(trainer, batch: Batch, repeats: int = 2) -> tuple[float, float, float]:
+    """(one image's no-grad UNet forward, the same batched with a twin as CFG runs it, one latent's
+    decode) at the batch's size, the network in eval mode as previews and validation run it; the
+    median of `repeats` forwards each (the training steps before warmed them up)."""
     adapter, device = trainer.adapter, trainer.adapter.device
     gen = torch.Generator().manual_seed(0)
     trainer.network.eval()
@@ -296,20 +299,24 @@ def _time_sampling(trainer, batch: Batch, repeats: int = 2) -> tuple[float, floa
             with trainer._autocast():
                 cond = adapter.condition(adapter.encode_captions(batch.captions[:1], trainer.text_options), batch.sizes[:1])
             t = torch.full((1,), adapter.alphas_cumprod.shape[0] // 2, dtype=torch.long, device=latents.device)
-            times = []
-            for _ in range(repeats):
-                started = time.perf_counter()
-                with trainer._autocast():
-                    adapter.predict(latents, t, cond)
-                _sync(device)
-                times.append(time.perf_counter() - started)
+            forwards = []
+            for n in (1, 2):
+                x, steps, c = latents.repeat(n, 1, 1, 1), t.repeat(n), cond_ops.repeat(cond, n)
+                times = []
+                for _ in range(repeats):
+                    started = time.perf_counter()
+                    with trainer._autocast():
+                        adapter.predict(x, steps, c)
+                    _sync(device)
+                    times.append(time.perf_counter() - started)
+                forwards.append(statistics.median(times))
             started = time.perf_counter()
             adapter.decode_latents(latents)
             _sync(device)
             decode = time.perf_counter() - started
     finally:
         trainer.network.train()
-    return statistics.median(times), decode
+    return forwards[0], forwards[1], decode
 
 
 def _time_saves(trainer) -> tuple[float, float]:

@@ -10,8 +10,8 @@ only after whole epochs, never at the last one, which writes the final file; sam
 epochs and every N steps; validation after every epoch that stepped and every N steps).
 How long: the calibration's unit times (one LoRA save, one state save, one no-grad UNet forward of
 one image and one VAE decode, at the calibration size), scaled by area for other sizes. A sampler
-step is one forward, two under CFG (scale != 1); samplers that call the model twice a step (Heun,
-DPM2) take longer than this says.
+step is one forward, under CFG (scale != 1) one forward of a batch of two; samplers that call the
+model twice a step (Heun, DPM2) take longer than this says.
 """
 
 from __future__ import annotations
@@ -81,13 +81,15 @@ def schedule(config: TrainConfig, plan: DatasetPlan) -> Schedule:
     return Schedule(periodic + 1, state_saves, samples, passes, batches, images)
 
 
-def preview_seconds(previews: list[Preview], forward_seconds: float, decode_seconds: float, area: int) -> float:
-    """One sample event: every prompt's sampler steps and its decode, scaled from the calibration area."""
+def preview_seconds(previews: list[Preview], forward_seconds: float, cfg_forward_seconds: float, decode_seconds: float,
+                    area: int) -> float:
+    """One sample event: every prompt's sampler steps (a CFG step runs the prompt and its negative
+    as one batch of two) and its decode, scaled from the calibration area."""
     total = 0.0
     for p in previews:
         factor = p.width * p.height / area if area else 1.0
-        calls = p.steps * (2 if p.scale != 1 else 1)
-        total += (calls * forward_seconds + decode_seconds) * factor
+        per_step = cfg_forward_seconds if p.scale != 1 else forward_seconds
+        total += (p.steps * per_step + decode_seconds) * factor
     return total
 
 
@@ -104,13 +106,14 @@ class Extras:
 
 
 def extras(config: TrainConfig, plan: DatasetPlan, previews: list[Preview], *, save_seconds: float, state_seconds: float,
-           forward_seconds: float, decode_seconds: float, encode_seconds: float, area: int, area_factor: float) -> Extras:
+           forward_seconds: float, cfg_forward_seconds: float, decode_seconds: float, encode_seconds: float, area: int,
+           area_factor: float) -> Extras:
     """The schedule priced by the calibration's unit times (`area_factor`: the plan's mean batch area
     over the calibration's, for the held-out images, which sit in the same buckets)."""
     sch = schedule(config, plan)
     d = config.dataset
     saves = sch.saves * save_seconds + sch.state_saves * state_seconds
-    shown = preview_seconds(previews, forward_seconds, decode_seconds, area) * sch.sample_events
+    shown = preview_seconds(previews, forward_seconds, cfg_forward_seconds, decode_seconds, area) * sch.sample_events
     encode = 0.0 if (d.cache_latents or d.cache_latents_to_disk) else encode_seconds  # cached: encoded once, in the setup
     per_pass = (sch.validation_images * (NUM_TIMESTEPS * forward_seconds + encode)) * area_factor
     return Extras(saves, shown, per_pass * sch.validation_passes)
