@@ -3,7 +3,8 @@ Playwright over Debian's chromium. Plan, start, live status/loss via the page's 
 resume, the published files, Expert mode and the zh_CN labels.
 
 The tests of the English server run in file order and share one page: each stage continues the run
-the previous one left. Full-page screenshots of every stage go to `test-artifacts/browser/`.
+the previous one left. Full-page screenshots of every stage go to `test-artifacts/browser/`
+(`test-artifacts/browser-gradio4/` when `make test` runs them again under gradio 4).
 Playwright never downloads a browser here: it launches /usr/bin/chromium (`make test` installs it).
 """
 
@@ -25,7 +26,6 @@ import pytest
 from conftest import make_dataset
 
 REPO = Path(__file__).resolve().parents[1]
-ARTIFACTS = REPO / "test-artifacts" / "browser"
 CHROMIUM = Path("/usr/bin/chromium")
 ZH_CN = REPO / "localizations" / "zh_CN.json"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
@@ -34,6 +34,11 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
 if not CHROMIUM.is_file():
     pytest.skip(f"{CHROMIUM} is missing (`make test` installs Debian's chromium)", allow_module_level=True)
 sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is missing (requirements-dev.txt)")
+pytestmark = pytest.mark.gradio  # `make test` runs these under gradio 4.40 (Forge) too
+
+from lora_train.ui import compat  # noqa: E402
+
+ARTIFACTS = REPO / "test-artifacts" / ("browser-gradio4" if compat.GRADIO_4 else "browser")
 
 # The run: 20 images x 1 repeat at batch 2 = 10 steps per epoch, 150 steps: long enough to watch it and stop it
 # (about 3 steps/s here, with a preview and a save every epoch), short enough to let the resumed run finish.

@@ -128,6 +128,7 @@ def test_listening_saves_captions_only_with_caption_extensions(tmp_path):
     assert "images in" in DatasetSession(AccessPolicy.build([root])).load(str(root), ".sh"), "locally the user's own choice"
 
 
+@pytest.mark.gradio
 def test_send_to_train_gives_the_folder_above_the_concept_folders_and_a_shared_first_tag(tmp_path):
     _make(tmp_path)
     s = DatasetSession()

@@ -1,7 +1,8 @@
 """The rules of the house (../shared/ARCHITECTURE.md), checked on the source with `ast`, imports inside
 functions included: layers import downward only (front ends -> app -> hosts -> core, and inside the
 core the directions the map draws); only host/a1111/ (and scripts/) import the WebUI's `modules`; only
-ui/ (and scripts/) import gradio; host files stay under 400 lines; scripts/ holds entry points only."""
+ui/ (and scripts/) import gradio, and only ui/compat.py tells gradio 3.41 and 4.40 apart; host files stay under
+400 lines; scripts/ holds entry points only."""
 
 from __future__ import annotations
 
@@ -130,6 +131,15 @@ def test_only_the_a1111_host_imports_the_webui():
 def test_only_the_ui_imports_gradio():
     ui = PACKAGE / "ui"
     offenders = [str(p.relative_to(ROOT)) for p in PACKAGE.rglob("*.py") if "gradio" in imported_roots(p) and ui not in p.parents]
+    assert not offenders
+
+
+def test_only_ui_compat_tells_gradio_versions_apart():
+    """Tabs written once for gradio 3.41 (A1111) and 4.40 (Forge): what differs is in ui/compat.py."""
+    compat = PACKAGE / "ui" / "compat.py"
+    marks = ("__version__", "GRADIO_4", "GRADIO_MAJOR", "_js=")
+    offenders = [f"{p.relative_to(ROOT)}: {m}" for p in [*PACKAGE.rglob("*.py"), *(ROOT / "scripts").glob("*.py")] if p != compat
+                 for m in marks if m in p.read_text(encoding="utf-8") and (m != "__version__" or "gradio" in imported_roots(p))]
     assert not offenders
 
 

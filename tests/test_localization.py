@@ -129,6 +129,7 @@ def _needed(recorded: set[str]) -> set[str]:
     return needed | _webui_labels(WEBUI_SCRIPT)
 
 
+@pytest.mark.gradio
 def test_every_ui_string_has_a_chinese_entry(recorded):
     assert {"Start", "LoRA Train", "Dataset plan", "No loss yet", "Guideline (images x repeats x 4, usually 1000-2000)"} <= recorded
     table = _table()
@@ -136,6 +137,7 @@ def test_every_ui_string_has_a_chinese_entry(recorded):
     assert not missing, "zh_CN.json lacks entries for:\n" + "\n".join(missing)
 
 
+@pytest.mark.gradio
 def test_no_stale_entries(recorded):
     stale = sorted(set(_table()) - _needed(recorded) - set(_msg_templates()))
     assert not stale, "zh_CN.json has entries no UI string uses any more:\n" + "\n".join(stale)
@@ -190,6 +192,7 @@ def test_translations_keep_option_names_numbers_and_formats():
     assert not dropped, "translations drop: " + json.dumps(dropped, ensure_ascii=False, indent=1)
 
 
+@pytest.mark.gradio
 def test_standalone_tab_is_built_in_chinese(tmp_path):
     from lora_train.ui.app import create_app
 

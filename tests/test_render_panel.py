@@ -13,6 +13,7 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 from conftest import make_dataset, small_run_config
@@ -173,8 +174,10 @@ def test_base_style_button_refuses_a_wrong_preset_before_rendering(tmp_path, tin
     assert host.rendered == [] and manager.latest() is None
 
 
+@pytest.mark.gradio
 def test_the_accordions_are_in_the_train_tab(tmp_path):
     from lora_train.host.standalone import StandaloneHost
+    from lora_train.ui import compat
     from lora_train.ui.app import create_app
 
     app = create_app(StandaloneHost("builtin:tiny", tmp_path / "Lora", tmp_path / "runs"))
@@ -184,15 +187,15 @@ def test_the_accordions_are_in_the_train_tab(tmp_path):
     assert by_id["lora_train_base_gp1"]["props"]["value"] == PRESETS["GP1"]
     assert by_id["lora_train_reg_n"]["props"]["value"] == 200 and by_id["lora_train_reg_repeats"]["props"]["value"] == 1
     reg_dir = by_id["lora_train_reg_data_dir"]["id"]
-    click = next(d for d in app.config["dependencies"] if by_id["lora_train_reg_make"]["id"] in d["targets"])
-    assert reg_dir in click["outputs"]
-    deps = app.config["dependencies"]
+    events = compat.listeners(app)
+    click = next(e for e in events if by_id["lora_train_reg_make"]["id"] in e.targets)
+    assert reg_dir in click.outputs
     # then the dataset plan is shown again, with the reg images in it
-    assert any(d.get("trigger_after") == deps.index(click) and by_id["lora_train_plan"]["id"] in d["outputs"] for d in deps)
-    base = next(d for d in app.config["dependencies"] if by_id["lora_train_base_make"]["id"] in d["targets"])
+    assert any(e.after == events.index(click) and by_id["lora_train_plan"]["id"] in e.outputs for e in events)
+    base = next(e for e in events if by_id["lora_train_base_make"]["id"] in e.targets)
     # the page's loraTrainReadTxt2img drops one output value and fills the last input, as for Start
-    assert len(base["outputs"]) == 1 and base["js"] == "loraTrainReadTxt2img"
-    assert base["inputs"][-1] == by_id["lora_train_txt2img_params"]["id"]
+    assert len(base.outputs) == 1 and base.js == "loraTrainReadTxt2img"
+    assert base.inputs[-1] == by_id["lora_train_txt2img_params"]["id"]
 
 
 def test_a_requests_after_runs_once_finished_only(tmp_path, tiny_model):

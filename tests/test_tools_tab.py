@@ -223,16 +223,18 @@ def test_while_a_run_holds_the_model_only_the_list_is_refreshed(host, tools):
     assert written.lines[-1] == "a run holds the model: the load check of A-half.safetensors is skipped, the LoRA list is refreshed"
 
 
+@pytest.mark.gradio
 def test_the_tabs_merge_button_shows_chinese_and_lists_the_new_file(host):
     """The tab's own handler (the function gradio calls), built in Chinese."""
     from lora_train.ui.i18n import Translator
+    from lora_train.ui import compat
     from lora_train.ui.tabs import create_tabs
 
     write_lora(host.lora_dir() / "A.safetensors", rank=2, alpha=2, seed=12)
     write_lora(host.lora_dir() / "A_BASE.safetensors", rank=2, alpha=2, seed=13)
     blocks = create_tabs(RunManager(host), host, Translator("zh_CN"))
     ids = {block._id: getattr(block, "elem_id", None) for block in blocks.blocks.values()}
-    merge = next(fn for fn, dep in zip(blocks.fns, blocks.dependencies) if ids.get(dep["targets"][0]) == "lora_tools_merge")
+    merge = next(ev for ev in compat.listeners(blocks) if ev.targets and ids.get(ev.targets[0]) == "lora_tools_merge")
     table = json.loads((Path(__file__).resolve().parents[1] / "localizations" / "zh_CN.json").read_text(encoding="utf-8"))
     message, lbw_list, resize_list = merge.fn("A:1:GP1,A_BASE:-1:GP2", GUIDE_PRESETS, "A-distilled", 0)
     out = host.lora_dir() / "A-distilled.safetensors"
@@ -242,8 +244,10 @@ def test_the_tabs_merge_button_shows_chinese_and_lists_the_new_file(host):
     assert 'data-error="1"' in message and "A.safetensors" in message and "wrote" not in message
 
 
+@pytest.mark.gradio
 def test_the_pick_image_box_shows_only_with_previews(host):
     """Without validation data Pick says so in one line and hides its (empty) image box."""
+    from lora_train.ui import compat
     from lora_train.ui.tabs import create_tabs
 
     run = host.work_dir() / "runs" / "plain"
@@ -252,7 +256,7 @@ def test_the_pick_image_box_shows_only_with_previews(host):
     loss_csv.write_text("step,epoch,loss,lr_unet,lr_textencoder\n1,1,0.5,1e-4,\n", encoding="utf-8")
     blocks = create_tabs(RunManager(host), host)
     ids = {block._id: getattr(block, "elem_id", None) for block in blocks.blocks.values()}
-    pick = next(fn for fn, dep in zip(blocks.fns, blocks.dependencies) if ids.get(dep["targets"][0]) == "lora_tools_pick")
+    pick = next(ev for ev in compat.listeners(blocks) if ev.targets and ids.get(ev.targets[0]) == "lora_tools_pick")
     message, table, image = pick.fn(str(run))
     assert 'data-error="1"' in message and "validation_split" in message and table == ""
     assert image["visible"] is False and image["value"] is None
@@ -261,6 +265,7 @@ def test_the_pick_image_box_shows_only_with_previews(host):
     assert 'data-error="1"' in message and "plain-loss.csv: line 2: not a loss.csv that LoRA Train wrote" in message
 
 
+@pytest.mark.gradio
 def test_merge_reads_ia3_items_through_the_model_field(tmp_path, tiny_adapter):
     """merge's --model in the tab: an IA3 item's change is its scale times the model's own weight."""
     root = tmp_path / "webui"
@@ -286,9 +291,10 @@ def test_merge_reads_ia3_items_through_the_model_field(tmp_path, tiny_adapter):
     written = tools.merge("ia3:0.5", "", "m", full, "builtin:tiny")
     torch.testing.assert_close(deltas(written.path)[name], 0.5 * weight * scale[:, None], rtol=1e-3, atol=1e-4)
     # the tab hands its Model field to the same call
+    from lora_train.ui import compat
     from lora_train.ui.tabs import create_tabs
 
     blocks = create_tabs(RunManager(host), host)
     ids = {block._id: getattr(block, "elem_id", None) for block in blocks.blocks.values()}
-    dep = next(dep for dep in blocks.dependencies if ids.get(dep["targets"][0]) == "lora_tools_merge")
-    assert [ids[i] for i in dep["inputs"]][-1] == "lora_tools_merge_model"
+    dep = next(ev for ev in compat.listeners(blocks) if ev.targets and ids.get(ev.targets[0]) == "lora_tools_merge")
+    assert [ids[i] for i in dep.inputs][-1] == "lora_tools_merge_model"

@@ -85,6 +85,7 @@ def test_status_tells_the_current_state_only():
         assert "ETA" not in html and "it/s" not in html and "stopping" not in html.lower(), phase
 
 
+@pytest.mark.gradio
 def test_the_start_message_becomes_how_the_run_ended():
     import time
 
@@ -114,6 +115,7 @@ def test_the_start_message_becomes_how_the_run_ended():
         assert ('data-error="1"' in after) == (phase == "failed")
 
 
+@pytest.mark.gradio
 def test_bucket_bounds_follow_a_small_resolution():
     from lora_train.ui.tab import _fit_buckets
 
@@ -141,6 +143,7 @@ def test_preview_line_from_the_txt2img_tab():
     assert preview_line("") is None and preview_line(json.dumps({"prompt": " "})) is None and preview_line("{bad") is None
 
 
+@pytest.mark.gradio
 def test_following_the_model_keeps_an_error_the_user_has_not_read():
     from lora_train.ui.tab import _message, model_message
 

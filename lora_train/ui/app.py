@@ -16,6 +16,7 @@ def page_js() -> str:
 def create_app(host, lang: Optional[str] = None):
     import gradio as gr
 
+    from lora_train.ui import compat
     from lora_train.ui.i18n import Translator
     from lora_train.app.runs import RunManager
     from lora_train.ui.tabs import create_tabs
@@ -28,17 +29,18 @@ def create_app(host, lang: Optional[str] = None):
         with gr.Tabs(elem_id="tabs"):
             with gr.TabItem(t("LoRA Train"), id="lora_train", elem_id="tab_lora_train"):
                 tab.render()
-        app.load(None, None, None, _js=page_js())
+        compat.load_js(app, page_js())
     app.manager = manager
     return app
 
 
 def serve(model: str, port: int, listen: bool, lang: Optional[str], lora_dir: Path, work_dir: Path, access=None) -> None:
     from lora_train.host.standalone import StandaloneHost
+    from lora_train.ui import compat
 
     host = StandaloneHost(model, lora_dir, work_dir, access)
     app = create_app(host, lang)
-    app.queue(concurrency_count=4)
+    compat.queue(app, 4)
     print(f"LoRA Train: model {model}; LoRAs go to {lora_dir}; runs in {work_dir}", flush=True)
     app.launch(server_name="0.0.0.0" if listen else "127.0.0.1", server_port=port, show_api=False,
                allowed_paths=[str(lora_dir), str(work_dir)], prevent_thread_lock=False)

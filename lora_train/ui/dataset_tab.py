@@ -1,4 +1,4 @@
-"""The Dataset tab (gradio 3.41): load a folder, filter by tags, edit captions one by one or in
+"""The Dataset tab (gradio 3.41 / 4.40): load a folder, filter by tags, edit captions one by one or in
 batches (with a preview), undo/redo, save (every save undoable), auto-tag, move images between
 concept folders, and send the folder to the Train tab. All logic is in `tagging/session.py`; this
 file only wires components. Built inside the caller's Blocks so "Send to Train" can fill the Train

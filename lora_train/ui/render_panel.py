@@ -1,4 +1,4 @@
-"""The Train tab's accordions for images the model makes itself (gradio 3.41): regularization images into
+"""The Train tab's accordions for images the model makes itself (gradio 3.41 / 4.40): regularization images into
 the form's reg_data_dir, and the base-style LoRA (NAME_BASE, then NAME-distilled). The work is in
 `app/model_images.py`; this file makes the components where the tab places them and wires them once
 the tab's inputs exist (`wire`)."""
@@ -13,6 +13,7 @@ from lora_train.app.base_style import PRESETS
 from lora_train.app.model_images import ModelImages
 from lora_train.app.runs import RunManager
 from lora_train.errors import UserError, msg
+from lora_train.ui import compat
 from lora_train.ui.i18n import Translator
 
 # sd-scripts' guide (train_README: "a few hundred are desirable; too few and the class images are not
@@ -87,4 +88,4 @@ class RenderPanel:
         if plan is not None:
             filled.then(*plan)
         self.base_button.click(lambda *v: self.on_base(build, *v), [self.base_n, self.gp1, self.gp2, *all_inputs],
-                               [self.base_message], _js="loraTrainReadTxt2img")
+                               [self.base_message], **compat.js("loraTrainReadTxt2img"))

@@ -1,4 +1,4 @@
-"""The Train tab (gradio 3.41 Blocks). Plain gradio only: the WebUI and the standalone server both
+"""The Train tab (gradio 3.41 / 4.40 Blocks). Plain gradio only: the WebUI and the standalone server both
 render it; everything it does goes through a RunManager and a Host."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from lora_train.app import guard
 from lora_train.app.runs import RunManager, RunRequest
 from lora_train.errors import UserError
 from lora_train.host.base import Host
-from lora_train.ui import chart, form, presets
+from lora_train.ui import chart, compat, form, presets
 from lora_train.ui.i18n import Translator
 from lora_train.ui.render_panel import RenderPanel
 
@@ -395,8 +395,8 @@ def create_train_tab(manager: RunManager, host: Host, t: Optional[Translator] = 
         for key in ("max_train_epochs", "max_train_steps", "train_batch_size", "enable_bucket", "gradient_accumulation_steps",
                     "validation_split", "validation_seed"):  # the held-out images leave the training set
             getattr(comps[key], "blur" if isinstance(comps[key], gr.Textbox) else "change")(on_plan, all_inputs, [plan])
-        start.click(lambda *v: submit(True, *v), all_inputs, [message], _js="loraTrainReadTxt2img")
-        enqueue.click(lambda *v: submit(False, *v), all_inputs, [message], _js="loraTrainReadTxt2img")
+        start.click(lambda *v: submit(True, *v), all_inputs, [message], **compat.js("loraTrainReadTxt2img"))
+        enqueue.click(lambda *v: submit(False, *v), all_inputs, [message], **compat.js("loraTrainReadTxt2img"))
         stop.click(on_stop, [], [message])
         save_now.click(on_save_now, [], [message])
         resume.click(on_resume, [], [message])

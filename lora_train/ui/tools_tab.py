@@ -1,4 +1,4 @@
-"""The Tools tab (gradio 3.41): merge / subtract, block weights, resize and pick, after training.
+"""The Tools tab (gradio 3.41 / 4.40): merge / subtract, block weights, resize and pick, after training.
 The work and the folder policy are in `app/tools.py`; this file only wires components."""
 
 from __future__ import annotations
