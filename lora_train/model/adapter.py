@@ -173,6 +173,10 @@ class ModelAdapter:
         finally:
             for _root, params, modes in saved:
                 for p, flag in params:
-                    p.requires_grad_(flag)
+                    if flag and p.is_inference():  # a weight the host made under inference mode (Forge)
+                        with torch.inference_mode():
+                            p.requires_grad_(flag)
+                    else:
+                        p.requires_grad_(flag)
                 for m, mode in modes:
                     m.training = mode
