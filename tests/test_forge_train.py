@@ -139,3 +139,12 @@ def test_own_weights_refuses_inference_mode():
     model = forge_loaded_model()
     with torch.inference_mode(), pytest.raises(RuntimeError):
         own_weights([model])
+
+
+def test_shared_weights_stay_shared():
+    with torch.inference_mode():
+        a, b = nn.Linear(4, 4), nn.Linear(4, 4)
+        b.weight = a.weight
+    root = nn.Sequential(a, b)
+    assert own_weights([root]) == 3  # a.weight (shared), a.bias, b.bias
+    assert root[0].weight is root[1].weight and not root[0].weight.is_inference()

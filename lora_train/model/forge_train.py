@@ -34,22 +34,21 @@ def own_weights(roots: Iterable[nn.Module]) -> int:
     values (requires_grad off); returns how many were replaced. Run outside inference mode."""
     if torch.is_inference_mode_enabled():
         raise RuntimeError("own_weights must run outside torch.inference_mode()")
-    replaced = 0
+    clones: dict[int, torch.Tensor] = {}  # one clone per tensor: weights shared by modules stay shared
     seen: set[int] = set()
     for root in roots:
         for module in root.modules():
             if id(module) in seen:
                 continue
             seen.add(id(module))
-            for name, p in list(module._parameters.items()):
-                if p is not None and p.is_inference():
-                    module._parameters[name] = nn.Parameter(p.detach().clone(), requires_grad=False)
-                    replaced += 1
-            for name, b in list(module._buffers.items()):
-                if b is not None and b.is_inference():
-                    module._buffers[name] = b.clone()
-                    replaced += 1
-    return replaced
+            for store, make in ((module._parameters, lambda t: nn.Parameter(t.detach().clone(), requires_grad=False)),
+                                (module._buffers, lambda t: t.clone())):
+                for name, t in list(store.items()):
+                    if t is not None and t.is_inference():
+                        if id(t) not in clones:
+                            clones[id(t)] = make(t)
+                        store[name] = clones[id(t)]
+    return len(clones)
 
 
 def _out_of_place_forward(self, x, context=None, transformer_options={}):  # noqa: B006 (Forge's signature)
