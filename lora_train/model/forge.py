@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from lora_train.errors import UserError, msg
-from lora_train.model.adapter import ModelAdapter, ModelInfo
+from lora_train.model.adapter import ModelAdapter, ModelInfo, draw, posterior
 from lora_train.model.caption_tokens import TextOptions, first_rows, hf_vocab, join_chunks, token_rows, weigh
 from lora_train.model.checkpointing import checkpointed, own_checkpoint_flags_off
 from lora_train.model.forge_train import out_of_place_blocks
@@ -108,15 +108,10 @@ class ForgeAdapter(ModelAdapter):
         moments = vae.encoder(pixels.to(self.device, next(vae.parameters()).dtype))
         if getattr(vae, "quant_conv", None) is not None:
             moments = vae.quant_conv(moments)
-        mean, logvar = moments.float().chunk(2, dim=1)
-        if not torch.isfinite(mean).all():
-            raise UserError(msg("the VAE gave non-finite latents for this image (an fp16 VAE overflow?): use an fp32 or the fp16-fix SDXL VAE"))
-        return mean, torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+        return posterior(moments)
 
     def sample_latents(self, mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        noise = torch.randn(mean.shape, generator=generator, dtype=torch.float32)
-        z = mean.float().to(self.device) + std.float().to(self.device) * noise.to(self.device)
-        return self.vae.process_in(z).float()
+        return self.vae.process_in(draw(mean, std, generator, self.device)).float()
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         vae = self.vae

@@ -7,7 +7,6 @@ from pathlib import Path
 
 from lora_train.errors import msg
 from lora_train.host.a1111.host import A1111Host
-from lora_train.host.a1111.xyz import remember_published
 
 
 class ForgeHost(A1111Host):
@@ -60,16 +59,10 @@ class ForgeHost(A1111Host):
         return sample_fn(self, config, adapter, prompts, folder)
 
     # -- after a save ------------------------------------------------------------------------------
-    def after_publish(self, path: Path) -> list[str]:
+    def self_test(self, path: Path) -> str:
         from lora_train.host.forge.selftest import self_test
 
-        path = Path(path)
-        remember_published(path.stem)
-        try:
-            with self._model_lock():
-                return [self_test(path)]
-        except Exception as e:  # never let a check break the run
-            return [msg("self-test FAILED: Forge's LoRA loader fails on {file}: {error}", file=path.name, error=f"{type(e).__name__}: {e}")]
+        return self_test(path)
 
     def lora_files_changed(self) -> None:
         from lora_train.host.forge.selftest import forget_cached

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-import threading
 
 from lora_train.errors import UserError, msg
-from lora_train.host.a1111.webui import opt, task_id
+from lora_train.host.a1111.webui import opt
 from lora_train.host.forge.refusals import preflight
 
 
@@ -27,28 +26,20 @@ def prepare(model) -> None:
 def session(host, config, run_id: str):
     """Hold Forge for one run. The weights keep their values bit for bit: the adapter's hooks and block
     patches are removed when the run ends however it ends, and nothing writes into a weight."""
-    from modules import call_queue, progress, shared
+    from modules import shared
 
-    from lora_train.host.forge.engine import device, load_model
+    from lora_train.host.a1111.session import holding
+    from lora_train.host.forge.engine import device, load_model, loaded_model, lora_free
     from lora_train.model.forge import ForgeAdapter
     from lora_train.model.registry import with_options
     from lora_train.model.select import hosted_notes
 
-    task = task_id(run_id)
-    progress.add_task_to_queue(task)
-    call_queue.queue_lock.acquire()
-    host.owner_thread = threading.get_ident()
-    try:
-        shared.state.begin(job=task)
-        progress.start_task(task)
-        host.task, host.run_name, host.total_steps = task, config.saving.output_name or "", 0
+    with holding(host, config, run_id):
         try:
             shared.state.textinfo = f"LoRA Train: loading the model for {host.run_name} ..."
             model = load_model()
-            problems = preflight(config)  # again: the model may have changed while we waited
-            if model is None and not problems:
-                problems = [msg("No checkpoint is loaded.")]
-            if problems:
+            problems = preflight(config) or ([] if model is not None else [msg("No checkpoint is loaded.")])
+            if problems:  # again: the model may have changed while we waited
                 raise UserError("\n".join(problems))
             shared.state.textinfo = f"LoRA Train: preparing {host.run_name} ..."
             prepare(model)
@@ -63,17 +54,9 @@ def session(host, config, run_id: str):
                                               value=adapter.clip_skip))
             yield adapter
         finally:
-            host.task = None
             host.loading_parameters = None
-            from lora_train.host.forge.engine import loaded_model, lora_free
-
             if loaded_model() is not None:
                 lora_free(loaded_model())  # the next prompt applies its own LoRAs again
-            progress.finish_task(task)
-            shared.state.end()
-    finally:
-        host.owner_thread = None
-        call_queue.queue_lock.release()
 
 
 def _loading_parameters():
