@@ -1,4 +1,4 @@
-"""LoRA Train in the AUTOMATIC1111 WebUI: the "LoRA Train" tab, its settings section and the X/Y/Z
+"""LoRA Train in the AUTOMATIC1111 WebUI (or Forge, `host_class`): the "LoRA Train" tab, its settings section and the X/Y/Z
 plot axes. The WebUI imports this file at start-up and again on every "Reload UI".
 
 Everything else lives in the `lora_train` package beside this folder. The WebUI puts the extension
@@ -36,12 +36,23 @@ from lora_train.host import a1111  # noqa: E402
 SECTION = ("lora_train", "LoRA Train", "training")
 
 
+def host_class():
+    """Forge (stable-diffusion-webui-forge, which has `modules_forge`) or the AUTOMATIC1111 WebUI."""
+    import importlib.util
+
+    if importlib.util.find_spec("modules_forge") is not None:
+        from lora_train.host.forge import ForgeHost
+
+        return ForgeHost
+    return a1111.A1111Host
+
+
 def on_ui_tabs():
     _ensure_importable()
     from lora_train.ui import i18n
     from lora_train.ui.tabs import create_tabs
 
-    manager = runs.process_manager(a1111.A1111Host)
+    manager = runs.process_manager(host_class())
     # Built in the chosen language: the WebUI's page script only translates whole texts, and the tab
     # composes some ("Model: ...", status rows), so the server side does it as the standalone UI does.
     lang = getattr(shared.opts, "localization", "None")

@@ -120,12 +120,21 @@ def imported_roots(path: Path) -> set[str]:
     return {m.split(".")[0] for m in imports(path)}
 
 
-def test_only_the_a1111_host_imports_the_webui():
-    a1111 = PACKAGE / "host" / "a1111"
+def test_only_the_webui_hosts_import_the_webui():
+    a1111, forge = PACKAGE / "host" / "a1111", PACKAGE / "host" / "forge"
     offenders = [str(p.relative_to(ROOT)) for p in PACKAGE.rglob("*.py")
-                 if {"modules", "networks", "network"} & imported_roots(p) and a1111 not in p.parents]
+                 if {"modules", "networks", "network"} & imported_roots(p) and a1111 not in p.parents and forge not in p.parents]
     assert not offenders
     assert "modules" in imported_roots(a1111 / "session.py")  # the check sees imports inside functions
+    assert "modules" in imported_roots(forge / "session.py")
+
+
+def test_only_the_forge_host_imports_forge():
+    forge = PACKAGE / "host" / "forge"
+    offenders = [str(p.relative_to(ROOT)) for p in PACKAGE.rglob("*.py")
+                 if {"backend", "modules_forge"} & imported_roots(p) and forge not in p.parents]
+    assert not offenders
+    assert "backend" in imported_roots(forge / "selftest.py")
 
 
 def test_only_the_ui_imports_gradio():

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from lora_train.errors import UserError, msg
 from lora_train.model.caption_tokens import TextOptions
 from lora_train.network.targets import Target
 
@@ -37,6 +38,20 @@ class ModelInfo:
         if self.family == "sd2":
             return "stable-diffusion-v2-768-v/lora" if self.prediction_type == "v" else "stable-diffusion-v2-512/lora"
         return "stable-diffusion-v1/lora"
+
+
+def posterior(moments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A VAE encoder's moments (mean and log-variance stacked on the channels) -> (mean, std)."""
+    mean, logvar = moments.float().chunk(2, dim=1)
+    if not torch.isfinite(mean).all():
+        raise UserError(msg("the VAE gave non-finite latents for this image (an fp16 VAE overflow?): use an fp32 or the fp16-fix SDXL VAE"))
+    return mean, torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+
+
+def draw(mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator | None, device) -> torch.Tensor:
+    """One draw from the posterior with `generator` (never the global RNG), unscaled, float32 on `device`."""
+    noise = torch.randn(mean.shape, generator=generator, dtype=torch.float32)
+    return mean.float().to(device) + std.float().to(device) * noise.to(device)
 
 
 class ModelAdapter:
@@ -173,6 +188,10 @@ class ModelAdapter:
         finally:
             for _root, params, modes in saved:
                 for p, flag in params:
-                    p.requires_grad_(flag)
+                    if flag and p.is_inference():  # a weight the host made under inference mode (Forge)
+                        with torch.inference_mode():
+                            p.requires_grad_(flag)
+                    else:
+                        p.requires_grad_(flag)
                 for m, mode in modes:
                     m.training = mode

@@ -6,7 +6,7 @@ from torch import nn
 
 from lora_train.model.arch import ARCHS, meta_text_model, meta_unet
 from lora_train.network.naming import PREFIX_TE, PREFIX_TE1, PREFIX_TE2
-from lora_train.network.targets import Target, hf_clip_targets, ldm_unet_targets, sdxl_unet_targets
+from lora_train.network.targets import Target, hf_clip_targets, is_linear, ldm_unet_targets, sdxl_unet_targets
 
 
 def reference_targets(arch: str, conv: bool = False) -> list[Target]:
@@ -26,7 +26,7 @@ def describe(target: Target, dim: int = 4, conv_dim: int = 4, alpha: float = 1.0
     if isinstance(m, nn.MultiheadAttention):  # one projection of a fused attention: a Linear to sd-scripts
         out.update({"class": "Linear", "module_path": f"{target.path}[{target.part}]"})
         m = nn.Linear(m.embed_dim, m.embed_dim, device="meta")
-    if isinstance(m, nn.Linear):
+    if is_linear(m):
         out.update(in_features=m.in_features, out_features=m.out_features,
                    lora_down_weight_shape=[rank, m.in_features], lora_up_weight_shape=[m.out_features, rank])
     else:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from lora_train.errors import UserError, msg
-from lora_train.model.adapter import ModelAdapter, ModelInfo
+from lora_train.model.adapter import ModelAdapter, ModelInfo, draw, posterior
 from lora_train.model.caption_tokens import TextOptions, first_rows, hf_vocab, join_chunks, openclip_vocab, token_rows, weigh
 from lora_train.model.checkpointing import checkpointed, own_checkpoint_flags_off
 from lora_train.network.naming import PREFIX_TE1, PREFIX_TE2
@@ -107,15 +107,10 @@ class SgmAdapter(ModelAdapter):
         vae = self.vae
         with self.vae_for_encoding(upcast=next(vae.parameters()).dtype == torch.float16) as dtype:
             moments = vae.quant_conv(vae.encoder(pixels.to(self.device, dtype)))
-        mean, logvar = moments.float().chunk(2, dim=1)
-        if not torch.isfinite(mean).all():
-            raise UserError(msg("the VAE gave non-finite latents for this image (an fp16 VAE overflow?): use an fp32 or the fp16-fix SDXL VAE"))
-        return mean, torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+        return posterior(moments)
 
     def sample_latents(self, mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        noise = torch.randn(mean.shape, generator=generator, dtype=torch.float32)
-        z = mean.float().to(self.device) + std.float().to(self.device) * noise.to(self.device)
-        return z * self.scale_factor
+        return draw(mean, std, generator, self.device) * self.scale_factor
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         vae = self.vae

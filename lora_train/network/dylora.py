@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lora_train.network.lora import LoRA
+from lora_train.network.targets import is_linear
 from lora_train.network.module import NetworkModule, describe_target
 
 LYCORIS_BLOCK_SIZE = 4  # LyCORIS' kohya wrapper: `block_size` when network_args leave it out
@@ -80,7 +81,7 @@ class DyLoRA(LoRA):
     @classmethod
     def accepts(cls, org: nn.Module, part: str | None = None) -> bool:
         # LoRA's targets and LoCon's: sd-scripts' DyLoRA trains the 3x3 convs with conv_dim
-        return isinstance(org, (nn.Linear, nn.MultiheadAttention, nn.Conv2d))
+        return is_linear(org) or isinstance(org, (nn.MultiheadAttention, nn.Conv2d))
 
     @classmethod
     def from_weights(cls, name: str, org: nn.Module, weights: dict[str, torch.Tensor], part: str | None = None,

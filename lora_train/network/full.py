@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from lora_train.network.module import NetworkModule, describe_target
+from lora_train.network.targets import is_linear
 
 
 def target_bias(org: nn.Module, part: str | None) -> torch.Tensor | None:
@@ -56,7 +57,7 @@ class Full(NetworkModule):
 
     @classmethod
     def accepts(cls, org: nn.Module, part: str | None = None) -> bool:
-        return isinstance(org, (nn.Linear, nn.Conv2d, nn.MultiheadAttention))
+        return is_linear(org) or isinstance(org, (nn.Conv2d, nn.MultiheadAttention))
 
     @classmethod
     def from_weights(cls, name: str, org: nn.Module, weights: dict[str, torch.Tensor], part: str | None = None) -> "Full":

@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from lora_train.network.module import NetworkModule, describe_target, target_weight_shape
+from lora_train.network.targets import is_linear
 
 _KEYS = ("a1.weight", "a2.weight", "b1.weight", "b2.weight")
 _SWAP = {"a1.weight": "a2.weight", "a2.weight": "a1.weight", "b1.weight": "b2.weight", "b2.weight": "b1.weight"}
@@ -68,7 +69,7 @@ class GLoRA(NetworkModule):
     @classmethod
     def accepts(cls, org: nn.Module, part: str | None = None) -> bool:
         # A mixes the input channels, which a grouped conv's weight does not hold all of
-        return isinstance(org, (nn.Linear, nn.MultiheadAttention)) or (isinstance(org, nn.Conv2d) and org.groups == 1)
+        return is_linear(org) or isinstance(org, nn.MultiheadAttention) or (isinstance(org, nn.Conv2d) and org.groups == 1)
 
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:

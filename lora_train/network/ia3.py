@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from lora_train.network.module import NetworkModule, describe_target
+from lora_train.network.targets import is_linear
 
 
 class IA3(NetworkModule):
@@ -57,7 +58,7 @@ class IA3(NetworkModule):
     @classmethod
     def accepts(cls, org: nn.Module, part: str | None = None) -> bool:
         # a grouped conv's weight holds in/groups input channels, which a per-input scale cannot address
-        return isinstance(org, (nn.Linear, nn.MultiheadAttention)) or (isinstance(org, nn.Conv2d) and org.groups == 1)
+        return is_linear(org) or isinstance(org, nn.MultiheadAttention) or (isinstance(org, nn.Conv2d) and org.groups == 1)
 
     @classmethod
     def from_weights(cls, name: str, org: nn.Module, weights: dict[str, torch.Tensor], part: str | None = None) -> "IA3":

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from lora_train.network.lora import is_spatial_conv
+from lora_train.network.targets import is_linear
 from lora_train.network.module import NetworkModule, describe_target
 
 _FACTORS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
@@ -75,7 +76,7 @@ class LoHa(NetworkModule):
 
     @classmethod
     def accepts(cls, org: nn.Module, part: str | None = None) -> bool:
-        return isinstance(org, (nn.Linear, nn.Conv2d, nn.MultiheadAttention))
+        return is_linear(org) or isinstance(org, (nn.Conv2d, nn.MultiheadAttention))
 
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:

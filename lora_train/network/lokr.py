@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from lora_train.network.module import NetworkModule, describe_target, target_weight_shape
+from lora_train.network.targets import is_linear
 
 
 def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
@@ -174,7 +175,7 @@ class LoKr(NetworkModule):
 
     @classmethod
     def accepts(cls, org: nn.Module, part: str | None = None) -> bool:
-        return isinstance(org, (nn.Linear, nn.Conv2d, nn.MultiheadAttention))
+        return is_linear(org) or isinstance(org, (nn.Conv2d, nn.MultiheadAttention))
 
     @classmethod
     def from_weights(cls, name: str, org: nn.Module, weights: dict[str, torch.Tensor], part: str | None = None) -> "LoKr":

@@ -13,6 +13,7 @@ from torch import nn
 from torch.nn.utils import skip_init
 
 from lora_train.network.module import NetworkModule
+from lora_train.network.targets import is_linear
 
 
 def is_spatial_conv(org: nn.Module) -> bool:
@@ -42,7 +43,7 @@ class LoRA(NetworkModule):
 
     @classmethod
     def accepts(cls, org: nn.Module, part: str | None = None) -> bool:
-        return isinstance(org, (nn.Linear, nn.MultiheadAttention)) or (isinstance(org, nn.Conv2d) and not is_spatial_conv(org))
+        return is_linear(org) or isinstance(org, nn.MultiheadAttention) or (isinstance(org, nn.Conv2d) and not is_spatial_conv(org))
 
     @classmethod
     def from_weights(cls, name: str, org: nn.Module, weights: dict[str, torch.Tensor], part: str | None = None) -> "LoRA":

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lora_train.network import dora, fused
+from lora_train.network.targets import is_linear
 
 
 def describe_target(org: nn.Module, part: str | None = None) -> str:
@@ -39,7 +40,7 @@ def describe_target(org: nn.Module, part: str | None = None) -> str:
         return f"the {part} part of a MultiheadAttention {org.embed_dim}->{org.embed_dim}"
     if isinstance(org, nn.Conv2d):
         return f"a Conv2d {org.in_channels}->{org.out_channels} with a {'x'.join(map(str, org.kernel_size))} kernel"
-    if isinstance(org, nn.Linear):
+    if is_linear(org):
         return f"a Linear {org.in_features}->{org.out_features}"
     return f"a {type(org).__name__}"
 

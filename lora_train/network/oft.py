@@ -48,6 +48,7 @@ import torch
 from torch import nn
 
 from lora_train.network.module import NetworkModule, describe_target, target_weight_shape
+from lora_train.network.targets import is_linear
 
 
 def diag_split(out: int, dim: int) -> tuple[int, int]:
@@ -133,7 +134,7 @@ class _OFT(NetworkModule):
     @classmethod
     def accepts(cls, org: nn.Module, part: str | None = None) -> bool:
         # the rotation acts on output channels only, so any Conv2d kernel, stride or groups is fine
-        return isinstance(org, (nn.Linear, nn.Conv2d, nn.MultiheadAttention))
+        return is_linear(org) or isinstance(org, (nn.Conv2d, nn.MultiheadAttention))
 
     @classmethod
     def fits(cls, weights: dict[str, torch.Tensor]) -> bool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import torch
 from torch import nn
 
 from lora_train.network.naming import PREFIX_UNET, kohya_name, ldm_unet_path_to_diffusers
@@ -18,6 +19,21 @@ from lora_train.network.naming import PREFIX_UNET, kohya_name, ldm_unet_path_to_
 UNET_BLOCKS = ("SpatialTransformer",)
 UNET_CONV_BLOCKS = ("ResBlock", "Downsample", "Upsample")
 TEXT_BLOCKS = ("CLIPAttention", "CLIPSdpaAttention", "CLIPMLP")
+
+
+def is_linear(m: nn.Module) -> bool:
+    """A Linear layer: torch's, or one that only looks like it (Forge builds its models with its own
+    `Linear`, a plain `nn.Module` with `in_features`, `out_features` and a 2-D `weight`)."""
+    if isinstance(m, nn.Linear):
+        return True
+    weight = getattr(m, "weight", None)
+    return (type(m).__name__ == "Linear" and isinstance(weight, torch.Tensor) and weight.dim() == 2
+            and hasattr(m, "in_features") and hasattr(m, "out_features"))
+
+
+def is_trainable_layer(m: nn.Module) -> bool:
+    """What a LoRA target is: a Linear (`is_linear`) or a Conv2d."""
+    return is_linear(m) or isinstance(m, nn.Conv2d)
 
 
 @dataclass
@@ -35,7 +51,7 @@ class Target:
 
 
 def collect(root: nn.Module, block_classes: tuple[str, ...], name_of: Callable[[str, str, str], str],
-            trains: Callable[[nn.Module], bool] = lambda m: isinstance(m, (nn.Linear, nn.Conv2d))) -> list[Target]:
+            trains: Callable[[nn.Module], bool] = is_trainable_layer) -> list[Target]:
     """The modules `trains` picks inside `root`'s blocks of `block_classes`, each named
     `name_of(block_path, block_class, child_path)`, first name wins."""
     found: dict[str, Target] = {}

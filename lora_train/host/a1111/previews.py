@@ -23,8 +23,10 @@ A1111_SAMPLERS = {
 DEFAULT_A1111_SAMPLER = "Euler a"
 
 
-def sample_fn(host, config, adapter, prompts, folder):
-    """Previews through the WebUI's own txt2img on the model being trained (the LoRA is on it already)."""
+def sample_fn(host, config, adapter, prompts, folder, pinned=None):
+    """Previews through the WebUI's own txt2img on the model being trained (the LoRA is on it already).
+    `pinned()`: the context each round of previews renders in, keeping the WebUI from switching models
+    meanwhile (default: the A1111 WebUI's `_pinned_checkpoint`; Forge has its own, host/forge/previews.py)."""
     from lora_train.sample.previews import preview_prompts, sample_stem
     from lora_train.sample.render import save_png
 
@@ -47,7 +49,7 @@ def sample_fn(host, config, adapter, prompts, folder):
         cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
         saved_state = _save_progress_state(shared.state)
         try:
-            with _pinned_checkpoint(adapter.model), _own_cond_cache(processing):
+            with (pinned() if pinned is not None else _pinned_checkpoint(adapter.model)), _own_cond_cache(processing):
                 for i, sp in enumerate(parsed):
                     # a stray txt2img Interrupt would cut every preview short; it means nothing to us
                     shared.state.interrupted = shared.state.skipped = False

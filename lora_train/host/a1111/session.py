@@ -18,12 +18,10 @@ log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
-def session(host, config, run_id: str):
-    """Hold the WebUI for one run (see the package docstring); `host` records the lock owner and task."""
+def holding(host, config, run_id: str):
+    """The WebUI held for one run (Forge's too): its queue lock, taken in this thread, and the run as a
+    task of its progress API and `shared.state`; `host` records the lock owner and task."""
     from modules import call_queue, progress, shared
-
-    from lora_train.model.registry import with_options
-    from lora_train.model.select import adapter_for, hosted_notes
 
     task = task_id(run_id)
     progress.add_task_to_queue(task)  # the progress API says "In queue" while we wait
@@ -34,28 +32,7 @@ def session(host, config, run_id: str):
         progress.start_task(task)
         host.task, host.run_name, host.total_steps = task, config.saving.output_name or "", 0
         try:
-            problems = preflight(config)  # again: the model may have changed while we waited
-            if problems:
-                raise UserError("\n".join(problems))
-            model = loaded_model()
-            restore_lora_merges(model)
-            shared.loaded_hypernetworks = []
-            shared.state.textinfo = f"LoRA Train: preparing {host.run_name} ..."
-            # ss_sd_model_name / ss_sd_model_hash come from the checkpoint file the WebUI loaded
-            filename = getattr(getattr(model, "sd_checkpoint_info", None), "filename", None) or getattr(model, "sd_model_checkpoint", None)
-            from modules import devices
-
-            # the WebUI's main device, not wherever the UNet happens to be: --medvram moves it
-            adapter = adapter_for(model, name=os.path.basename(filename) if filename else None,
-                                  clip_skip=int(opt("CLIP_stop_at_last_layers", 1) or 1), device=devices.device)
-            adapter.info.path = filename
-            adapter.host_attention = True  # the cross-attention optimisation chosen in the WebUI's settings stays
-            with_options(adapter, config.model)
-            adapter.info.notes += hosted_notes(config.model, adapter)
-            if medvram(model):
-                adapter.info.notes += medvram_config(config)
-                pin_unet(model, devices.device)
-            yield adapter
+            yield task
         finally:
             host.task = None
             progress.finish_task(task)
@@ -63,6 +40,40 @@ def session(host, config, run_id: str):
     finally:
         host.owner_thread = None
         call_queue.queue_lock.release()
+
+
+@contextlib.contextmanager
+def session(host, config, run_id: str):
+    """Hold the WebUI for one run (see the package docstring)."""
+    from modules import shared
+
+    from lora_train.model.registry import with_options
+    from lora_train.model.select import adapter_for, hosted_notes
+
+    with holding(host, config, run_id):
+        problems = preflight(config)  # again: the model may have changed while we waited
+        if problems:
+            raise UserError("\n".join(problems))
+        model = loaded_model()
+        restore_lora_merges(model)
+        shared.loaded_hypernetworks = []
+        shared.state.textinfo = f"LoRA Train: preparing {host.run_name} ..."
+        # ss_sd_model_name / ss_sd_model_hash come from the checkpoint file the WebUI loaded
+        filename = getattr(getattr(model, "sd_checkpoint_info", None), "filename", None) or getattr(model, "sd_model_checkpoint", None)
+        from modules import devices
+
+        # the WebUI's main device, not wherever the UNet happens to be: --medvram moves it
+        adapter = adapter_for(model, name=os.path.basename(filename) if filename else None,
+                              clip_skip=int(opt("CLIP_stop_at_last_layers", 1) or 1), device=devices.device)
+        adapter.info.path = filename
+        adapter.host_attention = True  # the cross-attention optimisation chosen in the WebUI's settings stays
+        with_options(adapter, config.model)
+        adapter.info.notes += hosted_notes(config.model, adapter)
+        if medvram(model):
+            adapter.info.notes += medvram_config(config)
+            pin_unet(model, devices.device)
+        yield adapter
+
 
 def report_progress(host, e) -> None:
     """Every training event, into the WebUI's progress display (`shared.state`)."""

@@ -14,7 +14,8 @@ from lora_train.host.a1111.webui import TASK_PREFIX, loaded_model
 log = logging.getLogger(__name__)
 
 
-def txt2img(host, prompts) -> list:
+def txt2img(host, prompts, prepare=None) -> list:
+    """`prepare(model)`: called with the queue lock held, before the first image (Forge: no stale LoRA)."""
     if host.owner_thread is not None:
         raise UserError(msg("A training run is using the model right now: render the images when it has finished (or stop it)."))
     from modules import call_queue, processing, shared
@@ -25,6 +26,8 @@ def txt2img(host, prompts) -> list:
         try:
             if loaded_model() is None:
                 raise UserError(msg("No checkpoint is loaded."))
+            if prepare is not None:
+                prepare(loaded_model())
             shared.state.job_count = len(prompts)
             for i, sp in enumerate(prompts):
                 shared.state.interrupted = shared.state.skipped = False

@@ -1,0 +1,150 @@
+"""Forge's weights made trainable (model/forge_train.py), on a stand-in for Forge's transformer block.
+
+`ForgeLikeBlock` behaves as Forge's BasicTransformerBlock does where it matters here (written for this
+test from Forge's behaviour, not copied): its `forward` calls `self._forward`, which adds residuals in
+place, and the attention takes `value=` and `transformer_options=`. The model is built under inference
+mode, as Forge builds and loads its models, so every weight is an inference tensor."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from lora_train.model.forge_train import inference_weights, out_of_place_blocks, own_weights
+
+
+class Attention(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.to_q, self.to_k, self.to_v = nn.Linear(dim, dim, bias=False), nn.Linear(dim, dim, bias=False), nn.Linear(dim, dim, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(dim, dim))
+
+    def forward(self, x, context=None, value=None, mask=None, transformer_options={}):  # noqa: B006
+        context = x if context is None else context
+        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context if value is None else value)
+        return self.to_out(torch.softmax(q @ k.transpose(1, 2) / q.shape[-1] ** 0.5, dim=-1) @ v)
+
+
+class BasicTransformerBlock(nn.Module):  # the class name is what the patch looks for
+    def __init__(self, dim):
+        super().__init__()
+        self.ff_in, self.is_res, self.disable_self_attn = False, True, False
+        self.attn1, self.attn2 = Attention(dim), Attention(dim)
+        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.ff = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+        self.n_heads, self.d_head = 1, dim
+
+    def forward(self, x, context=None, transformer_options={}):  # noqa: B006
+        return self._forward(x, context, transformer_options)
+
+    def _forward(self, x, context=None, transformer_options={}):  # noqa: B006
+        n = self.attn1(self.norm1(x), transformer_options=transformer_options)
+        x += n
+        n = self.attn2(self.norm2(x), context=context, transformer_options=transformer_options)
+        x += n
+        skip = x
+        x = self.ff(self.norm3(x))
+        x += skip
+        return x
+
+
+class Model(nn.Module):
+    def __init__(self, dim=8):
+        super().__init__()
+        self.proj_in = nn.Linear(dim, dim)
+        self.blocks = nn.ModuleList([BasicTransformerBlock(dim), BasicTransformerBlock(dim)])
+
+    def forward(self, x, context):
+        x = self.proj_in(x)
+        for block in self.blocks:
+            x = block(x, context=context)
+        return x
+
+
+def forge_loaded_model() -> Model:
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        model = Model()
+        for p in model.parameters():  # loaded weights, written in place under inference mode
+            p.add_(0.01)
+    return model
+
+
+def lora_on(model: Model):
+    """A trainable change on the first layer, hooked from outside as our networks do."""
+    delta = nn.Parameter(torch.full((8, 8), 0.01))
+    handle = model.proj_in.register_forward_hook(lambda m, args, out: out + args[0] @ delta.T)
+    return delta, handle
+
+
+def checksums(model: nn.Module) -> dict[str, bytes]:
+    return {name: t.detach().clone().numpy().tobytes() for name, t in model.state_dict().items()}
+
+
+def test_forge_weights_cannot_be_trained_through_as_loaded():
+    model = forge_loaded_model()
+    assert inference_weights([model]) == len(list(model.parameters()))
+    delta, _ = lora_on(model)
+    x, ctx = torch.randn(1, 4, 8), torch.randn(1, 3, 8)
+    with pytest.raises(RuntimeError, match="[Ii]nference tensors"):
+        model(x, ctx).sum().backward()
+    model = forge_loaded_model()
+    own_weights([model])
+    delta, _ = lora_on(model)
+    with pytest.raises(RuntimeError, match="inplace"):  # in-place residuals still break the backward
+        model(x, ctx).sum().backward()
+
+
+def test_owned_weights_and_out_of_place_blocks_train_and_leave_the_model_bit_identical():
+    model = forge_loaded_model()
+    before = checksums(model)
+    x, ctx = torch.randn(2, 4, 8), torch.randn(2, 3, 8)
+    with torch.inference_mode():
+        stock = model(x.clone(), ctx)  # Forge samples under inference mode
+    assert own_weights([model]) == len(before)
+    assert inference_weights([model]) == 0 and checksums(model) == before
+    assert not any(p.requires_grad for p in model.parameters())
+    delta, handle = lora_on(model)
+    with out_of_place_blocks(model) as patched:
+        assert patched == 2 and all("_forward" in b.__dict__ for b in model.blocks)
+        out = model(x, ctx)
+        out.square().mean().backward()
+        with torch.inference_mode():  # the stock forward while Forge samples: same numbers
+            sampled = model(x.clone(), ctx)
+    handle.remove()
+    assert delta.grad is not None and delta.grad.abs().sum() > 0
+    with torch.no_grad():
+        delta.zero_()
+    assert not any("_forward" in b.__dict__ for b in model.blocks)
+    assert checksums(model) == before
+    with torch.no_grad():
+        after = model(x.clone(), ctx)
+    assert torch.equal(after, stock)
+    assert sampled.shape == stock.shape
+
+
+def test_out_of_place_forward_equals_the_stock_forward():
+    model = forge_loaded_model()
+    own_weights([model])
+    x, ctx = torch.randn(2, 4, 8), torch.randn(2, 3, 8)
+    with torch.no_grad():
+        stock = model(x.clone(), ctx)
+    with out_of_place_blocks(model), torch.enable_grad():
+        ours = model(x.clone().requires_grad_(True), ctx)
+    assert torch.allclose(ours, stock, atol=0, rtol=0)
+
+
+def test_own_weights_refuses_inference_mode():
+    model = forge_loaded_model()
+    with torch.inference_mode(), pytest.raises(RuntimeError):
+        own_weights([model])
+
+
+def test_shared_weights_stay_shared():
+    with torch.inference_mode():
+        a, b = nn.Linear(4, 4), nn.Linear(4, 4)
+        b.weight = a.weight
+    root = nn.Sequential(a, b)
+    assert own_weights([root]) == 3  # a.weight (shared), a.bias, b.bias
+    assert root[0].weight is root[1].weight and not root[0].weight.is_inference()
