@@ -328,7 +328,7 @@ def cmd_bench(args) -> int:
     from lora_train.bench import format_bench, run_bench
 
     print(tr(format_bench(run_bench(args.arch, args.resolution, args.dim, batch=args.batch, steps=args.steps, network=args.network,
-                                     attention=args.attention))))
+                                     attention=args.attention, text=args.text_encoder))))
     return 0
 
 
@@ -482,6 +482,8 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--steps", type=int, default=5)
     bn.add_argument("--network", choices=["lora", "loha", "lokr", "dora"], default="lora",
                     help="the algorithm to time (LyCORIS' loha / lokr, or LoRA with DoRA)")
+    bn.add_argument("--text-encoder", action="store_true",
+                    help="also train the text encoder (a LoRA on CLIP, random token ids); the floor runs it frozen")
     bn.add_argument("--attention", choices=["sdpa", "model"], default="sdpa",
                     help="sdpa: PyTorch's fused attention, as a run outside the WebUI trains; model: the classes' own einsum attention")
     bn.set_defaults(func=cmd_bench)
