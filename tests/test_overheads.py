@@ -59,11 +59,36 @@ def test_the_schedule_counts_what_a_run_does(tiny_adapter, data, tmp_path, name)
         assert validations > 0 and counted.validation_images == len(trainer.plan.validation)
 
 
-def test_previews_are_priced_per_call_and_area():
-    # 20 steps under CFG: 20 forwards of a batch of two (1.5 s) at the calibration area, plus a 2 s decode
-    assert overheads.preview_seconds([overheads.Preview(20, 64, 64, 7.0)], 1.0, 1.5, 2.0, 64 * 64) == 32.0
-    assert overheads.preview_seconds([overheads.Preview(20, 64, 64, 1.0)], 1.0, 1.5, 2.0, 64 * 64) == 22.0  # no CFG: batch of one
-    assert overheads.preview_seconds([overheads.Preview(20, 128, 64, 7.0)], 1.0, 1.5, 2.0, 64 * 64) == 64.0  # twice the pixels
+def test_previews_are_priced_per_call_at_their_own_size():
+    def cost_at(width, height):  # 1 s a forward, 1.5 s a CFG pair, 2 s a decode at 64x64; twice that at 128x64
+        return overheads.SizeCost(1.0, 1.5, 2.0).scaled(width * height / (64 * 64))
+
+    # 20 steps under CFG: 20 forwards of a batch of two, plus the decode
+    assert overheads.preview_seconds([overheads.Preview(20, 64, 64, 7.0)], cost_at) == 32.0
+    assert overheads.preview_seconds([overheads.Preview(20, 64, 64, 1.0)], cost_at) == 22.0  # no CFG: batch of one
+    assert overheads.preview_seconds([overheads.Preview(20, 128, 64, 7.0)], cost_at) == 64.0
+    # an estimate uses a size's own timing where it has one, else scales its own by area
+    e = est.Estimate(1.0, 100.0, "rss", forward_seconds=1.0, cfg_forward_seconds=1.5, decode_seconds=2.0, width=64, height=64,
+                     sizes={"512x512": [3.0, 5.0, 7.0]})
+    assert e.cost_at(512, 512) == overheads.SizeCost(3.0, 5.0, 7.0)
+    assert e.cost_at(128, 64) == overheads.SizeCost(2.0, 3.0, 4.0)
+
+
+def test_a_preview_size_is_timed_once_and_cached(tiny_adapter, data, tmp_path, monkeypatch):
+    config = small_run_config(data, "ov", output_dir=str(tmp_path / "out"))
+    timed = []
+    real = est.time_size
+    monkeypatch.setattr(est, "time_size", lambda adapter, w, h: timed.append((w, h)) or real(adapter, w, h))
+    previews = [overheads.Preview(4, 128, 128, 7.0), overheads.Preview(4, 64, 64, 7.0)]  # 64x64 is the calibration size
+    plan = job.plan_dataset(config, 64, 1, config.training.seed)
+
+    def network():
+        return job.build_network(config, tiny_adapter, 1)
+
+    first = est.estimate(config, tiny_adapter, plan, network, tmp_path / "cache", previews=previews)
+    assert timed == [(128, 128)] and all(v > 0 for v in first.sizes["128x128"])
+    again = est.estimate(config, tiny_adapter, plan, network, tmp_path / "cache", run_steps=False, previews=previews)
+    assert again.cached and timed == [(128, 128)] and again.sizes == first.sizes  # from the cache, not timed again
 
 
 def test_the_estimate_total_includes_saves_and_previews(tiny_adapter, data, tmp_path):

@@ -70,6 +70,7 @@ class Estimate:
     batch: int = 1
     steps: int = 0  # timed calibration steps
     cached: bool = False  # read from the cache: no step was run now
+    sizes: dict = dataclasses.field(default_factory=dict)  # "WxH" -> [forward, cfg_forward, decode] timed at preview sizes
     previews: tuple = ()  # overheads.Preview of each image a sample event renders (this run's, never cached)
 
     def step_seconds(self, plan: DatasetPlan) -> float:
@@ -82,13 +83,20 @@ class Estimate:
             return 0.0
         return self.encode_seconds * sum(2 if i.subset.flip_aug else 1 for i in plan.items)
 
+    def cost_at(self, width: int, height: int) -> overheads.SizeCost:
+        """No-grad unit times at a size: timed there, else the calibration size's scaled by area."""
+        timed = self.sizes.get(f"{width}x{height}")
+        if timed:
+            return overheads.SizeCost(*timed)
+        own = overheads.SizeCost(self.forward_seconds, self.cfg_forward_seconds, self.decode_seconds)
+        area = self.width * self.height
+        return own.scaled(width * height / area) if area else own
+
     def extras(self, config: TrainConfig, plan: DatasetPlan) -> overheads.Extras:
         """Saves, previews and validation passes of the whole run."""
-        return overheads.extras(config, plan, list(self.previews), save_seconds=self.save_seconds, state_seconds=self.state_seconds,
-                                forward_seconds=self.forward_seconds, cfg_forward_seconds=self.cfg_forward_seconds,
-                                decode_seconds=self.decode_seconds,
-                                encode_seconds=self.encode_seconds, area=self.width * self.height,
-                                area_factor=area_factor(plan, (self.width, self.height)))
+        return overheads.extras(config, plan, list(self.previews), self.cost_at, save_seconds=self.save_seconds,
+                                state_seconds=self.state_seconds, forward_seconds=self.forward_seconds,
+                                encode_seconds=self.encode_seconds, area_factor=area_factor(plan, (self.width, self.height)))
 
     def total_seconds(self, config: TrainConfig, plan: DatasetPlan, steps: int | None = None) -> float:
         """The run; `steps`: of a run that stopped early (its saves, previews and validation are then
@@ -345,9 +353,47 @@ def estimate(config: TrainConfig, adapter: ModelAdapter, plan: DatasetPlan, make
     if result is None and run_steps:
         result = calibrate(config, adapter, make_network(), plan, steps)
         cache.put(key, result)
-    if result is not None:
-        result.previews = tuple(previews)
+    if result is None:
+        return None
+    missing = sorted({(p.width, p.height) for p in previews} - {(result.width, result.height)}
+                     - {tuple(int(v) for v in k.split("x")) for k in result.sizes})
+    if missing and run_steps:  # timed once per size, kept with the estimate
+        for width, height in missing:
+            result.sizes[f"{width}x{height}"] = time_size(adapter, width, height)
+        cache.put(key, result)
+    result.previews = tuple(previews)
     return result
+
+
+def time_size(adapter: ModelAdapter, width: int, height: int, repeats: int = 2) -> list[float]:
+    """[forward of one image, of a batch of two, decode of one] without gradients at width x height,
+    the median of `repeats` each after one untimed forward (the model without the LoRA: its share of
+    a no-grad forward is small); the caller's random state is kept."""
+    device = adapter.device
+    gen = torch.Generator().manual_seed(0)
+    # the run's attention (SDPA outside the WebUI): previews render inside the run's hooks
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad(), adapter.attention(False):
+        channels = adapter.encode_posterior(torch.zeros(1, 3, 8, 8))[0].shape[1]
+        latents = torch.randn((1, channels, height // 8, width // 8), generator=gen).to(device)
+        sizes = torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32)
+        cond = adapter.condition(adapter.encode_captions([""]), sizes)
+        t = torch.full((1,), adapter.alphas_cumprod.shape[0] // 2, dtype=torch.long, device=device)
+        out = []
+        for n in (1, 2):
+            x, steps, c = latents.repeat(n, 1, 1, 1), t.repeat(n), cond_ops.repeat(cond, n)
+            adapter.predict(x, steps, c)
+            times = []
+            for _ in range(repeats):
+                started = time.perf_counter()
+                adapter.predict(x, steps, c)
+                _sync(device)
+                times.append(time.perf_counter() - started)
+            out.append(statistics.median(times))
+        started = time.perf_counter()
+        adapter.decode_latents(latents)
+        _sync(device)
+        out.append(time.perf_counter() - started)
+    return out
 
 
 # -- the time budget -----------------------------------------------------------------------------

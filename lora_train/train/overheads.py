@@ -9,7 +9,9 @@ How many: counted from the config and the plan the way `train/loop.py` schedules
 only after whole epochs, never at the last one, which writes the final file; samples after whole
 epochs and every N steps; validation after every epoch that stepped and every N steps).
 How long: the calibration's unit times (one LoRA save, one state save, one no-grad UNet forward of
-one image and one VAE decode, at the calibration size), scaled by area for other sizes. A sampler
+one image and one VAE decode, at the calibration size and at each preview size: a model's cost is
+far from proportional to the area when the sizes differ eightfold, as a 512 px preview of a 64 px
+model does; scaled by area only where a cached estimate has no time for a size). A sampler
 step is one forward, under CFG (scale != 1) one forward of a batch of two; samplers that call the
 model twice a step (Heun, DPM2) take longer than this says.
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 from lora_train.dataset.plan import DatasetPlan
 from lora_train.train import checkpoints
@@ -81,15 +84,24 @@ def schedule(config: TrainConfig, plan: DatasetPlan) -> Schedule:
     return Schedule(periodic + 1, state_saves, samples, passes, batches, images)
 
 
-def preview_seconds(previews: list[Preview], forward_seconds: float, cfg_forward_seconds: float, decode_seconds: float,
-                    area: int) -> float:
-    """One sample event: every prompt's sampler steps (a CFG step runs the prompt and its negative
-    as one batch of two) and its decode, scaled from the calibration area."""
+@dataclass(frozen=True)
+class SizeCost:
+    """Seconds without gradients at one image size: a forward of one image, of a batch of two (a CFG
+    step runs the prompt and its negative together), a decode."""
+    forward: float
+    cfg_forward: float
+    decode: float
+
+    def scaled(self, factor: float) -> "SizeCost":
+        return SizeCost(self.forward * factor, self.cfg_forward * factor, self.decode * factor)
+
+
+def preview_seconds(previews: list[Preview], cost_at: Callable[[int, int], SizeCost]) -> float:
+    """One sample event: every prompt's sampler steps and its decode, at its own size."""
     total = 0.0
     for p in previews:
-        factor = p.width * p.height / area if area else 1.0
-        per_step = cfg_forward_seconds if p.scale != 1 else forward_seconds
-        total += (p.steps * per_step + decode_seconds) * factor
+        c = cost_at(p.width, p.height)
+        total += p.steps * (c.cfg_forward if p.scale != 1 else c.forward) + c.decode
     return total
 
 
@@ -105,15 +117,15 @@ class Extras:
         return self.saves + self.previews + self.validation
 
 
-def extras(config: TrainConfig, plan: DatasetPlan, previews: list[Preview], *, save_seconds: float, state_seconds: float,
-           forward_seconds: float, cfg_forward_seconds: float, decode_seconds: float, encode_seconds: float, area: int,
-           area_factor: float) -> Extras:
-    """The schedule priced by the calibration's unit times (`area_factor`: the plan's mean batch area
-    over the calibration's, for the held-out images, which sit in the same buckets)."""
+def extras(config: TrainConfig, plan: DatasetPlan, previews: list[Preview], cost_at: Callable[[int, int], SizeCost], *,
+           save_seconds: float, state_seconds: float, forward_seconds: float, encode_seconds: float, area_factor: float) -> Extras:
+    """The schedule priced by the calibration's unit times (`cost_at`: at a preview's size;
+    `area_factor`: the plan's mean batch area over the calibration's, for the held-out images, which
+    sit in the same buckets)."""
     sch = schedule(config, plan)
     d = config.dataset
     saves = sch.saves * save_seconds + sch.state_saves * state_seconds
-    shown = preview_seconds(previews, forward_seconds, cfg_forward_seconds, decode_seconds, area) * sch.sample_events
+    shown = preview_seconds(previews, cost_at) * sch.sample_events
     encode = 0.0 if (d.cache_latents or d.cache_latents_to_disk) else encode_seconds  # cached: encoded once, in the setup
     per_pass = (sch.validation_images * (NUM_TIMESTEPS * forward_seconds + encode)) * area_factor
     return Extras(saves, shown, per_pass * sch.validation_passes)
