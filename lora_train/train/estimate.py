@@ -22,6 +22,7 @@ how far off it was.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -295,7 +296,7 @@ def _time_sampling(trainer, batch: Batch, repeats: int = 2) -> tuple[float, floa
     """(one image's no-grad UNet forward, the same batched with a twin as CFG runs it, one latent's
     decode) at the batch's size, the network in eval mode as previews and validation run it; the
     median of `repeats` forwards each (the training steps before warmed them up)."""
-    adapter, device = trainer.adapter, trainer.adapter.device
+    adapter = trainer.adapter
     gen = torch.Generator().manual_seed(0)
     trainer.network.eval()
     try:
@@ -306,25 +307,35 @@ def _time_sampling(trainer, batch: Batch, repeats: int = 2) -> tuple[float, floa
                 latents = adapter.encode_images(batch.pixels[:1], gen)
             with trainer._autocast():
                 cond = adapter.condition(adapter.encode_captions(batch.captions[:1], trainer.text_options), batch.sizes[:1])
-            t = torch.full((1,), adapter.alphas_cumprod.shape[0] // 2, dtype=torch.long, device=latents.device)
-            forwards = []
-            for n in (1, 2):
-                x, steps, c = latents.repeat(n, 1, 1, 1), t.repeat(n), cond_ops.repeat(cond, n)
-                times = []
-                for _ in range(repeats):
-                    started = time.perf_counter()
-                    with trainer._autocast():
-                        adapter.predict(x, steps, c)
-                    _sync(device)
-                    times.append(time.perf_counter() - started)
-                forwards.append(statistics.median(times))
-            started = time.perf_counter()
-            adapter.decode_latents(latents)
-            _sync(device)
-            decode = time.perf_counter() - started
+            forward, cfg_forward, decode = _time_units(adapter, latents, cond, repeats, trainer._autocast, warm=False)
     finally:
         trainer.network.train()
-    return forwards[0], forwards[1], decode
+    return forward, cfg_forward, decode
+
+
+def _time_units(adapter: ModelAdapter, latents: torch.Tensor, cond, repeats: int, autocast=contextlib.nullcontext,
+                warm: bool = True) -> list[float]:
+    """[forward of `latents` (one image), of it twice in one batch, its decode], without gradients;
+    the median of `repeats` forwards each, after an untimed one with `warm`."""
+    device = adapter.device
+    t = torch.full((1,), adapter.alphas_cumprod.shape[0] // 2, dtype=torch.long, device=latents.device)
+    out = []
+    for n in (1, 2):
+        x, steps, c = latents.repeat(n, 1, 1, 1), t.repeat(n), cond_ops.repeat(cond, n)
+        times = []
+        for i in range(repeats + warm):
+            started = time.perf_counter()
+            with autocast():
+                adapter.predict(x, steps, c)
+            _sync(device)
+            if i >= warm:
+                times.append(time.perf_counter() - started)
+        out.append(statistics.median(times))
+    started = time.perf_counter()
+    adapter.decode_latents(latents)
+    _sync(device)
+    out.append(time.perf_counter() - started)
+    return out
 
 
 def _time_saves(trainer) -> tuple[float, float]:
@@ -377,23 +388,7 @@ def time_size(adapter: ModelAdapter, width: int, height: int, repeats: int = 2) 
         latents = torch.randn((1, channels, height // 8, width // 8), generator=gen).to(device)
         sizes = torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32)
         cond = adapter.condition(adapter.encode_captions([""]), sizes)
-        t = torch.full((1,), adapter.alphas_cumprod.shape[0] // 2, dtype=torch.long, device=device)
-        out = []
-        for n in (1, 2):
-            x, steps, c = latents.repeat(n, 1, 1, 1), t.repeat(n), cond_ops.repeat(cond, n)
-            adapter.predict(x, steps, c)
-            times = []
-            for _ in range(repeats):
-                started = time.perf_counter()
-                adapter.predict(x, steps, c)
-                _sync(device)
-                times.append(time.perf_counter() - started)
-            out.append(statistics.median(times))
-        started = time.perf_counter()
-        adapter.decode_latents(latents)
-        _sync(device)
-        out.append(time.perf_counter() - started)
-    return out
+        return _time_units(adapter, latents, cond, repeats)
 
 
 # -- the time budget -----------------------------------------------------------------------------
