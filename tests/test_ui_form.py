@@ -151,3 +151,47 @@ def test_following_the_model_keeps_an_error_the_user_has_not_read():
     assert model_message(refused, "The WebUI loaded x: resolution set to 64") is None
     started = _message("Started: x", run_id="run-1")
     assert "resolution set to 64" in model_message(started, "The WebUI loaded x: resolution set to 64")
+
+
+class _LazyHost:
+    """A host that loads its checkpoint only when something first uses it, as Forge does (its model
+    version stays 0: Forge's host counts no loads)."""
+
+    def __init__(self):
+        self.family = None
+
+    def model_version(self):
+        return 0
+
+    def model_family(self):
+        return self.family
+
+    def model_resolution(self):
+        return 1024 if self.family == "sdxl" else 512
+
+    def model_label(self):
+        return "x.safetensors" if self.family else "no checkpoint loaded"
+
+
+def test_a_checkpoint_the_run_itself_loads_leaves_the_form_as_started():
+    """Forge by hand: the form filled at 64 px before Forge had loaded anything, Start loads the
+    checkpoint, and the next refresh set the form back to 512 px ("The WebUI loaded ...: resolution set
+    to 512") while the run trained at 64. A model that appears while a run holds it is the run's own."""
+    from lora_train.ui.tab import follow_model, initial_config
+
+    flds = form.fields()
+    t = Translator()
+    host = _LazyHost()
+    config = initial_config(host)
+    config.set("resolution", "64")
+    values = form.values_from_config(flds, config)
+    # the page's first refresh: nothing loaded yet, so nothing is seen
+    assert follow_model(host, flds, -1, "concept", "SD1.5", values, t) == (-1, None, None, None)
+    host.family = "sd15"  # Start: the run loads Forge's chosen checkpoint
+    version, base, new_values, message = follow_model(host, flds, -1, "concept", "SD1.5", values, t, running=True)
+    assert (version, base, new_values, message) == (0, None, None, None)
+    # the next refreshes have seen it: the user's 64 px stays after the run too
+    assert follow_model(host, flds, version, "concept", "SD1.5", values, t) == (0, None, None, None)
+    # without a run the same load is followed as before (a txt2img generation loaded it)
+    version, base, new_values, message = follow_model(host, flds, -1, "concept", "SD1.5", values, t)
+    assert version == 0 and dict(zip([f.key for f in flds], new_values))["resolution"] == "512" and "512" in message

@@ -107,15 +107,22 @@ def model_message(current_message: str, text: str) -> Optional[str]:
     return None if 'data-error="1"' in (current_message or "") else _message(text)
 
 
-def follow_model(host: Host, flds: list, seen: int, subject: str, base: str, values: list, t):
+def follow_model(host: Host, flds: list, seen: int, subject: str, base: str, values: list, t, running: bool = False):
     """After the host loaded a checkpoint (its model version moved past `seen`): the form's base preset
     and resolution for it, and a message saying what changed. -> (version, base, field values, message)
-    with None for what stays."""
+    with None for what stays.
+
+    `running`: a run holds the model now. A checkpoint that appears then is the one the run itself
+    loaded (Forge loads its chosen checkpoint only when something first uses it, and the run's Start
+    can be that first use), so it is taken as seen and the form stays as the user filled it for that
+    run: no preset or resolution is put over the values the run was started with."""
     version = host.model_version()
     if version == seen:
         return seen, None, None, None
     if host.model_family() is None:  # still loading: look again on the next refresh
         return seen, None, None, None
+    if running:
+        return version, None, None, None
     config = form.config_from_values(flds, values)
     want = base_for(host)
     before = config.dataset.resolution
@@ -328,7 +335,8 @@ def create_train_tab(manager: RunManager, host: Host, t: Optional[Translator] = 
 
         def on_model(seen, current_message, subj, b, *values):
             try:
-                version, new_base, new_values, text = follow_model(host, flds, seen, _subject(subj), b, list(values), t)
+                version, new_base, new_values, text = follow_model(host, flds, seen, _subject(subj), b, list(values), t,
+                                                                     running=manager.running() is not None)
             except (UserError, KeyError):  # a field the user is typing into: try on the next refresh
                 return [seen, gr.update(), *[gr.update()] * len(values), gr.update()]
             if text is None:
