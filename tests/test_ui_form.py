@@ -154,14 +154,17 @@ def test_following_the_model_keeps_an_error_the_user_has_not_read():
 
 
 class _LazyHost:
-    """A host that loads its checkpoint only when something first uses it, as Forge does (its model
-    version stays 0: Forge's host counts no loads)."""
+    """A host that loads its checkpoint only when something first uses it, as Forge does; its model
+    version counts loads (the WebUI's model-loaded callback, which Forge calls too)."""
 
     def __init__(self):
-        self.family = None
+        self.family, self.loads = None, 0
+
+    def load(self, family):
+        self.family, self.loads = family, self.loads + 1
 
     def model_version(self):
-        return 0
+        return self.loads
 
     def model_family(self):
         return self.family
@@ -187,11 +190,15 @@ def test_a_checkpoint_the_run_itself_loads_leaves_the_form_as_started():
     values = form.values_from_config(flds, config)
     # the page's first refresh: nothing loaded yet, so nothing is seen
     assert follow_model(host, flds, -1, "concept", "SD1.5", values, t) == (-1, None, None, None)
-    host.family = "sd15"  # Start: the run loads Forge's chosen checkpoint
+    host.load("sd15")  # Start: the run loads Forge's chosen checkpoint
     version, base, new_values, message = follow_model(host, flds, -1, "concept", "SD1.5", values, t, running=True)
-    assert (version, base, new_values, message) == (0, None, None, None)
+    assert (version, base, new_values, message) == (1, None, None, None)
     # the next refreshes have seen it: the user's 64 px stays after the run too
-    assert follow_model(host, flds, version, "concept", "SD1.5", values, t) == (0, None, None, None)
-    # without a run the same load is followed as before (a txt2img generation loaded it)
+    assert follow_model(host, flds, version, "concept", "SD1.5", values, t) == (1, None, None, None)
+    # without a run the same load is followed as before (a txt2img generation loaded it) ...
     version, base, new_values, message = follow_model(host, flds, -1, "concept", "SD1.5", values, t)
-    assert version == 0 and dict(zip([f.key for f in flds], new_values))["resolution"] == "512" and "512" in message
+    assert version == 1 and dict(zip([f.key for f in flds], new_values))["resolution"] == "512" and "512" in message
+    # ... and so is a later switch of checkpoint, once no run holds the model
+    host.load("sdxl")
+    version, base, new_values, message = follow_model(host, flds, 1, "concept", "SD1.5", values, t)
+    assert version == 2 and base == "SDXL" and dict(zip([f.key for f in flds], new_values))["resolution"] == "1024"
