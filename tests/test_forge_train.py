@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from lora_train.model.forge_train import inference_weights, out_of_place_blocks, own_weights
+from lora_train.model.forge_train import float32_embeddings, inference_weights, out_of_place_blocks, own_weights
 
 
 class Attention(nn.Module):
@@ -148,3 +148,45 @@ def test_shared_weights_stay_shared():
     root = nn.Sequential(a, b)
     assert own_weights([root]) == 3  # a.weight (shared), a.bias, b.bias
     assert root[0].weight is root[1].weight and not root[0].weight.is_inference()
+
+
+class _TIWrapper(nn.Module):  # Forge's CLIPEmbeddingForTextualInversion: the token embedding, wrapped
+    def __init__(self, wrapped):
+        super().__init__()
+        self.wrapped = wrapped
+
+    def forward(self, ids):
+        return self.wrapped(ids)
+
+
+def _forge_like_text_encoders():
+    """Forge's JointTextEncoder as loaded: children with transformer.text_model.embeddings, weights in
+    fp16 (its text-encoder storage dtype, also on the CPU) and inference tensors."""
+    def clip(vocab, dim):
+        c = nn.Module()
+        c.transformer = nn.Module()
+        c.transformer.text_model = nn.Module()
+        e = c.transformer.text_model.embeddings = nn.Module()
+        e.token_embedding = _TIWrapper(nn.Embedding(vocab, dim))
+        e.position_embedding = nn.Embedding(77, dim)
+        c.transformer.text_model.encoder = nn.Linear(dim, dim)
+        return c
+    with torch.inference_mode():
+        return nn.ModuleDict({"clip_l": clip(50, 8), "clip_g": clip(50, 16)}).to(torch.float16)
+
+
+def test_text_encoder_embeddings_become_float32_as_forge_encodes_them():
+    """By hand in Forge: a run started before any generation trained 6x slower on the CPU, because the
+    embeddings were still fp16 (Forge's first encode makes them fp32) and so were all the captions'
+    hidden states."""
+    te = _forge_like_text_encoders()
+    before = {n: p.clone() for n, p in te.named_parameters()}
+    assert float32_embeddings(te) == 4  # token + position, two encoders
+    for name, p in te.named_parameters():
+        embedding = ".embeddings." in name
+        assert p.dtype == (torch.float32 if embedding else torch.float16), name
+        assert torch.equal(p.float(), before[name].float()), name  # fp16 -> fp32 is exact
+    assert float32_embeddings(te) == 0  # again after a preview: nothing left to do
+    own_weights([te])
+    hidden = te["clip_l"].transformer.text_model.embeddings.token_embedding(torch.tensor([[1, 2]]))
+    assert hidden.dtype == torch.float32 and not any(p.is_inference() for p in te.parameters())

@@ -15,10 +15,11 @@ def prepare(model) -> None:
     """Forge's LoRA-free weights on its device, as normal (not inference) tensors: what training needs.
     Again after every preview: a generation may move or merge weights under inference mode."""
     from lora_train.host.forge.engine import restore_base_weights
-    from lora_train.model.forge_train import own_weights
+    from lora_train.model.forge_train import float32_embeddings, own_weights
 
     restore_base_weights(model)
     objects = model.forge_objects_original
+    float32_embeddings(objects.clip.cond_stage_model)  # as Forge's first generation would: fp32 captions
     own_weights([objects.unet.model.diffusion_model, objects.clip.cond_stage_model])
 
 
