@@ -83,6 +83,18 @@ def _to_tensor(im: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(im, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
 
 
+def held_out_batches(plan: DatasetPlan) -> list[list[Item]]:
+    """The held-out images, each once, in batches of their dataset's batch size that never mix
+    buckets, always in the same order."""
+    out = []
+    for b in plan.blocks:
+        if b.held_out is not None:
+            for entries in b.held_out.groups().values():
+                items = [e.item for e in entries]
+                out += [items[i : i + b.batch_size] for i in range(0, len(items), b.batch_size)]
+    return out
+
+
 class TrainingData:
     def __init__(self, plan: DatasetPlan, seed: int, cache: LatentCache | None = None, workers: int = 0):
         self.plan = plan
@@ -115,15 +127,7 @@ class TrainingData:
         return batches
 
     def validation_batches(self) -> list[list[Item]]:
-        """The held-out images, each once, in batches of their dataset's batch size that never mix
-        buckets, always in the same order."""
-        out = []
-        for b in self.plan.blocks:
-            if b.held_out is not None:
-                for entries in b.held_out.groups().values():
-                    items = [e.item for e in entries]
-                    out += [items[i : i + b.batch_size] for i in range(0, len(items), b.batch_size)]
-        return out
+        return held_out_batches(self.plan)
 
     def _image(self, item: Item, flip: bool, box: tuple[int, int, int, int], hue: float | None) -> torch.Tensor:
         """The image work of one sample, with its choices already drawn: safe in any thread."""

@@ -22,6 +22,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable
 
+from lora_train.dataset.loader import held_out_batches
 from lora_train.dataset.plan import DatasetPlan
 from lora_train.train import checkpoints
 from lora_train.train.config import TrainConfig
@@ -47,22 +48,6 @@ class Schedule:
     validation_images: int  # per pass
 
 
-def validation_batches(plan: DatasetPlan, cap: int | None) -> tuple[int, int]:
-    """(batches, images) of one validation pass: held-out images in batches that never mix buckets."""
-    batches = images = 0
-    for b in plan.blocks:
-        if b.held_out is None:
-            continue
-        for entries in b.held_out.groups().values():
-            n = len(entries)
-            for start in range(0, n, b.batch_size):
-                if cap is not None and batches >= cap:
-                    return batches, images
-                batches += 1
-                images += min(b.batch_size, n - start)
-    return batches, images
-
-
 def schedule(config: TrainConfig, plan: DatasetPlan) -> Schedule:
     s, sm, t = config.saving, config.sampling, config.training
     total, per_epoch = plan.total_steps, max(1, plan.steps_per_epoch)
@@ -76,7 +61,9 @@ def schedule(config: TrainConfig, plan: DatasetPlan) -> Schedule:
     samples = ((1 if sm.sample_at_first else 0)
                + (total // sm.sample_every_n_steps if sm.sample_every_n_steps else 0)
                + (whole_epochs // sm.sample_every_n_epochs if sm.sample_every_n_epochs else 0))
-    batches, images = validation_batches(plan, t.max_validation_steps)
+    held_out = held_out_batches(plan)  # one pass, at most max_validation_steps batches, as Validation takes them
+    held_out = held_out[: t.max_validation_steps] if t.max_validation_steps is not None else held_out
+    batches, images = len(held_out), sum(len(b) for b in held_out)
     passes = 0
     if batches:
         passes = (total // t.validate_every_n_steps if t.validate_every_n_steps else 0) + (
