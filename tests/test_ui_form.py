@@ -202,3 +202,22 @@ def test_a_checkpoint_the_run_itself_loads_leaves_the_form_as_started():
     host.load("sdxl")
     version, base, new_values, message = follow_model(host, flds, 1, "concept", "SD1.5", values, t)
     assert version == 2 and base == "SDXL" and dict(zip([f.key for f in flds], new_values))["resolution"] == "1024"
+
+
+@pytest.mark.gradio
+def test_following_the_model_writes_only_the_fields_it_changes():
+    """By hand in the WebUI: a dataset folder typed just after the page loaded came back empty, because
+    the first refresh's model follow wrote every field back as it had read them (before the typing)."""
+    from lora_train.ui.tab import changed_only, follow_model, initial_config
+
+    flds = form.fields()
+    host = _LazyHost()
+    host.load("sd15")
+    config = initial_config(host)
+    config.set("resolution", "64")
+    read = form.values_from_config(flds, config)  # what the refresh read: train_data_dir still empty
+    _, _, new_values, _ = follow_model(host, flds, -1, "concept", "SD1.5", read, Translator())
+    updates = dict(zip([f.key for f in flds], changed_only(new_values, read)))
+    assert updates["resolution"]["value"] == "512"
+    assert "value" not in updates["train_data_dir"]  # what the user typed meanwhile stays
+    assert sum("value" in u for u in updates.values()) < len(flds) // 2

@@ -138,6 +138,13 @@ def follow_model(host: Host, flds: list, seen: int, subject: str, base: str, val
     return version, want, form.values_from_config(flds, config), message
 
 
+def changed_only(new_values: list, values: list) -> list:
+    """Updates for the fields whose value the model's preset changed, no-ops for the rest: the values
+    were read when the refresh began, and writing them all back would undo what the user typed since
+    (a dataset folder filled in just after the page loaded came back empty)."""
+    return [gr.update(value=new) if new != old else gr.update() for new, old in zip(new_values, values)]
+
+
 def create_train_tab(manager: RunManager, host: Host, t: Optional[Translator] = None) -> gr.Blocks:
     t = t or Translator()
     flds = form.fields()
@@ -342,7 +349,7 @@ def create_train_tab(manager: RunManager, host: Host, t: Optional[Translator] = 
             if text is None:
                 return [version, gr.update(), *[gr.update()] * len(values), gr.update()]
             shown = model_message(current_message, text)
-            return [version, new_base, *new_values, gr.update() if shown is None else shown]
+            return [version, new_base, *changed_only(new_values, list(values)), gr.update() if shown is None else shown]
 
         def on_grid(weights_text, prompt, trig):
             latest = manager.latest()
