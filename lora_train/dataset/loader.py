@@ -83,16 +83,16 @@ def _to_tensor(im: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(im, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
 
 
-def held_out_batches(plan: DatasetPlan) -> list[list[Item]]:
+def held_out_batches(plan: DatasetPlan, limit: int | None = None) -> list[list[Item]]:
     """The held-out images, each once, in batches of their dataset's batch size that never mix
-    buckets, always in the same order."""
+    buckets, always in the same order; the first `limit` batches (max_validation_steps) when given."""
     out = []
     for b in plan.blocks:
         if b.held_out is not None:
             for entries in b.held_out.groups().values():
                 items = [e.item for e in entries]
                 out += [items[i : i + b.batch_size] for i in range(0, len(items), b.batch_size)]
-    return out
+    return out if limit is None else out[:limit]
 
 
 class TrainingData:
@@ -126,8 +126,8 @@ class TrainingData:
         rng.shuffle(batches)
         return batches
 
-    def validation_batches(self) -> list[list[Item]]:
-        return held_out_batches(self.plan)
+    def validation_batches(self, limit: int | None = None) -> list[list[Item]]:
+        return held_out_batches(self.plan, limit)
 
     def _image(self, item: Item, flip: bool, box: tuple[int, int, int, int], hue: float | None) -> torch.Tensor:
         """The image work of one sample, with its choices already drawn: safe in any thread."""

@@ -2,8 +2,9 @@
 
 The estimate prices the steps by calibration; a run also writes a LoRA file (and, with save_state,
 its state) at every save, renders every preview prompt at every sample event, and runs the held-out
-images through the UNet at every validation pass. In the WebUI with a preview every epoch these took
-over 40 % of a short run, so an estimate without them is off by that much.
+images through the UNet at every validation pass. A run with a preview every epoch spends much of its
+time in them (the 64 px tiny base's 512 px previews: 147 of 157 s), so an estimate of the steps alone
+misses by that much.
 
 How many: counted from the config and the plan the way `train/loop.py` schedules them (epoch saves
 only after whole epochs, never at the last one, which writes the final file; samples after whole
@@ -61,8 +62,7 @@ def schedule(config: TrainConfig, plan: DatasetPlan) -> Schedule:
     samples = ((1 if sm.sample_at_first else 0)
                + (total // sm.sample_every_n_steps if sm.sample_every_n_steps else 0)
                + (whole_epochs // sm.sample_every_n_epochs if sm.sample_every_n_epochs else 0))
-    held_out = held_out_batches(plan)  # one pass, at most max_validation_steps batches, as Validation takes them
-    held_out = held_out[: t.max_validation_steps] if t.max_validation_steps is not None else held_out
+    held_out = held_out_batches(plan, t.max_validation_steps)  # one pass, as Validation takes it
     batches, images = len(held_out), sum(len(b) for b in held_out)
     passes = 0
     if batches:

@@ -42,8 +42,7 @@ class Validation:
         self.seed = seed
         self.every_steps = t.validate_every_n_steps
         self.every_epochs = t.validate_every_n_epochs
-        batches = trainer.data.validation_batches()
-        self.batches = batches[: t.max_validation_steps] if t.max_validation_steps is not None else batches
+        self.batches = trainer.data.validation_batches(t.max_validation_steps)
         self.timesteps = fixed_timesteps(trainer.noise_options, trainer.adapter.alphas_cumprod.shape[0])
         self._last: tuple[int, float] | None = None  # (step, loss): the epoch's pass after a step pass at the same step
 
