@@ -4,6 +4,7 @@ render it; everything it does goes through a RunManager and a Host."""
 from __future__ import annotations
 
 import html
+import itertools
 import re
 from pathlib import Path
 from typing import Optional
@@ -105,6 +106,16 @@ def model_message(current_message: str, text: str) -> Optional[str]:
     """The message after the form followed the model, or None to keep the current one: an error the
     user has not read yet (a refused Start) stays; the form still follows the model."""
     return None if 'data-error="1"' in (current_message or "") else _message(text)
+
+
+_TICKS = itertools.count()
+
+
+def model_token(version: int, seen: int) -> str:
+    """The hidden box whose change runs the follow of a newly loaded model (on_model): the model's
+    version once the form has followed it, and a new value on every refresh until then (a field the
+    user was typing into made the follow wait for the next refresh)."""
+    return str(version) if version == seen else f"{version}@{next(_TICKS)}"
 
 
 def follow_model(host: Host, flds: list, seen: int, subject: str, base: str, values: list, t, running: bool = False):
@@ -221,6 +232,9 @@ def create_train_tab(manager: RunManager, host: Host, t: Optional[Translator] = 
                     save_now = gr.Button(t("Save now"), elem_id="lora_train_save_now")
                     resume = gr.Button(t("Resume"), elem_id="lora_train_resume")
                     refresh = gr.Button(t("Refresh"), elem_id="lora_train_refresh")
+                    # hidden by style.css (kept on the page): its change event follows a newly loaded model
+                    model_now = gr.Textbox("", elem_id="lora_train_model_now", elem_classes=["lora-train-hidden"],
+                                           show_label=False, container=False, interactive=False)
                 message = gr.HTML("", elem_id="lora_train_message")
                 with gr.Accordion(t("Dataset plan"), open=True):
                     plan = gr.HTML(_message(t("Set a dataset folder to see the plan.")), elem_id="lora_train_plan")
@@ -329,7 +343,7 @@ def create_train_tab(manager: RunManager, host: Host, t: Optional[Translator] = 
             except UserError as e:
                 return _message(t.text(e), True)
 
-        def on_refresh(message_html, base_html):
+        def on_refresh(message_html, base_html, seen):
             snap = manager.snapshot()
             current = snap["latest"]
             previews_value = [(p, _preview_caption(p, t)) for p in (current.previews[-8:] if current else [])]
@@ -338,7 +352,8 @@ def create_train_tab(manager: RunManager, host: Host, t: Optional[Translator] = 
                     previews_value,
                     chart.files_html(current, t),
                     _message_after(message_html, manager, t) or gr.update(),
-                    _message_after(base_html, manager, t) or gr.update())  # the base-style button's run
+                    _message_after(base_html, manager, t) or gr.update(),  # the base-style button's run
+                    model_token(host.model_version(), seen))
 
         def on_model(seen, current_message, subj, b, *values):
             try:
@@ -415,9 +430,12 @@ def create_train_tab(manager: RunManager, host: Host, t: Optional[Translator] = 
         stop.click(on_stop, [], [message])
         save_now.click(on_save_now, [], [message])
         resume.click(on_resume, [], [message])
-        refresh.click(on_refresh, [message, renders.base_message], [model_label, status, loss, previews, files, message, renders.base_message],
-                      show_progress=False).then(
-            on_model, [model_seen, message, subject, base, *field_comps], [model_seen, base, *field_comps, message], show_progress=False)
+        refresh.click(on_refresh, [message, renders.base_message, model_seen],
+                      [model_label, status, loss, previews, files, message, renders.base_message, model_now], show_progress=False)
+        # the whole form goes to the server and back only when the model moved: sent on every refresh
+        # (1.5 s), its ~150 fields cost the WebUI's Python thread enough to double a 64 px run's steps
+        model_now.change(on_model, [model_seen, message, subject, base, *field_comps], [model_seen, base, *field_comps, message],
+                         show_progress=False)
         grid_button.click(on_grid, [grid_weights, grid_prompt, trigger], [grid_image, message])
         load_config.click(on_load_config, [config_path, network_type, *field_comps], [*field_comps, network_type, message])
         network_type.input(on_network_type, [network_type, *field_comps], [*field_comps, message])
