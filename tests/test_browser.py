@@ -222,6 +222,15 @@ def test_a_plan_matches_the_dataset(page, dataset):
     shot(page, "a1-plan")
 
 
+def test_a2_the_page_follows_the_model_without_sending_the_form_each_refresh(page):
+    """The hidden model box (style.css keeps it on the page, out of sight): a refresh moves it while the
+    form has not followed the model, and its change event runs the follow, which catches the form up,
+    so the box settles on the version alone (tests/test_ui_form.py checks the wiring)."""
+    box = page.locator("#lora_train_model_now textarea, #lora_train_model_now input").first
+    assert not page.locator("#lora_train_model_now").first.is_visible()
+    wait_for(page, "the model box to settle on the version", lambda: re.fullmatch(r"\d+", box.input_value()), 30)
+
+
 def test_b_start_updates_status_and_loss_live(page):
     set_field(page, "trigger", TRIGGER)
     set_field(page, "output_name", NAME)
