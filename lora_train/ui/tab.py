@@ -433,7 +433,7 @@ def create_train_tab(manager: RunManager, host: Host, t: Optional[Translator] = 
         refresh.click(on_refresh, [message, renders.base_message, model_seen],
                       [model_label, status, loss, previews, files, message, renders.base_message, model_now], show_progress=False)
         # the whole form goes to the server and back only when the model moved: sent on every refresh
-        # (1.5 s), its ~150 fields cost the WebUI's Python thread enough to double a 64 px run's steps
+        # (1.5 s), its 171 fields cost the WebUI's Python thread enough to double a 64 px run's steps
         model_now.change(on_model, [model_seen, message, subject, base, *field_comps], [model_seen, base, *field_comps, message],
                          show_progress=False)
         grid_button.click(on_grid, [grid_weights, grid_prompt, trigger], [grid_image, message])
