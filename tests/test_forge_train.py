@@ -190,3 +190,41 @@ def test_text_encoder_embeddings_become_float32_as_forge_encodes_them():
     own_weights([te])
     hidden = te["clip_l"].transformer.text_model.embeddings.token_embedding(torch.tensor([[1, 2]]))
     assert hidden.dtype == torch.float32 and not any(p.is_inference() for p in te.parameters())
+
+
+class _ForgeVAE(nn.Module):  # Forge's first_stage_model where the adapter reads it: encoder, quant_conv
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.SiLU(), nn.Conv2d(8, 8, 3, padding=1))
+        self.quant_conv = nn.Conv2d(8, 8, 1)
+
+
+@pytest.mark.parametrize("no_half_vae", [False, True])
+def test_no_half_vae_encodes_a_half_forge_vae_in_float32_and_leaves_it_as_it_was(no_half_vae):
+    """Forge keeps its VAE in half precision on a GPU and builds it under inference mode. With no_half_vae
+    the encode runs in float32 (an SDXL VAE overflows in fp16), and the VAE's own tensors stay the
+    same objects with the same half-precision values."""
+    from types import SimpleNamespace
+
+    from lora_train.model.forge import ForgeAdapter
+
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        vae = _ForgeVAE().half()
+    reference = _ForgeVAE()
+    reference.load_state_dict({k: v.float() for k, v in vae.state_dict().items()})
+    before = {k: (v, v.clone()) for k, v in vae.state_dict(keep_vars=True).items()}
+    adapter = ForgeAdapter.__new__(ForgeAdapter)  # only the VAE is read here
+    adapter.vae_wrapper, adapter._device, adapter.vae_fp32 = SimpleNamespace(first_stage_model=vae), torch.device("cpu"), no_half_vae
+    pixels = torch.rand(2, 3, 8, 8) * 2 - 1
+
+    mean, _ = adapter.encode_posterior(pixels)
+    with torch.no_grad():
+        want = reference.quant_conv(reference.encoder(pixels)).chunk(2, dim=1)[0]
+    if no_half_vae:
+        assert torch.equal(mean, want), "computed in float32"
+    else:
+        assert not torch.equal(mean, want) and torch.allclose(mean, want, atol=2e-2), "half precision, as Forge has it"
+    after = vae.state_dict(keep_vars=True)
+    for key, (tensor, values) in before.items():
+        assert after[key] is tensor and tensor.dtype == torch.float16 and torch.equal(tensor, values), key

@@ -105,9 +105,10 @@ class ForgeAdapter(ModelAdapter):
     @torch.no_grad()
     def encode_posterior(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         vae = self.vae
-        moments = vae.encoder(pixels.to(self.device, next(vae.parameters()).dtype))
-        if getattr(vae, "quant_conv", None) is not None:
-            moments = vae.quant_conv(moments)
+        with self.vae_for_encoding() as dtype:  # no_half_vae: a half-precision VAE encodes in float32
+            moments = vae.encoder(pixels.to(self.device, dtype))
+            if getattr(vae, "quant_conv", None) is not None:
+                moments = vae.quant_conv(moments)
         return posterior(moments)
 
     def sample_latents(self, mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
