@@ -26,7 +26,7 @@ from lora_train.errors import UserError, msg
 from lora_train.host.base import Host
 from lora_train.network.card import SD_VERSION, Card, free_stem, publish, set_preview, unique_name, unpublish
 from lora_train.network.selftest import check_failed
-from lora_train.train import events as ev
+from lora_train.train import events as ev, memory
 from lora_train.train.config import TrainConfig
 
 ENDED = ("finished", "cancelled", "failed", "refused")
@@ -274,12 +274,14 @@ class RunManager:
                 self._run_one(status, request)
             finally:
                 with self._lock:
+                    self._trainer = None  # the run's objects go first: then the trim returns what they held
+                memory.return_freed_memory()  # to the system, not kept by the host's process (by hand in Forge: 2.9 GB)
+                with self._lock:
                     # the status tells the state the run ended in, and when; nothing of the running one
                     status.stopping, status.eta_seconds = False, None
                     if status.ended_at is None:  # a phase that is not an end one (an exception before it was set)
                         status.ended_at = time.time()
                     self._current = None
-                    self._trainer = None
                     self._idle.notify_all()
 
     def _run_one(self, status: RunStatus, request: RunRequest) -> None:

@@ -71,3 +71,18 @@ def peak_mb(device: torch.device) -> float:
         return torch.cuda.max_memory_allocated(device) / 2**20
     hwm = vm_hwm_mb()
     return hwm if hwm is not None else ru_maxrss_mb()
+
+
+def return_freed_memory() -> bool:
+    """Hand the pages the C allocator keeps after frees back to the system (glibc's malloc_trim).
+    A run frees gigabytes from its own thread's arena (activations, copies made for training), and
+    glibc keeps them, so the host's process stays that much larger until it exits. Measured by hand
+    in Forge after an SDXL run: 10.6 GB of anonymous memory, 7.7 GB after a trim. False where there is
+    no glibc (macOS, Windows, musl)."""
+    import ctypes
+
+    try:
+        trim = ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return False
+    return bool(trim(0))
