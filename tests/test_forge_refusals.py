@@ -86,3 +86,12 @@ def test_other_families_are_refused_before_their_weights_are_read(family, word):
     engine = type(family, (SimpleNamespace,), {})(forge_objects_original=None)  # reading the weights would raise
     problems = model_problems(engine)
     assert len(problems) == 1 and word in problems[0]
+
+
+def test_a_model_still_quantised_after_the_setting_went_back_says_to_reload():
+    """By hand in Forge: with 'Diffusion in Low Bits' set back to Automatic and nothing generated since,
+    Forge still held the fp8 UNet, and the line told the user to set Automatic, which they had."""
+    kmodel, kind = CASES["nf4 storage"]
+    (line,) = model_problems(_engine(kmodel), low_bits_chosen=False)
+    assert "still holds" in line and f"({kind})" in line and "generate one image" in line
+    assert model_problems(_engine(kmodel)) != [line], "while the setting asks for low bits, the other line"

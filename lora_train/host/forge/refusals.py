@@ -31,8 +31,10 @@ def quantised(kmodel) -> str | None:
     return None
 
 
-def model_problems(model) -> list[str]:
-    """What makes Forge's loaded `model` untrainable for LoRA Train."""
+def model_problems(model, low_bits_chosen: bool = True) -> list[str]:
+    """What makes Forge's loaded `model` untrainable for LoRA Train. `low_bits_chosen`: 'Diffusion in Low
+    Bits' still asks for quantised weights (False: it is back at Automatic, but Forge keeps the model it
+    loaded until something loads it again)."""
     family = forge_family(model)
     if family not in ("sd1", "sdxl"):
         kind = _NAMES.get(family, family)
@@ -42,9 +44,12 @@ def model_problems(model) -> list[str]:
         problems.append(msg("The loaded checkpoint is an inpainting model: LoRA Train trains text-to-image models only. Load a normal checkpoint."))
     kmodel = model.forge_objects_original.unet.model
     low_bits = quantised(kmodel)
-    if low_bits:
+    if low_bits and low_bits_chosen:
         problems.append(msg("The UNet weights are quantised ({kind}), which cannot be trained on: set 'Diffusion in Low Bits' to "
                             "Automatic and load a float16/float32 checkpoint.", kind=low_bits))
+    elif low_bits:
+        problems.append(msg("Forge still holds the UNet quantised ({kind}) from before 'Diffusion in Low Bits' was set to Automatic: "
+                            "generate one image so that Forge loads the checkpoint again, then start.", kind=low_bits))
     prediction = getattr(kmodel.predictor, "prediction_type", None)
     if prediction not in ("epsilon", "v_prediction"):
         problems.append(msg("This Forge model predicts '{kind}', which LoRA Train cannot train (eps or v only).", kind=prediction))
@@ -59,7 +64,8 @@ def preflight(config) -> list[str]:
         if chosen_checkpoint() is None:
             return [msg("No checkpoint is loaded: choose one in the 'Stable Diffusion checkpoint' list at the top of the page, then start again.")]
         return _chosen_low_bits()  # loaded (and checked again) when the run starts
-    return model_problems(model) or _chosen_low_bits()
+    chosen = _chosen_low_bits()
+    return model_problems(model, low_bits_chosen=bool(chosen)) or chosen
 
 
 def _chosen_low_bits() -> list[str]:
