@@ -1,7 +1,7 @@
 """How much a LoRA costs on top of the UNet itself: one training step against a bare forward+backward.
 
 `run_bench` times, on CPU in fp32, the step the trainer runs (UNet forward through the LoRA-hooked
-UNet, MSE against the noise, backward, AdamW on the LoRA parameters, zero_grad) and the "floor": a
+UNet, MSE against the noise, backward, the trainer's AdamW on the LoRA parameters, zero_grad) and the "floor": a
 forward+backward through the same frozen UNet with no LoRA. Latents and text conditioning are
 random tensors of the right shapes, so neither the VAE nor (unless `text=True`) the text encoder is
 part of the step. Everything is built from the real `ldm` classes with random weights; nothing is
@@ -50,6 +50,7 @@ from lora_train.network.network import LoRANetwork
 from lora_train.network.targets import hf_clip_targets, ldm_unet_targets, sdxl_unet_targets
 from lora_train.train import loss as loss_fn
 from lora_train.train import memory
+from lora_train.train.optimizers import build_optimizer
 
 ARCHS = ("sd15", "tiny", "sdxl", "tiny-sdxl")
 SDXL_RAM_GB = 16  # full-size SDXL UNet in fp32: 10.3 GB of weights, plus the step's activations
@@ -257,7 +258,7 @@ def run_bench(
                 p.uniform_(-1 / math.sqrt(dim), 1 / math.sqrt(dim), generator=gen).mul_(0.1)
     network.train()
     groups = network.param_groups(LEARNING_RATE, LEARNING_RATE if text_model is not None else None)
-    optimizer = torch.optim.AdamW(groups, lr=LEARNING_RATE)
+    optimizer = build_optimizer("AdamW", groups, LEARNING_RATE)  # the trainer's own choice of update (fused on the CPU)
     lora_params = sum(p.numel() for g in groups for p in g["params"])
 
     def conditioning():

@@ -430,3 +430,92 @@ def test_unknown_names_suggest_a_close_one():
         build("AdamW", ["weight_decy=0.1"])
     with pytest.raises(UserError, match="Invalid learning rate"):
         build_optimizer("AdamW", [{"params": list(down.parameters())}], -1.0, None)
+
+
+
+def _steps(opt, loss, steps=15):
+    for _ in range(steps):
+        loss().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("name", ["AdamW", "Adam"])
+def test_adamw_on_the_cpu_takes_torchs_fused_update_with_the_same_result(name):
+    down, up, loss = lora_problem()
+    opt = build_optimizer(name, groups(down, up, 1e-2, 3e-3), 1e-2, ["weight_decay=0.05"])
+    # torch 2.14 (this environment) has the CPU kernel; the WebUI's 2.1 refuses it (next test)
+    assert opt.defaults["fused"] is True
+    assert optimizer_name(opt) == f"torch.optim.{name.lower()}.{name}(weight_decay=0.05)"  # as sd-scripts writes it: no fused
+    _steps(opt, loss)
+    # the same steps with torch's one-tensor-at-a-time update, which sd-scripts gets on the CPU
+    down2, up2, loss2 = lora_problem()
+    cls = getattr(torch.optim, name)
+    plain = cls(groups(down2, up2, 1e-2, 3e-3), lr=1e-2, weight_decay=0.05, foreach=False)
+    _steps(plain, loss2)
+    for a, b in ((down.weight, down2.weight), (up.weight, up2.weight)):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), float((a - b).abs().max())
+    assert not torch.equal(down.weight, lora_problem()[0].weight)  # it did move
+
+
+def test_a_torch_that_refuses_fused_on_the_cpu_gets_the_plain_update(monkeypatch):
+    original = torch.optim.AdamW.__init__
+    asked = []
+
+    def refusing(self, params, *args, fused=None, **kwargs):  # torch 2.1: "`fused=True` requires all the params to be CUDA"
+        asked.append(fused)
+        if fused:
+            raise RuntimeError("`fused=True` requires all the params to be CUDA, floating point Tensor")
+        original(self, params, *args, fused=fused, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "__init__", refusing)
+    down, up, loss = lora_problem()
+    opt = build_optimizer("AdamW", groups(down, up, 1e-2), 1e-2)
+    assert asked == [True, None] and not opt.defaults["fused"]
+    before = loss().item()
+    _steps(opt, loss)
+    assert loss().item() < before * 0.8
+
+
+@pytest.mark.parametrize("args,fused,foreach", [(["fused=False"], False, None), (["foreach=True"], None, True)])
+def test_the_users_own_fused_or_foreach_is_kept(args, fused, foreach):
+    down, up, _ = lora_problem()
+    opt = build_optimizer("AdamW", groups(down, up, 1e-2), 1e-2, args)
+    assert opt.defaults["fused"] == fused and opt.defaults["foreach"] == foreach
+
+
+def test_parameters_off_the_cpu_keep_torchs_default():
+    from lora_train.train import optimizers
+
+    # a GPU run is left to torch's own default; a meta tensor stands in for a CUDA one (this machine has no GPU)
+    off = [{"params": [torch.nn.Parameter(torch.empty(4, 4, device="meta"))], "lr": 1e-2}]
+    assert optimizers._fused_on_cpu(torch.optim.AdamW, off, 1e-2, {}) is None
+    down, up, _ = lora_problem()
+    assert optimizers._fused_on_cpu(torch.optim.AdamW, groups(down, up, 1e-2), 1e-2, {}).defaults["fused"] is True
+
+
+@pytest.mark.parametrize("saved_fused", [False, True])
+def test_a_resumed_state_keeps_this_torchs_update_and_the_runs_numbers(saved_fused):
+    """A state saved by the plain update (the WebUI's torch 2.1) resumes fused here, and a fused state
+    resumes under a torch that refuses the CPU kernel (2.1) with the plain update; the numbers carry on."""
+    import copy
+
+    from lora_train.train.optimizers import load_optimizer_state
+
+    down, up, loss = lora_problem()
+    first = torch.optim.AdamW(groups(down, up, 1e-2), lr=1e-2, **({"fused": True} if saved_fused else {"foreach": False}))
+    _steps(first, loss, 5)
+    state = copy.deepcopy(first.state_dict())  # as read back from the state file, not the live tensors
+    down2, up2, loss2 = lora_problem()
+    with torch.no_grad():
+        down2.weight.copy_(down.weight)
+        up2.weight.copy_(up.weight)
+    resumed = torch.optim.AdamW(groups(down2, up2, 1e-2), lr=1e-2, foreach=False) if saved_fused else \
+        build_optimizer("AdamW", groups(down2, up2, 1e-2), 1e-2)
+    load_optimizer_state(resumed, state)
+    assert [g["fused"] for g in resumed.param_groups] == [None if saved_fused else True] * 2
+    _steps(first, loss, 5)
+    _steps(resumed, loss2, 5)
+    for a, b in ((down.weight, down2.weight), (up.weight, up2.weight)):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), float((a - b).abs().max())
+    assert resumed.state[down2.weight]["step"] == 10

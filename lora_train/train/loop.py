@@ -35,7 +35,7 @@ from lora_train.train.config import TrainConfig
 from lora_train.train.distributed import Distributed
 from lora_train.train.hub_upload import HubUpload, resume_folder
 from lora_train.train.metadata import save_time_metadata, training_metadata
-from lora_train.train.optimizers import build_optimizer, optimizer_eval_mode, optimizer_name, optimizer_train_mode
+from lora_train.train.optimizers import build_optimizer, load_optimizer_state, optimizer_eval_mode, optimizer_name, optimizer_train_mode
 from lora_train.train.schedulers import build_scheduler, scheduler_label
 from lora_train.train.state import load_state, save_state
 from lora_train.train.validation import Validation, check as check_validation
@@ -249,7 +249,7 @@ class Trainer:
             self.data.seed = self.seed
         try:
             self.network.load_kohya_state_dict(state["network"])
-            self.optimizer.load_state_dict(state["optimizer"])
+            load_optimizer_state(self.optimizer, state["optimizer"])
         except (KeyError, ValueError) as e:
             raise UserError(msg("resume: the state in '{folder}' does not fit this network or optimizer ({error})", folder=folder, error=e)) from e
         self.scheduler.load_state_dict(state["scheduler"])
