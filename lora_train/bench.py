@@ -202,11 +202,13 @@ def run_bench(
     seed: int = 0,
     network: str = "lora",
     attention: str = "sdpa",
+    keep_freed: bool = True,
 ) -> dict:
     """Time a LoRA training step and its no-LoRA floor; see the module docstring for what is measured.
 
     `attention`: "sdpa" runs both through PyTorch's SDPA as a training run does outside the WebUI
     (model/attention.py), "model" through the classes' own einsum attention.
+    `keep_freed=False` times both without the allocator setting a CPU run has (`memory.keep_freed_memory`).
     `text=True` also runs the text encoder in every step, on random token ids, with a LoRA of its
     own trained at the same learning rate (the floor then runs it frozen, with its LoRA targets'
     outputs requiring grad, like the UNet's). `model` reuses a `build_model` result; the bench
@@ -305,11 +307,13 @@ def run_bench(
     build_peak = memory.ru_maxrss_mb()
     peak_reset = memory.reset_peak_rss()
     swap = sdpa_attention(roots, text_encoder=text_model is not None) if attention == "sdpa" else contextlib.nullcontext([])
+    keep = memory.keep_freed_memory(keep_freed)  # as a CPU run has it (train/memory.py)
     restore = contextlib.ExitStack()
     try:
         for root in roots:
             root.requires_grad_(False)
         swapped = restore.enter_context(swap)
+        restore.enter_context(keep)
         for i in range(warmup + steps):
             floor_handles = [t.module.register_forward_hook(needs_grad) for t in targets]
             try:
@@ -359,6 +363,7 @@ def run_bench(
         "text_params": sum(p.numel() for p in text_model.parameters()) if text_model is not None else 0,
         "network": name,
         "attention": attention,
+        "keep_freed": keep_freed,
         "sdpa_modules": len(swapped),  # attention layers that ran through SDPA for the bench
         "lora_modules": len(network.lora_modules),
         "lora_params": lora_params,
@@ -385,7 +390,8 @@ def format_bench(result: dict) -> str:
     lines = [
         f"bench {r['arch']}{text}  {r.get('network', 'lora')}  {r['resolution']}px  batch {r['batch']}  dim {r['dim']} (alpha {r['alpha']})  "
         f"CPU fp32, torch {r['torch']}, {r['threads']} threads, {r['classes']} UNet class, "
-        f"attention {r.get('attention', 'model')}" + (f" ({r['sdpa_modules']} layers)" if r.get("attention") == "sdpa" else ""),
+        f"attention {r.get('attention', 'model')}" + (f" ({r['sdpa_modules']} layers)" if r.get("attention") == "sdpa" else "")
+        + ("" if r.get("keep_freed", True) else ", glibc trimming"),
         f"  model      {r['unet_params'] / 1e6:.1f}M UNet params"
         + (f" + {r['text_params'] / 1e6:.1f}M text" if r["text"] else "")
         + f", {r['lora_modules']} LoRA modules, {r['lora_params'] / 1e6:.2f}M LoRA params; "

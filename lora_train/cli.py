@@ -328,7 +328,7 @@ def cmd_bench(args) -> int:
     from lora_train.bench import format_bench, run_bench
 
     print(tr(format_bench(run_bench(args.arch, args.resolution, args.dim, batch=args.batch, steps=args.steps, network=args.network,
-                                     attention=args.attention, text=args.text_encoder))))
+                                     attention=args.attention, text=args.text_encoder, keep_freed=not args.glibc_trimming))))
     return 0
 
 
@@ -486,6 +486,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also train the text encoder (a LoRA on CLIP, random token ids); the floor runs it frozen")
     bn.add_argument("--attention", choices=["sdpa", "model"], default="sdpa",
                     help="sdpa: PyTorch's fused attention, as a run outside the WebUI trains; model: the classes' own einsum attention")
+    bn.add_argument("--glibc-trimming", action="store_true",
+                    help="time both steps with glibc's own trimming of freed memory, not the setting a CPU run has (train/memory.py)")
     bn.set_defaults(func=cmd_bench)
 
     u = sub.add_parser("ui", help="serve the Train tab without the WebUI (standalone host)")

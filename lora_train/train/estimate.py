@@ -382,8 +382,9 @@ def time_size(adapter: ModelAdapter, width: int, height: int, repeats: int = 2) 
     a no-grad forward is small); the caller's random state is kept."""
     device = adapter.device
     gen = torch.Generator().manual_seed(0)
-    # the run's attention (SDPA outside the WebUI): previews render inside the run's hooks
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad(), adapter.attention(False):
+    # the run's attention (SDPA outside the WebUI) and allocator setting: previews render inside the run's hooks
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad(), adapter.attention(False), \
+            memory.keep_freed_memory(device.type == "cpu"):
         channels = adapter.encode_posterior(torch.zeros(1, 3, 8, 8))[0].shape[1]
         latents = torch.randn((1, channels, height // 8, width // 8), generator=gen).to(device)
         sizes = torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32)

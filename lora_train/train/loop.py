@@ -30,6 +30,7 @@ from lora_train.train import checkpoints
 from lora_train.train import events as ev
 from lora_train.train import loss as loss_fn
 from lora_train.train import max_norm
+from lora_train.train import memory
 from lora_train.train import noise as noise_fn
 from lora_train.train.config import TrainConfig
 from lora_train.train.distributed import Distributed
@@ -151,8 +152,8 @@ class Trainer:
         t, net = self.config.training, self.config.network
         # base_weights go in after the freeze and come out before it is undone: the host's weights are restored first.
         # attention(): SDPA in the attention layers for the run, unless the host chose its own
-        with self.adapter.frozen(), base_weights.merged(net.base_weights, net.base_weights_multiplier, file_targets), \
-                self.adapter.attention(self.train_te), self.adapter.training(t.gradient_checkpointing, self.network.dropout_generator, train_text_encoder=self.train_te), \
+        with memory.keep_freed_memory(self.adapter.device.type == "cpu"), self.adapter.frozen(), \
+                base_weights.merged(net.base_weights, net.base_weights_multiplier, file_targets), self.adapter.attention(self.train_te), self.adapter.training(t.gradient_checkpointing, self.network.dropout_generator, train_text_encoder=self.train_te), \
                 self.network.applied({n: targets[n] for n in self.network.lora_modules}):
             yield
 

@@ -79,10 +79,51 @@ def return_freed_memory() -> bool:
     glibc keeps them, so the host's process stays that much larger until it exits. Measured by hand
     in Forge after an SDXL run: 10.6 GB of anonymous memory, 7.7 GB after a trim. False where there is
     no glibc (macOS, Windows, musl)."""
+    libc = _glibc()
+    return bool(libc.malloc_trim(0)) if libc is not None else False
+
+
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+# What glibc's own sliding rule reaches in a process that frees large tensors (its DEFAULT_MMAP_THRESHOLD_MAX
+# on 64-bit, and twice that for trimming): what a run leaves behind, since the rule cannot be switched back on.
+_AFTER_MMAP, _AFTER_TRIM = 32 << 20, 64 << 20
+
+
+@contextlib.contextmanager
+def keep_freed_memory(active: bool = True):
+    """For a run on the CPU: the C allocator keeps what a step frees for the next step, instead of handing
+    it back to the system and taking it again page by page.
+
+    A training step allocates and frees hundreds of megabytes of activations. glibc maps the large ones
+    fresh and returns the top of its heap once more than a few megabytes are free there, so every step
+    faults all of it in again (the kernel zeroes each 4 KiB page). Measured with
+    `python -m lora_train bench --arch sd15 --text-encoder` (random SD1.5, dim 32, CPU): the LoRA step took
+    about 15 % less time at 256 px and 6 % less at 512 px with this, at the same peak memory (+43 MB at
+    512 px). Nothing is kept past the run: the run manager trims the heap afterwards
+    (`return_freed_memory`). glibc only (elsewhere nothing happens); the setting is the process's, so in
+    the WebUI it also holds for the host while the run has its queue."""
+    libc = _glibc() if active else None
+    if libc is None:
+        yield False
+        return
+    # a glibc that refuses so high a threshold gets the highest its sliding rule uses
+    if not libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30):
+        libc.mallopt(_M_MMAP_THRESHOLD, _AFTER_MMAP)
+    libc.mallopt(_M_TRIM_THRESHOLD, (1 << 31) - 1)
+    try:
+        yield True
+    finally:
+        libc.mallopt(_M_MMAP_THRESHOLD, _AFTER_MMAP)
+        libc.mallopt(_M_TRIM_THRESHOLD, _AFTER_TRIM)
+
+
+def _glibc():
     import ctypes
 
     try:
-        trim = ctypes.CDLL("libc.so.6").malloc_trim
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt, libc.malloc_trim  # noqa: B018 (both are glibc's; musl has no malloc_trim)
     except (OSError, AttributeError):
-        return False
-    return bool(trim(0))
+        return None
+    return libc
