@@ -98,9 +98,11 @@ def keep_freed_memory(active: bool = True):
     A training step allocates and frees hundreds of megabytes of activations. glibc maps the large ones
     fresh and returns the top of its heap once more than a few megabytes are free there, so every step
     faults all of it in again (the kernel zeroes each 4 KiB page). Measured with
-    `python -m lora_train bench --arch sd15 --text-encoder` (random SD1.5, dim 32, CPU): the LoRA step took
-    about 15 % less time at 256 px and 6 % less at 512 px with this, at the same peak memory (+43 MB at
-    512 px). Nothing is kept past the run: the run manager trims the heap afterwards
+    `python -m lora_train bench --arch sd15 --text-encoder` (random SD1.5, dim 32, CPU, against
+    `--glibc-trimming`, runs alternated): the LoRA step took 13-17 % less time at 256 px, at the same peak.
+    At 512 px no difference stood out from this machine's run-to-run spread (6.6-8.3 s either way), where
+    the step's time is in large matrix products that fault a smaller share. Nothing is kept past the run:
+    the run manager trims the heap afterwards
     (`return_freed_memory`). glibc only (elsewhere nothing happens); the setting is the process's, so in
     the WebUI it also holds for the host while the run has its queue."""
     libc = _glibc() if active else None
