@@ -76,6 +76,12 @@ if sys.argv[1] == "keep":
         held = memory.rss_mb()
     memory.return_freed_memory()
     print(json.dumps([inside, held, memory.rss_mb()]))
+elif sys.argv[1] == "nested":
+    with memory.keep_freed_memory():
+        with memory.keep_freed_memory():
+            rounds()
+        still = rounds()  # the inner use has ended, the outer one (a run) goes on
+    print(json.dumps([still, rounds()]))
 else:
     print(json.dumps(rounds()))
 """
@@ -124,3 +130,11 @@ def test_a_cpu_run_trains_with_the_setting(tmp_path, monkeypatch):
     # around the training steps (the trainer's hooked model), on the CPU
     assert ("hooked", True) in calls, calls
     assert all(active for _, active in calls), calls
+
+
+def test_an_inner_use_ending_leaves_the_outer_ones_setting():
+    """An estimate inside (or beside) a run ends before the run: the run keeps its setting until it ends, and
+    after that 40 MiB blocks are mapped fresh again (above the 32 MiB it leaves)."""
+    still, after = _rounds("nested")
+    assert max(still[2:]) < 2_000, still
+    assert min(after[1:]) > 100_000, after

@@ -153,7 +153,9 @@ class Trainer:
         # base_weights go in after the freeze and come out before it is undone: the host's weights are restored first.
         # attention(): SDPA in the attention layers for the run, unless the host chose its own
         with memory.keep_freed_memory(self.adapter.device.type == "cpu"), self.adapter.frozen(), \
-                base_weights.merged(net.base_weights, net.base_weights_multiplier, file_targets), self.adapter.attention(self.train_te), self.adapter.training(t.gradient_checkpointing, self.network.dropout_generator, train_text_encoder=self.train_te), \
+                base_weights.merged(net.base_weights, net.base_weights_multiplier, file_targets), \
+                self.adapter.attention(self.train_te), \
+                self.adapter.training(t.gradient_checkpointing, self.network.dropout_generator, train_text_encoder=self.train_te), \
                 self.network.applied({n: targets[n] for n in self.network.lora_modules}):
             yield
 

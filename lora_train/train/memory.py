@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import resource
 import sys
+import threading
 
 import torch
 
@@ -102,22 +103,33 @@ def keep_freed_memory(active: bool = True):
     `--glibc-trimming`, runs alternated): the LoRA step took 13-17 % less time at 256 px, at the same peak.
     At 512 px no difference stood out from this machine's run-to-run spread (6.6-8.3 s either way), where
     the step's time is in large matrix products that fault a smaller share. Nothing is kept past the run:
-    the run manager trims the heap afterwards
-    (`return_freed_memory`). glibc only (elsewhere nothing happens); the setting is the process's, so in
-    the WebUI it also holds for the host while the run has its queue."""
+    the run manager trims the heap afterwards (`return_freed_memory`). glibc only (elsewhere nothing
+    happens). The setting is the process's, so in the WebUI it also holds for the host while the run has
+    its queue; nested or overlapping uses (an estimate beside a run) keep it until the last one ends."""
     libc = _glibc() if active else None
     if libc is None:
         yield False
         return
-    # a glibc that refuses so high a threshold gets the highest its sliding rule uses
-    if not libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30):
-        libc.mallopt(_M_MMAP_THRESHOLD, _AFTER_MMAP)
-    libc.mallopt(_M_TRIM_THRESHOLD, (1 << 31) - 1)
+    global _KEEPING
+    with _KEEPING_LOCK:
+        _KEEPING += 1
+        if _KEEPING == 1:
+            # a glibc that refuses so high a threshold gets the highest its sliding rule uses
+            if not libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30):
+                libc.mallopt(_M_MMAP_THRESHOLD, _AFTER_MMAP)
+            libc.mallopt(_M_TRIM_THRESHOLD, (1 << 31) - 1)
     try:
         yield True
     finally:
-        libc.mallopt(_M_MMAP_THRESHOLD, _AFTER_MMAP)
-        libc.mallopt(_M_TRIM_THRESHOLD, _AFTER_TRIM)
+        with _KEEPING_LOCK:
+            _KEEPING -= 1
+            if _KEEPING == 0:
+                libc.mallopt(_M_MMAP_THRESHOLD, _AFTER_MMAP)
+                libc.mallopt(_M_TRIM_THRESHOLD, _AFTER_TRIM)
+
+
+_KEEPING = 0  # keep_freed_memory's users at this moment
+_KEEPING_LOCK = threading.Lock()
 
 
 def _glibc():
