@@ -135,7 +135,8 @@ def build_optimizer(
     elif key.startswith("dadapt") or key == "prodigy":
         _adaptive_lr_notes(groups, lr, notes)
 
-    opt = _fused_on_cpu(cls, groups, lr, {**kwargs, **construct}) or _construct(cls, name, groups, lr, {**kwargs, **construct})
+    args = {**kwargs, **construct}
+    opt = _fused_on_cpu(cls, groups, lr, args) or _construct(cls, name, groups, lr, args)
     _BUILT[opt] = _Built(_class_path(cls) + (f"({_format_args(kwargs)})" if kwargs else ""), initial_lr)
     optimizer_train_mode(opt)  # schedule-free ones start in eval mode; training expects train mode
     return opt
@@ -154,7 +155,9 @@ def _fused_on_cpu(cls: type, groups: list[dict], lr: Optional[float], kwargs: di
     if not params or any(not isinstance(p, torch.Tensor) or p.device.type != "cpu" for p in params):
         return None
     try:
-        return cls(groups, lr=lr, fused=True, **kwargs)
+        # copies: torch fills each group with its defaults (fused=True among them) before it refuses, and the
+        # caller builds the plain one from the same groups
+        return cls([dict(g) for g in groups], lr=lr, fused=True, **kwargs)
     except (RuntimeError, TypeError, ValueError):
         return None
 
