@@ -35,27 +35,32 @@ def test_the_freed_pages_go_back_to_the_system():
     assert memory.rss_mb() < held - 100
 
 
-def test_a_run_ends_by_returning_what_it_freed(tmp_path, monkeypatch):
-    """The run manager's worker calls it once per run, after the run's objects are gone."""
+def _one_run(tmp_path, name: str) -> str:
+    """One epoch of the tiny model in the run manager's worker thread, as the WebUI runs it; its phase."""
     from conftest import make_dataset, small_run_config
 
     from lora_train.app.runs import RunManager, RunRequest
     from lora_train.host.standalone import StandaloneHost
 
-    calls = []
-    monkeypatch.setattr(memory, "return_freed_memory", lambda: calls.append(1) or True)
-    host = StandaloneHost("builtin:tiny", tmp_path / "Lora", tmp_path / "runs")
-    manager = RunManager(host)
-    config = small_run_config(make_dataset(tmp_path / "data"), "trim", epochs=1, output_dir=str(tmp_path / "out"))
+    manager = RunManager(StandaloneHost("builtin:tiny", tmp_path / "Lora", tmp_path / "runs"))
+    config = small_run_config(make_dataset(tmp_path / "data"), name, epochs=1, output_dir=str(tmp_path / "out"))
     manager.submit(RunRequest(config=config), start=True)
     assert manager.wait(300)
-    assert manager.latest().phase == "finished" and calls == [1]
+    return manager.latest().phase
+
+
+def test_a_run_ends_by_returning_what_it_freed(tmp_path, monkeypatch):
+    """The run manager's worker calls it once per run, after the run's objects are gone."""
+    calls = []
+    monkeypatch.setattr(memory, "return_freed_memory", lambda: calls.append(1) or True)
+    assert _one_run(tmp_path, "trim") == "finished" and calls == [1]
 
 
 # One step's worth of activations, freed at its end, six times over; prints the page faults of each
 # round. The blocks are larger than glibc's own rule ever keeps in the heap (32 MiB), so without the
 # setting every round maps them fresh whatever the heap looks like (smaller ones depend on the layout:
-# the trainer's steps re-fault them, as the bench shows, but a short script may not). Run in a fresh interpreter: the allocator's setting is the process's and outlives a test.
+# the trainer's steps re-fault them, as the bench shows, but a short script may not). Run in a fresh
+# interpreter: the allocator's setting is the process's and outlives a test.
 _STEPS = """
 import json, resource, sys, torch
 from lora_train.train import memory
@@ -108,11 +113,6 @@ def test_a_cpu_run_keeps_what_a_step_frees_and_gives_it_back_after():
 
 
 def test_a_cpu_run_trains_with_the_setting(tmp_path, monkeypatch):
-    from conftest import make_dataset, small_run_config
-
-    from lora_train.app.runs import RunManager, RunRequest
-    from lora_train.host.standalone import StandaloneHost
-
     calls = []
     real = memory.keep_freed_memory
 
@@ -121,12 +121,7 @@ def test_a_cpu_run_trains_with_the_setting(tmp_path, monkeypatch):
         return real(active)
 
     monkeypatch.setattr(memory, "keep_freed_memory", spy)
-    host = StandaloneHost("builtin:tiny", tmp_path / "Lora", tmp_path / "runs")
-    manager = RunManager(host)
-    config = small_run_config(make_dataset(tmp_path / "data"), "keep", epochs=1, output_dir=str(tmp_path / "out"))
-    manager.submit(RunRequest(config=config), start=True)
-    assert manager.wait(300)
-    assert manager.latest().phase == "finished"
+    assert _one_run(tmp_path, "keep") == "finished"
     # around the training steps (the trainer's hooked model), on the CPU
     assert ("hooked", True) in calls, calls
     assert all(active for _, active in calls), calls
