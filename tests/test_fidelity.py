@@ -182,16 +182,13 @@ def test_each_concept_label_is_reported_on_its_own():
     """Drawn pattern scenes score 1 on every label against their own prompts; against prompts asking
     for another shape, side or background exactly that label drops to 0 (the rate counts the pattern:
     see fidelity.concept_rate), and plain red objects have no pattern."""
-    import random
-
-    rng = random.Random(4)
-    asked = [scenes.random_scene(rng, shapes=fidelity.SCORED_SHAPES, colour=scenes.CONCEPT_PATTERN) for _ in range(8)]
+    asked = fidelity.trigger_scenes(8, seed=4)
     images = [scenes.draw(s) for s in asked]
     assert fidelity.concept_rate(images, asked) == (1.0, dict.fromkeys(fidelity.CONCEPT_LABELS, 1.0))
     other = {"circle": "square", "square": "circle", "left": "right", "right": "left", "white": "black", "black": "gray", "gray": "white"}
     for label in ("shape", "position", "background"):
         wrong = [dataclasses.replace(s, **{label: other[getattr(s, label)]}) for s in asked]
         _, by_label = fidelity.concept_rate(images, wrong)
-        assert by_label == {**dict.fromkeys(fidelity.CONCEPT_LABELS, 1.0), label: 0.0}, (label, by_label)
+        assert by_label == {**dict.fromkeys(fidelity.CONCEPT_LABELS, 1.0), label: 0.0, "all": 0.0}, (label, by_label)
     plain = [scenes.draw(dataclasses.replace(s, colour="red")) for s in asked]
     assert fidelity.concept_rate(plain, asked)[0] == 0.0

@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="train this many steps instead of the default epochs")
     p.add_argument("--epochs", type=int)
     p.add_argument("--no-text-encoder", action="store_true", help="train the UNet only")
+    p.add_argument("--concept", choices=("object", "style"),
+                   help="object: a new colour pattern under the trigger (default); style: the base's objects in pastel after 'zkz style,'")
     p.add_argument("--reg", type=int, metavar="N", help="N regularization images rendered by the base (prior preservation; 0: none)")
     p.add_argument("--prompts", type=int, help="trigger prompts per weight")
     p.add_argument("--collateral-prompts", type=int, help="prompts without the trigger")
@@ -108,7 +110,7 @@ def _fidelity(args) -> int:
 
     from lora_train.testing import fidelity
 
-    given = {"network": args.network, "steps": args.steps, "epochs": args.epochs, "reg_images": args.reg,
+    given = {"network": args.network, "concept": args.concept, "steps": args.steps, "epochs": args.epochs, "reg_images": args.reg,
              "eval_prompts": args.prompts, "collateral_prompts": args.collateral_prompts, "scale": args.scale,
              "reg_scale": args.reg_scale, "seed": args.seed, "model": args.model}
     opts = fidelity.FidelityOptions(output=Path(args.output), train_text_encoder=not args.no_text_encoder,

@@ -125,7 +125,7 @@ def shuffle_captions(data: Path, reg: Path | None, seed: int) -> None:
 # -- running them -------------------------------------------------------------------------------
 def control_options(name: str, opts: fidelity.FidelityOptions) -> fidelity.FidelityOptions:
     """The positive's options with the control's own output folder and file name."""
-    stem = opts.output_name or f"{fidelity.TRIGGER}-{opts.network}"
+    stem = opts.output_name or fidelity.default_output_name(opts)
     return dataclasses.replace(opts, output=Path(opts.output) / "controls" / name, output_name=f"{stem}-{name}")
 
 

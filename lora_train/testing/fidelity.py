@@ -1,8 +1,9 @@
 """The concept test: does a LoRA trained with the normal trainer teach the base something new,
 at the strength asked for, without breaking what the base already knew?
 
-A colour pattern the base never saw (objects with a purple top half and an orange bottom half) is
-taught under a trigger word that takes the colour word's place ("a zkz circle on the left"). Every saved epoch is loaded
+A concept (concepts.py: by default a colour pattern the base never saw, objects with a purple top half
+and an orange bottom half, under a trigger word that takes the colour word's place, "a zkz circle on
+the left"; or a pastel style over the base's own objects) is taught. Every saved epoch is loaded
 back from its file on disk, applied at weights 1.0 / 0.5 / 0.0, sampled with our own sampler and
 scored by the scene scorer (the pattern; the prompt's shape, side and background are reported beside
 it, see concept_rate). Prompts and seeds are fixed, so each comparison is paired.
@@ -25,22 +26,16 @@ from pathlib import Path
 import torch
 
 from lora_train.testing import scenes
+from lora_train.testing.concepts import CONCEPTS, TRIGGER, Concept
 from lora_train.testing.scorer import LABELS, score
 
-TRIGGER = "zkz"
-# The pattern is taught on every shape the base knows, but asked for and scored on circles and
-# squares only: on a triangle the purple half is a thin tip that this small VAE blurs away (its round
-# trip of such triangles already shows almost no purple). Leaving triangles out of the training set
-# made the LoRA's effect on them an untrained extrapolation, and that is where its collateral damage
-# showed: ordinary triangles without the trigger dimmed and turned green.
-TRAIN_SHAPES = scenes.BASE_SHAPES
-SCORED_SHAPES = ("circle", "square")
 WEIGHTS = (1.0, 0.5, 0.0)
 # Held-out loss is measured at these weights; it must be lowest in Thresholds.best_weight, so a file
 # applied at half or twice its trained scale shows up on either side (its minimum moves to 2.0 or 0.5).
 LOSS_WEIGHTS = (2.0, 1.5, 1.25, 1.0, 0.8, 0.5, 0.0)
-# What a concept image is checked for: the pattern (its colour) and the prompt's other labels
-CONCEPT_LABELS = ("pattern", "shape", "position", "background")
+# What a concept image is checked for: the concept (its pattern or style), the prompt's other labels,
+# and all of them at once (the strict rule of issue 22, reported beside the rate; see concept_rate)
+CONCEPT_LABELS = ("pattern", "shape", "position", "background", "all")
 
 
 # The networks the bar is checked for, with the settings the SDXL tutorial our users follow gives each
@@ -66,6 +61,7 @@ NETWORKS: dict[str, dict] = {
 class FidelityOptions:
     output: Path
     network: str = "lora"  # a key of NETWORKS
+    concept: str = "object"  # a key of concepts.CONCEPTS
     train_text_encoder: bool = True
     steps: int | None = None  # None: `epochs` epochs
     epochs: int = 6
@@ -90,7 +86,11 @@ class FidelityOptions:
     scale: float = 7.0  # the WebUI's default CFG; guidance multiplies a leak, so a lower CFG hides it
     seed: int = 0
     model: str | None = None  # a checkpoint path; None: the committed tiny base
-    output_name: str | None = None  # None: "zkz-<network>"
+    output_name: str | None = None  # None: "zkz-<network>" ("zkz-style-<network>" for the style)
+
+    @property
+    def kind(self) -> Concept:
+        return CONCEPTS[self.concept]
 
 
 @dataclass
@@ -152,9 +152,9 @@ class FidelityReport:
 
 
 # -- data ---------------------------------------------------------------------------------------
-def make_concept_dataset(root: Path, images: int, repeats: int, seed: int) -> Path:
-    """`root/<repeats>_zkz/`: purple-orange objects of every shape, side and background, captioned with
-    the trigger in place of the colour word ("a zkz circle on the left, white background")."""
+def make_concept_dataset(root: Path, images: int, repeats: int, seed: int, concept: Concept = CONCEPTS["object"]) -> Path:
+    """`root/<repeats>_zkz/`: the concept's images of every shape, side and background, captioned with
+    the trigger (the object's: in place of the colour word, "a zkz circle on the left, white background")."""
     import itertools
 
     rng = random.Random(seed)
@@ -163,12 +163,12 @@ def make_concept_dataset(root: Path, images: int, repeats: int, seed: int) -> Pa
     # every combination the prompts may ask for, in turn: a combination left out is one the LoRA
     # may not carry the pattern to (a random draw of 32 left the base's small black-background
     # triangles untouched)
-    combos = itertools.cycle(itertools.product(TRAIN_SHAPES, scenes.BACKGROUNDS, scenes.POSITIONS))
+    combos = itertools.cycle(itertools.product(concept.train_shapes, scenes.BACKGROUNDS, scenes.POSITIONS))
     for i in range(images):
         shape, background, position = next(combos)
-        scene = scenes.random_scene(rng, colour=scenes.CONCEPT_PATTERN, shape=shape, background=background, position=position)
-        scenes.draw(scene).save(folder / f"{i:03d}.png")
-        (folder / f"{i:03d}.txt").write_text(scene.caption(colour=TRIGGER), encoding="utf-8")
+        scene = concept.scene(rng, shape=shape, background=background, position=position)
+        concept.draw(scene).save(folder / f"{i:03d}.png")
+        (folder / f"{i:03d}.txt").write_text(concept.caption(scene), encoding="utf-8")
     return Path(root)
 
 
@@ -186,9 +186,9 @@ def make_reg_dataset(root: Path, adapter, n: int, opts: "FidelityOptions", rende
     return Path(root)
 
 
-def trigger_scenes(n: int, seed: int) -> list[scenes.Scene]:
+def trigger_scenes(n: int, seed: int, concept: Concept = CONCEPTS["object"]) -> list[scenes.Scene]:
     rng = random.Random(seed + 1000)  # not the training images
-    return [scenes.random_scene(rng, shapes=SCORED_SHAPES, colour=scenes.CONCEPT_PATTERN) for _ in range(n)]
+    return [concept.scene(rng) for _ in range(n)]
 
 
 def collateral_scenes(n: int, seed: int) -> list[scenes.Scene]:
@@ -204,38 +204,45 @@ def _render(adapter, prompts: list[str], opts: FidelityOptions, scale: float | N
                         width=scenes.SIZE, height=scenes.SIZE)
 
 
-def concept_rate(images, scene_list) -> tuple[float, dict[str, float]]:
-    """The fraction of images showing the pattern, and each label the trigger prompt asked for on its
-    own (pattern, shape, side, background).
+def concept_rate(images, scene_list, concept: Concept = CONCEPTS["object"]) -> tuple[float, dict[str, float]]:
+    """The fraction of images showing the concept, and each label the trigger prompt asked for on its
+    own (pattern, shape, side, background), and all four at once ("all").
 
-    The rate counts the pattern alone. Issue 22 asks for all four labels, but on the committed base
+    The rate counts the concept alone. Issue 22 asks for all four labels, but on the committed base
     that cannot pass whatever the trainer does: the base draws circle vs square at chance (0.47 on
     the trigger prompts), and its VAE (8 x 8 latents) washes any new colour pair out on white and
-    black backgrounds and rounds stars into blobs. The per-label numbers are reported so the table
-    shows it; the all-labels rule waits for a base that can draw what it asks for."""
+    black backgrounds and rounds stars into blobs. "all" is reported so the table shows it; the
+    all-labels rule waits for a base that can draw what it asks for."""
     labels = [score(im) for im in images]
-    right = [{"pattern": lab.colour == scenes.CONCEPT_PATTERN, "shape": lab.shape == s.shape, "position": lab.position == s.position,
+    right = [{"pattern": concept.present(lab, s), "shape": lab.shape == s.shape, "position": lab.position == s.position,
               "background": lab.background == s.background} for lab, s in zip(labels, scene_list)]
+    for r in right:
+        r["all"] = all(r.values())
     by_label = {k: round(sum(r[k] for r in right) / len(images), 4) for k in CONCEPT_LABELS}
     return sum(r["pattern"] for r in right) / len(images), by_label
 
 
-def accuracy(images, scene_list) -> tuple[float, dict[str, float]]:
-    """All four labels right, and each label on its own (which one a LoRA damaged)."""
+def accuracy(images, scene_list, concept: Concept | None = None) -> tuple[float, dict[str, float]]:
+    """All four labels right, and each label on its own (which one a LoRA damaged). With a `concept`
+    whose leak a label does not catch (the style's pastel keeps the colour's name), an image showing it
+    is wrong too ("no concept" among the labels)."""
     labels = [score(im) for im in images]
     by_label = {k: round(sum(getattr(lab, k) == getattr(s, k) for lab, s in zip(labels, scene_list)) / len(images), 4)
                 for k in LABELS}
-    return sum(lab.matches(s) for lab, s in zip(labels, scene_list)) / len(images), by_label
+    clean = [not (concept and concept.leaked(lab, s)) for lab, s in zip(labels, scene_list)]
+    if concept and concept.name == "style":
+        by_label["no concept"] = round(sum(clean) / len(images), 4)
+    return sum(lab.matches(s) and ok for lab, s, ok in zip(labels, scene_list, clean)) / len(images), by_label
 
 
 @torch.no_grad()
-def held_out_loss(adapter, scene_list, seed: int) -> float:
+def held_out_loss(adapter, scene_list, seed: int, concept: Concept = CONCEPTS["object"]) -> float:
     """Mean eps-prediction error on fresh concept images at fixed noise and timesteps."""
     from lora_train.sample.render import _eval_mode
     from lora_train.testing.base import _to_tensor
 
     g = torch.Generator().manual_seed(seed)
-    pixels = _to_tensor([scenes.draw(s) for s in scene_list])
+    pixels = _to_tensor([concept.draw(s) for s in scene_list])
     with _eval_mode(adapter):
         mean, std = adapter.encode_posterior(pixels)
         z = adapter.sample_latents(mean, std, g)
@@ -243,7 +250,7 @@ def held_out_loss(adapter, scene_list, seed: int) -> float:
         noise = torch.randn(z.shape, generator=g)
         a = adapter.alphas_cumprod[t].view(-1, 1, 1, 1)
         noisy = a.sqrt() * z + (1 - a).sqrt() * noise
-        cond = adapter.encode_captions([s.caption(colour=TRIGGER) for s in scene_list])
+        cond = adapter.encode_captions([concept.caption(s) for s in scene_list])
         pred = adapter.predict(noisy, t, cond).float()
     # Written out here, not taken from train.loss.target: the measure must stay right when the
     # trainer's target is wrong (that is one of the bugs it exists to catch).
@@ -260,24 +267,25 @@ def _load_network(path: Path, adapter):
 def evaluate_file(path: Path, epoch: int, adapter, opts: FidelityOptions, load=None) -> tuple[EpochResult, dict]:
     """Score one LoRA file as it is on disk. Returns the result and the images per weight. `load(path,
     adapter)` builds the network from the file (a negative control's broken loader, controls.py)."""
-    triggers = trigger_scenes(opts.eval_prompts, opts.seed)
+    concept = opts.kind
+    triggers = trigger_scenes(opts.eval_prompts, opts.seed, concept)
     others = collateral_scenes(opts.collateral_prompts, opts.seed)
-    held_out = trigger_scenes(64, opts.seed + 1)
+    held_out = trigger_scenes(64, opts.seed + 1, concept)
     network = (load or _load_network)(path, adapter)
-    concept, by_label, images, losses = {}, {}, {}, {}
+    rates, by_label, images, losses = {}, {}, {}, {}
     network.apply()
     try:
         for w in LOSS_WEIGHTS:
             network.set_multiplier(w)
-            losses[_loss_key(w)] = round(held_out_loss(adapter, held_out, opts.seed), 5)
+            losses[_loss_key(w)] = round(held_out_loss(adapter, held_out, opts.seed, concept), 5)
             if w in WEIGHTS:
-                images[w] = _render(adapter, [s.caption(colour=TRIGGER) for s in triggers], opts)
-                concept[f"{w:.1f}"], by_label[f"{w:.1f}"] = concept_rate(images[w], triggers)
+                images[w] = _render(adapter, [concept.caption(s) for s in triggers], opts)
+                rates[f"{w:.1f}"], by_label[f"{w:.1f}"] = concept_rate(images[w], triggers, concept)
         network.set_multiplier(1.0)
-        collateral, collateral_by_label = accuracy(_render(adapter, [s.caption() for s in others], opts), others)
+        collateral, collateral_by_label = accuracy(_render(adapter, [s.caption() for s in others], opts), others, concept)
     finally:
         network.remove()
-    return EpochResult(epoch, str(path), concept, collateral, collateral_by_label, losses, by_label), images
+    return EpochResult(epoch, str(path), rates, collateral, collateral_by_label, losses, by_label), images
 
 
 def _loss_key(w: float) -> str:
@@ -285,6 +293,10 @@ def _loss_key(w: float) -> str:
 
 
 # -- training -----------------------------------------------------------------------------------
+def default_output_name(opts: FidelityOptions) -> str:
+    return f"{TRIGGER}-{opts.network}" if opts.concept == "object" else f"{TRIGGER}-{opts.concept}-{opts.network}"
+
+
 def train_config(opts: FidelityOptions, data: Path, model: str, reg: Path | None = None):
     from lora_train.train.config import TrainConfig
 
@@ -293,7 +305,7 @@ def train_config(opts: FidelityOptions, data: Path, model: str, reg: Path | None
         "pretrained_model_name_or_path": model,
         "train_data_dir": str(data),
         "output_dir": str(opts.output),
-        "output_name": opts.output_name or f"{TRIGGER}-{opts.network}",
+        "output_name": opts.output_name or default_output_name(opts),
         "resolution": str(scenes.SIZE),
         "network_dim": 8,
         "network_alpha": 8,
@@ -330,7 +342,8 @@ def run(opts: FidelityOptions, log=print, listeners=(), *, prepare_data=None, fi
     started = time.time()
     opts.output = Path(opts.output)
     model = opts.model or str(base_checkpoint())
-    data = make_concept_dataset(opts.output / "dataset", opts.images, opts.repeats, opts.seed)
+    concept = opts.kind
+    data = make_concept_dataset(opts.output / "dataset", opts.images, opts.repeats, opts.seed, concept)
     adapter = load_adapter(model)
     render = _render
     if cache:
@@ -342,11 +355,11 @@ def run(opts: FidelityOptions, log=print, listeners=(), *, prepare_data=None, fi
         prepare_data(data, reg)
     config = train_config(opts, data, model, reg)
 
-    triggers = trigger_scenes(opts.eval_prompts, opts.seed)
+    triggers = trigger_scenes(opts.eval_prompts, opts.seed, concept)
     others = collateral_scenes(opts.collateral_prompts, opts.seed)
-    base_images = render(adapter, [s.caption(colour=TRIGGER) for s in triggers], opts)
-    base_accuracy, base_by_label = accuracy(render(adapter, [s.caption() for s in others], opts), others)
-    base_rate, base_concept_by_label = concept_rate(base_images, triggers)
+    base_images = render(adapter, [concept.caption(s) for s in triggers], opts)
+    base_accuracy, base_by_label = accuracy(render(adapter, [s.caption() for s in others], opts), others, concept)
+    base_rate, base_concept_by_label = concept_rate(base_images, triggers, concept)
     report = FidelityReport(base_rate=base_rate, base_accuracy=base_accuracy, base_by_label=base_by_label,
                             base_concept_by_label=base_concept_by_label)
     log(f"base: concept rate {report.base_rate:.2f} on trigger prompts, accuracy {report.base_accuracy:.2f} without trigger")
@@ -446,7 +459,7 @@ def format_table(report: FidelityReport) -> str:
     if report.base_by_label and report.epochs:
         final = report.final.collateral_by_label
         lines.append("without the trigger, base -> final: " + ", ".join(
-            f"{k} {report.base_by_label[k]:.2f} -> {final[k]:.2f}" for k in LABELS))
+            f"{k} {report.base_by_label[k]:.2f} -> {final[k]:.2f}" for k in report.base_by_label))
     if report.base_concept_by_label:
         lines.append("trigger prompts, each label at w=1/0.5/0 (base: " + ", ".join(
             f"{k} {v:.2f}" for k, v in report.base_concept_by_label.items()) + ")")

@@ -92,7 +92,8 @@ def _draw_shape(d: ImageDraw.ImageDraw, shape, cx, cy, r, fill, rotation=0.0, s=
         d.polygon(points, fill=fill)
 
 
-def draw(scene: Scene) -> Image.Image:
+def draw(scene: Scene, tint=None) -> Image.Image:
+    """`tint(rgb) -> rgb` recolours a plain object (the style concept's pastel)."""
     s = SUPERSAMPLE
     im = Image.new("RGB", (SIZE * s, SIZE * s), BACKGROUNDS[scene.background])
     cx, cy = scene.centre
@@ -105,7 +106,8 @@ def draw(scene: Scene) -> Image.Image:
         im.paste(Image.new("RGB", im.size, top), (0, 0), mask)
         im.paste(Image.new("RGB", im.size, bottom), (0, 0), Image.composite(mask, lower, lower))
     else:
-        _draw_shape(ImageDraw.Draw(im), scene.shape, cx, cy, scene.radius, COLOURS[scene.colour])
+        colour = COLOURS[scene.colour]
+        _draw_shape(ImageDraw.Draw(im), scene.shape, cx, cy, scene.radius, tint(colour) if tint else colour)
     return im.resize((SIZE, SIZE), Image.BOX)
 
 

@@ -39,6 +39,8 @@ class Labels:
     area: int = 0
     fill: float = 0.0
     solidity: float = 0.0
+    rgb: tuple[float, ...] = ()  # the object's median colour
+    lightness: float = 0.0  # of `rgb`, 0-1 (HLS)
 
     def matches(self, scene) -> bool:
         """Every label equal to what the scene (or prompt) asked for."""
@@ -132,10 +134,11 @@ def _hue_saturation(rgb: np.ndarray) -> tuple[float, float]:
     return h * 360.0, sat
 
 
-def _hue_near(rgb: np.ndarray, target_rgb, tolerance: float) -> bool:
-    hue, sat = _hue_saturation(rgb)
+def hue_near(rgb, target_rgb, tolerance: float, saturation: float = 0.35) -> bool:
+    """A colour at least this saturated (HLS) within `tolerance` degrees of `target_rgb`'s hue."""
+    hue, sat = _hue_saturation(np.asarray(rgb, dtype=np.float64))
     target, _ = _hue_saturation(np.asarray(target_rgb, dtype=np.float64))
-    return sat > 0.35 and abs((hue - target + 180.0) % 360.0 - 180.0) <= tolerance
+    return sat > saturation and abs((hue - target + 180.0) % 360.0 - 180.0) <= tolerance
 
 
 def _colour_of(a: np.ndarray, mask: np.ndarray, ys: np.ndarray) -> str:
@@ -149,7 +152,7 @@ def _colour_of(a: np.ndarray, mask: np.ndarray, ys: np.ndarray) -> str:
     if float(np.sqrt(((top - bottom) ** 2).sum())) < PATTERN_CONTRAST:
         return _nearest((top + bottom) / 2, COLOURS)
     for name, (top_rgb, bottom_rgb) in PATTERNS.items():
-        if _hue_near(top, top_rgb, HUE_TOLERANCE) and _hue_near(bottom, bottom_rgb, HUE_TOLERANCE):
+        if hue_near(top, top_rgb, HUE_TOLERANCE) and hue_near(bottom, bottom_rgb, HUE_TOLERANCE):
             return name
     return "mixed"
 
@@ -180,6 +183,7 @@ def score(image) -> Labels:
         return Labels(background, "none", "none", "none")
     ys, xs = np.nonzero(mask)
     fill = area / float((xs.max() - xs.min() + 1) * (ys.max() - ys.min() + 1))
+    rgb = np.median(a[mask], axis=0)
     corners = np.concatenate([np.stack([xs + dx, ys + dy], axis=1) for dx in (0, 1) for dy in (0, 1)])
     solidity = area / max(_hull_area(corners), 1.0)
     return Labels(
@@ -190,4 +194,6 @@ def score(image) -> Labels:
         area=area,
         fill=round(fill, 4),
         solidity=round(solidity, 4),
+        rgb=tuple(round(float(c), 1) for c in rgb),
+        lightness=round((float(rgb.max()) + float(rgb.min())) / 510.0, 4),
     )
