@@ -166,7 +166,8 @@ def make_concept_dataset(root: Path, images: int, repeats: int, seed: int, conce
     combos = itertools.cycle(itertools.product(concept.train_shapes, scenes.BACKGROUNDS, scenes.POSITIONS))
     for i in range(images):
         shape, background, position = next(combos)
-        scene = concept.scene(rng, shape=shape, background=background, position=position)
+        # the training shapes for the draw as well: the shape is fixed, but the choice among them moves the RNG
+        scene = concept.scene(rng, shapes=concept.train_shapes, shape=shape, background=background, position=position)
         concept.draw(scene).save(folder / f"{i:03d}.png")
         (folder / f"{i:03d}.txt").write_text(concept.caption(scene), encoding="utf-8")
     return Path(root)
