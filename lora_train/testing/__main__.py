@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int)
     p.add_argument("--no-text-encoder", action="store_true", help="train the UNet only")
     p.add_argument("--concept", choices=("object", "style"),
-                   help="object: a new colour pattern under the trigger (default); style: the base's objects in pastel after 'zkz style,'")
+                   help="object: a new colour pattern under the trigger (default); style: the base's objects in pastel, ', zkz style' after the caption")
     p.add_argument("--reg", type=int, metavar="N", help="N regularization images rendered by the base (prior preservation; 0: none)")
     p.add_argument("--prompts", type=int, help="trigger prompts per weight")
     p.add_argument("--collateral-prompts", type=int, help="prompts without the trigger")

@@ -48,30 +48,54 @@ class Concept:
     # the shapes of the training images, and those the trigger prompts ask for and are scored on
     train_shapes: tuple[str, ...]
     scored_shapes: tuple[str, ...]
+    # whether an image for a prompt without the trigger can show the concept and still pass every label
+    # (then the collateral accuracy checks `leaked` as well)
+    LEAK_PASSES_LABELS = False
 
     def scene(self, rng: random.Random, shapes=None, **fixed) -> scenes.Scene:
-        if self.name == "object":
-            fixed.setdefault("colour", scenes.CONCEPT_PATTERN)
         return scenes.random_scene(rng, shapes=shapes or self.scored_shapes, **fixed)
 
     def caption(self, scene: scenes.Scene) -> str:
-        if self.name == "object":
-            return scene.caption(colour=TRIGGER)
-        return f"{scene.caption()}, {TRIGGER} style"
+        raise NotImplementedError
 
     def draw(self, scene: scenes.Scene):
-        return scenes.draw(scene, tint=pastel if self.name == "style" else None)
+        return scenes.draw(scene)
 
     def present(self, labels: Labels, scene: scenes.Scene) -> bool:
         """The concept shows in an image made for `scene`'s trigger prompt."""
-        if self.name == "object":
-            return labels.colour == scenes.CONCEPT_PATTERN
-        return is_pastel(labels, scene.colour)
+        raise NotImplementedError
 
     def leaked(self, labels: Labels, scene: scenes.Scene) -> bool:
-        """The concept shows in an image for a prompt without the trigger. The object's pattern already
-        fails that image's colour label; a pastel object can still read as its own colour."""
-        return self.name == "style" and is_pastel(labels, scene.colour)
+        """The concept shows in an image for a prompt without the trigger."""
+        return self.present(labels, scene)
+
+
+class ObjectConcept(Concept):
+    """The purple-orange pattern in the colour word's place; its leak fails the colour label."""
+
+    def scene(self, rng: random.Random, shapes=None, **fixed) -> scenes.Scene:
+        return super().scene(rng, shapes, **{"colour": scenes.CONCEPT_PATTERN, **fixed})
+
+    def caption(self, scene: scenes.Scene) -> str:
+        return scene.caption(colour=TRIGGER)
+
+    def present(self, labels: Labels, scene: scenes.Scene) -> bool:
+        return labels.colour == scenes.CONCEPT_PATTERN
+
+
+class StyleConcept(Concept):
+    """The base's objects in pastel; a pastel object can still read as its own colour."""
+
+    LEAK_PASSES_LABELS = True
+
+    def caption(self, scene: scenes.Scene) -> str:
+        return f"{scene.caption()}, {TRIGGER} style"
+
+    def draw(self, scene: scenes.Scene):
+        return scenes.draw(scene, tint=pastel)
+
+    def present(self, labels: Labels, scene: scenes.Scene) -> bool:
+        return is_pastel(labels, scene.colour)
 
 
 # The pattern is taught on every shape the base knows, but asked for and scored on circles and squares
@@ -80,6 +104,6 @@ class Concept:
 # LoRA's effect on them an untrained extrapolation, and that is where its collateral damage showed:
 # ordinary triangles without the trigger dimmed and turned green. A one-hue pastel has no thin part.
 CONCEPTS = {
-    "object": Concept("object", scenes.BASE_SHAPES, ("circle", "square")),
-    "style": Concept("style", scenes.BASE_SHAPES, scenes.BASE_SHAPES),
+    "object": ObjectConcept("object", scenes.BASE_SHAPES, ("circle", "square")),
+    "style": StyleConcept("style", scenes.BASE_SHAPES, scenes.BASE_SHAPES),
 }

@@ -230,8 +230,9 @@ def accuracy(images, scene_list, concept: Concept | None = None) -> tuple[float,
     labels = [score(im) for im in images]
     by_label = {k: round(sum(getattr(lab, k) == getattr(s, k) for lab, s in zip(labels, scene_list)) / len(images), 4)
                 for k in LABELS}
-    clean = [not (concept and concept.leaked(lab, s)) for lab, s in zip(labels, scene_list)]
-    if concept and concept.name == "style":
+    checks_leak = concept is not None and concept.LEAK_PASSES_LABELS
+    clean = [not (checks_leak and concept.leaked(lab, s)) for lab, s in zip(labels, scene_list)]
+    if checks_leak:
         by_label["no concept"] = round(sum(clean) / len(images), 4)
     return sum(lab.matches(s) and ok for lab, s, ok in zip(labels, scene_list, clean)) / len(images), by_label
 
