@@ -33,8 +33,10 @@ def test_demo_then_info(tmp_path, capsys):
     r = run_cli("info", str(lora), "--json")
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout)
-    assert report["valid"] and report["hash_ok"] and report["network"] == "LoRA"
-    assert report["modules_per_prefix"] == {"lora_te": 12, "lora_unet": 192}
+    # the demo's network is kohya's LoRA with conv_dim (fidelity.FidelityOptions.network): the 192
+    # attention and MLP modules of a Linear-only LoRA, and the ResBlocks' and samplers' convs
+    assert report["valid"] and report["hash_ok"] and report["network"] == "LoCon"
+    assert report["modules_per_prefix"] == {"lora_te": 12, "lora_unet": 277}
     assert report["summary"]["ss_output_name"] == "demo-zkz"
     assert report["tag_frequency"]["5_zkz"]["a zkz circle on the left"] > 0
     text = run_cli("info", str(lora)).stdout

@@ -12,9 +12,9 @@ from lora_train.testing import base, controls, fidelity, scenes
 # Shorter than the default run, so the bar is lower than the acceptance bar (0.9 / 0.1 / 0.1);
 # it still fails on a broken trainer (see the two tests at the end).
 CI_BAR = fidelity.Thresholds(concept_at_1=0.75, off_above_base=0.10, collateral_drop=0.15, monotone_slack=0.07)
-CI_EPOCHS = 6  # the default: at 4 the cosine schedule ends before the concept is reliably there
+CI_EPOCHS = 8  # the default: at 6 the concept is right on every label 0.83 of the time (64 prompts)
 CI_PROMPTS = 16
-CI_COLLATERAL_PROMPTS = 128  # the base draws circle vs square at chance: fewer prompts make the drop too noisy for 0.15
+CI_COLLATERAL_PROMPTS = 128  # fewer make the drop too noisy for 0.15
 
 
 def _options(path, **kw) -> fidelity.FidelityOptions:
@@ -61,9 +61,9 @@ def test_damaged_base_is_refused(tmp_path):
 
 def test_base_draws_its_scenes_and_not_the_pattern(short_run):
     _, report = short_run
-    # all four labels right: chance is about 1 %; the base gets background, colour and side nearly
-    # always, triangles mostly, and circle vs square about half the time
-    assert report.base_accuracy >= 0.25, report.base_accuracy
+    # all four labels right: chance is about 1 %; the committed base reads 0.96 on the CLI's 256 prompts
+    # (the first base, which drew circle vs square at chance, read 0.55)
+    assert report.base_accuracy >= 0.85, report.base_accuracy
     assert report.base_rate <= 0.2, report.base_rate  # it never saw the pattern
 
 
@@ -76,10 +76,10 @@ def test_short_concept_training_passes_the_bar(short_run):
     data = json.loads((opts.output / "fidelity.json").read_text())
     assert set(data["weights"]) == {"1.0", "0.5", "0.0"}
     assert all(0.0 <= v <= 1.0 for v in data["weights"].values())
-    # each label the trigger prompts ask for is reported, per weight; the rate is the pattern's
+    # each label the trigger prompts ask for is reported, per weight; the rate is all of them at once
     assert set(data["concept_by_label"]) == {"1.0", "0.5", "0.0"}
     for w, by_label in data["concept_by_label"].items():
-        assert set(by_label) == set(fidelity.CONCEPT_LABELS) and data["weights"][w] == by_label["pattern"]
+        assert set(by_label) == set(fidelity.CONCEPT_LABELS) and data["weights"][w] == by_label["all"]
     # per-label accuracies say which label a LoRA damaged; all four right is at most the worst label
     assert set(data["collateral_by_label"]) == set(fidelity.LABELS) == set(data["base_by_label"])
     assert data["collateral_accuracy"] <= min(data["collateral_by_label"].values())
@@ -180,15 +180,16 @@ def test_every_fidelity_network_is_a_config_the_trainer_takes(tmp_path):
 
 def test_each_concept_label_is_reported_on_its_own():
     """Drawn pattern scenes score 1 on every label against their own prompts; against prompts asking
-    for another shape, side or background exactly that label drops to 0 (the rate counts the pattern:
-    see fidelity.concept_rate), and plain red objects have no pattern."""
+    for another shape, side or background exactly that label drops to 0, and with it the rate (all
+    labels at once: see fidelity.concept_rate); plain red objects have no pattern."""
     asked = fidelity.trigger_scenes(8, seed=4)
     images = [scenes.draw(s) for s in asked]
     assert fidelity.concept_rate(images, asked) == (1.0, dict.fromkeys(fidelity.CONCEPT_LABELS, 1.0))
-    other = {"circle": "square", "square": "circle", "left": "right", "right": "left", "white": "black", "black": "gray", "gray": "white"}
+    other = {"circle": "bar", "bar": "circle", "left": "right", "right": "left", "white": "black", "black": "gray", "gray": "white"}
     for label in ("shape", "position", "background"):
         wrong = [dataclasses.replace(s, **{label: other[getattr(s, label)]}) for s in asked]
-        _, by_label = fidelity.concept_rate(images, wrong)
+        rate, by_label = fidelity.concept_rate(images, wrong)
+        assert rate == 0.0
         assert by_label == {**dict.fromkeys(fidelity.CONCEPT_LABELS, 1.0), label: 0.0, "all": 0.0}, (label, by_label)
     plain = [scenes.draw(dataclasses.replace(s, colour="red")) for s in asked]
     assert fidelity.concept_rate(plain, asked)[0] == 0.0

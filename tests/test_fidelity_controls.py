@@ -196,7 +196,7 @@ def test_cached_base_renders_give_bit_identical_results(tmp_path, monkeypatch):
     for name in ("cold", "warm"):
         opts, report, _ = runs[name]
         assert _comparable(report) == _comparable(none[1]), name
-        mine, theirs = (load_lora(o.output / "zkz-lora.safetensors")[0] for o in (opts, none[0]))
+        mine, theirs = (load_lora(r.final.file)[0] for r in (report, none[1]))
         assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine), name
         for png in sorted((none[0].output / "reg").glob("*/*.png")):
             assert (opts.output / "reg" / png.parent.name / png.name).read_bytes() == png.read_bytes()

@@ -61,6 +61,8 @@ def test_an_empty_image_has_no_object(tmp_path):
 
 def test_shape_rules_on_ideal_figures():
     assert shape_of(fill=1.0, solidity=1.0) == "square"
+    assert shape_of(fill=1.0, solidity=1.0, aspect=2.4) == "bar"
+    assert shape_of(fill=0.785, solidity=1.0, aspect=1.2) == "circle"  # a blob a little taller than wide
     assert shape_of(fill=0.785, solidity=1.0) == "circle"
     assert shape_of(fill=0.5, solidity=1.0) == "triangle"
     assert shape_of(fill=0.33, solidity=0.48) == "star"

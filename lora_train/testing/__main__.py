@@ -21,10 +21,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train the VAE also on scene layouts with objects of any colour, one or two (off in the committed base)")
     p.add_argument("--vae-object-weight", type=float, default=0.0,
                    help="weigh the VAE's loss on object pixels this much more than on background (0 in the committed base)")
-    p = sub.add_parser("refine-base", help="train a built base's decoder, then its UNet and text encoder, on (the committed base's second stage, "
-                                           "about 70 min on 2 CPU cores)")
+    p = sub.add_parser("refine-base", help="train a built base's decoder, then its UNet and text encoder, on (the committed base is its UNet step "
+                                           "over the first stage: the command is in lora_train/testing/base_refine.py)")
     p.add_argument("--output", required=True)
-    p.add_argument("--source", help="the built base to start from (default: the first stage, python -m lora_train.testing build-base)")
+    p.add_argument("--source", help="the built base to start from (default: the committed base)")
     p.add_argument("--decoder-steps", type=int)
     p.add_argument("--unet-steps", type=int)
     p.add_argument("--seed", type=int, default=0)

@@ -98,12 +98,12 @@ class StyleConcept(Concept):
         return is_pastel(labels, scene.colour)
 
 
-# The pattern is taught on every shape the base knows, but asked for and scored on circles and squares
+# The pattern is taught on every shape the base knows, but asked for and scored on circles and bars
 # only: on a triangle the purple half is a thin tip that this small VAE blurs away (its round trip of
 # such triangles already shows almost no purple). Leaving triangles out of the training set made the
 # LoRA's effect on them an untrained extrapolation, and that is where its collateral damage showed:
 # ordinary triangles without the trigger dimmed and turned green. A one-hue pastel has no thin part.
 CONCEPTS = {
-    "object": ObjectConcept("object", scenes.BASE_SHAPES, ("circle", "square")),
+    "object": ObjectConcept("object", scenes.BASE_SHAPES, ("circle", "bar")),
     "style": StyleConcept("style", scenes.BASE_SHAPES, scenes.BASE_SHAPES),
 }

@@ -5,8 +5,8 @@ A concept (concepts.py: by default a colour pattern the base never saw, objects 
 and an orange bottom half, under a trigger word that takes the colour word's place, "a zkz circle on
 the left"; or a pastel style over the base's own objects) is taught. Every saved epoch is loaded
 back from its file on disk, applied at weights 1.0 / 0.5 / 0.0, sampled with our own sampler and
-scored by the scene scorer (the pattern; the prompt's shape, side and background are reported beside
-it, see concept_rate). Prompts and seeds are fixed, so each comparison is paired.
+scored by the scene scorer: an image counts when it shows the pattern and the prompt's shape, side
+and background (each is reported on its own too, see concept_rate). Prompts and seeds are fixed, so each comparison is paired.
 
 The defaults are what a kohya user would do and what shows damage: CFG 7 as in the WebUI, and
 regularization images (prior preservation) rendered by the base itself. Without them the LoRA carries
@@ -34,7 +34,7 @@ WEIGHTS = (1.0, 0.5, 0.0)
 # applied at half or twice its trained scale shows up on either side (its minimum moves to 2.0 or 0.5).
 LOSS_WEIGHTS = (2.0, 1.5, 1.25, 1.0, 0.8, 0.5, 0.0)
 # What a concept image is checked for: the concept (its pattern or style), the prompt's other labels,
-# and all of them at once (the strict rule of issue 22, reported beside the rate; see concept_rate)
+# and all of them at once (the strict rule of issue 22: the rate the bar reads; see concept_rate)
 CONCEPT_LABELS = ("pattern", "shape", "position", "background", "all")
 
 
@@ -60,11 +60,13 @@ NETWORKS: dict[str, dict] = {
 @dataclass
 class FidelityOptions:
     output: Path
-    network: str = "lora"  # a key of NETWORKS
+    # kohya's LoRA with its 3x3 convs too (conv_dim, "LoCon"). On this base, at 8 epochs, it reads 0.94 on
+    # every label at once, where the Linears alone read 0.88 (they pass at 10: 0.95, collateral drop 0.09)
+    network: str = "locon"  # a key of NETWORKS
     concept: str = "object"  # a key of concepts.CONCEPTS
     train_text_encoder: bool = True
     steps: int | None = None  # None: `epochs` epochs
-    epochs: int = 6
+    epochs: int = 8
     images: int = 36  # two per shape x background x side
     # kohya's regularization images (prior preservation): the base's own renders of ordinary prompts,
     # as many as the concept's images x repeats (kohya pairs one with each training sample).
@@ -78,9 +80,9 @@ class FidelityOptions:
     repeats: int = 5
     batch_size: int = 8
     eval_prompts: int = 64  # trigger prompts per weight
-    # Prompts without the trigger. The base draws circle vs square at chance, and any change to the
-    # model re-draws those coin flips: on 64 prompts that alone moves the all-labels-right accuracy
-    # by about +-7 points, too close to the 10-point bar; 256 bring it to about +-3.5.
+    # Prompts without the trigger. Any change to the model re-draws the base's near misses; with the
+    # first base (circle vs square at chance) that moved the all-labels accuracy on 64 prompts by about
+    # +-7 points, too close to the 10-point bar; 256 kept it to about +-3.5.
     collateral_prompts: int = 256
     sample_steps: int = 20
     scale: float = 7.0  # the WebUI's default CFG; guidance multiplies a leak, so a lower CFG hides it
@@ -97,7 +99,7 @@ class FidelityOptions:
 class EpochResult:
     epoch: int
     file: str
-    concept: dict[str, float]  # weight -> fraction of trigger prompts showing the pattern (concept_rate)
+    concept: dict[str, float]  # weight -> fraction of trigger prompts right on every label (concept_rate)
     collateral: float  # accuracy on prompts without the trigger, LoRA at 1.0
     collateral_by_label: dict[str, float]  # the same per label (colour, shape, position, background)
     loss_by_weight: dict[str, float]  # held-out denoising loss on concept images, per weight ("1.25")
@@ -206,23 +208,22 @@ def _render(adapter, prompts: list[str], opts: FidelityOptions, scale: float | N
 
 
 def concept_rate(images, scene_list, concept: Concept = CONCEPTS["object"]) -> tuple[float, dict[str, float]]:
-    """The fraction of images showing the concept, and each label the trigger prompt asked for on its
-    own (pattern, shape, side, background), and all four at once ("all").
+    """The fraction of images showing the concept with every label the trigger prompt asked for right
+    (the strict rule of issue 22: pattern, shape, side and background at once), and each label on its
+    own ("pattern", "shape", "position", "background", and "all", which is the rate).
 
-    The rate counts the concept alone. Issue 22 asks for all four labels, but on the committed base
-    that cannot pass whatever the trainer does: the base draws circle vs square at chance (0.47 on
-    the trigger prompts), and its VAE (8 x 8 latents) alone already loses the square: of 48
-    purple-orange squares drawn like the trigger prompts' scenes, 29 read as squares after its
-    round trip (48 of 48 circles as circles). It also washes any new colour pair out on white and
-    black backgrounds and rounds stars into blobs. "all" is reported so the table shows it; the
-    all-labels rule waits for a base that can draw what it asks for."""
+    The rule needs a base that draws what it is asked for. The first committed base drew circle vs
+    square at chance, and its VAE alone lost the square (its round trip read 29 of 48 purple-orange
+    squares as squares, 48 of 48 circles as circles): at 8 x 8 latents the two differ in a few corner
+    pixels. The base's third shape is a bar since (scenes.BASE_SHAPES), which differs in its whole
+    outline."""
     labels = [score(im) for im in images]
     right = [{"pattern": concept.present(lab, s), "shape": lab.shape == s.shape, "position": lab.position == s.position,
               "background": lab.background == s.background} for lab, s in zip(labels, scene_list)]
     for r in right:
         r["all"] = all(r.values())
     by_label = {k: round(sum(r[k] for r in right) / len(images), 4) for k in CONCEPT_LABELS}
-    return sum(r["pattern"] for r in right) / len(images), by_label
+    return sum(r["all"] for r in right) / len(images), by_label
 
 
 def accuracy(images, scene_list, concept: Concept | None = None) -> tuple[float, dict[str, float]]:
@@ -317,6 +318,9 @@ def train_config(opts: FidelityOptions, data: Path, model: str, reg: Path | None
         "text_encoder_lr": 1e-3,
         "learning_rate": 1e-3,
         "lr_scheduler": "cosine",
+        # Min-SNR weighting at the value sd-scripts' docs suggest: it spends less of the loss on the
+        # near-clean timesteps. LoRA, text encoder, 6 epochs: pattern 0.83 -> 0.92, all labels 0.77 -> 0.80
+        "min_snr_gamma": 5,
         "train_batch_size": opts.batch_size,
         "max_train_epochs": opts.epochs,
         "save_every_n_epochs": 1 if opts.epochs <= 4 else 2,

@@ -22,8 +22,10 @@ COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 225), 
 PATTERNS = {"purple-orange": ((150, 50, 210), (250, 140, 20))}
 CONCEPT_PATTERN = "purple-orange"
 BACKGROUNDS = {"white": (255, 255, 255), "black": (0, 0, 0), "gray": (128, 128, 128)}
-BASE_SHAPES = ("circle", "square", "triangle")
-SHAPES = BASE_SHAPES + ("star",)  # what the VAE sees; the base's scenes have no stars
+# A bar, not a square: at 64 px (8 x 8 latents) circle and square differ in a few corner pixels, and
+# the base drew them at chance; a bar differs from both in its whole outline
+BASE_SHAPES = ("circle", "bar", "triangle")
+SHAPES = BASE_SHAPES + ("square", "star")  # what the VAE sees; the base's scenes have no squares or stars
 POSITIONS = ("left", "right")
 
 
@@ -62,7 +64,10 @@ def random_scene(rng: random.Random, shapes=BASE_SHAPES, **fixed) -> Scene:
 
 
 def shape_points(shape: str, cx: float, cy: float, r: float, rotation: float = 0.0) -> list[tuple[float, float]] | None:
-    """Polygon vertices (None for a circle). Squares and triangles are upright, stars point up."""
+    """Polygon vertices (None for a circle). Bars, squares and triangles are upright, stars point up."""
+    if shape == "bar":
+        w, h = r * 0.5, r * 1.2  # 2.4 times as tall as wide, three quarters of a circle's area
+        return [(cx - w, cy - h), (cx + w, cy - h), (cx + w, cy + h), (cx - w, cy + h)]
     if shape == "square":
         r *= 0.9  # same visual weight as the circle
         return [(cx - r, cy - r), (cx + r, cy - r), (cx + r, cy + r), (cx - r, cy + r)]

@@ -2,9 +2,10 @@
 the main object, read from the pixels alone (no model, no training).
 
 The object is the largest connected region that differs from the background (the median of the
-border). Its shape comes from two numbers that survive blur: how much of its bounding box it fills
-(square 1.0, circle 0.79, triangle 0.5) and its solidity, area over convex-hull area (a star's
-concave outline gives about 0.5; the others are convex). Its colour is read from its top and bottom
+border). Its shape comes from three numbers that survive blur: its bounding box's height over width (a
+bar stands 2.1-2.5 times as tall as it is wide, the others 0.8-1.05), how much of that box it fills (square
+1.0, circle 0.79, triangle 0.5) and its solidity, area over convex-hull area (a star's concave outline
+gives about 0.5; the others are convex). Its colour is read from its top and bottom
 thirds separately, so a two-colour object reads as its pattern ("purple-orange").
 """
 
@@ -21,6 +22,7 @@ from lora_train.testing.scenes import BACKGROUNDS, COLOURS, PATTERNS
 
 MIN_AREA = 25  # pixels; smaller regions are noise, not an object
 STAR_SOLIDITY = 0.75
+BAR_ASPECT = 1.6  # drawn bars stand 2.1-2.5 times their width; the other shapes 0.8-1.05
 SQUARE_FILL = 0.85
 CIRCLE_FILL = 0.70  # drawn circles fill 0.718-0.83 of their box (a small one at 0.718), drawn triangles at most 0.56
 PATTERN_CONTRAST = 80.0  # RGB distance between an object's top and bottom thirds that makes it two-coloured
@@ -117,9 +119,11 @@ def _hull_area(points: np.ndarray) -> float:
     return 0.5 * abs(float(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1))))
 
 
-def shape_of(fill: float, solidity: float) -> str:
+def shape_of(fill: float, solidity: float, aspect: float = 1.0) -> str:
     if solidity < STAR_SOLIDITY:
         return "star"
+    if aspect >= BAR_ASPECT:
+        return "bar"
     if fill >= SQUARE_FILL:
         return "square"
     if fill >= CIRCLE_FILL:
@@ -183,13 +187,14 @@ def score(image) -> Labels:
         return Labels(background, "none", "none", "none")
     ys, xs = np.nonzero(mask)
     fill = area / float((xs.max() - xs.min() + 1) * (ys.max() - ys.min() + 1))
+    aspect = (ys.max() - ys.min() + 1) / float(xs.max() - xs.min() + 1)
     rgb = np.median(a[mask], axis=0)
     corners = np.concatenate([np.stack([xs + dx, ys + dy], axis=1) for dx in (0, 1) for dy in (0, 1)])
     solidity = area / max(_hull_area(corners), 1.0)
     return Labels(
         background=background,
         colour=_colour_of(a, mask, ys),
-        shape=shape_of(fill, solidity),
+        shape=shape_of(fill, solidity, aspect),
         position="left" if xs.mean() + 0.5 < w / 2 else "right",
         area=area,
         fill=round(fill, 4),
