@@ -17,6 +17,7 @@ from lora_train.errors import UserError
 from lora_train.host.base import Host
 from lora_train.ui import chart, compat, form, presets
 from lora_train.ui.i18n import Translator
+from lora_train.ui.latest import Newest
 from lora_train.ui.render_panel import RenderPanel
 
 DEFAULT_WEIGHTS = "1, 0.75, 0.5, 0.25, 0"
@@ -300,6 +301,16 @@ def create_train_tab(manager: RunManager, host: Host, t: Optional[Translator] = 
             except (UserError, KeyError) as e:
                 return [*values, _message(t.text(e), True)]
 
+        plans = Newest()  # Check, Estimate and the fields' blur all write the plan panel
+
+        def newest_plan(fn):
+            def run(*values):
+                ticket = plans.start()
+                out = fn(*values)
+                return out if plans.keep(ticket) else gr.update()
+            return run
+
+        @newest_plan
         def on_plan(*values):
             from lora_train.app import job
 
@@ -311,6 +322,7 @@ def create_train_tab(manager: RunManager, host: Host, t: Optional[Translator] = 
             except UserError as e:
                 return chart.error_html(t.text(e))
 
+        @newest_plan
         def on_estimate(*values):
             try:
                 config, request = build(values)
