@@ -185,9 +185,10 @@ def cmd_demo(args) -> int:
     from lora_train.train.observers import LossCsv
 
     out = Path(args.output)
-    reg = {} if args.reg is None else {"reg_images": args.reg}
-    opts = fidelity.FidelityOptions(output=out, epochs=args.epochs, eval_prompts=args.prompts, collateral_prompts=args.collateral_prompts,
-                                    output_name="demo-zkz", **reg)
+    # the fidelity test's own defaults where the user gave nothing, so the two cannot drift apart
+    given = {k: v for k, v in (("epochs", args.epochs), ("reg_images", args.reg)) if v is not None}
+    opts = fidelity.FidelityOptions(output=out, eval_prompts=args.prompts, collateral_prompts=args.collateral_prompts,
+                                    output_name="demo-zkz", **given)
     started = time.time()
     report = fidelity.run(opts, log=lambda m: print(m, file=sys.stderr), listeners=[_progress_listener(), LossCsv(out / "loss.csv")])
     print(tr(msg("taught: a purple-over-orange colour pattern the base never saw, under the trigger word '{trigger}' "
@@ -406,7 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="teach the built-in tiny base a new colour pattern, show it before and after, and say PASS or FAIL")
     d.add_argument("--output", default="demo-output", help="folder for the dataset, LoRA, loss log and grid")
-    d.add_argument("--epochs", type=int, default=8)  # the fidelity test's: at 6 the concept is right on every label 0.83 of the time
+    d.add_argument("--epochs", type=int, default=None, help="training epochs (default: as the fidelity test)")
     # smaller numbers make a quick smoke run of the same pipeline (the scores then mean little)
     # the defaults are the fidelity test's (64 and 256): the demo's verdict is the acceptance bar's, and on
     # 16 / 64 prompts sampling noise alone moved the numbers across it (0.88 and a drop of 0.11 where 64 / 256 gave 0.91 and 0.02)

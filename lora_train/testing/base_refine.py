@@ -17,6 +17,7 @@ The committed base (`builtin:tinybase`) is step 2 alone, on the base's shapes as
 (circle, bar and triangle: scenes.BASE_SHAPES), over the first stage as committed up to `eebf04a` (built
 when the third shape was a square, so `build-base` no longer makes it). To rebuild it:
 
+    mkdir first
     git show eebf04a:lora_train/model/assets/tinybase.safetensors > first/tinybase.safetensors
     git show eebf04a:lora_train/model/assets/tinybase.yaml > first/tinybase.yaml
     python -m lora_train.testing refine-base --source first/tinybase.safetensors --output DIR \
